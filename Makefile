@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup postgres bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# CPU build of PyTorch from the local wheel when no GPU is present; GPU users get theirs via the torch>=2.4 range.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/distml data prepare --dataset digits
+	$(BIN)/distml data inspect --dataset digits
+
+# The PostgreSQL tests start a private server from Debian's packages; install them when missing.
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+test: $(STAMP) postgres
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b --quick | tail -n 1; done
+
+clean:
+	rm -rf $(VENV) .distml .pytest_cache build src/*.egg-info

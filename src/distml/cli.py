@@ -1,0 +1,125 @@
+"""The `distml` command: one entry point with a verb per area, thin over the packages.
+
+Built on click (rich for tables and progress). Every bad input surfaces as a `DistmlError`
+and is printed as one `error:` line with exit status 2; nothing here holds logic of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+from distml import __version__
+from distml.errors import DistmlError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DistmlError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--workspace", "workspace_path", envvar="DISTML_HOME", default=".distml", show_default=True,
+              help="Workspace folder (metadata store, artifacts, caches).")
+@click.pass_context
+def main(ctx: click.Context, workspace_path: str) -> None:
+    """distml: data ingestion, distributed training, serving, workflows and operations."""
+    ctx.obj = {"workspace_path": workspace_path}
+
+
+def _workspace(ctx: click.Context):
+    from distml.workspace import Workspace
+
+    return Workspace(ctx.obj["workspace_path"])
+
+
+@main.command()
+def version() -> None:
+    """Print the distml version."""
+    click.echo(f"distml {__version__}")
+
+
+@main.group()
+def data() -> None:
+    """Prepare and inspect data sets."""
+
+
+DATASET_OPTION = click.option("--dataset", required=True, help="fashion-mnist or digits")
+DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                               help="Folder that already holds the data set's files (no download).")
+
+
+@data.command("prepare")
+@DATASET_OPTION
+@DATA_DIR_OPTION
+@click.pass_context
+def data_prepare(ctx: click.Context, dataset: str, data_dir: str | None) -> None:
+    """Download or locate a data set, verify it, cache it preprocessed and record it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distml.data.datasets import get_dataset
+    from distml.data.loader import Loader
+    from distml.ops.metadata import record_dataset
+
+    ws = _workspace(ctx)
+    ds = get_dataset(dataset, ws, data_dir, progress=True)
+    table = Table(title=f"{ds.name} prepared in {ws.root}")
+    for column in ("split", "records", "fingerprint", "cache", "dataset id"):
+        table.add_column(column)
+    for split, source in ds.splits.items():
+        loader = Loader(source, batch_size=256, preprocess=ds.preprocess, cache="disk", workspace=ws, progress=True)
+        loader.fill_cache()
+        dataset_id = record_dataset(ws.engine, name=ds.name, split=split, fingerprint=source.fingerprint(),
+                                    num_records=len(source), uri=ds.uri,
+                                    schema={"image_shape": list(ds.image_shape), "classes": list(ds.class_names)})
+        table.add_row(split, str(len(source)), source.fingerprint()[:16], loader.cache_key[:16], str(dataset_id))
+    Console().print(table)
+
+
+@data.command("inspect")
+@DATASET_OPTION
+@DATA_DIR_OPTION
+@click.pass_context
+def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None:
+    """Counts per split, shape, dtype, class balance and fingerprint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from distml.data.datasets import get_dataset
+
+    ws = _workspace(ctx)
+    ds = get_dataset(dataset, ws, data_dir, progress=True)
+    console = Console()
+    summary = Table(title=f"{ds.name} ({ds.uri})")
+    for column in ("split", "records", "image shape", "dtype", "fingerprint"):
+        summary.add_column(column)
+    balance = Table(title="class balance")
+    balance.add_column("class")
+    counts_by_split: dict[str, np.ndarray] = {}
+    for split, source in ds.splits.items():
+        labels, first = [], None
+        for chunk in source.iter_chunks(0):
+            first = first or chunk
+            labels.append(np.asarray(chunk["label"]))
+        counts = np.bincount(np.concatenate(labels), minlength=len(ds.class_names)) if labels else np.zeros(0)
+        image = first["image"] if first else np.empty((0,))
+        summary.add_row(split, str(len(source)), "x".join(map(str, image.shape[1:])), str(image.dtype),
+                        source.fingerprint())
+        balance.add_column(split, justify="right")
+        counts_by_split[split] = counts
+    for k, name in enumerate(ds.class_names):
+        balance.add_row(name, *[str(int(counts_by_split[s][k])) for s in ds.splits])
+    console.print(summary)
+    console.print(balance)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

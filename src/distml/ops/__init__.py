@@ -1,0 +1,1 @@
+"""Operations: scheduling, metadata and lineage, metrics."""
