@@ -149,7 +149,11 @@ class Loader:
         else:
             ids = np.empty(len(positions), dtype=np.int64)
             parts: list[tuple[Any, Columns]] = []
-            for w, where, offsets in order.segments(positions):
+            segments = list(order.segments(positions))
+            lowest = min(w for w, _, _ in segments) if segments else 0
+            for key in [k for k in self._windows if k[1] < lowest]:  # windows behind us are done
+                del self._windows[key]
+            for w, where, offsets in segments:
                 ids[where] = order.ids(w)[offsets]
                 data = self._window_data(order, w)
                 local = order.local(w)[offsets]
@@ -182,10 +186,14 @@ class Loader:
     def _window_data(self, order: EpochOrder, w: int) -> Columns:
         key = (id(order), w)
         if key not in self._windows:
-            chunks = [self.preprocess(self._read_chunk(int(c))) for c in order.windows[w].chunks]
             if len(self._windows) >= 2:
                 self._windows.pop(next(iter(self._windows)))
-            self._windows[key] = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+            chunks = [self.preprocess(self._read_chunk(int(c))) for c in order.windows[w].chunks]
+            if len(chunks) == 1:
+                self._windows[key] = chunks[0]
+            else:
+                self._windows[key] = {k: np.concatenate([c.pop(k) for c in chunks]) for k in list(chunks[0])}
+            del chunks
         return self._windows[key]
 
     def _read_chunk(self, index: int) -> Columns:

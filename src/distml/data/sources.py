@@ -196,13 +196,21 @@ class NpzSource(ArraySource):
                 start = info.header_offset + 30 + name_len + extra_len
                 raw.seek(start)
                 version = np.lib.format.read_magic(raw)
-                shape, fortran, dtype = np.lib.format._read_array_header(raw, version)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+                else:
+                    return self._read_member(archive, info)
                 offset = raw.tell()
             if dtype.hasobject:
                 raise DistmlError(f"{self.path}:{info.filename} holds Python objects; distml never unpickles data")
             if int(np.prod(shape)) == 0:
                 return np.empty(shape, dtype)
             return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        return self._read_member(archive, info)
+
+    def _read_member(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
         with archive.open(info) as handle:
             try:
                 return np.lib.format.read_array(handle, allow_pickle=False)
@@ -363,12 +371,12 @@ class CsvSource(Source):
     def _count_rows(self, path: Path) -> int:
         import pyarrow as pa
 
-        reader = self._reader(path, self.columns)
-        names = reader.schema.names
+        names = self._reader(path, None).schema.names
         if self.columns:
             missing = [c for c in self.columns if c not in names]
             if missing:
                 raise DistmlError(f"{path} has no columns {missing}; it has {names}")
+        reader = self._reader(path, self.columns)
         try:
             return sum(batch.num_rows for batch in reader)
         except pa.ArrowInvalid as exc:
