@@ -136,16 +136,16 @@ class Loader:
         order, target, _ = self._order(epoch)
         self._windows.clear()
         for step in self._steps(order, target, self._position):
-            batch = self._gather(order, step.positions)
+            batch = self._gather(order, step.positions, step.span)
             self._position = step.consumed
             yield batch
         if self._epoch == epoch:
             self._epoch, self._position = epoch + 1, 0
 
-    def _gather(self, order: EpochOrder, positions: np.ndarray) -> dict[str, Any]:
+    def _gather(self, order: EpochOrder, positions: np.ndarray, span: tuple[int, int] | None) -> dict[str, Any]:
         if self._cache is not None:
-            ids = order.record_ids(positions)
-            columns = self._cache.take(ids)
+            ids = order.record_ids(positions, span)
+            columns = self._cache.take(ids, as_torch=self.format == "torch")
         else:
             ids = np.empty(len(positions), dtype=np.int64)
             parts: list[tuple[Any, Columns]] = []
@@ -168,17 +168,20 @@ class Loader:
                         out[where] = part[name]
                     columns[name] = out
         if self.with_index:
-            columns["index"] = ids
+            columns["index"] = np.array(ids)  # a copy: `ids` may be a view of the epoch order
         return self._format(columns)
 
-    def _format(self, columns: Columns) -> dict[str, Any]:
+    def _format(self, columns: dict[str, Any]) -> dict[str, Any]:
         if self.format == "numpy":
             return columns
-        import torch
-
         out: dict[str, Any] = {}
         for name, array in columns.items():
-            out[name] = array.tolist() if array.dtype == object else torch.from_numpy(array)
+            if not isinstance(array, np.ndarray):
+                out[name] = array  # already a tensor
+            elif array.dtype == object:
+                out[name] = array.tolist()
+            else:
+                out[name] = _torch().from_numpy(array if array.flags.writeable else np.array(array))
         return out
 
     # -- streaming without a cache ----------------------------------------------------------
@@ -266,6 +269,12 @@ class Loader:
             raise DistmlError("cannot resume this loader from the saved state, it was taken on different data or "
                               "settings: " + "; ".join(mismatches))
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 class _progress:

@@ -94,8 +94,10 @@ class EpochOrder:
             mask = windows == w
             yield int(w), mask, positions[mask] - self._starts[w]
 
-    def record_ids(self, positions: np.ndarray) -> np.ndarray:
-        """Record ids at the given epoch positions."""
+    def record_ids(self, positions: np.ndarray, span: tuple[int, int] | None = None) -> np.ndarray:
+        """Record ids at the given epoch positions (a view when they are one run in one window)."""
+        if span is not None and len(self.windows) == 1:
+            return self.ids(0)[span[0] : span[1]]
         out = np.empty(len(positions), dtype=np.int64)
         for w, where, offsets in self.segments(positions):
             out[where] = self.ids(w)[offsets]
@@ -109,6 +111,7 @@ class RankStep:
     index: int
     positions: np.ndarray
     consumed: int  # epoch position reached by all ranks once this step is done
+    span: tuple[int, int] | None = None  # (start, stop) when positions are one contiguous run
 
 
 def record_schedule(total: int, start: int, world: int, rank: int, batch: int, drop_last: bool) -> Iterator[RankStep]:
@@ -131,10 +134,12 @@ def record_schedule(total: int, start: int, world: int, rank: int, batch: int, d
         hi = min(lo + global_batch, end)
         share = (hi - lo) // world
         positions = np.arange(lo + rank * share, lo + (rank + 1) * share, dtype=np.int64)
-        over = positions >= total
-        if over.any():
+        span = (lo + rank * share, lo + (rank + 1) * share)
+        if span[1] > total:
+            over = positions >= total
             positions[over] = total - 1 - ((positions[over] - total) % max(total, 1))
-        yield RankStep(index, positions, min(hi, total))
+            span = None
+        yield RankStep(index, positions, min(hi, total), span)
         index, lo = index + 1, hi
 
 

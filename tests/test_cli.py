@@ -1,0 +1,61 @@
+"""The `distml` command as a user runs it: real subprocesses, real exit codes and output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distml import __version__
+
+
+def distml(*args, workspace, env=None):
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "distml.cli", "--workspace", str(workspace), *args],
+                          capture_output=True, text=True, timeout=300, env=full_env)
+
+
+def test_help_and_version(tmp_path):
+    out = distml("--help", workspace=tmp_path)
+    assert out.returncode == 0 and "data" in out.stdout and "version" in out.stdout
+    out = distml("version", workspace=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"distml {__version__}"
+
+
+def test_prepare_and_inspect_digits(tmp_path):
+    out = distml("data", "prepare", "--dataset", "digits", workspace=tmp_path / "ws")
+    assert out.returncode == 0, out.stderr
+    assert "1437" in out.stdout and "360" in out.stdout
+    caches = [p for p in (tmp_path / "ws" / "cache" / "data").iterdir() if p.is_dir()]
+    assert len(caches) == 2
+    out = distml("data", "inspect", "--dataset", "digits", workspace=tmp_path / "ws")
+    assert out.returncode == 0, out.stderr
+    assert "8x8" in out.stdout and "uint8" in out.stdout and "class balance" in out.stdout
+    assert "142" in out.stdout  # train images of digit 0
+    from distml.ops.metadata import list_datasets
+    from distml.workspace import Workspace
+
+    rows = list_datasets(Workspace(tmp_path / "ws").engine, "digits")
+    assert sorted(r["split"] for r in rows) == ["test", "train"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("data", "inspect", "--dataset", "nope"), "unknown data set 'nope'"),
+    (("data", "prepare", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/folder"), "/nonexistent/folder"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, args, message):
+    out = distml(*args, workspace=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path):
+    out = distml("data", "prepare", "--dataset", "fashion-mnist", workspace=tmp_path,
+                 env={"DISTML_FASHION_MNIST_URL": "http://127.0.0.1:9/"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        assert name in out.stderr
+    assert "--data-dir" in out.stderr

@@ -1,0 +1,77 @@
+"""The workspace: metadata store migrations (SQLite and PostgreSQL), artifacts, atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from distml.errors import DistmlError
+from distml.ops import metadata
+from distml.workspace import Workspace, atomic_write
+
+
+def test_new_workspace_is_migrated(tmp_path):
+    ws = Workspace(tmp_path / "w")
+    assert (tmp_path / "w" / "distml.db").exists() is False  # the store opens lazily
+    assert metadata.migrate(ws.engine) == metadata.MIGRATIONS[-1][0]
+    assert metadata.migrate(ws.engine) == metadata.MIGRATIONS[-1][0], "migrating twice changes nothing"
+    assert "datasets" in sa.inspect(ws.engine).get_table_names()
+
+
+def test_record_dataset_is_idempotent(workspace):
+    kw = dict(name="digits", split="train", fingerprint="f" * 64, num_records=10, uri="x", schema={"a": 1})
+    first = metadata.record_dataset(workspace.engine, **kw)
+    assert metadata.record_dataset(workspace.engine, **kw) == first
+    other = metadata.record_dataset(workspace.engine, **{**kw, "fingerprint": "e" * 64})
+    assert other != first
+    assert [row["fingerprint"][0] for row in metadata.list_datasets(workspace.engine, "digits")] == ["e", "f"]
+
+
+def test_newer_schema_is_refused_without_damage(workspace):
+    engine = workspace.engine
+    with engine.begin() as conn:
+        conn.execute(metadata.schema_version.insert().values(version=999, applied_at=metadata._now()))
+    metadata.record_dataset  # the store stays readable
+    with pytest.raises(DistmlError, match="schema version 999, newer than this distml"):
+        metadata.migrate(engine)
+
+
+def test_metadata_store_on_postgresql(postgres_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTML_DB_URL", postgres_url)
+    ws = Workspace(tmp_path / "pg")
+    dataset_id = metadata.record_dataset(ws.engine, name="d", split="s", fingerprint="a" * 64, num_records=1,
+                                         uri="u", schema={})
+    assert ws.engine.dialect.name == "postgresql" and dataset_id >= 1
+    ws.close()
+
+
+def test_bad_db_url_is_a_clear_error(tmp_path):
+    with pytest.raises(DistmlError, match="not a valid SQLAlchemy URL"):
+        Workspace(tmp_path, db_url="definitely not a url").engine
+
+
+def test_artifact_store_is_content_addressed(workspace, tmp_path):
+    digest = workspace.artifacts.put_bytes(b"weights")
+    assert workspace.artifacts.get_bytes(digest) == b"weights"
+    (tmp_path / "f").write_bytes(b"weights")
+    assert workspace.artifacts.put_file(tmp_path / "f") == digest
+    with pytest.raises(DistmlError, match="SHA-256"):
+        workspace.artifacts.get_bytes("nope")
+    with pytest.raises(DistmlError, match="not in the artifact store"):
+        workspace.artifacts.get_bytes("0" * 64)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as handle:
+            handle.write("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_workspace_path_must_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DistmlError, match="not a folder"):
+        Workspace(tmp_path / "file")
