@@ -6,6 +6,7 @@ and is printed as one `error:` line with exit status 2; nothing here holds logic
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -119,6 +120,64 @@ def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None
         balance.add_row(name, *[str(int(counts_by_split[s][k])) for s in ds.splits])
     console.print(summary)
     console.print(balance)
+
+
+@main.command("train")
+@click.option("--model", default="cnn", show_default=True, help="cnn, dropout, batch_norm, mlp or package.module:factory")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
+@click.option("--dataset", default="digits", show_default=True, help="fashion-mnist or digits")
+@DATA_DIR_OPTION
+@click.option("--workers", default=2, show_default=True, type=int, help="Worker processes per node.")
+@click.option("--strategy", default="allreduce", show_default=True,
+              type=click.Choice(["allreduce", "parameter-server"]))
+@click.option("--epochs", default=10, show_default=True, type=int)
+@click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Per worker.")
+@click.option("--lr", default=None, type=float,
+              help="Learning rate for the global batch [default: 1e-3 x sqrt(global batch / 64)].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--checkpoint-every", default=50, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--max-restarts", default=0, show_default=True, type=int)
+@click.option("--nnodes", default="1", show_default=True, help="N or MIN:MAX (elastic).")
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
+@click.option("--ps-shards", default=1, show_default=True, type=int, help="Parameter servers.")
+@click.option("--ps-mode", default="sync", show_default=True, type=click.Choice(["sync", "async"]))
+@click.option("--ps-staleness", default=None, type=int, help="Async: max steps a worker may run ahead.")
+@click.option("--run-id", default=None, help="Name of the run [default: derived from the settings, so the "
+              "same command resumes the same run].")
+@click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics (0 = a free port).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads per worker [default: cores / workers].")
+@click.option("--log-samples", is_flag=True, hidden=True, help="Log the sample ids of every step (tests).")
+@click.pass_context
+def train_command(ctx: click.Context, **options: Any) -> None:
+    """Train a model on several workers through PyTorch's elastic launcher."""
+    from distml.train.config import parse_config
+    from distml.train.launcher import Stopped, launch
+
+    model_args: dict[str, Any] = {}
+    for item in options.pop("model_args"):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DistmlError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            model_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            model_args[key] = value
+    config = parse_config({**options, "model_args": model_args, "workspace": ctx.obj["workspace_path"]})
+    try:
+        result = launch(config)
+    except (Stopped, KeyboardInterrupt) as exc:
+        click.echo(f"stopped ({exc}); the workers checkpointed. Run the same command again to resume "
+                   f"run {config.resolved_run_id()}.", err=True)
+        ctx.exit(143)
+    if result is None:
+        click.echo(f"run {config.resolved_run_id()} stopped before the end; run the same command again to resume.",
+                   err=True)
+        ctx.exit(143)
+    note = " (already complete; pass --run-id to train again)" if result.get("already_complete") else ""
+    click.echo(f"test accuracy {result['test_accuracy']:.4f} after {result['steps']} steps{note}")
+    click.echo(f"model {result['model']} (manifest {result['manifest']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,3 +121,205 @@ def list_datasets(engine: sa.Engine, name: str | None = None) -> list[dict[str, 
         query = query.where(datasets.c.name == name)
     with engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(query)]
+
+
+# --- model registry (migration 2) -------------------------------------------------------
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("manifest_digest", sa.String(64), nullable=False, index=True),
+    sa.Column("weights_digest", sa.String(64), nullable=False),
+    sa.Column("metrics_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("name", "version", name="uq_model_version"),
+)
+
+model_aliases = sa.Table(
+    "model_aliases",
+    metadata_obj,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("alias", sa.String(200), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["name", "version"], ["model_versions.name", "model_versions.version"], name="fk_alias_version"
+    ),
+)
+
+
+def _m2_models(conn: sa.Connection) -> None:
+    model_versions.create(conn)
+    model_aliases.create(conn)
+
+
+MIGRATIONS.append((2, _m2_models))
+
+
+def record_model_version(
+    engine: sa.Engine,
+    *,
+    name: str,
+    manifest_digest: str,
+    weights_digest: str,
+    metrics: dict[str, Any],
+    attempts: int = 50,
+) -> int:
+    """Register a new version of model `name` (previous highest + 1, from 1); return it.
+
+    Two writers racing for the same number meet the unique (name, version) constraint; the
+    loser retries with the next number.
+    """
+    for _ in range(attempts):
+        try:
+            with engine.begin() as conn:
+                current = conn.execute(
+                    sa.select(sa.func.max(model_versions.c.version)).where(model_versions.c.name == name)
+                ).scalar()
+                version = (current or 0) + 1
+                conn.execute(
+                    model_versions.insert().values(
+                        name=name,
+                        version=version,
+                        manifest_digest=manifest_digest,
+                        weights_digest=weights_digest,
+                        metrics_json=json.dumps(metrics, sort_keys=True),
+                        created_at=_now(),
+                    )
+                )
+                return version
+        except sa.exc.IntegrityError:
+            continue
+    from distml.errors import DistmlError
+
+    raise DistmlError(f"could not register a new version of model {name!r}: {attempts} concurrent conflicts")
+
+
+def get_model_version(engine: sa.Engine, name: str, version: int | None = None) -> dict[str, Any] | None:
+    """One model version's row (the latest when `version` is None), or None."""
+    query = sa.select(model_versions).where(model_versions.c.name == name)
+    query = query.order_by(model_versions.c.version.desc()) if version is None else query.where(
+        model_versions.c.version == version
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query.limit(1)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def find_model_version_by_manifest(engine: sa.Engine, manifest_digest: str) -> dict[str, Any] | None:
+    """The earliest model version registered with this manifest digest, or None."""
+    query = (
+        sa.select(model_versions)
+        .where(model_versions.c.manifest_digest == manifest_digest)
+        .order_by(model_versions.c.id)
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def set_model_alias(engine: sa.Engine, name: str, alias: str, version: int) -> None:
+    """Point `name@alias` at `version` (creating or moving the alias)."""
+    with engine.begin() as conn:
+        values = dict(version=version, updated_at=_now())
+        updated = conn.execute(
+            model_aliases.update()
+            .where(model_aliases.c.name == name, model_aliases.c.alias == alias)
+            .values(**values)
+        ).rowcount
+        if not updated:
+            conn.execute(model_aliases.insert().values(name=name, alias=alias, **values))
+
+
+def get_model_alias(engine: sa.Engine, name: str, alias: str) -> int | None:
+    """The version `name@alias` points at, or None."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(model_aliases.c.version).where(model_aliases.c.name == name, model_aliases.c.alias == alias)
+        ).scalar()
+
+
+def list_model_versions(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
+    """Registered model versions (name ascending, newest version first) with their aliases."""
+    query = sa.select(model_versions).order_by(model_versions.c.name, model_versions.c.version.desc())
+    aliases_query = sa.select(model_aliases).order_by(model_aliases.c.alias)
+    if name is not None:
+        query = query.where(model_versions.c.name == name)
+        aliases_query = aliases_query.where(model_aliases.c.name == name)
+    with engine.connect() as conn:
+        rows = [dict(row._mapping) for row in conn.execute(query)]
+        aliases: dict[tuple[str, int], list[str]] = {}
+        for row in conn.execute(aliases_query):
+            aliases.setdefault((row.name, row.version), []).append(row.alias)
+    for row in rows:
+        row["metrics"] = json.loads(row.pop("metrics_json"))
+        row["aliases"] = aliases.get((row["name"], row["version"]), [])
+    return rows
+
+
+# -- training runs and their per-step metrics (migration 3) ----------------------------------
+
+train_runs = sa.Table(
+    "train_runs",
+    metadata_obj,
+    sa.Column("run_id", sa.String(200), primary_key=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("config_json", sa.Text, nullable=False),
+    sa.Column("result_json", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+train_steps = sa.Table(
+    "train_steps",
+    metadata_obj,
+    sa.Column("run_id", sa.String(200), sa.ForeignKey("train_runs.run_id"), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("loss", sa.Float, nullable=False),
+    sa.Column("samples_per_s", sa.Float, nullable=False),
+    sa.Column("step_seconds", sa.Float, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _m3_training(conn: sa.Connection) -> None:
+    train_runs.create(conn)
+    train_steps.create(conn)
+
+
+MIGRATIONS.append((3, _m3_training))
+
+
+def record_train_run(engine: sa.Engine, run_id: str, config: dict[str, Any], *, status: str,
+                     result: dict[str, Any] | None = None) -> None:
+    """Create or update a training run's row (status running/complete/stopped)."""
+    now = _now()
+    values = {"status": status, "config_json": json.dumps(config, sort_keys=True, default=str), "updated_at": now}
+    if result is not None:
+        values["result_json"] = json.dumps(result, sort_keys=True)
+    with engine.begin() as conn:
+        updated = conn.execute(train_runs.update().where(train_runs.c.run_id == run_id).values(**values)).rowcount
+        if not updated:
+            conn.execute(train_runs.insert().values(run_id=run_id, created_at=now, **values))
+
+
+def record_train_steps(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Store per-step metrics; a step recorded again (after a restart) is replaced."""
+    if not rows:
+        return
+    now = _now()
+    with engine.begin() as conn:
+        conn.execute(train_steps.delete().where(train_steps.c.run_id == run_id,
+                                                train_steps.c.step.in_([r["step"] for r in rows])))
+        conn.execute(train_steps.insert(), [{"run_id": run_id, "recorded_at": now, **r} for r in rows])
+
+
+def train_history(engine: sa.Engine, run_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        query = sa.select(train_steps).where(train_steps.c.run_id == run_id).order_by(train_steps.c.step)
+        return [dict(row._mapping) for row in conn.execute(query)]

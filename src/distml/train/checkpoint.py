@@ -1,0 +1,91 @@
+"""Checkpoints of a run: written atomically, found again by the next attempt of the same run.
+
+`runs/<id>/checkpoints/step-<N>/` holds one file per part (the trainer's state, and one per
+parameter-server shard); the `LATEST` file names the newest complete checkpoint and is only
+replaced after every part is on disk, so a crash mid-write leaves the previous one in force.
+Files are written with torch.save and read with `torch.load(weights_only=True)`, which
+restores tensors and plain containers only and never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distml.errors import DistmlError
+from distml.workspace import atomic_write
+
+LATEST = "LATEST"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def save_part(run_dir: Path, step: int, part: str, state: dict[str, Any]) -> Path:
+    """Write one part of the checkpoint for `step` (atomic: temp file + rename)."""
+    path = step_dir(run_dir, step) / f"{part}.pt"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_write(path) as handle:
+        handle.write(buffer.getvalue())
+    return path
+
+
+def commit(run_dir: Path, step: int, keep: int = 2) -> None:
+    """Mark the checkpoint of `step` complete and drop all but the newest `keep`."""
+    with atomic_write(Path(run_dir) / "checkpoints" / LATEST, "w") as handle:
+        handle.write(str(step))
+    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        if old != step_dir(run_dir, step):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_step(run_dir: Path) -> int | None:
+    path = Path(run_dir) / "checkpoints" / LATEST
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise DistmlError(f"{path} should hold a step number, found {text[:40]!r}; delete it to start the run over")
+    return int(text)
+
+
+def load_part(run_dir: Path, step: int, part: str) -> dict[str, Any]:
+    path = step_dir(run_dir, step) / f"{part}.pt"
+    if not path.exists():
+        raise DistmlError(f"checkpoint part {path} is missing; the checkpoint of step {step} is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: name it
+        raise DistmlError(f"checkpoint part {path} cannot be read ({exc.__class__.__name__}: {exc})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,68 @@
+"""What the lead worker reports while training: a progress line, Prometheus, the metadata store.
+
+A rich progress bar (loss, samples/s) on a terminal, one log line per ~5% otherwise; per-step
+metrics are buffered and written to the metadata store at each checkpoint, in one transaction.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from distml.ops import metadata
+
+
+class Reporter:
+    def __init__(self, workspace: Any, config: Any, total: int, start_step: int, global_batch: int, metrics: Any):
+        self.workspace, self.config, self.total, self.global_batch = workspace, config, total, global_batch
+        self.metrics = metrics
+        self.run_id = config.resolved_run_id()
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.samples_per_s = 0.0
+        self.every = max(1, total // 20)
+        self.bar = None
+        metadata.record_train_run(workspace.engine, self.run_id, config.model_dump(), status="running")
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("training {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:,.0f} samples/s"),
+                                TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start_step, model=config.model,
+                                          loss=float("nan"), speed=0.0)
+
+    def step(self, step: int, loss: float, seconds: float, epoch: int) -> None:
+        self.window_steps += 1
+        now = time.perf_counter()
+        if now - self.window_start >= 1.0 or step == self.total:
+            self.samples_per_s = self.window_steps * self.global_batch / (now - self.window_start)
+            self.window_start, self.window_steps = now, 0
+        self.rows.append({"step": step, "epoch": epoch, "loss": loss, "step_seconds": seconds,
+                          "samples_per_s": self.samples_per_s})
+        if self.metrics is not None:
+            self.metrics.step.set(step)
+            self.metrics.loss.set(loss)
+            self.metrics.samples.inc(self.global_batch)
+            self.metrics.step_seconds.observe(seconds)
+            self.metrics.samples_per_second.set(self.samples_per_s)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, speed=self.samples_per_s)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {self.samples_per_s:,.0f} samples/s",
+                  file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        if self.rows:
+            metadata.record_train_steps(self.workspace.engine, self.run_id, self.rows)
+            self.rows = []
+
+    def finish(self, accuracy: float, model_ref: str) -> None:
+        self.flush()
+        if self.bar is not None:
+            self.bar.stop()
+        metadata.record_train_run(self.workspace.engine, self.run_id, self.config.model_dump(), status="complete",
+                                  result={"test_accuracy": accuracy, "model": model_ref})

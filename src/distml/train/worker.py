@@ -1,0 +1,302 @@
+"""The worker process that PyTorch's elastic launcher starts: one obvious training loop.
+
+Reads the run's TrainConfig, joins the process group from the launcher's environment (RANK,
+WORLD_SIZE, MASTER_ADDR...), resumes from the latest complete checkpoint, trains on its shard
+of the data, checkpoints every K steps, and on SIGTERM checkpoints and exits cleanly. In
+parameter-server mode the first `ps_shards` ranks serve parameters and the rest train.
+Run as `python -m distml.train.worker CONFIG.json` (the launcher does this).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distml.data.datasets import get_dataset
+from distml.data.loader import Loader
+from distml.train import checkpoint
+from distml.train.config import TrainConfig, load_config
+
+
+class StopFlag:
+    """Set by SIGTERM (preemption); the loop checkpoints and leaves at the next agreed point."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def resolve_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Context:
+    """What one worker knows about itself and the run."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.run_dir = config.run_dir()
+        self.servers = config.ps_shards if config.strategy == "parameter-server" else 0
+        self.worker_index = self.rank - self.servers
+        self.num_workers = self.world - self.servers
+        self.is_server = self.rank < self.servers
+        self.is_lead = self.rank == self.servers  # the first worker: checkpoints, evaluates, reports
+        self.device = resolve_device(config.device, self.local_rank) if not self.is_server else torch.device("cpu")
+
+    def log(self, message: str) -> None:
+        print(f"[distml rank {self.rank}/{self.world} attempt {self.restart}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = load_config(argv[0])
+    ctx = Context(config)
+    threads = config.threads or max(1, (os.cpu_count() or 1) // ctx.local_world)
+    torch.set_num_threads(threads)
+    if ctx.num_workers < 1:
+        ctx.log(f"parameter-server mode needs at least one worker besides {ctx.servers} servers")
+        return 2
+    backend = "nccl" if ctx.device.type == "cuda" and config.strategy == "allreduce" else "gloo"
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(backend)
+    stop = StopFlag()
+    try:
+        if ctx.is_server:
+            serve(ctx, stop)
+        else:
+            train(ctx, stop)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+# -- shared pieces ----------------------------------------------------------------------------
+
+def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader:
+    from distml.workspace import Workspace
+
+    return Loader(dataset.splits[split], batch_size=ctx.config.batch_size, shard=(max(ctx.worker_index, 0),
+                  ctx.num_workers), seed=ctx.config.seed, preprocess=dataset.preprocess, cache="disk",
+                  workspace=Workspace(ctx.config.workspace), **kwargs)
+
+
+def total_steps(config: TrainConfig, loader: Loader) -> int:
+    planned = config.epochs * len(loader)
+    return min(planned, config.max_steps) if config.max_steps else planned
+
+
+def build(config: TrainConfig) -> torch.nn.Module:
+    from distml.models.zoo import build_model
+
+    torch.manual_seed(config.seed)  # every rank starts from the same weights
+    return build_model(config.model, **config.model_args)
+
+
+def agree_stop(local: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+# -- parameter server ranks ------------------------------------------------------------------
+
+def serve(ctx: Context, stop: StopFlag) -> None:
+    from distml.train.parameter_server import PSServer, ShardLayout
+
+    config = ctx.config
+    dataset = get_dataset(config.dataset, _workspace(config), config.data_dir, progress=False)
+    loader = make_loader(ctx, dataset)
+    total = total_steps(config, loader)
+    model = build(config)
+    params = list(model.parameters())
+    layout = ShardLayout.balanced(params, ctx.servers)
+    worker_ranks = list(range(ctx.servers, ctx.world))
+    server = PSServer(ctx.rank, layout.flat(params, ctx.rank), worker_ranks,
+                      config.learning_rate(ctx.num_workers), config.ps_mode, config.ps_staleness)
+    step = checkpoint.latest_step(ctx.run_dir) or 0
+    if step:
+        server.load_state_dict(checkpoint.load_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}"))
+    ctx.log(f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
+            f"{config.ps_mode}, from step {step} of {total}")
+    server.broadcast()
+    while step < total:
+        boundary = min(total, (step // config.checkpoint_every + 1) * config.checkpoint_every)
+        if config.ps_mode == "sync":
+            for _ in range(boundary - step):
+                server.serve_sync_step()
+        else:
+            clocks = {rank: step for rank in worker_ranks}
+            server.serve_async(len(worker_ranks) * (boundary - step), clocks, boundary)
+        step = boundary
+        checkpoint.save_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}", server.state_dict())
+        if agree_stop(stop.requested, torch.device("cpu")):
+            ctx.log(f"stopping at step {step} (SIGTERM), checkpoint written")
+            return
+
+
+def _workspace(config: TrainConfig):
+    from distml.workspace import Workspace
+
+    return Workspace(config.workspace)
+
+
+# -- training ranks ---------------------------------------------------------------------------
+
+def train(ctx: Context, stop: StopFlag) -> None:
+    from distml.ops.metrics import TrainingMetrics
+    from distml.train.progress import Reporter
+
+    config = ctx.config
+    ws = _workspace(config)
+    dataset = get_dataset(config.dataset, ws, config.data_dir, progress=False)
+    loader = make_loader(ctx, dataset, with_index=config.log_samples)
+    loader.fill_cache()
+    total = total_steps(config, loader)
+    model = build(config)
+    lr = config.learning_rate(ctx.num_workers)
+    if config.strategy == "allreduce":
+        from distml.train.allreduce import AllReduceTrainer
+
+        trainer: Any = AllReduceTrainer(model, lr, ctx.device, ctx.world)
+    else:
+        from distml.train.parameter_server import PSWorker
+
+        trainer = PSWorker(model.to(ctx.device), list(range(ctx.servers)), config.ps_mode, ctx.device)
+
+    step = checkpoint.latest_step(ctx.run_dir) or 0
+    if step:
+        state = checkpoint.load_part(ctx.run_dir, step, "trainer")
+        trainer.load_state_dict(state["trainer"])
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        ctx.log(f"resumed from the checkpoint of step {step} (epoch {loader.epoch}, world size {ctx.world})")
+    if config.strategy == "parameter-server":
+        trainer.pull()
+
+    metrics = reporter = None
+    if ctx.is_lead:
+        metrics = TrainingMetrics(config.resolved_run_id())
+        metrics.world_size.set(ctx.num_workers)
+        metrics.restarts.set(ctx.restart)
+        if config.metrics_port is not None:
+            port = metrics.serve(config.metrics_port)
+            ctx.log(f"Prometheus metrics at http://127.0.0.1:{port}/metrics")
+            (ctx.run_dir / "metrics_port").write_text(str(port))
+        reporter = Reporter(ws, config, total, step, ctx.num_workers * config.batch_size, metrics)
+    sample_log = _sample_log(ctx) if config.log_samples else None
+
+    stopped = False
+    while step < total and not stopped:
+        for batch in loader:
+            started = time.perf_counter()
+            x = batch["image"].to(ctx.device, non_blocking=True)
+            y = batch["label"].to(ctx.device, non_blocking=True).long()
+            loss = trainer.train_step(x, y)
+            step += 1
+            if sample_log is not None:
+                sample_log.write(f"{step} {','.join(map(str, batch['index'].tolist()))}\n")
+                sample_log.flush()
+            if reporter is not None:
+                reporter.step(step, float(loss), time.perf_counter() - started, loader.epoch)
+            boundary = step % config.checkpoint_every == 0 or step >= total
+            if config.strategy == "allreduce":
+                stopped = agree_stop(stop.requested, ctx.device) if ctx.world > 1 else stop.requested
+                if (boundary or stopped) and ctx.is_lead:
+                    save_checkpoint(ctx, step, trainer, loader, reporter)
+            elif boundary:
+                if ctx.is_lead:
+                    checkpoint.save_part(ctx.run_dir, step, "trainer", _trainer_state(step, trainer, loader))
+                stopped = agree_stop(stop.requested, torch.device("cpu"))  # all parts are on disk now
+                if ctx.is_lead:
+                    checkpoint.commit(ctx.run_dir, step)
+                    if reporter is not None:
+                        reporter.flush()
+            if stopped or step >= total:
+                break
+    if stopped:
+        ctx.log(f"stopping at step {step} (SIGTERM), checkpoint written; run the same command to resume")
+        return
+    if ctx.is_lead:
+        finish(ctx, dataset, trainer, model, step, reporter)
+
+
+def _trainer_state(step: int, trainer: Any, loader: Loader) -> dict[str, Any]:
+    return {"step": step, "trainer": trainer.state_dict(), "loader": loader.state_dict(),
+            "rng": checkpoint.rng_state()}
+
+
+def save_checkpoint(ctx: Context, step: int, trainer: Any, loader: Loader, reporter: Any) -> None:
+    checkpoint.save_part(ctx.run_dir, step, "trainer", _trainer_state(step, trainer, loader))
+    checkpoint.commit(ctx.run_dir, step)
+    if reporter is not None:
+        reporter.flush()
+
+
+def _sample_log(ctx: Context):
+    folder = ctx.run_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"attempt{ctx.restart}-rank{ctx.rank}-pid{os.getpid()}.log", "a")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, device: torch.device, workspace) -> float:
+    loader = Loader(dataset.splits["test"], batch_size=512, shuffle=False, preprocess=dataset.preprocess,
+                    cache="disk", workspace=workspace)
+    model.eval()
+    correct = seen = 0
+    for batch in loader:
+        logits = model(batch["image"].to(device))
+        correct += int((logits.argmax(1).cpu() == batch["label"].long()).sum())
+        seen += len(batch["label"])
+    model.train()
+    return correct / max(seen, 1)
+
+
+def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: int, reporter: Any) -> None:
+    from distml.models.artifact import save_model
+
+    config = ctx.config
+    ws = _workspace(config)
+    accuracy = evaluate(model, dataset, ctx.device, ws)
+    source = dataset.splits["train"]
+    record = save_model(
+        ws, model.cpu(), name=config.model, architecture=config.model, arch_args=config.model_args,
+        input_spec={"name": "image", "shape": list(dataset.image_shape), "datatype": "FP32"},
+        preprocessing={"dataset": dataset.name, "steps": dataset.preprocess.params(),
+                       "key": dataset.preprocess.key},
+        class_names=list(dataset.class_names), metrics={"test_accuracy": accuracy, "steps": step},
+        training=config.model_dump(), data_fingerprint=source.fingerprint(),
+        lineage={"run_id": config.resolved_run_id()},
+    )
+    if reporter is not None:
+        reporter.finish(accuracy, f"{record.name}:{record.version}")
+    result = {"run_id": config.resolved_run_id(), "steps": step, "test_accuracy": accuracy,
+              "model": f"{record.name}:{record.version}", "manifest": record.manifest_digest,
+              "world_size": ctx.world, "workers": ctx.num_workers}
+    (ctx.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    ctx.log(f"done: {step} steps, test accuracy {accuracy:.4f}, model {record.name}:{record.version}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
