@@ -119,6 +119,11 @@ class Loader:
         order, target, _ = self._order(self._epoch)
         return sum(1 for _ in self._steps(order, target, 0))
 
+    def batches_left(self) -> int:
+        """Batches this rank still yields in the current epoch (all of them at its start)."""
+        order, target, _ = self._order(self._epoch)
+        return sum(1 for _ in self._steps(order, target, self._position))
+
     @property
     def epoch(self) -> int:
         return self._epoch

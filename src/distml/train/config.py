@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     max_restarts: int = Field(0, ge=0)
     nnodes: str = "1"
     rdzv_endpoint: str | None = None
-    rdzv_last_call_timeout: float = Field(5.0, gt=0)
+    rdzv_last_call_timeout: int = Field(5, ge=1, description="seconds a rendezvous waits for more nodes")
     ps_shards: int = Field(1, ge=1, le=64)
     ps_mode: Literal["sync", "async"] = "sync"
     ps_staleness: int | None = Field(None, ge=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     if result_path.exists():
         return {**json.loads(result_path.read_text()), "already_complete": True}
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # With the agent's rendezvous store shared with the workers (the default since torch 2.5),
+    # restarted workers can read the previous round's gloo/NCCL keys and hang in
+    # init_process_group (pytorch/pytorch#135712); each round gets a fresh store without it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:

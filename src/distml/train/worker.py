@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(ctx.device)
     dist.init_process_group(backend)
     stop = StopFlag()
-    try:
-        if ctx.is_server:
-            serve(ctx, stop)
-        else:
-            train(ctx, stop)
-    finally:
-        dist.destroy_process_group()
+    if ctx.is_server:
+        serve(ctx, stop)
+    else:
+        train(ctx, stop)
+    # Leave together: a rank that exits while the lead still evaluates can make gloo abort peers.
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 
@@ -101,9 +101,14 @@ def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader
                   workspace=Workspace(ctx.config.workspace), **kwargs)
 
 
-def total_steps(config: TrainConfig, loader: Loader) -> int:
-    planned = config.epochs * len(loader)
-    return min(planned, config.max_steps) if config.max_steps else planned
+def planned_steps(config: TrainConfig, loader: Loader, step: int) -> int:
+    """The step at which this attempt ends: the rest of the current epoch plus the remaining
+    epochs at the current world size (an elastic resize changes steps per epoch, not epochs)."""
+    left = 0
+    if loader.epoch < config.epochs:
+        left = loader.batches_left() + (config.epochs - loader.epoch - 1) * len(loader)
+    total = step + left
+    return min(total, config.max_steps) if config.max_steps else total
 
 
 def build(config: TrainConfig) -> torch.nn.Module:
@@ -127,7 +132,6 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     config = ctx.config
     dataset = get_dataset(config.dataset, _workspace(config), config.data_dir, progress=False)
     loader = make_loader(ctx, dataset)
-    total = total_steps(config, loader)
     model = build(config)
     params = list(model.parameters())
     layout = ShardLayout.balanced(params, ctx.servers)
@@ -137,6 +141,8 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     step = checkpoint.latest_step(ctx.run_dir) or 0
     if step:
         server.load_state_dict(checkpoint.load_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}"))
+        loader.load_state_dict(checkpoint.load_part(ctx.run_dir, step, "trainer")["loader"])
+    total = planned_steps(config, loader, step)
     ctx.log(f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
             f"{config.ps_mode}, from step {step} of {total}")
     server.broadcast()
@@ -172,7 +178,6 @@ def train(ctx: Context, stop: StopFlag) -> None:
     dataset = get_dataset(config.dataset, ws, config.data_dir, progress=False)
     loader = make_loader(ctx, dataset, with_index=config.log_samples)
     loader.fill_cache()
-    total = total_steps(config, loader)
     model = build(config)
     lr = config.learning_rate(ctx.num_workers)
     if config.strategy == "allreduce":
@@ -193,6 +198,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
         ctx.log(f"resumed from the checkpoint of step {step} (epoch {loader.epoch}, world size {ctx.world})")
     if config.strategy == "parameter-server":
         trainer.pull()
+    total = planned_steps(config, loader, step)
 
     metrics = reporter = None
     if ctx.is_lead:

@@ -1,0 +1,286 @@
+"""Distributed training end to end: real `distml train` processes under torchrun on loopback.
+
+Parity (DDP vs one process, PS sync vs allreduce), kill -9 of a worker with restarts, elastic
+membership with two launcher agents, SIGTERM preemption, and digits accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from distml.errors import DistmlError
+from distml.train.config import parse_config
+from distml.workspace import Workspace
+
+DIGITS_TRAIN = 1437
+
+
+def cli(workspace: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "distml.cli", "--workspace", str(workspace), "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def run_cli(workspace: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = cli(workspace, *args)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def weights(workspace: Path, ref: str) -> dict[str, torch.Tensor]:
+    from distml.models.artifact import load_model
+
+    model, _ = load_model(Workspace(workspace), ref)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def result(workspace: Path, run_id: str) -> dict:
+    return json.loads((workspace / "runs" / run_id / "result.json").read_text())
+
+
+def sample_logs(workspace: Path, run_id: str) -> dict[tuple[int, int], dict[int, list[int]]]:
+    """{(attempt, rank): {step: sample ids}} from the workers' --log-samples files."""
+    logs: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for path in (workspace / "runs" / run_id / "samples").glob("attempt*-rank*-pid*.log"):
+        attempt, rank = int(path.name.split("-")[0][7:]), int(path.name.split("-")[1][4:])
+        steps = logs.setdefault((attempt, rank), {})
+        for line in path.read_text().splitlines():
+            step, ids = line.split(" ")
+            steps[int(step)] = [int(i) for i in ids.split(",")]
+    return logs
+
+
+def effective_history(logs: dict[tuple[int, int], dict[int, list[int]]]) -> dict[int, list[int]]:
+    """{step: ids of all ranks} as the model saw them: each attempt up to where the next resumed."""
+    attempts = sorted({a for a, _ in logs if any(logs[(a, r)] for r in range(8) if (a, r) in logs)})
+    history: dict[int, list[int]] = {}
+    for i, attempt in enumerate(attempts):
+        ranks = sorted(r for a, r in logs if a == attempt)
+        bound = min(min(logs[(attempts[i + 1], r)]) for r in ranks_of(logs, attempts[i + 1])) - 1 \
+            if i + 1 < len(attempts) else None
+        for r in ranks:
+            for step, ids in logs[(attempt, r)].items():
+                if bound is None or step <= bound:
+                    history.setdefault(step, []).extend(ids)
+    return history
+
+
+def ranks_of(logs, attempt: int) -> list[int]:
+    return sorted(r for a, r in logs if a == attempt and logs[(a, r)])
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(workspace: Path, run_id: str, attempt: int = 0) -> int:
+    folder = workspace / "runs" / run_id / "samples"
+    files = list(folder.glob(f"attempt{attempt}-rank*-pid*.log")) if folder.exists() else []
+    return min((len(f.read_text().splitlines()) for f in files), default=0) if len(files) >= 1 else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(DistmlError, match="nnodes must be N or MIN:MAX"):
+        parse_config({"nnodes": "2:1", "rdzv_endpoint": "h:1"})
+    with pytest.raises(DistmlError, match="needs rdzv_endpoint"):
+        parse_config({"nnodes": "1:2"})
+    with pytest.raises(DistmlError, match="only to strategy 'parameter-server'"):
+        parse_config({"ps_shards": 2})
+    with pytest.raises(DistmlError, match="workers"):
+        parse_config({"workers": 0})
+    with pytest.raises(DistmlError, match="strategy"):
+        parse_config({"strategy": "gossip"})
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+    out = run_cli(tmp_path, "--model-arg", "nonsense")
+    assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+    out = run_cli(tmp_path, "--nnodes", "1:2")
+    assert out.returncode == 2 and "rdzv_endpoint" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(tmp_path, "--model", "nope", "--max-steps", "1")
+    assert out.returncode != 0 and "nope" in out.stderr
+
+
+@pytest.mark.slow
+def test_allreduce_matches_single_process(tmp_path):
+    """Two DDP workers x 32 and one process x 64 see the same global batches: same weights."""
+    common = ["--dataset", "digits", "--max-steps", "6", "--checkpoint-every", "100", "--lr", "0.001"]
+    one = run_cli(tmp_path, *common, "--workers", "1", "--batch-size", "64", "--run-id", "single")
+    two = run_cli(tmp_path, *common, "--workers", "2", "--batch-size", "32", "--run-id", "ddp")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path, result(tmp_path, "single")["model"]), weights(tmp_path, result(tmp_path, "ddp")["model"])
+    assert result(tmp_path, "ddp")["world_size"] == 2
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
+    untrained = run_cli(tmp_path, *common[:2], "--max-steps", "1", "--workers", "1", "--run-id", "other")
+    assert untrained.returncode == 0
+    c = weights(tmp_path, result(tmp_path, "other")["model"])
+    assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a), "the parity check can tell models apart"
+
+
+@pytest.mark.slow
+def test_parameter_server_sync_matches_allreduce(tmp_path):
+    common = ["--dataset", "digits", "--max-steps", "6", "--checkpoint-every", "3", "--workers", "2",
+              "--batch-size", "32", "--lr", "0.001"]
+    ar = run_cli(tmp_path, *common, "--run-id", "ar")
+    ps = run_cli(tmp_path, *common, "--strategy", "parameter-server", "--ps-shards", "2", "--run-id", "ps")
+    assert ar.returncode == 0, ar.stderr[-3000:]
+    assert ps.returncode == 0, ps.stderr[-3000:]
+    assert result(tmp_path, "ps")["world_size"] == 4  # 2 servers + 2 workers
+    a, b = weights(tmp_path, result(tmp_path, "ar")["model"]), weights(tmp_path, result(tmp_path, "ps")["model"])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "ps" / "checkpoints" / "step-00000006").iterdir())
+    assert checkpoints == ["ps-shard-0.pt", "ps-shard-1.pt", "trainer.pt"]
+
+
+@pytest.mark.slow
+def test_parameter_server_async_with_staleness_trains(tmp_path):
+    out = run_cli(tmp_path, "--dataset", "digits", "--epochs", "6", "--workers", "2", "--strategy",
+                  "parameter-server", "--ps-mode", "async", "--ps-staleness", "1", "--checkpoint-every", "10",
+                  "--run-id", "async")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = result(tmp_path, "async")
+    assert res["steps"] == 6 * 12 and res["test_accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_is_survived(tmp_path):
+    """kill -9 one worker mid-run: torchrun restarts the workers, they resume from the latest
+    checkpoint, and the run ends with the requested steps; samples lost or repeated are at
+    most those since that checkpoint."""
+    k = 5
+    proc = cli(tmp_path, "--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", "10",
+               "--checkpoint-every", str(k), "--max-restarts", "2", "--log-samples", "--run-id", "kill")
+    samples = tmp_path / "runs" / "kill" / "samples"
+    wait_for(lambda: logged_steps(tmp_path, "kill") >= 37, what="37 steps")
+    victim = next(samples.glob("attempt0-rank1-pid*.log"))
+    os.kill(int(victim.name.split("pid")[1][:-4]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    steps_per_epoch = math.ceil(math.ceil(DIGITS_TRAIN / 2) / 32)
+    total = 10 * steps_per_epoch
+    res = result(tmp_path, "kill")
+    assert res["steps"] == total
+    weights(tmp_path, res["model"])  # a valid model artifact
+    logs = sample_logs(tmp_path, "kill")
+    assert {a for a, _ in logs} == {0, 1}, "exactly one restart"
+    resumed_from = min(logs[(1, 0)]) - 1
+    assert resumed_from % k == 0 and resumed_from >= 35 - k
+    repeated_steps = [s for s in logs[(0, 0)] if s > resumed_from]
+    assert len(repeated_steps) <= k, "only the steps since the last checkpoint are repeated"
+    effective = effective_history(logs)
+    assert sorted(effective) == list(range(1, total + 1)), "every step happened exactly once in the history"
+    for epoch in range(10):
+        ids = [i for s in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1) for i in effective[s]]
+        counts = Counter(ids)
+        assert set(counts) == set(range(DIGITS_TRAIN)), f"epoch {epoch} lost samples"
+        assert sum(c - 1 for c in counts.values()) == (-DIGITS_TRAIN) % 2, "only padding repeats inside an epoch"
+    repeated_samples = sum(len(logs[(0, r)][s]) for r in (0, 1) for s in repeated_steps)
+    assert repeated_samples <= k * 64
+
+
+@pytest.mark.slow
+def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
+    """Two launcher agents (--nnodes 1:2, c10d on loopback) train together; killing one agent
+    and its worker makes the other re-rendezvous and finish alone on the resharded data."""
+    port = free_port()
+    args = ["--dataset", "digits", "--workers", "1", "--batch-size", "32", "--epochs", "8", "--nnodes", "1:2",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "3", "--checkpoint-every", "5",
+            "--log-samples", "--run-id", "elastic"]
+    first = cli(tmp_path, *args)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 60, "the rendezvous store")
+    second = cli(tmp_path, *args)
+    wait_for(lambda: logged_steps(tmp_path, "elastic") >= 20, what="20 steps on two nodes")
+    logs = sample_logs(tmp_path, "elastic")
+    assert {r for _, r in logs} == {0, 1}, "both agents' workers trained together"
+    import psutil
+
+    agent = psutil.Process(second.pid)  # the agent and its worker (torchrun gives workers their own session)
+    for proc in [agent, *agent.children(recursive=True)]:
+        proc.kill()
+    second.communicate(timeout=30)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-4000:]
+    res = result(tmp_path, "elastic")
+    assert res["world_size"] == 1 and res["workers"] == 1
+    logs = sample_logs(tmp_path, "elastic")
+    later = [key for key in logs if key[0] > 0]
+    assert later and all(rank == 0 for _, rank in later), "after the loss, one worker trains alone"
+    alone = logs[max(later)]
+    assert max(len(ids) for ids in alone.values()) == 32, "alone, the worker takes the whole global batch"
+    # the resharded run saw every sample in every epoch: nothing lost at the resize
+    counts = Counter(i for ids in effective_history(logs).values() for i in ids)
+    assert set(counts) == set(range(DIGITS_TRAIN)) and min(counts.values()) == 8
+    assert sum(c - 8 for c in counts.values()) <= 8, "only the padding for equal batch counts repeats"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
+    args = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", "6", "--checkpoint-every", "50",
+            "--log-samples", "--run-id", "preempt"]
+    proc = cli(tmp_path, *args)
+    wait_for(lambda: logged_steps(tmp_path, "preempt") >= 20, what="20 steps")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "resume" in err
+    from distml.train.checkpoint import latest_step
+
+    stopped_at = latest_step(tmp_path / "runs" / "preempt")
+    assert stopped_at is not None and stopped_at >= 20 and stopped_at % 50 != 0, "checkpoint taken at the stop"
+    first = sample_logs(tmp_path, "preempt")
+    assert max(max(steps) for steps in first.values()) == stopped_at, "no step after the checkpoint was lost"
+    again = run_cli(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    total = result(tmp_path, "preempt")["steps"]
+    assert total == 6 * 23
+    for rank in (0, 1):  # both launches together trained every step exactly once: nothing lost or repeated
+        files = sorted((tmp_path / "runs" / "preempt" / "samples").glob(f"attempt0-rank{rank}-pid*.log"))
+        assert len(files) == 2
+        steps = [int(line.split()[0]) for f in files for line in f.read_text().splitlines()]
+        assert sorted(steps) == list(range(1, total + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_digits_default_settings_reach_95_percent(tmp_path):
+    out = run_cli(tmp_path, "--dataset", "digits")
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("test accuracy"))
+    accuracy = float(line.split()[2])
+    assert accuracy >= 0.95, line
+    from distml.ops.metadata import train_history
+
+    run_id = next(p.name for p in (tmp_path / "runs").iterdir())
+    history = train_history(Workspace(tmp_path).engine, run_id)
+    assert len(history) == result(tmp_path, run_id)["steps"] and history[-1]["loss"] < history[0]["loss"]
