@@ -284,3 +284,24 @@ def test_digits_default_settings_reach_95_percent(tmp_path):
     run_id = next(p.name for p in (tmp_path / "runs").iterdir())
     history = train_history(Workspace(tmp_path).engine, run_id)
     assert len(history) == result(tmp_path, run_id)["steps"] and history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.slow
+def test_lead_worker_serves_prometheus_metrics(tmp_path):
+    import urllib.request
+
+    proc = cli(tmp_path, "--dataset", "digits", "--workers", "2", "--epochs", "40", "--metrics-port", "0",
+               "--run-id", "metrics")
+    port_file = tmp_path / "runs" / "metrics" / "metrics_port"
+    wait_for(port_file.exists, what="the metrics port")
+    port = int(port_file.read_text())
+
+    def scraped_steps() -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        line = next(l for l in body.splitlines() if l.startswith("distml_train_step{"))
+        assert 'run="metrics"' in line and "distml_train_samples_per_second" in body
+        return float(line.split()[-1])
+
+    wait_for(lambda: scraped_steps() >= 10, what="10 steps visible in /metrics")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)

@@ -19,8 +19,7 @@ class Reporter:
         self.metrics = metrics
         self.run_id = config.resolved_run_id()
         self.rows: list[dict[str, Any]] = []
-        self.started = time.perf_counter()
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last: float | None = None
         self.samples_per_s = 0.0
         self.every = max(1, total // 20)
         self.bar = None
@@ -36,13 +35,15 @@ class Reporter:
                                           loss=float("nan"), speed=0.0)
 
     def step(self, step: int, loss: float, seconds: float, epoch: int) -> None:
-        self.window_steps += 1
+        """Record one step; `seconds` is its compute time, throughput counts the data wait too."""
         now = time.perf_counter()
-        if now - self.window_start >= 1.0 or step == self.total:
-            self.samples_per_s = self.window_steps * self.global_batch / (now - self.window_start)
-            self.window_start, self.window_steps = now, 0
+        wall = now - self.last if self.last is not None else seconds
+        self.last = now
+        instant = self.global_batch / max(wall, 1e-9)
+        # exponential moving average for the display, the step's own figure for the store
+        self.samples_per_s = instant if self.samples_per_s == 0 else 0.9 * self.samples_per_s + 0.1 * instant
         self.rows.append({"step": step, "epoch": epoch, "loss": loss, "step_seconds": seconds,
-                          "samples_per_s": self.samples_per_s})
+                          "samples_per_s": instant})
         if self.metrics is not None:
             self.metrics.step.set(step)
             self.metrics.loss.set(loss)

@@ -76,10 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.num_workers < 1:
         ctx.log(f"parameter-server mode needs at least one worker besides {ctx.servers} servers")
         return 2
-    backend = "nccl" if ctx.device.type == "cuda" and config.strategy == "allreduce" else "gloo"
+    # NCCL needs one GPU per rank ("Duplicate GPU detected" otherwise); with more local ranks
+    # than GPUs, gloo moves the CUDA tensors instead. Parameter servers talk gloo on CPU tensors.
+    nccl_ok = ctx.device.type == "cuda" and ctx.local_world <= torch.cuda.device_count()
+    backend = "nccl" if nccl_ok and config.strategy == "allreduce" else "gloo"
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     dist.init_process_group(backend)
+    if ctx.rank == 0:
+        ctx.log(f"process group {backend}, device {ctx.device}, {threads} threads per rank")
     stop = StopFlag()
     if ctx.is_server:
         serve(ctx, stop)

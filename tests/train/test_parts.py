@@ -1,0 +1,79 @@
+"""Pieces of the trainer that need no process group: sharding of parameters, checkpoints."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distml.errors import DistmlError
+from distml.models.zoo import build_model
+from distml.train import checkpoint
+from distml.train.config import parse_config
+from distml.train.launcher import torchrun_args
+from distml.train.parameter_server import ShardLayout
+
+
+def test_parameter_shards_are_balanced_by_bytes_and_complete():
+    params = list(build_model("mlp", width=512, depth=3).parameters())
+    for shards in (1, 2, 3):
+        layout = ShardLayout.balanced(params, shards)
+        owned = sorted(i for shard in layout.shards for i in shard)
+        assert owned == list(range(len(params))), "every parameter has exactly one server"
+        loads = [sum(params[i].numel() for i in shard) for shard in layout.shards]
+        assert sum(loads) == sum(p.numel() for p in params)
+        assert max(loads) <= sum(loads) / shards + max(p.numel() for p in params)
+
+
+def test_checkpoint_roundtrip_rng_and_latest(tmp_path):
+    checkpoint.save_part(tmp_path, 10, "trainer", {"w": torch.arange(3), "rng": checkpoint.rng_state()})
+    assert checkpoint.latest_step(tmp_path) is None, "a part alone is not a checkpoint until committed"
+    checkpoint.commit(tmp_path, 10)
+    assert checkpoint.latest_step(tmp_path) == 10
+    state = checkpoint.load_part(tmp_path, 10, "trainer")
+    saved = checkpoint.rng_state()
+    a = (torch.rand(2).tolist(), np.random.rand(), random.random())
+    checkpoint.set_rng_state(saved)
+    assert (torch.rand(2).tolist(), np.random.rand(), random.random()) == a, "RNG state restores exactly"
+    for step in (20, 30, 40):
+        checkpoint.save_part(tmp_path, step, "trainer", {})
+        checkpoint.commit(tmp_path, step, keep=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000030", "step-00000040"]
+
+
+def test_damaged_checkpoints_are_clear_errors(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "LATEST").write_text("garbage")
+    with pytest.raises(DistmlError, match="should hold a step number"):
+        checkpoint.latest_step(tmp_path)
+    with pytest.raises(DistmlError, match="missing"):
+        checkpoint.load_part(tmp_path, 5, "trainer")
+    path = checkpoint.step_dir(tmp_path, 5) / "trainer.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(DistmlError, match="cannot be read"):
+        checkpoint.load_part(tmp_path, 5, "trainer")
+
+
+def test_torchrun_arguments(tmp_path):
+    single = torchrun_args(parse_config({"workers": 2}), tmp_path / "c.json")
+    assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
+    multi = torchrun_args(parse_config({"workers": 1, "nnodes": "1:2", "rdzv_endpoint": "127.0.0.1:29400",
+                                        "max_restarts": 3}), tmp_path / "c.json")
+    assert multi[multi.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in multi
+    assert multi[multi.index("--max-restarts") + 1] == "3"
+    ps = torchrun_args(parse_config({"workers": 2, "strategy": "parameter-server", "ps_shards": 3}), tmp_path / "c")
+    assert ps[ps.index("--nproc-per-node") + 1] == "5", "servers run beside the workers"
+    assert single[-3:] == ["-m", "distml.train.worker", str(tmp_path / "c.json")]
+
+
+def test_learning_rate_rule_and_run_id():
+    config = parse_config({"batch_size": 64})
+    assert config.learning_rate(1) == pytest.approx(1e-3)
+    assert config.learning_rate(4) == pytest.approx(2e-3), "square-root scaling with the global batch"
+    assert parse_config({"lr": 0.01}).learning_rate(8) == 0.01
+    assert parse_config({"workers": 1}).resolved_run_id() == parse_config({"workers": 4}).resolved_run_id()
+    assert parse_config({"seed": 1}).resolved_run_id() != parse_config({"seed": 2}).resolved_run_id()
