@@ -126,7 +126,10 @@ def test_cli_rejects_bad_flags(tmp_path):
 
 @pytest.mark.slow
 def test_allreduce_matches_single_process(tmp_path):
-    """Two DDP workers x 32 and one process x 64 see the same global batches: same weights."""
+    """Two DDP workers x 32 and one process x 64 see the same global batches: same weights.
+
+    Tolerance: 1e-4 is a tenth of one Adam step at lr 1e-3; summation order (DDP buckets,
+    NHWC convolutions) moves weights by ~1e-5, a wrong update by ~1e-3."""
     common = ["--dataset", "digits", "--max-steps", "6", "--checkpoint-every", "100", "--lr", "0.001"]
     one = run_cli(tmp_path, *common, "--workers", "1", "--batch-size", "64", "--run-id", "single")
     two = run_cli(tmp_path, *common, "--workers", "2", "--batch-size", "32", "--run-id", "ddp")
@@ -135,7 +138,7 @@ def test_allreduce_matches_single_process(tmp_path):
     a, b = weights(tmp_path, result(tmp_path, "single")["model"]), weights(tmp_path, result(tmp_path, "ddp")["model"])
     assert result(tmp_path, "ddp")["world_size"] == 2
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=f"parameter {name}")
     untrained = run_cli(tmp_path, *common[:2], "--max-steps", "1", "--workers", "1", "--run-id", "other")
     assert untrained.returncode == 0
     c = weights(tmp_path, result(tmp_path, "other")["model"])
@@ -153,7 +156,7 @@ def test_parameter_server_sync_matches_allreduce(tmp_path):
     assert result(tmp_path, "ps")["world_size"] == 4  # 2 servers + 2 workers
     a, b = weights(tmp_path, result(tmp_path, "ar")["model"]), weights(tmp_path, result(tmp_path, "ps")["model"])
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=f"parameter {name}")
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / "ps" / "checkpoints" / "step-00000006").iterdir())
     assert checkpoints == ["ps-shard-0.pt", "ps-shard-1.pt", "trainer.pt"]
 
