@@ -323,3 +323,35 @@ def train_history(engine: sa.Engine, run_id: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         query = sa.select(train_steps).where(train_steps.c.run_id == run_id).order_by(train_steps.c.step)
         return [dict(row._mapping) for row in conn.execute(query)]
+
+
+# -- asynchronous inference jobs (migration 4) ---------------------------------------------------
+# A row is written before the job is acknowledged; a replica claims it by a conditional UPDATE
+# of (status, owner) and holds it under a lease (`lease_expires`, epoch seconds) that it renews.
+
+inference_jobs = sa.Table(
+    "inference_jobs",
+    metadata_obj,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),  # null: whichever version the runner serves
+    sa.Column("status", sa.String(20), nullable=False),  # queued, running, succeeded, failed
+    sa.Column("request_json", sa.Text, nullable=False),
+    sa.Column("result_json", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("callback_url", sa.Text, nullable=True),
+    sa.Column("callback_status", sa.String(20), nullable=True),  # pending, delivered, failed
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires", sa.Float, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_inference_jobs_status_model", "status", "model"),
+)
+
+
+def _m4_inference_jobs(conn: sa.Connection) -> None:
+    inference_jobs.create(conn)
+
+
+MIGRATIONS.append((4, _m4_inference_jobs))

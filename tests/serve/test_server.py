@@ -1,0 +1,526 @@
+"""The model server as a real process: routes, errors, answers equal to the model in-process,
+dynamic batching, token auth, SIGTERM draining, durable async jobs and their callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from distml.serve.protocol import HEADER_LENGTH, Tensor, encode_infer_request, parse_infer_response
+
+ALL_TAGS = "cnn:1,cnn:2,mlp:1"
+
+
+def v2_body(images: np.ndarray, datatype: str = "FP32", **extra) -> dict:
+    return {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": datatype,
+                        "data": images.reshape(-1).tolist()}], **extra}
+
+
+def png_b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def batch_histogram(url: str, model: str, version: str, headers: dict | None = None) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "distml_serve_batch_size":
+            for sample in family.samples:
+                if sample.labels.get("model") == model and sample.labels.get("version") == version:
+                    key = sample.name.rsplit("_", 1)[-1] + sample.labels.get("le", "")
+                    values[key] = sample.value
+    return values
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- health, metadata, readiness ------------------------------------------------------------
+
+
+def test_health_and_server_metadata(server):
+    live = httpx.get(f"{server.url}/v2/health/live")
+    ready = httpx.get(f"{server.url}/v2/health/ready")
+    assert (live.status_code, live.json()) == (200, {"live": True})
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    meta = httpx.get(f"{server.url}/v2")
+    assert meta.json()["name"] == "distml" and "binary_tensor_data" in meta.json()["extensions"]
+    for response in (live, ready, meta):
+        assert response.headers["X-Model-Version"] == ALL_TAGS
+
+
+def test_model_metadata_and_readiness(server):
+    meta = httpx.get(f"{server.url}/v2/models/cnn")
+    assert meta.status_code == 200 and meta.headers["X-Model-Version"] == "cnn:2"  # highest loaded version
+    body = meta.json()
+    assert body["name"] == "cnn" and body["versions"] == ["1", "2"] and body["platform"] == "pytorch"
+    assert body["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
+    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+                               {"name": "label", "datatype": "INT64", "shape": [-1]}]
+    params = body["parameters"]
+    assert "raw pixel values 0..255" in params["input_format"]
+    assert params["normalization"]["mean"] == pytest.approx(0.2860) and params["normalization"]["std"] == 0.353
+    assert params["accepted_input_shapes"] == [[-1, 28, 28], [-1, 1, 28, 28], [-1, 784]]
+    assert params["class_names"][9] == "Ankle boot"
+    v1 = httpx.get(f"{server.url}/v2/models/cnn/versions/1")
+    assert v1.headers["X-Model-Version"] == "cnn:1" and v1.json()["parameters"]["version"] == "1"
+    assert httpx.get(f"{server.url}/v2/models/mlp").json()["versions"] == ["1"]
+    for path, tag in [("/v2/models/cnn/ready", "cnn:2"), ("/v2/models/cnn/versions/1/ready", "cnn:1"),
+                      ("/v2/models/mlp/ready", "mlp:1")]:
+        response = httpx.get(server.url + path)
+        assert response.status_code == 200 and response.json()["ready"] is True
+        assert response.headers["X-Model-Version"] == tag
+    v1_ready = httpx.get(f"{server.url}/v1/models/cnn")
+    assert v1_ready.json() == {"name": "cnn", "ready": True}
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, ref", [("/v2/models/cnn/infer", "cnn:2"),
+                                       ("/v2/models/cnn/versions/1/infer", "cnn:1"),
+                                       ("/v2/models/mlp/infer", "mlp:1")])
+def test_json_infer_equals_the_model_in_process(server, reference, make_pixels, path, ref):
+    images = make_pixels(3, seed=1)
+    response = httpx.post(server.url + path, json=v2_body(images, id="req-7"))
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Model-Version"] == ref and HEADER_LENGTH not in response.headers
+    body = response.json()
+    name, version = ref.split(":")
+    assert (body["model_name"], body["model_version"], body["id"]) == (name, version, "req-7")
+    outputs = {o["name"]: o for o in body["outputs"]}
+    expected = reference.probabilities(ref, images)
+    assert outputs["probabilities"]["shape"] == [3, 10] and outputs["probabilities"]["datatype"] == "FP32"
+    got = np.array(outputs["probabilities"]["data"], dtype=np.float32).reshape(3, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert outputs["label"] == {"name": "label", "datatype": "INT64", "shape": [3],
+                                "data": expected.argmax(1).tolist()}
+
+
+def test_binary_infer_with_uint8_channel_images(server, reference, make_pixels):
+    images = make_pixels(4, seed=2).astype(np.uint8).reshape(4, 1, 28, 28)
+    body, header = encode_infer_request([Tensor.from_numpy("image", images)], binary=True, outputs=[
+        "probabilities", "label"], parameters={"binary_data_output": True})
+    response = httpx.post(f"{server.url}/v2/models/cnn/versions/1/infer", content=body,
+                          headers={HEADER_LENGTH: str(header), "content-type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    parsed = parse_infer_response(response.content, response.headers[HEADER_LENGTH])
+    head = json.loads(response.content[:int(response.headers[HEADER_LENGTH])])
+    assert all("binary_data_size" in o["parameters"] for o in head["outputs"])
+    probabilities, labels = parsed.outputs
+    expected = reference.probabilities("cnn:1", images)
+    np.testing.assert_allclose(probabilities.data, expected, rtol=1e-5, atol=1e-6)
+    assert labels.datatype == "INT64" and labels.data.tolist() == expected.argmax(1).tolist()
+
+
+def test_flat_fp64_input_and_output_selection(server, reference, make_pixels):
+    images = make_pixels(2, seed=3).reshape(2, 784)
+    body = v2_body(images, "FP64", outputs=[{"name": "label"}, {"name": "probabilities",
+                                                                 "parameters": {"binary_data": True}}])
+    response = httpx.post(f"{server.url}/v2/models/cnn/infer", json=body)
+    parsed = parse_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+    assert [o.name for o in parsed.outputs] == ["label", "probabilities"]
+    expected = reference.probabilities("cnn:2", images)
+    assert parsed.outputs[0].data.tolist() == expected.argmax(1).tolist()
+    np.testing.assert_allclose(parsed.outputs[1].data, expected, rtol=1e-5, atol=1e-6)
+    only = httpx.post(f"{server.url}/v2/models/cnn/infer", json=v2_body(images, outputs=[{"name": "label"}]))
+    assert [o["name"] for o in only.json()["outputs"]] == ["label"]
+
+
+def test_v1_instances_png_and_jpeg(server, reference, make_pixels):
+    images = make_pixels(2, seed=4)
+    gray = Image.fromarray(images[0].astype(np.uint8), mode="L")
+    color = Image.fromarray(np.random.RandomState(5).randint(0, 256, (56, 40, 3)).astype(np.uint8), mode="RGB")
+    jpeg_b64 = png_b64(gray, "JPEG", quality=90)
+    instances = [images[0].tolist(), images[1].reshape(-1).tolist(), {"image_bytes": {"b64": png_b64(gray)}},
+                 {"image_bytes": {"b64": jpeg_b64}}, {"b64": png_b64(color)}]
+    response = httpx.post(f"{server.url}/v1/models/cnn:predict", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Model-Version"] == "cnn:2"
+    predictions = response.json()["predictions"]
+    # what the server must have done with each image: decode, grayscale, resize to 28x28
+    decoded_jpeg = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpeg_b64))).convert("L"), dtype=np.float32)
+    resized = np.asarray(color.convert("L").resize((28, 28), Image.Resampling.BILINEAR), dtype=np.float32)
+    expected = reference.probabilities("cnn:2", np.stack([images[0], images[1], images[0], decoded_jpeg, resized]))
+    assert len(predictions) == 5
+    for prediction, want in zip(predictions, expected):
+        assert set(prediction) == {"label", "class", "probabilities"}
+        np.testing.assert_allclose(prediction["probabilities"], want, rtol=1e-5, atol=1e-6)
+        assert prediction["label"] == int(want.argmax())
+        assert prediction["class"] == reference.model("cnn:2")[1]["class_names"][prediction["label"]]
+    assert predictions[0]["probabilities"] == predictions[2]["probabilities"]  # PNG is lossless
+
+
+IMAGE = np.zeros((1, 28, 28)).tolist()
+ERRORS = [
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 27, 28], "datatype": "FP32",
+                                                           "data": [0] * 756}]}},
+     400, "has shape [1, 27, 28]; model 'cnn' expects one of [-1, 28, 28], [-1, 1, 28, 28], [-1, 784]"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BOOL",
+                                                           "data": [False] * 784}]}},
+     400, "has datatype BOOL; expected FP32 raw pixel values 0..255"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BYTES",
+                                                           "data": ["a"] * 784}]}},
+     400, "has datatype BYTES; expected FP32"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
+                                                           "data": [1] * 783}]}},
+     400, "has 783 values but shape [1, 28, 28] needs 784"),
+    ("post", "/v2/models/cnn/infer", {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}},
+     400, "request body is not valid JSON"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 28, 28],
+                                                           "datatype": "FP32", "data": IMAGE}]}},
+     400, "model 'cnn' has one input named 'image'; got 'pixels'"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
+                                                           "data": IMAGE}], "outputs": [{"name": "logits"}]}},
+     400, "has no output 'logits'"),
+    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [0, 28, 28], "datatype": "FP32",
+                                                           "data": []}]}},
+     400, "batch dimension 0; expected at least 1 image"),
+    ("post", "/v2/models/cnn/infer", {"content": json.dumps({"inputs": [{
+        "name": "image", "shape": [1, 784], "datatype": "FP32", "data": [float("nan")] * 784}]})},
+     400, "NaN or infinite values"),
+    ("post", "/v2/models/cnn/infer", {"content": b"{}", "headers": {HEADER_LENGTH: "x"}}, 400, HEADER_LENGTH),
+    ("post", "/v2/models/nope/infer", {"json": {}}, 404, "unknown model 'nope'; this server serves cnn, mlp"),
+    ("get", "/v2/models/nope", {}, 404, "unknown model 'nope'"),
+    ("get", "/v2/models/nope/ready", {}, 404, "unknown model 'nope'"),
+    ("post", "/v2/models/cnn/versions/7/infer", {"json": {}}, 404,
+     "model 'cnn' has no version '7' on this server; loaded versions: 1, 2"),
+    ("get", "/v2/models/cnn/versions/x", {}, 404, "has no version 'x'"),
+    ("get", "/v1/models/nope", {}, 404, "unknown model 'nope'"),
+    ("get", "/v2/nowhere", {}, 404, "no route GET /v2/nowhere"),
+    ("get", "/v2/models/cnn/infer", {}, 405, "method GET is not allowed"),
+    ("post", "/v1/models/cnn:predict", {"json": {"inputs": []}}, 400, "request has no non-empty 'instances' list"),
+    ("post", "/v1/models/cnn:predict", {"json": {"instances": [[[1, 2], [3]]]}}, 400, "ragged nested list"),
+    ("post", "/v1/models/cnn:predict", {"json": {"instances": [[0] * 10]}}, 400, "has shape [1, 10]"),
+    ("post", "/v1/models/cnn:predict", {"json": {"instances": ["x"]}}, 400, "instances[0] is a str"),
+    ("post", "/v1/models/cnn:predict", {"json": {"instances": [{"image_bytes": {"b64": "@@"}}]}}, 400,
+     "not valid base64"),
+    ("post", "/v1/models/cnn:predict", {"json": {"instances": [{"image_bytes": {"b64": "aGVsbG8="}}]}}, 400,
+     "image_bytes is not a readable PNG or JPEG image"),
+    ("post", "/v1/models/nope:predict", {"json": {"instances": [IMAGE[0]]}}, 404, "unknown model 'nope'"),
+    ("post", "/v2/models/cnn/jobs", {"content": b"{}", "headers": {HEADER_LENGTH: "2"}}, 400,
+     "asynchronous jobs take JSON requests only"),
+    ("post", "/v2/models/cnn/jobs", {"json": v2_body(np.zeros((1, 28, 28)), callback_url="ftp://x")}, 400,
+     "callback_url is 'ftp://x'; expected an absolute http:// or https:// URL"),
+    ("post", "/v2/models/cnn/jobs", {"json": v2_body(np.zeros((1, 27, 28)))}, 400, "expects one of"),
+    ("get", "/v2/jobs/00000000-0000-0000-0000-000000000000", {}, 404, "no inference job with id"),
+]
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, message", ERRORS,
+                         ids=[f"{s}-{m[:40]}" for _, _, _, s, m in ERRORS])
+def test_error_statuses_and_messages(server, method, path, kwargs, status, message):
+    response = getattr(httpx, method)(server.url + path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+    assert response.headers["X-Model-Version"]
+
+
+# --- batching, auth, limits ---------------------------------------------------------------------
+
+
+async def _concurrent(url: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
+        return await asyncio.gather(*(client.post(url, json=body) for body in bodies))
+
+
+def test_dynamic_batching_merges_concurrent_requests(server, reference, make_pixels):
+    images = make_pixels(32, seed=6)
+    before = batch_histogram(server.url, "mlp", "1")
+    responses = asyncio.run(_concurrent(f"{server.url}/v2/models/mlp/infer", [v2_body(images[i:i + 1])
+                                                                             for i in range(32)]))
+    after = batch_histogram(server.url, "mlp", "1")
+    assert all(r.status_code == 200 for r in responses)
+    got = np.array([r.json()["outputs"][0]["data"] for r in responses], dtype=np.float32)
+    np.testing.assert_allclose(got, reference.probabilities("mlp:1", images), rtol=1e-5, atol=1e-6)
+    batches = after["count"] - before.get("count", 0)
+    items = after["sum"] - before.get("sum", 0)
+    multi = (after["count"] - after["bucket1.0"]) - (before.get("count", 0) - before.get("bucket1.0", 0))
+    assert items == 32 and batches < 32 and multi >= 1, (batches, multi)
+
+
+def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
+    replica = launch(["cnn:1"], "--token", "s3cret", "--max-body-bytes", "200000", "--max-batch-size", "1")
+    auth = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(f"{replica.url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{replica.url}/v2/health/ready").status_code == 200
+    for path in ("/v2", "/v2/models/cnn", "/v2/models/cnn/ready", "/v1/models/cnn", "/metrics"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.get(replica.url + path, headers=headers)
+            assert response.status_code == 401 and "bearer token" in response.json()["error"]
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert httpx.get(replica.url + path, headers=auth).status_code == 200
+    body = v2_body(make_pixels(1))
+    assert httpx.post(f"{replica.url}/v2/models/cnn/infer", json=body).status_code == 401
+    assert httpx.post(f"{replica.url}/v2/models/cnn/infer", json=body, headers=auth).status_code == 200
+    big = httpx.post(f"{replica.url}/v2/models/cnn/infer", json=v2_body(make_pixels(80)), headers=auth)
+    assert big.status_code == 413 and "exceeds the server's limit of 200000 bytes" in big.json()["error"]
+    # max batch size 1 = batching off: every forward pass has one item
+    before = batch_histogram(replica.url, "cnn", "1", auth)
+    responses = asyncio.run(_concurrent(f"{replica.url}/v2/models/cnn/infer", [body] * 8, auth))
+    after = batch_histogram(replica.url, "cnn", "1", auth)
+    assert all(r.status_code == 200 for r in responses)
+    assert after["count"] - before["count"] == 8 and after["bucket1.0"] - before["bucket1.0"] == 8
+    # a request larger than the batch size is run in pieces
+    several = httpx.post(f"{replica.url}/v2/models/cnn/infer", json=v2_body(make_pixels(3)), headers=auth)
+    assert several.status_code == 200 and several.json()["outputs"][0]["shape"] == [3, 10]
+
+
+def test_metrics_exposition(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"distml_serve_requests", "distml_serve_request_seconds", "distml_serve_batch_size",
+            "distml_serve_queue_depth", "distml_serve_in_flight_requests"} <= set(families)
+    labels = [s.labels for s in families["distml_serve_requests"].samples if s.name.endswith("_total")]
+    assert {"model": "cnn", "version": "2", "endpoint": "infer", "status": "200"} in labels
+    depth = [s for s in families["distml_serve_queue_depth"].samples if s.labels == {"model": "cnn", "version": "1"}]
+    assert depth and depth[0].value == 0
+
+
+# --- process lifecycle ------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_pixels):
+    replica = launch(["cnn:1"], "--max-batch-delay-ms", "500", "--max-batch-size", "64")
+    images = make_pixels(6, seed=8)
+    results: list = []
+
+    def fire():
+        results.extend(asyncio.run(_concurrent(f"{replica.url}/v2/models/cnn/infer",
+                                               [v2_body(images[i:i + 1]) for i in range(6)])))
+
+    thread = threading.Thread(target=fire)
+    thread.start()
+    wait_for(lambda: 'distml_serve_queue_depth{model="cnn",version="1"} 6.0' in httpx.get(
+        f"{replica.url}/metrics").text, 10, "the requests to wait in the batcher")
+    replica.proc.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert replica.proc.wait(30) == 0, replica.log()
+    assert [r.status_code for r in results] == [200] * 6
+    got = np.array([r.json()["outputs"][0]["data"][:10] for r in results], dtype=np.float32)
+    np.testing.assert_allclose(got, reference.probabilities("cnn:1", images), rtol=1e-5, atol=1e-6)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{replica.url}/v2/health/live")
+
+
+def test_bad_model_reference_exits_2_with_a_clear_message(serve_workspace, tmp_path):
+    port_file = tmp_path / "port"
+    proc = subprocess.run([sys.executable, "-m", "distml.serve.server", "--workspace", str(serve_workspace),
+                           "--model", "cnn:9", "--port-file", str(port_file)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "model 'cnn' has no version 9; its versions are 1 to 2" in proc.stderr
+    assert not port_file.exists()
+
+
+# --- asynchronous jobs --------------------------------------------------------------------------
+
+
+class CallbackSink:
+    """A tiny local HTTP server recording the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        received, condition = [], threading.Condition()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with condition:
+                    received.append(json.loads(body))
+                    condition.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.received, self.condition = received, condition
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/done"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 30.0) -> list[dict]:
+        with self.condition:
+            assert self.condition.wait_for(lambda: len(self.received) >= count, timeout), self.received
+            return list(self.received)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def sink():
+    server = CallbackSink()
+    yield server
+    server.close()
+
+
+def test_job_runs_and_posts_its_result_to_the_callback(server, reference, make_pixels, sink):
+    images = make_pixels(2, seed=9)
+    submitted = httpx.post(f"{server.url}/v2/models/cnn/versions/1/jobs",
+                           json=v2_body(images, id="job-a", callback_url=sink.url))
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert job["status"] == "queued" and submitted.headers["Location"] == f"/v2/jobs/{job['id']}"
+    (callback,) = sink.wait(1)
+    assert callback["id"] == job["id"] and callback["status"] == "succeeded" and callback["model_version"] == "1"
+    status = wait_for(lambda: (r := httpx.get(f"{server.url}/v2/jobs/{job['id']}").json())["status"] == "succeeded"
+                      and r, 10, "the job to succeed")
+    assert status["result"] == callback["result"] and status["callback"]["status"] == "delivered"
+    result = status["result"]
+    assert result["model_name"] == "cnn" and result["model_version"] == "1" and result["id"] == "job-a"
+    np.testing.assert_allclose(np.array(result["outputs"][0]["data"]).reshape(2, 10),
+                               reference.probabilities("cnn:1", images), rtol=1e-5, atol=1e-6)
+
+
+def test_jobs_survive_kill_9_and_finish_on_a_new_server(serve_workspace, tmp_path, launch, reference, make_pixels,
+                                                        sink):
+    workspace = tmp_path / "jobs-ws"  # its own metadata store: no other replica may take the jobs
+    shutil.copytree(serve_workspace, workspace)
+    first = launch(["cnn:1"], "--max-batch-delay-ms", "10000", "--max-batch-size", "64", workspace=workspace)
+    images = make_pixels(3, seed=10)
+    ids = []
+    for i in range(3):
+        response = httpx.post(f"{first.url}/v2/models/cnn/jobs",
+                              json=v2_body(images[i:i + 1], parameters={"callback_url": sink.url}))
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    first.proc.kill()  # SIGKILL right after the 202s: nothing can be flushed now
+    first.proc.wait()
+    assert not sink.received
+
+    second = launch(["cnn:1"], workspace=workspace)
+    for job_id, image in zip(ids, images):
+        status = wait_for(lambda: (r := httpx.get(f"{second.url}/v2/jobs/{job_id}").json())["status"] in (
+            "succeeded", "failed") and r, 30, "the job to finish on the new server")
+        assert status["status"] == "succeeded", status
+        assert status["model_version"] == "1" and status["attempts"] >= 1
+        np.testing.assert_allclose(status["result"]["outputs"][0]["data"],
+                                   reference.probabilities("cnn:1", image[None])[0], rtol=1e-5, atol=1e-6)
+    callbacks = sink.wait(3)
+    assert sorted(c["id"] for c in callbacks) == sorted(ids)
+    assert all(c["status"] == "succeeded" and c["result"]["model_name"] == "cnn" for c in callbacks)
+
+
+# --- in process: readiness while loading, the dynamic batcher ---------------------------------------
+
+
+def test_ready_is_503_until_the_models_are_loaded(serve_workspace, tmp_path, make_pixels):
+    from distml.serve.server import create_app
+    from distml.workspace import Workspace
+
+    shutil.copytree(serve_workspace, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    app = create_app(workspace, {"cnn": ["latest", "@champion", 1]}, max_batch_delay_ms=0)
+    assert {m.tag for versions in app.state.server.models.values() for m in versions.values()} == {"cnn:1", "cnn:2"}
+    body = v2_body(make_pixels(1))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as client:
+            ready = await client.get("/v2/health/ready")
+            assert ready.status_code == 503 and ready.json()["ready"] is False and "loading" in ready.json()["error"]
+            assert (await client.get("/v2/models/cnn/ready")).status_code == 503
+            assert (await client.get("/v1/models/cnn")).status_code == 503
+            infer = await client.post("/v2/models/cnn/infer", json=body)
+            assert infer.status_code == 503 and "model cnn:2 is still loading" in infer.json()["error"]
+            assert (await client.get("/v2/models/cnn")).status_code == 200  # metadata is known before loading
+            async with app.router.lifespan_context(app):
+                deadline = time.monotonic() + 30
+                while (await client.get("/v2/health/ready")).status_code != 200:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                infer = await client.post("/v2/models/cnn/versions/1/infer", json=body)
+                assert infer.status_code == 200 and infer.json()["model_version"] == "1"
+
+    try:
+        asyncio.run(run())
+    finally:
+        workspace.close()
+
+
+def _batcher_run(calls: list):
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        if (x < 0).any():
+            raise ValueError("negative input")
+        time.sleep(0.01)
+        return x * 2
+
+    return run
+
+
+def test_batcher_merges_in_order_and_splits_large_requests():
+    from distml.serve.batching import DynamicBatcher
+
+    calls: list[int] = []
+
+    async def run():
+        batcher = DynamicBatcher(_batcher_run(calls), max_batch_size=4, max_delay_ms=50)
+        items = [np.full((1, 3), i, np.float32) for i in range(10)]
+        results = await asyncio.gather(*(batcher.submit(x) for x in items))
+        assert [r.tolist() for r in results] == [[[2 * i] * 3] for i in range(10)]
+        merged = list(calls)
+        calls.clear()
+        big = np.arange(30, dtype=np.float32).reshape(10, 3)
+        assert np.array_equal(await batcher.submit(big), big * 2)
+        assert batcher.queue_depth == 0
+        await batcher.aclose()
+        return merged, batcher.batch_sizes
+
+    merged, sizes = asyncio.run(run())
+    assert merged == [4, 4, 2]  # 10 concurrent single items, at most 4 per forward pass
+    assert calls == [4, 4, 2]  # one request of 10 items runs in pieces
+    assert sizes == {4: 4, 2: 2}
+
+
+def test_batcher_errors_reach_only_their_batch_and_batching_off():
+    from distml.serve.batching import DynamicBatcher
+
+    calls: list[int] = []
+
+    async def run():
+        batcher = DynamicBatcher(_batcher_run(calls), max_batch_size=2, max_delay_ms=50)
+        values = [1, -1, 2, 3]  # batches [1, -1] (fails) and [2, 3]
+        results = await asyncio.gather(*(batcher.submit(np.array([v], np.float32)) for v in values),
+                                       return_exceptions=True)
+        await batcher.aclose()
+        off = DynamicBatcher(_batcher_run(calls), max_batch_size=1, max_delay_ms=50)
+        started = time.perf_counter()
+        await asyncio.gather(*(off.submit(np.array([v], np.float32)) for v in range(3)))
+        elapsed = time.perf_counter() - started
+        await off.aclose()
+        return results, off.batch_sizes, elapsed
+
+    results, off_sizes, elapsed = asyncio.run(run())
+    assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError)
+    assert [r.tolist() for r in results[2:]] == [[4.0], [6.0]]
+    assert off_sizes == {1: 3} and elapsed < 0.15  # a full batch of 1 never waits for the delay
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        DynamicBatcher(lambda x: x, max_batch_size=0)
