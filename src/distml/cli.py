@@ -180,5 +180,90 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     click.echo(f"model {result['model']} (manifest {result['manifest']})")
 
 
+@main.command("serve")
+@click.argument("model")
+@click.option("--replicas", default=1, show_default=True, type=int, help="Replicas per shard group.")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="Scale replicas on in-flight requests.")
+@click.option("--target-concurrency", default=4.0, show_default=True, type=float,
+              help="In-flight requests per replica the autoscaler aims for.")
+@click.option("--shards", default=1, show_default=True, type=int, help="Shard groups (X-Shard-Key, scatter-gather).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Dynamic batching: items per batch.")
+@click.option("--max-batch-delay-ms", default=2.0, show_default=True, type=float,
+              help="Dynamic batching: longest wait for a batch to fill.")
+@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token for all but health routes.")
+@click.pass_context
+def serve_command(ctx: click.Context, model: str, replicas: int, autoscale: str | None, target_concurrency: float,
+                  shards: int, host: str, port: int, max_batch_size: int, max_batch_delay_ms: float,
+                  token: str | None) -> None:
+    """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
+    from pathlib import Path
+
+    from distml.models.artifact import resolve_model
+    from distml.serve.autoscaler import ScalingPolicy
+    from distml.serve.gateway import GatewayConfig, run_gateway
+
+    ws = _workspace(ctx)
+    record = resolve_model(ws, model)  # fails here, before any process starts, on an unknown model
+    pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
+    policy = None
+    if autoscale is not None:
+        low, sep, high = autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit():
+            raise DistmlError(f"--autoscale expects MIN:MAX replica counts such as 0:4, got {autoscale!r}")
+        policy = ScalingPolicy(target_concurrency=target_concurrency, min_replicas=int(low), max_replicas=int(high))
+    config = GatewayConfig(models=[pinned], workspace=str(Path(ws.root).resolve()), replicas=replicas, shards=shards,
+                           token=token, autoscale=policy,
+                           replica_args=["--max-batch-size", str(max_batch_size),
+                                         "--max-batch-delay-ms", str(max_batch_delay_ms)])
+    run_gateway(config, host, port, on_ready=lambda url: click.echo(f"serving {pinned} at {url}", err=False))
+
+
+@main.command("deploy")
+@click.argument("model")
+@click.option("--url", required=True, help="The gateway started by `distml serve`, e.g. http://127.0.0.1:8080")
+@click.option("--canary", default=0.0, type=click.FloatRange(0, 100), show_default=True,
+              help="Percent of traffic for the new version; 0 switches all of it.")
+@click.option("--promote", "action", flag_value="promote", help="Send all traffic to MODEL's version.")
+@click.option("--rollback", "action", flag_value="rollback", help="Send all traffic back to MODEL's version.")
+@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None)
+@click.pass_context
+def deploy_command(ctx: click.Context, model: str, url: str, canary: float, action: str | None,
+                   token: str | None) -> None:
+    """Load MODEL:VERSION into a running service without downtime; canary, promote or roll back."""
+    import httpx
+
+    from distml.models.artifact import resolve_model
+
+    record = resolve_model(_workspace(ctx), model)
+    name, version = record.name, str(record.version)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        try:
+            response = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300)
+        except httpx.HTTPError as exc:
+            raise DistmlError(f"cannot reach the gateway at {url}: {exc}") from None
+        if response.status_code >= 400:
+            raise DistmlError(f"gateway answered {response.status_code} to {method} {path}: {response.text[:300]}")
+        return response.json()
+
+    if action in ("promote", "rollback"):
+        call("POST", f"/admin/models/{name}/promote", {"version": version})
+        click.echo(f"all traffic for {name} goes to version {version}")
+        return
+    current = call("GET", "/admin/replicas")["groups"][0]["models"]
+    old = [ref for ref in current if ref.split(":")[0].split("@")[0] == name and ref != f"{name}:{version}"]
+    call("POST", "/admin/replicas/roll", {"models": [f"{name}:{version}", *[r for r in current if r != f"{name}:{version}"]]})
+    if canary > 0 and old:
+        old_version = old[0].split(":")[1]
+        call("POST", f"/admin/models/{name}/traffic", {"versions": {old_version: 100 - canary, version: canary}})
+        click.echo(f"{name}:{version} loaded; {canary:g}% of traffic to it, {100 - canary:g}% to version {old_version}")
+    else:
+        call("POST", f"/admin/models/{name}/promote", {"version": version})
+        click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

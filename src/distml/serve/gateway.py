@@ -510,7 +510,7 @@ def create_app(gateway: Gateway, on_started: Any = None) -> FastAPI:
 
 
 def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, port_file: str | None = None,
-                log_level: str = "warning") -> None:
+                log_level: str = "warning", on_ready: Any = None) -> None:
     """Start the replicas, then serve until SIGTERM/SIGINT (drain, retire the replicas, return);
     writes the bound port to `port_file` once ready. Raises DistmlError if the replicas never start."""
     import uvicorn
@@ -528,6 +528,8 @@ def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, p
             if port_file:
                 with atomic_write(Path(port_file), "w") as handle:
                     handle.write(str(bound))
+            if on_ready is not None:
+                on_ready(f"http://{host}:{bound}")
         holder["task"] = asyncio.get_running_loop().create_task(wait_and_write())
 
     app = create_app(gateway, on_started=announce)

@@ -1,0 +1,417 @@
+"""Serving benchmark: closed-loop req/s, p50/p99 latency at concurrency 1/16/64, `cnn`, one 28x28 image per V1 request,
+for a distml replica with batching off and on, the distml gateway over 2 replicas and KServe's model server on the
+same weights. Run `python benchmarks/serving.py [--quick]`; the last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL = "cnn"
+CONCURRENCY = (1, 16, 64)
+TARGETS = {"ours_vs_kserve_rps_c64": {"min": 2.0}, "ours_vs_kserve_p99_c64": {"max": 1.0}}
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+REQUEST_TIMEOUT_S = 30.0
+N_IMAGES = 16  # distinct request bodies, cycled by every worker
+
+# KServe's Python model server around the same artifact and normalisation (run with `python -c`).
+# argv: workspace, model ref, model name, http port. gRPC, per-request latency log lines and
+# uvicorn's access log are off: distml's replica writes no line per request either.
+KSERVE_SERVER = r'''
+import logging, sys
+import numpy as np, torch, kserve
+from distml.models.artifact import load_model
+from distml.serve.server import pixel_normalization
+from distml.workspace import Workspace
+
+workspace, ref, name, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+class DistmlModel(kserve.Model):
+    def __init__(self):
+        super().__init__(name)
+        ws = Workspace(workspace)
+        self.model, manifest = load_model(ws, ref)
+        ws.close()
+        self.normalization = pixel_normalization(manifest)  # the replica's own raw-pixel normalisation
+        self.class_names = list(manifest["class_names"])
+        self.shape = tuple(manifest["input_spec"]["shape"])
+        self.ready = True
+
+    def predict(self, payload, headers=None):
+        raw = np.asarray(payload["instances"], dtype=np.float32).reshape(-1, *self.shape)
+        x = self.normalization.apply(raw)
+        with torch.inference_mode():
+            p = torch.softmax(self.model(torch.from_numpy(x)), dim=1).numpy()
+        return {"predictions": [{"label": int(k), "class": self.class_names[int(k)], "probabilities": row.tolist()}
+                                for k, row in zip(p.argmax(axis=1), p.astype(np.float64))]}
+
+
+server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable_latency_logging=False)
+logging.getLogger("uvicorn.access").disabled = True
+server.start([DistmlModel()])
+'''
+
+
+def log(message: str) -> None:
+    print(f"[serving] {message}", file=sys.stderr, flush=True)
+
+
+# -- the model artifact and the requests ---------------------------------------------------------
+
+def make_workspace(root: Path) -> None:
+    """`cnn` v1 saved as tests/serve/conftest.py does: zoo weights (seed 0), Fashion-MNIST preprocessing."""
+    import torch
+
+    from distml.data import datasets
+    from distml.data.preprocess import Normalize
+    from distml.models.artifact import IMAGE_INPUT_SPEC, save_model
+    from distml.models.zoo import build_model
+    from distml.workspace import Workspace
+
+    ws = Workspace(root)
+    try:
+        torch.manual_seed(0)
+        normalize = Normalize("image", mean=datasets.FASHION_MNIST_MEAN, std=datasets.FASHION_MNIST_STD, scale=1 / 255)
+        save_model(ws, build_model(MODEL), name=MODEL, architecture=MODEL, arch_args={}, input_spec=IMAGE_INPUT_SPEC,
+                   preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
+                   class_names=CLASSES, metrics={}, training={"seed": 0}, data_fingerprint=None)
+    finally:
+        ws.close()
+
+
+def make_bodies(seed: int) -> tuple[np.ndarray, list[bytes], list[bytes]]:
+    """Raw 0..255 pixel images and their V1 ({"instances": [image]}) and V2 request bodies."""
+    images = np.random.default_rng(seed).integers(0, 256, size=(N_IMAGES, 28, 28))
+    v1 = [json.dumps({"instances": [img.tolist()]}).encode() for img in images]
+    v2 = [json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
+                                  "data": img.reshape(-1).tolist()}]}).encode() for img in images]
+    return images, v1, v2
+
+
+# -- server processes -------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    port: int | None = None
+    v1_url: str = ""
+    v2_url: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_tail(self, limit: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_bytes()[-limit:].decode("utf-8", "replace")
+        return ""
+
+
+def spawn(name: str, cmd: list[str], tmp: Path) -> Server:
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    return Server(name, proc, log_path)
+
+
+def start_distml(name: str, module: str, args: list[str], tmp: Path) -> tuple[Server, Path]:
+    port_file = tmp / f"{name}.port"
+    cmd = [sys.executable, "-m", module, *args, "--port", "0", "--port-file", str(port_file)]
+    return spawn(name, cmd, tmp), port_file
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port_file(server: Server, port_file: Path, deadline: float) -> None:
+    while not port_file.exists():
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} wrote no port file in time:\n{server.log_tail()}")
+        time.sleep(0.05)
+    server.port = int(port_file.read_text())
+
+
+def wait_http_ready(server: Server, url: str, deadline: float) -> None:
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} not ready at {url} in time:\n{server.log_tail()}")
+        time.sleep(0.1)
+
+
+def stop_all(servers: list[Server], timeout: float = 15.0) -> None:
+    """SIGTERM every server (the gateway retires its replicas), SIGKILL what is left after `timeout`."""
+    for server in servers:
+        if server.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        try:
+            server.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log(f"{server.name} ignored SIGTERM for {timeout:g} s; killing it")
+            server.proc.kill()
+            server.proc.wait()
+
+
+# -- the load generator --------------------------------------------------------------------------
+
+async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float
+                      ) -> dict[str, Any]:
+    """`concurrency` workers, each sending its next request as soon as the previous one answered.
+
+    Requests answered inside the window [warmup, warmup + duration] count towards req/s and the
+    latency percentiles; failures are counted over the whole run (warm-up and tail included).
+    """
+    import aiohttp
+
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    first_error: list[str] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    window_start, window_end = start + warmup, start + warmup + duration
+
+    def fail(kind: str, detail: str) -> None:
+        failures[kind] = failures.get(kind, 0) + 1
+        if not first_error:
+            first_error.append(detail[:300])
+
+    async def worker(index: int) -> None:
+        i = index
+        while loop.time() < window_end:
+            body = bodies[i % len(bodies)]
+            i += 1
+            sent = loop.time()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                fail(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+                continue
+            done = loop.time()
+            if status != 200:
+                fail(f"http_{status}", f"HTTP {status}: {payload[:200]!r}")
+            elif window_start <= done <= window_end:
+                latencies.append(done - sent)
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    lat = np.asarray(latencies) * 1000.0
+    ok = len(latencies)
+    return {
+        "rps": ok / duration,
+        "p50_ms": float(np.percentile(lat, 50)) if ok else None,
+        "p99_ms": float(np.percentile(lat, 99)) if ok else None,
+        "requests": ok,
+        "failures": sum(failures.values()),
+        **({"failure_kinds": failures, "first_error": first_error[0]} if failures else {}),
+    }
+
+
+async def check_answers(session, servers: dict[str, Server], body_v1: bytes, body_v2: bytes) -> dict[str, float]:
+    """Every contender answers the same image with the same probabilities (same weights, same normalisation)."""
+    probabilities = {}
+    for name, server in servers.items():
+        async with session.post(server.v1_url, data=body_v1, headers={"content-type": "application/json"}) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise RuntimeError(f"{name}: V1 predict answered {resp.status}: {text[:500]}")
+            probabilities[name] = np.asarray(json.loads(text)["predictions"][0]["probabilities"])
+        if server.v2_url:
+            async with session.post(server.v2_url, data=body_v2, headers={"content-type": "application/json"}) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise RuntimeError(f"{name}: V2 infer answered {resp.status}: {text[:500]}")
+                out = {o["name"]: o for o in json.loads(text)["outputs"]}
+                probabilities[f"{name}_v2"] = np.asarray(out["probabilities"]["data"])
+    reference = probabilities["kserve"]
+    return {name: float(np.abs(p - reference).max()) for name, p in probabilities.items() if name != "kserve"}
+
+
+async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]], bodies: dict[str, list[bytes]],
+                   warmup: float, duration: float) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    import aiohttp
+
+    results: dict[str, dict[str, Any]] = {}
+    # keepalive below every server's idle close (uvicorn default 5 s: the gateway) so no request
+    # meets a connection the server just closed.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        diffs = await check_answers(session, servers, bodies["v1"][0], bodies["v2"][0])
+        log("max |p - p_kserve| for image 0: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        if max(diffs.values()) > 1e-4:
+            raise RuntimeError(f"contenders disagree with KServe on the same image: {diffs}")
+        for label, contender, c in plan:
+            server = servers[contender]
+            url = server.v2_url if label.endswith("_v2") else server.v1_url
+            body = bodies["v2" if label.endswith("_v2") else "v1"]
+            r = await closed_loop(session, url, body, c, warmup, duration)
+            results.setdefault(label, {})[f"c{c}"] = r
+            p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
+            p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
+            log(f"{label:<20} c{c:<3} {r['rps']:8.1f} req/s  p50 {p50:>7} ms  p99 {p99:>7} ms  "
+                f"failures {r['failures']}" + (f" ({r['first_error']})" if r["failures"] else ""))
+    return results, diffs
+
+
+def event_loop_factory():
+    try:
+        import uvloop
+        return uvloop.new_event_loop, "uvloop"
+    except ImportError:  # pragma: no cover
+        return None, "asyncio"
+
+
+def interrupted(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="end within 60 s on 2 cores (2 s per load level)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds measured per load level (default 10, quick 2)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="untimed seconds before each level (default 1, quick 0.3)")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="batching-on replica (default: the server's default 32)")
+    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0,
+                        help="batching-on replica (default: the server's default 2 ms)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    duration = args.duration or (2.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
+    t0 = time.perf_counter()
+
+    # A SIGTERM to the benchmark still runs the `finally` that stops every server.
+    signal.signal(signal.SIGTERM, interrupted)
+
+    servers: dict[str, Server] = {}
+    with tempfile.TemporaryDirectory(prefix="distml-bench-serving-") as tmpdir:
+        tmp = Path(tmpdir)
+        ws = tmp / "ws"
+        try:
+            make_workspace(ws)
+            images, v1, v2 = make_bodies(args.seed)
+            started = time.perf_counter()
+            common = ["--workspace", str(ws), "--model", MODEL]
+            replica = "distml.serve.server"
+            pending: list[tuple[Server, Path]] = [
+                start_distml("ours_batching_off", replica,
+                             [*common, "--max-batch-size", "1", "--log-level", "warning"], tmp),
+                start_distml("ours_batching_on", replica,
+                             [*common, "--max-batch-size", str(args.max_batch_size),
+                              "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "warning"], tmp),
+                start_distml("ours_gateway2", "distml.serve.gateway",
+                             [*common, "--replicas", "2", "--run-dir", str(tmp / "gateway-run")], tmp),
+            ]
+            servers.update({s.name: s for s, _ in pending})
+            kport = free_port()
+            servers["kserve"] = spawn("kserve", [sys.executable, "-c", KSERVE_SERVER, str(ws), MODEL, MODEL,
+                                                 str(kport)], tmp)
+            deadline = time.monotonic() + 120
+            for server, port_file in pending:
+                wait_port_file(server, port_file, deadline)
+            servers["kserve"].port = kport
+            wait_http_ready(servers["kserve"], f"http://127.0.0.1:{kport}/v1/models/{MODEL}", deadline)
+            for server in servers.values():
+                base = f"http://127.0.0.1:{server.port}"
+                server.v1_url = f"{base}/v1/models/{MODEL}:predict"
+                server.v2_url = "" if server.name == "kserve" else f"{base}/v2/models/{MODEL}/infer"
+            log(f"servers up in {time.perf_counter() - started:.1f}s (untimed): "
+                + ", ".join(f"{s.name} pid {s.proc.pid} port {s.port}" for s in servers.values()))
+
+            # Side by side: at each concurrency every contender runs back to back, so drift on a
+            # shared machine hits all of them alike.
+            contenders = ["ours_batching_off", "ours_batching_on", "ours_gateway2", "kserve"]
+            plan = [(name, name, c) for c in CONCURRENCY for name in contenders]
+            plan.append(("ours_batching_on_v2", "ours_batching_on", 64))
+            factory, loop_name = event_loop_factory()
+            log(f"{'quick' if args.quick else 'full'} run: {duration:g} s per level after {warmup:g} s warm-up, "
+                f"{len(plan)} levels, client loop {loop_name}")
+            with asyncio.Runner(loop_factory=factory) as runner:
+                results, diffs = runner.run(run_load(servers, plan, {"v1": v1, "v2": v2}, warmup, duration))
+        finally:
+            stop_all(list(servers.values()))
+        exit_codes = {s.name: s.proc.returncode for s in servers.values()}
+
+    import kserve  # noqa: F401  (its version, for the record)
+    from importlib.metadata import version
+
+    on, off, gw, ks = (results[k]["c64"] for k in ("ours_batching_on", "ours_batching_off", "ours_gateway2", "kserve"))
+    ratios = {
+        "ours_vs_kserve_rps_c64": on["rps"] / ks["rps"],
+        "ours_vs_kserve_p99_c64": on["p99_ms"] / ks["p99_ms"],
+        "batching_on_vs_off_rps_c64": on["rps"] / off["rps"],
+        "gateway2_vs_single_rps_c64": gw["rps"] / on["rps"],
+        "ours_vs_kserve_rps_c1": results["ours_batching_on"]["c1"]["rps"] / results["kserve"]["c1"]["rps"],
+        "ours_vs_kserve_rps_c16": results["ours_batching_on"]["c16"]["rps"] / results["kserve"]["c16"]["rps"],
+        "ours_v2_vs_v1_rps_c64": results["ours_batching_on_v2"]["c64"]["rps"] / on["rps"],
+    }
+    met = {}
+    for name, value in ratios.items():
+        target = TARGETS.get(name)
+        verdict = ""
+        if target is not None:
+            met[name] = value >= target["min"] if "min" in target else value <= target["max"]
+            bound = f">= {target['min']:g}" if "min" in target else f"<= {target['max']:g}"
+            verdict = f" (target {bound}: {'met' if met[name] else 'MISSED'})"
+        log(f"{name}: {value:.2f}{verdict}")
+
+    rounded = {label: {c: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+                       for c, r in levels.items()} for label, levels in results.items()}
+    rounded["config"] = {
+        "model": MODEL, "request": "V1 predict, one 28x28 image of raw pixels per request (ours_batching_on_v2: "
+                                   "V2 infer JSON, FP32 [1,28,28])",
+        "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "cpus": os.cpu_count(),
+        "ours_batching_off": "--max-batch-size 1",
+        "ours_batching_on": f"--max-batch-size {args.max_batch_size} --max-batch-delay-ms {args.max_batch_delay_ms:g}"
+                            + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 2.0)
+                               else " (tuned)"),
+        "ours_gateway2": "gateway, 2 replicas with the server's default batching",
+        "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, latency/access logging off, "
+                  "sync predict()",
+        "client": f"aiohttp {version('aiohttp')} closed loop, one session, limit=0, {loop_name} loop, same 2 cores",
+        "max_abs_diff_vs_kserve": {k: float(f"{v:.2e}") for k, v in diffs.items()},
+        "server_exit_codes": exit_codes,
+    }
+    rounded["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"done in {rounded['wall_seconds']}s")
+    return {"benchmark": "serving", "results": rounded, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+            "targets": TARGETS, "targets_met": met}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
