@@ -322,7 +322,10 @@ class ParquetSource(Source):
         import pyarrow.parquet as pq
 
         file_index, rg = self._index[index]
-        table = pq.ParquetFile(self.paths[file_index]).read_row_group(rg, columns=self.columns)
+        # one row group at a time on the calling thread: arrow's thread pool keeps per-thread
+        # allocator caches (measured: 36 MiB vs 22 MiB resident growth for 1 MiB row groups)
+        table = pq.ParquetFile(self.paths[file_index], pre_buffer=False).read_row_group(
+            rg, columns=self.columns, use_threads=False)
         return {name: arrow_to_numpy(table.column(name), name) for name in table.column_names}
 
     def iter_chunks(self, start: int = 0) -> Iterator[Columns]:
