@@ -70,17 +70,25 @@ class DecodeBytes(Step):
 
     def __call__(self, columns: Columns) -> Columns:
         values = _column(columns, self.column, "DecodeBytes")
+        expected = int(np.prod(self.shape)) * self.dtype.itemsize
+        if values.dtype == np.uint8 and values.ndim == 2:  # fixed-size binary, already one buffer
+            if values.shape[1] != expected:
+                raise DistmlError(
+                    f"DecodeBytes: column {self.column!r} has {values.shape[1]} bytes per record; expected "
+                    f"{expected} ({self.shape} of {self.dtype.name})"
+                )
+            array = np.ascontiguousarray(values).view(self.dtype).reshape((len(values), *self.shape))
+            return {**columns, self.column: array}
         if values.dtype != object:
             return columns
-        expected = int(np.prod(self.shape)) * self.dtype.itemsize
-        joined = b"".join(values)
-        if len(joined) != expected * len(values) or any(len(v) != expected for v in values):
-            bad = next(len(v) for v in values if len(v) != expected)
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if (lengths != expected).any():
+            bad = int(lengths[lengths != expected][0])
             raise DistmlError(
                 f"DecodeBytes: column {self.column!r} has a value of {bad} bytes; expected {expected} bytes "
                 f"per record ({self.shape} of {self.dtype.name})"
             )
-        array = np.frombuffer(joined, dtype=self.dtype).reshape((len(values), *self.shape))
+        array = np.frombuffer(b"".join(values), dtype=self.dtype).reshape((len(values), *self.shape))
         return {**columns, self.column: array}
 
 

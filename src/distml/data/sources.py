@@ -246,7 +246,8 @@ def _expand_paths(paths: str | Path | Sequence[str | Path], suffix: str) -> list
 
 def arrow_to_numpy(column: Any, name: str) -> np.ndarray:
     """Convert a pyarrow array/chunked array to numpy: numbers stay numbers, bytes and text
-    become object arrays, fixed-length lists of numbers become a 2-D numeric array."""
+    become object arrays, fixed-length lists of numbers become a 2-D numeric array and
+    fixed-size binary values a 2-D uint8 array (decode either with DecodeBytes)."""
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
@@ -265,11 +266,17 @@ def arrow_to_numpy(column: Any, name: str) -> np.ndarray:
         if (lengths != width).any():
             raise DistmlError(f"column {name!r} holds lists of different lengths; expected one fixed length per row")
         return values.reshape(len(column), width)
+    if pa.types.is_fixed_size_binary(kind) and column.null_count == 0:
+        # FIXED_LEN_BYTE_ARRAY (e.g. raw pixels): one (n, width) uint8 array, no per-record objects
+        data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+        start = column.offset * kind.byte_width
+        return data[start : start + len(column) * kind.byte_width].reshape(len(column), kind.byte_width).copy()
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
         return np.array(column.to_pylist(), dtype=object)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return np.array(column.to_pylist(), dtype=object)
-    return column.to_numpy(zero_copy_only=False)
+    # a copy: a zero-copy view would pin arrow's whole read buffer for as long as the batch lives
+    return np.array(column.to_numpy(zero_copy_only=False), copy=True)
 
 
 class ParquetSource(Source):
