@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -14,17 +13,7 @@ from distml.errors import DistmlError
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop, ScalingPolicy
 
 
-def _fake_replica():
-    name = "distml_tests_fake_replica"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_replica.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fake = _fake_replica()
+import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 
 
 class Clock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -19,17 +18,7 @@ import pytest
 from distml.serve.replicas import READY, NoReplicaAvailable, Replica, ReplicaSet
 
 
-def _fake_replica():
-    name = "distml_tests_fake_replica"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_replica.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fake = _fake_replica()
+import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,17 +16,7 @@ from distml.serve.sharding import (HashRing, chunk_bounds, merge_v1, merge_v2, s
                                    v2_batch_rows)
 
 
-def _fake_replica():
-    name = "distml_tests_fake_replica"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_replica.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fake = _fake_replica()
+import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 KEYS = [f"user-{i}" for i in range(20000)]
 
 

@@ -8,6 +8,7 @@ author forgets to bump `version` (unlike Flyte's cache_version or Prefect's sour
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from typing import Any, Callable, Sequence
@@ -18,7 +19,7 @@ from distml.data.sources import Columns
 from distml.errors import DistmlError
 
 
-class Step:
+class Step(abc.ABC):
     """One preprocessing step: a pure function of a chunk's columns, named by `key`."""
 
     version = "1"
@@ -31,8 +32,8 @@ class Step:
         payload = json.dumps({"step": type(self).__name__, "version": self.version, **self.params()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def __call__(self, columns: Columns) -> Columns:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, columns: Columns) -> Columns: ...
 
 
 def _column(columns: Columns, name: str, step: str) -> np.ndarray:
