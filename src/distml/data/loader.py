@@ -150,7 +150,7 @@ class Loader:
     def _gather(self, order: EpochOrder, positions: np.ndarray, span: tuple[int, int] | None) -> dict[str, Any]:
         if self._cache is not None:
             ids = order.record_ids(positions, span)
-            columns = self._cache.take(ids, as_torch=self.format == "torch")
+            columns = self._cache.take(ids)
         else:
             ids = np.empty(len(positions), dtype=np.int64)
             parts: list[tuple[Any, Columns]] = []
