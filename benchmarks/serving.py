@@ -31,8 +31,9 @@ REQUEST_TIMEOUT_S = 30.0
 N_IMAGES = 16  # distinct request bodies, cycled by every worker
 
 # KServe's Python model server around the same artifact and normalisation (run with `python -c`).
-# argv: workspace, model ref, model name, http port. gRPC, per-request latency log lines and
-# uvicorn's access log are off: distml's replica writes no line per request either.
+# argv: workspace, model ref, model name, http port. gRPC and every per-request log line (latency
+# logging, the timing middleware's trace lines, uvicorn's access log) are off: distml's replica
+# writes no line per request either.
 KSERVE_SERVER = r'''
 import logging, sys
 import numpy as np, torch, kserve
@@ -64,7 +65,8 @@ class DistmlModel(kserve.Model):
 
 
 server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable_latency_logging=False)
-logging.getLogger("uvicorn.access").disabled = True
+for quiet in ("uvicorn.access", "kserve.trace"):
+    logging.getLogger(quiet).disabled = True
 server.start([DistmlModel()])
 '''
 
@@ -115,7 +117,6 @@ class Server:
     port: int | None = None
     v1_url: str = ""
     v2_url: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def log_tail(self, limit: int = 3000) -> str:
         with contextlib.suppress(OSError):
@@ -183,27 +184,66 @@ def stop_all(servers: list[Server], timeout: float = 15.0) -> None:
 
 # -- the load generator --------------------------------------------------------------------------
 
-async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float
-                      ) -> dict[str, Any]:
+@dataclass
+class Tally:
+    """One contender at one concurrency, summed over its interleaved slices."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, answered inside a measured window
+    window_s: float = 0.0
+    answered: int = 0  # every 200, warm-up and tail included (for CPU per request)
+    failures: dict[str, int] = field(default_factory=dict)
+    first_error: str = ""
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.first_error = self.first_error or detail[:300]
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies) * 1000.0
+        ok = len(lat)
+        out = {
+            "rps": ok / self.window_s if self.window_s else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if ok else None,
+            "p99_ms": float(np.percentile(lat, 99)) if ok else None,
+            "requests": ok,
+            "failures": sum(self.failures.values()),
+            "server_cpu_ms_per_req": 1000 * self.server_cpu_s / self.answered if self.answered else None,
+            "client_cpu_ms_per_req": 1000 * self.client_cpu_s / self.answered if self.answered else None,
+        }
+        if self.failures:
+            out.update(failure_kinds=self.failures, first_error=self.first_error)
+        return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and its live descendants (the gateway's replicas), from /proc."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
+
+
+async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float,
+                      tally: Tally, pid: int) -> None:
     """`concurrency` workers, each sending its next request as soon as the previous one answered.
 
-    Requests answered inside the window [warmup, warmup + duration] count towards req/s and the
-    latency percentiles; failures are counted over the whole run (warm-up and tail included).
+    Requests answered inside [warmup, warmup + duration] count towards req/s and the latency
+    percentiles; failures and CPU per request are counted over the whole slice (warm-up and tail too).
     """
     import aiohttp
 
     headers = {"content-type": "application/json"}
-    latencies: list[float] = []
-    failures: dict[str, int] = {}
-    first_error: list[str] = []
     now = time.perf_counter  # not loop.time(): uvloop's clock ticks in whole milliseconds
+    cpu0, client0 = tree_cpu_seconds(pid), time.process_time()
     start = now()
     window_start, window_end = start + warmup, start + warmup + duration
-
-    def fail(kind: str, detail: str) -> None:
-        failures[kind] = failures.get(kind, 0) + 1
-        if not first_error:
-            first_error.append(detail[:300])
 
     async def worker(index: int) -> None:
         i = index
@@ -216,25 +256,20 @@ async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, 
                     payload = await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                fail(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+                tally.fail(type(exc).__name__, f"{type(exc).__name__}: {exc}")
                 continue
             done = now()
             if status != 200:
-                fail(f"http_{status}", f"HTTP {status}: {payload[:200]!r}")
-            elif window_start <= done <= window_end:
-                latencies.append(done - sent)
+                tally.fail(f"http_{status}", f"HTTP {status}: {payload[:200]!r}")
+                continue
+            tally.answered += 1
+            if window_start <= done <= window_end:
+                tally.latencies.append(done - sent)
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    lat = np.asarray(latencies) * 1000.0
-    ok = len(latencies)
-    return {
-        "rps": ok / duration,
-        "p50_ms": float(np.percentile(lat, 50)) if ok else None,
-        "p99_ms": float(np.percentile(lat, 99)) if ok else None,
-        "requests": ok,
-        "failures": sum(failures.values()),
-        **({"failure_kinds": failures, "first_error": first_error[0]} if failures else {}),
-    }
+    tally.window_s += duration
+    tally.server_cpu_s += tree_cpu_seconds(pid) - cpu0
+    tally.client_cpu_s += time.process_time() - client0
 
 
 async def check_answers(session, servers: dict[str, Server], body_v1: bytes, body_v2: bytes) -> dict[str, float]:
@@ -258,10 +293,13 @@ async def check_answers(session, servers: dict[str, Server], body_v1: bytes, bod
 
 
 async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]], bodies: dict[str, list[bytes]],
-                   warmup: float, duration: float) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+                   rounds: int, warmup: float, duration: float) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Each (label, server, concurrency) level of `plan` gets `rounds` slices of `duration / rounds`
+    seconds; the slices of one concurrency run round-robin across contenders, so a noisy spell on a
+    shared machine lands on all of them rather than on one."""
     import aiohttp
 
-    results: dict[str, dict[str, Any]] = {}
+    tallies: dict[tuple[str, int], Tally] = {}
     # keepalive below every server's idle close (uvicorn default 5 s: the gateway) so no request
     # meets a connection the server just closed.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
@@ -271,16 +309,26 @@ async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]],
         log("max |p - p_kserve| for image 0: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
         if max(diffs.values()) > 1e-4:
             raise RuntimeError(f"contenders disagree with KServe on the same image: {diffs}")
-        for label, contender, c in plan:
-            server = servers[contender]
-            url = server.v2_url if label.endswith("_v2") else server.v1_url
-            body = bodies["v2" if label.endswith("_v2") else "v1"]
-            r = await closed_loop(session, url, body, c, warmup, duration)
-            results.setdefault(label, {})[f"c{c}"] = r
-            p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
-            p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
-            log(f"{label:<20} c{c:<3} {r['rps']:8.1f} req/s  p50 {p50:>7} ms  p99 {p99:>7} ms  "
-                f"failures {r['failures']}" + (f" ({r['first_error']})" if r["failures"] else ""))
+        for c in sorted({c for _, _, c in plan}):
+            level = [(label, contender) for label, contender, cc in plan if cc == c]
+            for _ in range(rounds):
+                for label, contender in level:
+                    server = servers[contender]
+                    v2 = label.endswith("_v2")
+                    tally = tallies.setdefault((label, c), Tally())
+                    await closed_loop(session, server.v2_url if v2 else server.v1_url, bodies["v2" if v2 else "v1"],
+                                      c, warmup, duration / rounds, tally, server.proc.pid)
+            for label, _ in level:
+                r = tallies[(label, c)].summary()
+                p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
+                p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
+                cpu = "-" if r["server_cpu_ms_per_req"] is None else f"{r['server_cpu_ms_per_req']:.2f}"
+                log(f"{label:<20} c{c:<3} {r['rps']:8.1f} req/s  p50 {p50:>7} ms  p99 {p99:>7} ms  "
+                    f"server CPU {cpu:>5} ms/req  failures {r['failures']}"
+                    + (f" ({r['first_error']})" if r["failures"] else ""))
+    results: dict[str, dict[str, Any]] = {}
+    for (label, c), tally in tallies.items():
+        results.setdefault(label, {})[f"c{c}"] = tally.summary()
     return results, diffs
 
 
@@ -300,11 +348,17 @@ def interrupted(signum, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="end within 60 s on 2 cores (2 s per load level)")
+    parser.add_argument("--quick", action="store_true",
+                        help="end within 60 s on 2 cores (2 s per load level in 2 slices instead of 10 s in 5)")
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds measured per load level (default 10, quick 2)")
+                        help="seconds measured per contender and concurrency (default 10, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="slices each duration is cut into, run round-robin across contenders (default 5, quick 2)")
     parser.add_argument("--warmup", type=float, default=None,
-                        help="untimed seconds before each level (default 1, quick 0.3)")
+                        help="untimed seconds before each slice (default 0.5, quick 0.2)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="OMP/MKL threads of every server process, the same for all (default 1; 0: library "
+                             "default, one per core, which oversubscribes 2 cores shared with the load generator)")
     parser.add_argument("--max-batch-size", type=int, default=32,
                         help="batching-on replica (default: the server's default 32)")
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0,
@@ -312,7 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 10.0)
-    warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
+    rounds = args.rounds or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (0.2 if args.quick else 0.5)
+    if args.torch_threads > 0:  # inherited by every server process (and the gateway's replicas)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.torch_threads)
     t0 = time.perf_counter()
 
     # A SIGTERM to the benchmark still runs the `finally` that stops every server.
@@ -324,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         ws = tmp / "ws"
         try:
             make_workspace(ws)
-            images, v1, v2 = make_bodies(args.seed)
+            _, v1, v2 = make_bodies(args.seed)
             started = time.perf_counter()
             common = ["--workspace", str(ws), "--model", MODEL]
             replica = "distml.serve.server"
@@ -353,21 +411,19 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"servers up in {time.perf_counter() - started:.1f}s (untimed): "
                 + ", ".join(f"{s.name} pid {s.proc.pid} port {s.port}" for s in servers.values()))
 
-            # Side by side: at each concurrency every contender runs back to back, so drift on a
-            # shared machine hits all of them alike.
             contenders = ["ours_batching_off", "ours_batching_on", "ours_gateway2", "kserve"]
             plan = [(name, name, c) for c in CONCURRENCY for name in contenders]
             plan.append(("ours_batching_on_v2", "ours_batching_on", 64))
             factory, loop_name = event_loop_factory()
-            log(f"{'quick' if args.quick else 'full'} run: {duration:g} s per level after {warmup:g} s warm-up, "
-                f"{len(plan)} levels, client loop {loop_name}")
+            log(f"{'quick' if args.quick else 'full'} run: {duration:g} s per contender and concurrency in "
+                f"{rounds} slices, each after {warmup:g} s warm-up; {len(plan)} levels, client loop {loop_name}, "
+                f"server torch threads {args.torch_threads or 'default'}")
             with asyncio.Runner(loop_factory=factory) as runner:
-                results, diffs = runner.run(run_load(servers, plan, {"v1": v1, "v2": v2}, warmup, duration))
+                results, diffs = runner.run(run_load(servers, plan, {"v1": v1, "v2": v2}, rounds, warmup, duration))
         finally:
             stop_all(list(servers.values()))
         exit_codes = {s.name: s.proc.returncode for s in servers.values()}
 
-    import kserve  # noqa: F401  (its version, for the record)
     from importlib.metadata import version
 
     on, off, gw, ks = (results[k]["c64"] for k in ("ours_batching_on", "ours_batching_off", "ours_gateway2", "kserve"))
@@ -379,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_vs_kserve_rps_c1": results["ours_batching_on"]["c1"]["rps"] / results["kserve"]["c1"]["rps"],
         "ours_vs_kserve_rps_c16": results["ours_batching_on"]["c16"]["rps"] / results["kserve"]["c16"]["rps"],
         "ours_v2_vs_v1_rps_c64": results["ours_batching_on_v2"]["c64"]["rps"] / on["rps"],
+        # server CPU per answered request (the gateway's includes its replicas): less noisy than req/s
+        "ours_vs_kserve_cpu_per_req_c64": on["server_cpu_ms_per_req"] / ks["server_cpu_ms_per_req"],
     }
     met = {}
     for name, value in ratios.items():
@@ -395,13 +453,14 @@ def main(argv: list[str] | None = None) -> dict:
     rounded["config"] = {
         "model": MODEL, "request": "V1 predict, one 28x28 image of raw pixels per request (ours_batching_on_v2: "
                                    "V2 infer JSON, FP32 [1,28,28])",
-        "duration_s": duration, "warmup_s": warmup, "quick": args.quick, "cpus": os.cpu_count(),
+        "duration_s": duration, "rounds": rounds, "warmup_s_per_slice": warmup, "quick": args.quick,
+        "cpus": os.cpu_count(), "torch_threads": args.torch_threads or "library default",
         "ours_batching_off": "--max-batch-size 1",
         "ours_batching_on": f"--max-batch-size {args.max_batch_size} --max-batch-delay-ms {args.max_batch_delay_ms:g}"
                             + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 2.0)
                                else " (tuned)"),
         "ours_gateway2": "gateway, 2 replicas with the server's default batching",
-        "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, latency/access logging off, "
+        "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, per-request logging off, "
                   "sync predict()",
         "client": f"aiohttp {version('aiohttp')} closed loop, one session, limit=0, {loop_name} loop, same 2 cores",
         "max_abs_diff_vs_kserve": {k: float(f"{v:.2e}") for k, v in diffs.items()},
