@@ -190,8 +190,9 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Dynamic batching: items per batch.")
-@click.option("--max-batch-delay-ms", default=2.0, show_default=True, type=float,
-              help="Dynamic batching: longest wait for a batch to fill.")
+@click.option("--max-batch-delay-ms", default=0.0, show_default=True, type=float,
+              help="Dynamic batching: longest wait for a batch to fill; 0 batches the requests that "
+                   "queue while the model runs, without waiting.")
 @click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token for all but health routes.")
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, replicas: int, autoscale: str | None, target_concurrency: float,

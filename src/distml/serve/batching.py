@@ -38,7 +38,7 @@ class DynamicBatcher:
         self,
         run: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int = 32,
-        max_delay_ms: float = 2.0,
+        max_delay_ms: float = 0.0,
         *,
         on_batch: Callable[[int], None] | None = None,
         name: str = "model",

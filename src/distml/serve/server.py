@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import gc
 import hmac
 import io
 import json
@@ -106,6 +107,29 @@ def pixel_normalization(manifest: Mapping[str, Any]) -> Normalization:
                              "manifest preprocessing Normalize step")
     log.warning("model %s: its manifest names no known normalisation; serving pixels / 255", manifest.get("name"))
     return Normalization(1 / 255, 0.0, 1.0, "default (the manifest names no known normalisation)")
+
+
+def optimize_for_serving(model: Any, shape: Sequence[int], tag: str) -> Any:
+    """Convolutional models run with channels_last weights (oneDNN's NHWC kernels: the cnn at
+    batch 32 took 98 us per image instead of 340 us). TorchScript's optimize_for_inference was
+    faster still (71 us) but is deprecated in torch 2.13, and torch.compile costs a C++ build at
+    every replica start; kept only if it matches the eager model, eager otherwise."""
+    import torch
+
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return model
+    try:
+        with torch.no_grad():
+            probe = torch.rand(3, *shape) * 3 - 1.5
+            expected = model(probe)
+            model = model.to(memory_format=torch.channels_last)
+            if torch.allclose(model(probe), expected, rtol=1e-4, atol=1e-4):
+                return model
+        log.warning("event=optimize_skipped model=%s reason=outputs_differ", tag)
+        return model.to(memory_format=torch.contiguous_format)
+    except Exception as exc:  # an unusual model: serve it as it came
+        log.warning("event=optimize_skipped model=%s reason=%s", tag, exc)
+        return model.to(memory_format=torch.contiguous_format)
 
 
 class ServedModel:
@@ -312,6 +336,7 @@ class ModelServer:
                 for served in versions.values():
                     started = time.perf_counter()
                     model, manifest = await asyncio.to_thread(load_model, self.workspace, served.tag)
+                    model = await asyncio.to_thread(optimize_for_serving, model, served.spec_shape, served.tag)
                     served.model, served.manifest = model, manifest
                     histogram = self.metrics.batch_size.labels(served.name, str(served.version))
                     served.batcher = DynamicBatcher(served.forward, self.max_batch_size, self.max_batch_delay_ms,
@@ -325,6 +350,9 @@ class ModelServer:
             self.load_error = f"loading the models failed: {exc}"
             log.error("event=load_failed error=%s", exc)
             return
+        # Everything loaded so far lives as long as the server: keep it out of the garbage
+        # collector's full passes (measured at c64: 116-353 ms pauses before, 5-11 ms after).
+        gc.freeze()
         self.ready = True
         self.metrics.ready.set(1)
         self.jobs.start()
@@ -657,7 +685,7 @@ def create_app(
     models: str | Sequence[str] | Mapping[str, Sequence[Any]],
     *,
     max_batch_size: int = 32,
-    max_batch_delay_ms: float = 2.0,
+    max_batch_delay_ms: float = 0.0,
     token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     job_concurrency: int = 4,
@@ -733,7 +761,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="port to bind (0: a free port)")
     parser.add_argument("--port-file", default=None, help="write the bound port here once ready to serve")
     parser.add_argument("--max-batch-size", type=int, default=32, help="items per forward pass (1: no batching)")
-    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0,
+    parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
                         help="longest wait for a batch to fill after its first item")
     parser.add_argument("--token", default=os.environ.get("DISTML_SERVE_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' (default: $DISTML_SERVE_TOKEN)")
