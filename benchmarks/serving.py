@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "default, one per core, which oversubscribes 2 cores shared with the load generator)")
     parser.add_argument("--max-batch-size", type=int, default=32,
                         help="batching-on replica (default: the server's default 32)")
-    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0,
-                        help="batching-on replica (default: the server's default 2 ms)")
+    parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
+                        help="batching-on replica (default: the server's default, 0 ms)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 10.0)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(), "torch_threads": args.torch_threads or "library default",
         "ours_batching_off": "--max-batch-size 1",
         "ours_batching_on": f"--max-batch-size {args.max_batch_size} --max-batch-delay-ms {args.max_batch_delay_ms:g}"
-                            + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 2.0)
+                            + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 0.0)
                                else " (tuned)"),
         "ours_gateway2": "gateway, 2 replicas with the server's default batching",
         "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, per-request logging off, "
