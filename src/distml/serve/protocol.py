@@ -179,13 +179,18 @@ def _split_body(body: bytes, header_length: str | int | None, what: str) -> tupl
                                      f"{len(body)} bytes; expected 0..{len(body)}")
         binary = memoryview(body)[length:]
         body = body[:length]
+    return load_json_object(body, what, _REQUEST_HELP), binary
+
+
+def load_json_object(body: bytes, what: str, hint: str) -> dict:
+    """Parse `body` as a JSON object, or raise one 400 naming `what` and ending with `hint`."""
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(400, f"{what} is not valid JSON ({exc}); {_REQUEST_HELP}") from None
+        raise ProtocolError(400, f"{what} is not valid JSON ({exc}); {hint}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError(400, f"{what} is a JSON {type(obj).__name__}, expected an object; {_REQUEST_HELP}")
-    return obj, binary
+        raise ProtocolError(400, f"{what} is a JSON {type(obj).__name__}, expected an object; {hint}")
+    return obj
 
 
 class _BinaryReader:

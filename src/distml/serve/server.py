@@ -403,13 +403,7 @@ class ModelServer:
     async def read_json(self, request: Request, example: str) -> dict[str, Any]:
         body = protocol.decompress_body(await self.read_body(request), request.headers.get("content-encoding"),
                                         self.max_body_bytes)
-        try:
-            obj = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(400, f"request body is not valid JSON ({exc}); expected {example}") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(400, f"request body is a JSON {type(obj).__name__}; expected {example}")
-        return obj
+        return protocol.load_json_object(body, "request body", f"expected {example}")
 
     # -- inference --------------------------------------------------------------------------
 
