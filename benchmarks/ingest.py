@@ -19,8 +19,9 @@ import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -41,6 +42,7 @@ def normalize_step() -> Normalize:
 
 
 # -- data ------------------------------------------------------------------------------------
+
 
 def load_data(workspace: str | None, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """The Fashion-MNIST training split if the workspace already holds its 4 files, else generated."""
@@ -68,14 +70,17 @@ def write_sqlite(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     try:
         con.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, image BLOB NOT NULL, label INTEGER NOT NULL)")
         flat = images.reshape(len(images), -1)
-        con.executemany("INSERT INTO images (id, image, label) VALUES (?, ?, ?)",
-                        ((i, flat[i].tobytes(), int(labels[i])) for i in range(len(images))))
+        con.executemany(
+            "INSERT INTO images (id, image, label) VALUES (?, ?, ?)",
+            ((i, flat[i].tobytes(), int(labels[i])) for i in range(len(images))),
+        )
         con.commit()
     finally:
         con.close()
 
 
 # -- the epoch loop, identical for every contender ----------------------------------------------
+
 
 def consume(batches: Iterable[Any], get: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
     """Walk one epoch: count samples and read one scalar per batch (cheap, same for all)."""
@@ -114,10 +119,13 @@ def best_of(repeats: int, run: Callable[[], float], name: str) -> float:
 
 # -- contenders ---------------------------------------------------------------------------------
 
+
 def bench_ours(images, labels, mode: str, repeats: int, seed: int, tmp: Path) -> float:
     source = ArraySource({"image": images, "label": labels}, name="fashion-mnist-shaped")
     kwargs = {"cache_dir": tmp / "disk-cache"} if mode == "disk" else {}
-    loader = Loader(source, batch_size=BATCH, shuffle=True, seed=seed, preprocess=normalize_step(), cache=mode, **kwargs)
+    loader = Loader(
+        source, batch_size=BATCH, shuffle=True, seed=seed, preprocess=normalize_step(), cache=mode, **kwargs
+    )
     start = time.perf_counter()
     loader.fill_cache()
     log(f"ours_{mode}: cache filled in {time.perf_counter() - start:.2f}s (untimed)")
@@ -148,8 +156,9 @@ def bench_torch(x: torch.Tensor, y: torch.Tensor, workers: int, seed: int) -> fl
     generator = torch.Generator().manual_seed(seed)
     gc.collect()
     start = time.perf_counter()  # includes worker start-up: a user pays it every epoch
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, generator=generator,
-                        persistent_workers=False)
+    loader = DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, generator=generator, persistent_workers=False
+    )
     seen, _ = consume(loader, from_pair)
     elapsed = time.perf_counter() - start
     if seen != len(x):
@@ -172,15 +181,25 @@ def bench_numpy(x: np.ndarray, y: np.ndarray, repeats: int, seed: int) -> float:
 
 # -- main -----------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="end within 60 s on 2 cores (one run per torch DataLoader instead of best of 3)")
-    parser.add_argument("--workspace", default=None, help="workspace whose datasets/fashion-mnist/ files to use if present")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="end within 60 s on 2 cores (one run per torch DataLoader instead of best of 3)",
+    )
+    parser.add_argument(
+        "--workspace", default=None, help="workspace whose datasets/fashion-mnist/ files to use if present"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=None, help="runs of the fast contenders, best kept (default 3)")
-    parser.add_argument("--torch-samples", type=int, default=None,
-                        help="samples for the torch DataLoader runs (default: all); figures stay samples/s")
+    parser.add_argument(
+        "--torch-samples",
+        type=int,
+        default=None,
+        help="samples for the torch DataLoader runs (default: all); figures stay samples/s",
+    )
     args = parser.parse_args(argv)
     threads = int(_THREADS)
     torch.set_num_threads(threads)
@@ -193,11 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
     x_norm = normalize_step()({"image": images})["image"]
     torch_n = min(n, args.torch_samples or n)
     torch_repeats = 1 if args.quick else repeats
-    log(f"data: {data}, {n} x {images.shape[1:]} uint8, batch {BATCH}, torch threads {threads}, "
-        f"{'quick' if args.quick else 'full'} run, torch DataLoader on {torch_n} samples")
+    log(
+        f"data: {data}, {n} x {images.shape[1:]} uint8, batch {BATCH}, torch threads {threads}, "
+        f"{'quick' if args.quick else 'full'} run, torch DataLoader on {torch_n} samples"
+    )
 
-    results: dict[str, Any] = {"n_samples": n, "batch_size": BATCH, "data": data, "torch_threads": threads,
-                               "repeats_fast": repeats, "repeats_torch": torch_repeats, "quick": args.quick}
+    results: dict[str, Any] = {
+        "n_samples": n,
+        "batch_size": BATCH,
+        "data": data,
+        "torch_threads": threads,
+        "repeats_fast": repeats,
+        "repeats_torch": torch_repeats,
+        "quick": args.quick,
+    }
     with tempfile.TemporaryDirectory(prefix="distml-bench-ingest-") as tmpdir:
         tmp = Path(tmpdir)
         results["ours_memory"] = bench_ours(images, labels, "memory", repeats, args.seed, tmp)
@@ -214,11 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
     xt, yt = torch.from_numpy(x_norm[:torch_n]), torch.from_numpy(labels[:torch_n])
     for workers in (0, 2):
         results[f"torch_dataloader_nw{workers}"] = best_of(
-            torch_repeats, lambda w=workers: bench_torch(xt, yt, w, args.seed), f"torch_dataloader_nw{workers}")
+            torch_repeats, lambda w=workers: bench_torch(xt, yt, w, args.seed), f"torch_dataloader_nw{workers}"
+        )
     results["torch_dataloader_samples"] = torch_n
     if torch_n != n:
-        results["note"] = (f"torch DataLoader runs used the first {torch_n} of {n} samples (one epoch over them); "
-                           "figures are samples/s so ratios stay comparable")
+        results["note"] = (
+            f"torch DataLoader runs used the first {torch_n} of {n} samples (one epoch over them); "
+            "figures are samples/s so ratios stay comparable"
+        )
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
 
     best_torch = max(results["torch_dataloader_nw0"], results["torch_dataloader_nw2"])
@@ -233,10 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
         verdict = "" if target is None else (" (target %g: %s)" % (target, "met" if value >= target else "MISSED"))
         log(f"{name}: {value:.2f}{verdict}")
     log(f"done in {results['wall_seconds']}s")
-    rounded = {k: (round(v, 3 if k.endswith("_seconds") else 1) if isinstance(v, float) else v)
-               for k, v in results.items()}
-    return {"benchmark": "ingest", "results": rounded, "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "targets": TARGETS}
+    rounded = {
+        k: (round(v, 3 if k.endswith("_seconds") else 1) if isinstance(v, float) else v) for k, v in results.items()
+    }
+    return {
+        "benchmark": "ingest",
+        "results": rounded,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": TARGETS,
+    }
 
 
 if __name__ == "__main__":

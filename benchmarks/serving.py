@@ -34,7 +34,7 @@ N_IMAGES = 16  # distinct request bodies, cycled by every worker
 # argv: workspace, model ref, model name, http port. gRPC and every per-request log line (latency
 # logging, the timing middleware's trace lines, uvicorn's access log) are off: distml's replica
 # writes no line per request either.
-KSERVE_SERVER = r'''
+KSERVE_SERVER = r"""
 import logging, sys
 import numpy as np, torch, kserve
 from distml.models.artifact import load_model
@@ -68,7 +68,7 @@ server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable
 for quiet in ("uvicorn.access", "kserve.trace"):
     logging.getLogger(quiet).disabled = True
 server.start([DistmlModel()])
-'''
+"""
 
 
 def log(message: str) -> None:
@@ -76,6 +76,7 @@ def log(message: str) -> None:
 
 
 # -- the model artifact and the requests ---------------------------------------------------------
+
 
 def make_workspace(root: Path) -> None:
     """`cnn` v1 saved as tests/serve/conftest.py does: zoo weights (seed 0), Fashion-MNIST preprocessing."""
@@ -91,9 +92,19 @@ def make_workspace(root: Path) -> None:
     try:
         torch.manual_seed(0)
         normalize = Normalize("image", mean=datasets.FASHION_MNIST_MEAN, std=datasets.FASHION_MNIST_STD, scale=1 / 255)
-        save_model(ws, build_model(MODEL), name=MODEL, architecture=MODEL, arch_args={}, input_spec=IMAGE_INPUT_SPEC,
-                   preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
-                   class_names=CLASSES, metrics={}, training={"seed": 0}, data_fingerprint=None)
+        save_model(
+            ws,
+            build_model(MODEL),
+            name=MODEL,
+            architecture=MODEL,
+            arch_args={},
+            input_spec=IMAGE_INPUT_SPEC,
+            preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
+            class_names=CLASSES,
+            metrics={},
+            training={"seed": 0},
+            data_fingerprint=None,
+        )
     finally:
         ws.close()
 
@@ -102,12 +113,17 @@ def make_bodies(seed: int) -> tuple[np.ndarray, list[bytes], list[bytes]]:
     """Raw 0..255 pixel images and their V1 ({"instances": [image]}) and V2 request bodies."""
     images = np.random.default_rng(seed).integers(0, 256, size=(N_IMAGES, 28, 28))
     v1 = [json.dumps({"instances": [img.tolist()]}).encode() for img in images]
-    v2 = [json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
-                                  "data": img.reshape(-1).tolist()}]}).encode() for img in images]
+    v2 = [
+        json.dumps(
+            {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": img.reshape(-1).tolist()}]}
+        ).encode()
+        for img in images
+    ]
     return images, v1, v2
 
 
 # -- server processes -------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -184,6 +200,7 @@ def stop_all(servers: list[Server], timeout: float = 15.0) -> None:
 
 # -- the load generator --------------------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     """One contender at one concurrency, summed over its interleaved slices."""
@@ -230,8 +247,9 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float,
-                      tally: Tally, pid: int) -> None:
+async def closed_loop(
+    session, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float, tally: Tally, pid: int
+) -> None:
     """`concurrency` workers, each sending its next request as soon as the previous one answered.
 
     Requests answered inside [warmup, warmup + duration] count towards req/s and the latency
@@ -255,7 +273,7 @@ async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int, 
                 async with session.post(url, data=body, headers=headers) as resp:
                     payload = await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 tally.fail(type(exc).__name__, f"{type(exc).__name__}: {exc}")
                 continue
             done = now()
@@ -292,8 +310,14 @@ async def check_answers(session, servers: dict[str, Server], body_v1: bytes, bod
     return {name: float(np.abs(p - reference).max()) for name, p in probabilities.items() if name != "kserve"}
 
 
-async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]], bodies: dict[str, list[bytes]],
-                   rounds: int, warmup: float, duration: float) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+async def run_load(
+    servers: dict[str, Server],
+    plan: list[tuple[str, str, int]],
+    bodies: dict[str, list[bytes]],
+    rounds: int,
+    warmup: float,
+    duration: float,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Each (label, server, concurrency) level of `plan` gets `rounds` slices of `duration / rounds`
     seconds; the slices of one concurrency run round-robin across contenders, so a noisy spell on a
     shared machine lands on all of them rather than on one."""
@@ -316,16 +340,26 @@ async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]],
                     server = servers[contender]
                     v2 = label.endswith("_v2")
                     tally = tallies.setdefault((label, c), Tally())
-                    await closed_loop(session, server.v2_url if v2 else server.v1_url, bodies["v2" if v2 else "v1"],
-                                      c, warmup, duration / rounds, tally, server.proc.pid)
+                    await closed_loop(
+                        session,
+                        server.v2_url if v2 else server.v1_url,
+                        bodies["v2" if v2 else "v1"],
+                        c,
+                        warmup,
+                        duration / rounds,
+                        tally,
+                        server.proc.pid,
+                    )
             for label, _ in level:
                 r = tallies[(label, c)].summary()
                 p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
                 p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
                 cpu = "-" if r["server_cpu_ms_per_req"] is None else f"{r['server_cpu_ms_per_req']:.2f}"
-                log(f"{label:<20} c{c:<3} {r['rps']:8.1f} req/s  p50 {p50:>7} ms  p99 {p99:>7} ms  "
+                log(
+                    f"{label:<20} c{c:<3} {r['rps']:8.1f} req/s  p50 {p50:>7} ms  p99 {p99:>7} ms  "
                     f"server CPU {cpu:>5} ms/req  failures {r['failures']}"
-                    + (f" ({r['first_error']})" if r["failures"] else ""))
+                    + (f" ({r['first_error']})" if r["failures"] else "")
+                )
     results: dict[str, dict[str, Any]] = {}
     for (label, c), tally in tallies.items():
         results.setdefault(label, {})[f"c{c}"] = tally.summary()
@@ -335,6 +369,7 @@ async def run_load(servers: dict[str, Server], plan: list[tuple[str, str, int]],
 def event_loop_factory():
     try:
         import uvloop
+
         return uvloop.new_event_loop, "uvloop"
     except ImportError:  # pragma: no cover
         return None, "asyncio"
@@ -346,23 +381,45 @@ def interrupted(signum, _frame) -> None:
 
 # -- main -------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="end within 60 s on 2 cores (2 s per load level in 2 slices instead of 10 s in 5)")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds measured per contender and concurrency (default 10, quick 2)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="slices each duration is cut into, run round-robin across contenders (default 5, quick 2)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="untimed seconds before each slice (default 0.5, quick 0.2)")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="OMP/MKL threads of every server process, the same for all (default 1; 0: library "
-                             "default, one per core, which oversubscribes 2 cores shared with the load generator)")
-    parser.add_argument("--max-batch-size", type=int, default=32,
-                        help="batching-on replica (default: the server's default 32)")
-    parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
-                        help="batching-on replica (default: the server's default, 0 ms)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="end within 60 s on 2 cores (2 s per load level in 2 slices instead of 10 s in 5)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds measured per contender and concurrency (default 10, quick 2)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="slices each duration is cut into, run round-robin across contenders (default 5, quick 2)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="untimed seconds before each slice (default 0.5, quick 0.2)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="OMP/MKL threads of every server process, the same for all (default 1; 0: library "
+        "default, one per core, which oversubscribes 2 cores shared with the load generator)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="batching-on replica (default: the server's default 32)"
+    )
+    parser.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=0.0,
+        help="batching-on replica (default: the server's default, 0 ms)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     duration = args.duration or (2.0 if args.quick else 10.0)
@@ -387,18 +444,35 @@ def main(argv: list[str] | None = None) -> dict:
             common = ["--workspace", str(ws), "--model", MODEL]
             replica = "distml.serve.server"
             pending: list[tuple[Server, Path]] = [
-                start_distml("ours_batching_off", replica,
-                             [*common, "--max-batch-size", "1", "--log-level", "warning"], tmp),
-                start_distml("ours_batching_on", replica,
-                             [*common, "--max-batch-size", str(args.max_batch_size),
-                              "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "warning"], tmp),
-                start_distml("ours_gateway2", "distml.serve.gateway",
-                             [*common, "--replicas", "2", "--run-dir", str(tmp / "gateway-run")], tmp),
+                start_distml(
+                    "ours_batching_off", replica, [*common, "--max-batch-size", "1", "--log-level", "warning"], tmp
+                ),
+                start_distml(
+                    "ours_batching_on",
+                    replica,
+                    [
+                        *common,
+                        "--max-batch-size",
+                        str(args.max_batch_size),
+                        "--max-batch-delay-ms",
+                        str(args.max_batch_delay_ms),
+                        "--log-level",
+                        "warning",
+                    ],
+                    tmp,
+                ),
+                start_distml(
+                    "ours_gateway2",
+                    "distml.serve.gateway",
+                    [*common, "--replicas", "2", "--run-dir", str(tmp / "gateway-run")],
+                    tmp,
+                ),
             ]
             servers.update({s.name: s for s, _ in pending})
             kport = free_port()
-            servers["kserve"] = spawn("kserve", [sys.executable, "-c", KSERVE_SERVER, str(ws), MODEL, MODEL,
-                                                 str(kport)], tmp)
+            servers["kserve"] = spawn(
+                "kserve", [sys.executable, "-c", KSERVE_SERVER, str(ws), MODEL, MODEL, str(kport)], tmp
+            )
             deadline = time.monotonic() + 120
             for server, port_file in pending:
                 wait_port_file(server, port_file, deadline)
@@ -408,16 +482,20 @@ def main(argv: list[str] | None = None) -> dict:
                 base = f"http://127.0.0.1:{server.port}"
                 server.v1_url = f"{base}/v1/models/{MODEL}:predict"
                 server.v2_url = "" if server.name == "kserve" else f"{base}/v2/models/{MODEL}/infer"
-            log(f"servers up in {time.perf_counter() - started:.1f}s (untimed): "
-                + ", ".join(f"{s.name} pid {s.proc.pid} port {s.port}" for s in servers.values()))
+            log(
+                f"servers up in {time.perf_counter() - started:.1f}s (untimed): "
+                + ", ".join(f"{s.name} pid {s.proc.pid} port {s.port}" for s in servers.values())
+            )
 
             contenders = ["ours_batching_off", "ours_batching_on", "ours_gateway2", "kserve"]
             plan = [(name, name, c) for c in CONCURRENCY for name in contenders]
             plan.append(("ours_batching_on_v2", "ours_batching_on", 64))
             factory, loop_name = event_loop_factory()
-            log(f"{'quick' if args.quick else 'full'} run: {duration:g} s per contender and concurrency in "
+            log(
+                f"{'quick' if args.quick else 'full'} run: {duration:g} s per contender and concurrency in "
                 f"{rounds} slices, each after {warmup:g} s warm-up; {len(plan)} levels, client loop {loop_name}, "
-                f"server torch threads {args.torch_threads or 'default'}")
+                f"server torch threads {args.torch_threads or 'default'}"
+            )
             with asyncio.Runner(loop_factory=factory) as runner:
                 results, diffs = runner.run(run_load(servers, plan, {"v1": v1, "v2": v2}, rounds, warmup, duration))
         finally:
@@ -448,28 +526,39 @@ def main(argv: list[str] | None = None) -> dict:
             verdict = f" (target {bound}: {'met' if met[name] else 'MISSED'})"
         log(f"{name}: {value:.2f}{verdict}")
 
-    rounded = {label: {c: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
-                       for c, r in levels.items()} for label, levels in results.items()}
+    rounded = {
+        label: {c: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for c, r in levels.items()}
+        for label, levels in results.items()
+    }
     rounded["config"] = {
-        "model": MODEL, "request": "V1 predict, one 28x28 image of raw pixels per request (ours_batching_on_v2: "
-                                   "V2 infer JSON, FP32 [1,28,28])",
-        "duration_s": duration, "rounds": rounds, "warmup_s_per_slice": warmup, "quick": args.quick,
-        "cpus": os.cpu_count(), "torch_threads": args.torch_threads or "library default",
+        "model": MODEL,
+        "request": "V1 predict, one 28x28 image of raw pixels per request (ours_batching_on_v2: "
+        "V2 infer JSON, FP32 [1,28,28])",
+        "duration_s": duration,
+        "rounds": rounds,
+        "warmup_s_per_slice": warmup,
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "torch_threads": args.torch_threads or "library default",
         "ours_batching_off": "--max-batch-size 1",
         "ours_batching_on": f"--max-batch-size {args.max_batch_size} --max-batch-delay-ms {args.max_batch_delay_ms:g}"
-                            + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 0.0)
-                               else " (tuned)"),
+        + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 0.0) else " (tuned)"),
         "ours_gateway2": "gateway, 2 replicas with the server's default batching",
         "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, per-request logging off, "
-                  "sync predict()",
+        "sync predict()",
         "client": f"aiohttp {version('aiohttp')} closed loop, one session, limit=0, {loop_name} loop, same 2 cores",
         "max_abs_diff_vs_kserve": {k: float(f"{v:.2e}") for k, v in diffs.items()},
         "server_exit_codes": exit_codes,
     }
     rounded["wall_seconds"] = round(time.perf_counter() - t0, 1)
     log(f"done in {rounded['wall_seconds']}s")
-    return {"benchmark": "serving", "results": rounded, "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "targets": TARGETS, "targets_met": met}
+    return {
+        "benchmark": "serving",
+        "results": rounded,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": TARGETS,
+        "targets_met": met,
+    }
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def log(message: str) -> None:
 
 # == worker side (started by torchrun) ===========================================================
 
+
 class _TimedWork:
     def __init__(self, work: Any, sink: list[float]):
         self.work, self.sink = work, sink
@@ -96,9 +97,14 @@ def worker_main(spec_path: str) -> int:
     torch.manual_seed(0)  # every rank starts from the same weights, as worker.build does
     model = build_model(spec["model"], **spec["model_args"])
     n_workers = world - servers
-    config = TrainConfig(model=spec["model"], model_args=spec["model_args"], batch_size=spec["batch"],
-                         workers=n_workers, strategy="parameter-server" if servers else "allreduce",
-                         ps_shards=max(servers, 1))
+    config = TrainConfig(
+        model=spec["model"],
+        model_args=spec["model_args"],
+        batch_size=spec["batch"],
+        workers=n_workers,
+        strategy="parameter-server" if servers else "allreduce",
+        ps_shards=max(servers, 1),
+    )
     lr = config.learning_rate(n_workers)
     total = spec["warmup"] + spec["steps"]
     out: dict[str, Any] = {"rank": rank, "threads": torch.get_num_threads(), "parameters": count_parameters(model)}
@@ -119,15 +125,20 @@ def worker_main(spec_path: str) -> int:
         w = spec["warmup"]
         steps = spec["steps"]
         span = marks[-1] - marks[w - 1]
-        out.update(role="server", shard_numel=layout.numels[rank],
-                   ms_per_step=1e3 * span / steps,
-                   comm_wait_ms=1e3 * (waits[-1] - waits[w - 1]) / steps,  # recv from workers + send back
-                   apply_ms=1e3 * (applies[-1] - applies[w - 1]) / steps)
+        out.update(
+            role="server",
+            shard_numel=layout.numels[rank],
+            ms_per_step=1e3 * span / steps,
+            comm_wait_ms=1e3 * (waits[-1] - waits[w - 1]) / steps,  # recv from workers + send back
+            apply_ms=1e3 * (applies[-1] - applies[w - 1]) / steps,
+        )
         out["other_ms"] = out["ms_per_step"] - out["comm_wait_ms"] - out["apply_ms"]  # stack + mean, Python
     else:
         gen = torch.Generator().manual_seed(1000 + rank)
-        pool = [(torch.randn(spec["batch"], 28, 28, generator=gen),
-                 torch.randint(0, 10, (spec["batch"],), generator=gen)) for _ in range(POOL)]
+        pool = [
+            (torch.randn(spec["batch"], 28, 28, generator=gen), torch.randint(0, 10, (spec["batch"],), generator=gen))
+            for _ in range(POOL)
+        ]
         if servers:
             trainer: Any = parameter_server.PSWorker(model.to(cpu), list(range(servers)), "sync", cpu)
             trainer.pull()
@@ -145,7 +156,7 @@ def worker_main(spec_path: str) -> int:
             marks.append(time.perf_counter())
             waits.append(timed_dist.wait_s[0])
         w, steps = spec["warmup"], spec["steps"]
-        out.update(role="worker", marks=[m - marks[w - 1] for m in marks[w - 1:]])
+        out.update(role="worker", marks=[m - marks[w - 1] for m in marks[w - 1 :]])
         out["ms_per_step"] = 1e3 * out["marks"][-1] / steps
         if servers:
             out["comm_wait_ms"] = 1e3 * (waits[-1] - waits[w - 1]) / steps  # push + pull incl. server time
@@ -185,6 +196,7 @@ def _allreduce_breakdown(trainer: Any, pool: list, steps: int) -> dict[str, floa
 
 # == parent side ===================================================================================
 
+
 def run_case(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """Launch one case through torchrun (in this process, as distml.train.launcher does) and read the ranks' files."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -198,8 +210,20 @@ def run_case(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     nproc = spec["workers"] + spec["servers"]
     start = time.perf_counter()
     try:
-        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "0.1",
-                        str(Path(__file__).resolve()), "--worker", str(spec_path)]))
+        run(
+            parse_args(
+                [
+                    "--standalone",
+                    "--nproc-per-node",
+                    str(nproc),
+                    "--monitor-interval",
+                    "0.1",
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    str(spec_path),
+                ]
+            )
+        )
     except ChildFailedError as exc:
         raise SystemExit(f"benchmark case {name!r} failed in a worker process (traceback above): {exc}") from None
     wall = time.perf_counter() - start
@@ -212,17 +236,25 @@ def run_case(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
         span = max(w["marks"][lo + window] - w["marks"][lo] for w in workers)
         rates.append(len(workers) * spec["batch"] * window / span)
     whole = len(workers) * spec["batch"] * steps / max(w["marks"][-1] for w in workers)
-    summary: dict[str, Any] = {"samples_per_s": statistics.median(rates), "whole_window_samples_per_s": round(whole, 1),
-                               "window_rates": [round(r) for r in rates], "wall_s": round(wall, 1),
-                               "threads": [r["threads"] for r in ranks], "parameters": ranks[0]["parameters"]}
+    summary: dict[str, Any] = {
+        "samples_per_s": statistics.median(rates),
+        "whole_window_samples_per_s": round(whole, 1),
+        "window_rates": [round(r) for r in rates],
+        "wall_s": round(wall, 1),
+        "threads": [r["threads"] for r in ranks],
+        "parameters": ranks[0]["parameters"],
+    }
     for role in ("worker", "server"):
         keys = sorted({k for r in ranks if r["role"] == role for k in r if k.endswith("_ms")})
         if keys:
-            summary[f"{role}_ms"] = {k: round(statistics.mean(r[k] for r in ranks if r["role"] == role and k in r), 2)
-                                     for k in keys}
-    log(f"{name}: {summary['samples_per_s']:,.0f} samples/s (median of {len(rates)} windows of {window} steps; "
+            summary[f"{role}_ms"] = {
+                k: round(statistics.mean(r[k] for r in ranks if r["role"] == role and k in r), 2) for k in keys
+            }
+    log(
+        f"{name}: {summary['samples_per_s']:,.0f} samples/s (median of {len(rates)} windows of {window} steps; "
         f"whole {whole:,.0f}; threads {summary['threads']}; {wall:.1f}s wall) "
-        + " ".join(f"{role}={summary[role]}" for role in ("worker_ms", "server_ms") if role in summary))
+        + " ".join(f"{role}={summary[role]}" for role in ("worker_ms", "server_ms") if role in summary)
+    )
     return summary
 
 
@@ -275,8 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers set their own intra-op threads (spec "threads")
     t0 = time.perf_counter()
     table = cases(args)
-    log(f"{'quick' if q else 'full'} run: {len(table)} cases x {rounds} round(s); cnn {args.cnn_warmup}+"
-        f"{args.cnn_steps} steps, mlp {args.mlp_warmup}+{args.mlp_steps} steps, batch {BATCH} per worker")
+    log(
+        f"{'quick' if q else 'full'} run: {len(table)} cases x {rounds} round(s); cnn {args.cnn_warmup}+"
+        f"{args.cnn_steps} steps, mlp {args.mlp_warmup}+{args.mlp_steps} steps, batch {BATCH} per worker"
+    )
     best: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="distml-bench-training-") as tmpdir:
         for r in range(rounds):
@@ -295,15 +329,19 @@ def main(argv: list[str] | None = None) -> dict:
             best["allreduce_2w"] = t2
             results["allreduce_2w_samples_per_s"] = round(t2["samples_per_s"], 1)
     results["detail"] = {name: {k: v for k, v in s.items() if k != "samples_per_s"} for name, s in best.items()}
-    results.update(batch_per_worker=BATCH, data="pre-generated random tensors (64x28x28 float32, labels 0..9), "
-                   f"{POOL} batches per worker cycled", rounds=rounds, quick=q,
-                   timing="median over windows of the timed steps after warm-up; best round",
-                   note="allreduce steps include worker.py's per-step 1-float stop-flag allreduce (stop_flag_ms); "
-                        "threads default to worker.py's rule, cores // processes",
-                   tf_reference_samples_per_s=TF_REFERENCE,
-                   tf_reference_note="reference constant from REFERENCES.md (TF MultiWorkerMirroredStrategy "
-                                     "3,700-4,400 on this kind of machine), not measured in this run",
-                   wall_seconds=round(time.perf_counter() - t0, 1))
+    results.update(
+        batch_per_worker=BATCH,
+        data=f"pre-generated random tensors (64x28x28 float32, labels 0..9), {POOL} batches per worker cycled",
+        rounds=rounds,
+        quick=q,
+        timing="median over windows of the timed steps after warm-up; best round",
+        note="allreduce steps include worker.py's per-step 1-float stop-flag allreduce (stop_flag_ms); "
+        "threads default to worker.py's rule, cores // processes",
+        tf_reference_samples_per_s=TF_REFERENCE,
+        tf_reference_note="reference constant from REFERENCES.md (TF MultiWorkerMirroredStrategy "
+        "3,700-4,400 on this kind of machine), not measured in this run",
+        wall_seconds=round(time.perf_counter() - t0, 1),
+    )
     ratios: dict[str, float] = {}
     if "ps_1s_mlp" in best and "ps_2s_mlp" in best:
         ratios["ps2_vs_ps1_mlp"] = best["ps_2s_mlp"]["samples_per_s"] / best["ps_1s_mlp"]["samples_per_s"]
@@ -319,8 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
         verdict = "" if target is None else (" (target %g: %s)" % (target, "met" if value >= target else "MISSED"))
         log(f"{name}: {value:.3f}{verdict}")
     log(f"done in {results['wall_seconds']}s")
-    return {"benchmark": "training", "results": results, "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "targets": TARGETS}
+    return {
+        "benchmark": "training",
+        "results": results,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": TARGETS,
+    }
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ def _version_key(path: Path) -> tuple[int, ...]:
 
 def find_pg_bin() -> Path | None:
     """Return the directory holding initdb/pg_ctl, or None if PostgreSQL is absent."""
-    candidates = [
-        p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").is_file()
-    ]
+    candidates = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").is_file()]
     if candidates:
         return max(candidates, key=_version_key)
     initdb = shutil.which("initdb")
@@ -114,7 +112,7 @@ class PostgresServer:
         return RuntimeError("\n".join(parts))
 
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         assert self.bin_dir is not None
         if os.geteuid() == 0:
             try:
@@ -135,11 +133,15 @@ class PostgresServer:
                     os.chown(p, pw.pw_uid, pw.pw_gid)
             proc = self._run(
                 str(self.bin_dir / "initdb"),
-                "-D", str(self.data_dir),
-                "-A", "trust",
-                "-U", DB_USER,
+                "-D",
+                str(self.data_dir),
+                "-A",
+                "trust",
+                "-U",
+                DB_USER,
                 "--no-sync",
-                "-E", "UTF8",
+                "-E",
+                "UTF8",
                 "--locale=C",
             )
             if proc.returncode != 0:
@@ -153,11 +155,16 @@ class PostgresServer:
                 )
                 proc = self._run(
                     str(self.bin_dir / "pg_ctl"),
-                    "start", "-w",
-                    "-t", str(self.start_timeout),
-                    "-D", str(self.data_dir),
-                    "-l", str(self.log_file),
-                    "-o", opts,
+                    "start",
+                    "-w",
+                    "-t",
+                    str(self.start_timeout),
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.log_file),
+                    "-o",
+                    opts,
                     timeout=self.start_timeout + 30,
                 )
                 if proc.returncode == 0:
@@ -170,7 +177,13 @@ class PostgresServer:
 
             proc = self._run(
                 str(self.bin_dir / "createdb"),
-                "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, DB_NAME,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                DB_USER,
+                DB_NAME,
             )
             if proc.returncode != 0:
                 raise self._fail("createdb", proc)
@@ -185,7 +198,12 @@ class PostgresServer:
                 self._running = False
                 self._run(
                     str(self.bin_dir / "pg_ctl"),
-                    "stop", "-w", "-m", "immediate", "-D", str(self.data_dir),
+                    "stop",
+                    "-w",
+                    "-m",
+                    "immediate",
+                    "-D",
+                    str(self.data_dir),
                     timeout=60,
                 )
         finally:
@@ -193,7 +211,7 @@ class PostgresServer:
                 shutil.rmtree(self.tmpdir, ignore_errors=True)
                 self.tmpdir = None
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self.start()
 
     def __exit__(

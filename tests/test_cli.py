@@ -13,8 +13,13 @@ from distml import __version__
 
 def distml(*args, workspace, env=None):
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "distml.cli", "--workspace", str(workspace), *args],
-                          capture_output=True, text=True, timeout=300, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "distml.cli", "--workspace", str(workspace), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full_env,
+    )
 
 
 def test_help_and_version(tmp_path):
@@ -41,10 +46,13 @@ def test_prepare_and_inspect_digits(tmp_path):
     assert sorted(r["split"] for r in rows) == ["test", "train"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("data", "inspect", "--dataset", "nope"), "unknown data set 'nope'"),
-    (("data", "prepare", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/folder"), "/nonexistent/folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("data", "inspect", "--dataset", "nope"), "unknown data set 'nope'"),
+        (("data", "prepare", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/folder"), "/nonexistent/folder"),
+    ],
+)
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     out = distml(*args, workspace=tmp_path)
     assert out.returncode == 2
@@ -53,8 +61,14 @@ def test_bad_input_is_one_clear_error(tmp_path, args, message):
 
 
 def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path):
-    out = distml("data", "prepare", "--dataset", "fashion-mnist", workspace=tmp_path,
-                 env={"DISTML_FASHION_MNIST_URL": "http://127.0.0.1:9/"})
+    out = distml(
+        "data",
+        "prepare",
+        "--dataset",
+        "fashion-mnist",
+        workspace=tmp_path,
+        env={"DISTML_FASHION_MNIST_URL": "http://127.0.0.1:9/"},
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert name in out.stderr

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg_server import PostgresServer, find_pg_bin  # noqa: E402
+from pg_server import PostgresServer, find_pg_bin
 
 pytestmark = pytest.mark.skipif(
     find_pg_bin() is None and not os.environ.get("DISTML_REQUIRE_POSTGRES"),
@@ -57,4 +57,4 @@ def test_server_roundtrip_and_teardown() -> None:
 
 def test_url_requires_running_server() -> None:
     with pytest.raises(RuntimeError):
-        PostgresServer().url
+        _ = PostgresServer().url

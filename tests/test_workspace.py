@@ -31,7 +31,7 @@ def test_newer_schema_is_refused_without_damage(workspace):
     engine = workspace.engine
     with engine.begin() as conn:
         conn.execute(metadata.schema_version.insert().values(version=999, applied_at=metadata._now()))
-    metadata.record_dataset  # the store stays readable
+    assert metadata.record_dataset  # the store stays readable
     with pytest.raises(DistmlError, match="schema version 999, newer than this distml"):
         metadata.migrate(engine)
 
@@ -39,15 +39,16 @@ def test_newer_schema_is_refused_without_damage(workspace):
 def test_metadata_store_on_postgresql(postgres_url, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTML_DB_URL", postgres_url)
     ws = Workspace(tmp_path / "pg")
-    dataset_id = metadata.record_dataset(ws.engine, name="d", split="s", fingerprint="a" * 64, num_records=1,
-                                         uri="u", schema={})
+    dataset_id = metadata.record_dataset(
+        ws.engine, name="d", split="s", fingerprint="a" * 64, num_records=1, uri="u", schema={}
+    )
     assert ws.engine.dialect.name == "postgresql" and dataset_id >= 1
     ws.close()
 
 
 def test_bad_db_url_is_a_clear_error(tmp_path):
     with pytest.raises(DistmlError, match="not a valid SQLAlchemy URL"):
-        Workspace(tmp_path, db_url="definitely not a url").engine
+        _ = Workspace(tmp_path, db_url="definitely not a url").engine
 
 
 def test_artifact_store_is_content_addressed(workspace, tmp_path):

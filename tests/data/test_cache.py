@@ -11,8 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from distml.data import (ArraySource, Compose, CsvSource, DecodeBytes, Function, Loader, Normalize, ParquetSource,
-                         SqlSource)
+from distml.data import (
+    ArraySource,
+    Compose,
+    CsvSource,
+    DecodeBytes,
+    Function,
+    Loader,
+    Normalize,
+    ParquetSource,
+    SqlSource,
+)
 from distml.data.cache import open_disk
 
 
@@ -35,8 +44,12 @@ def epoch(loader):
 
 
 def make_parquet(path, n=400):
-    table = pa.table({"image": pa.array([bytes([i % 251]) * 16 for i in range(n)], type=pa.binary()),
-                      "label": pa.array(np.arange(n) % 10)})
+    table = pa.table(
+        {
+            "image": pa.array([bytes([i % 251]) * 16 for i in range(n)], type=pa.binary()),
+            "label": pa.array(np.arange(n) % 10),
+        }
+    )
     pq.write_table(table, path, row_group_size=50)
 
 
@@ -46,8 +59,14 @@ def test_second_epoch_does_not_touch_parquet_files(tmp_path, mode):
     make_parquet(path)
     source = ParquetSource(path)
     calls = count_reads(source)
-    loader = Loader(source, batch_size=32, cache=mode, cache_dir=tmp_path / "cache", with_index=True,
-                    preprocess=DecodeBytes("image", (4, 4)))
+    loader = Loader(
+        source,
+        batch_size=32,
+        cache=mode,
+        cache_dir=tmp_path / "cache",
+        with_index=True,
+        preprocess=DecodeBytes("image", (4, 4)),
+    )
     assert epoch(loader) == list(range(400))
     assert calls["read_chunk"] + calls["iter_chunks"] > 0
     before = dict(calls)
@@ -77,16 +96,23 @@ def test_second_epoch_runs_no_sql_query(tmp_path, request, backend):
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE IF EXISTS pix"))
-        conn.execute(sa.text("CREATE TABLE pix (id INTEGER PRIMARY KEY, image BYTEA, label INTEGER)"
-                             if backend == "postgresql" else
-                             "CREATE TABLE pix (id INTEGER PRIMARY KEY, image BLOB, label INTEGER)"))
-        conn.execute(sa.text("INSERT INTO pix VALUES (:id, :image, :label)"),
-                     [{"id": i, "image": bytes([i % 256]) * 4, "label": i % 10} for i in range(250)])
+        conn.execute(
+            sa.text(
+                "CREATE TABLE pix (id INTEGER PRIMARY KEY, image BYTEA, label INTEGER)"
+                if backend == "postgresql"
+                else "CREATE TABLE pix (id INTEGER PRIMARY KEY, image BLOB, label INTEGER)"
+            )
+        )
+        conn.execute(
+            sa.text("INSERT INTO pix VALUES (:id, :image, :label)"),
+            [{"id": i, "image": bytes([i % 256]) * 4, "label": i % 10} for i in range(250)],
+        )
     queries = []
     sa.event.listen(engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
     source = SqlSource.from_table(engine, "pix", chunk_rows=60)
-    loader = Loader(source, batch_size=20, with_index=True,
-                    preprocess=Compose([DecodeBytes("image", (2, 2)), Normalize("image")]))
+    loader = Loader(
+        source, batch_size=20, with_index=True, preprocess=Compose([DecodeBytes("image", (2, 2)), Normalize("image")])
+    )
     first = [b for b in loader]
     assert any("pix" in q for q in queries)
     queries.clear()
@@ -117,8 +143,13 @@ def test_changed_source_or_preprocessing_invalidates_the_disk_cache(tmp_path):
     changed = Loader(ParquetSource(path), batch_size=10, cache="disk", cache_dir=cache_dir, format="numpy")
     assert changed.cache_key != one.cache_key
     assert sum(len(b["label"]) for b in changed) == 120
-    steps = Loader(ParquetSource(path), batch_size=10, cache="disk", cache_dir=cache_dir,
-                   preprocess=Function(lambda c: {**c, "label": c["label"] * 2}))
+    steps = Loader(
+        ParquetSource(path),
+        batch_size=10,
+        cache="disk",
+        cache_dir=cache_dir,
+        preprocess=Function(lambda c: {**c, "label": c["label"] * 2}),
+    )
     assert steps.cache_key != changed.cache_key
     assert sorted(d.name for d in cache_dir.iterdir() if d.is_dir()) == sorted([one.cache_key, changed.cache_key])
 
@@ -130,8 +161,14 @@ def test_function_key_follows_its_code():
 
 
 def test_disk_cache_holds_bytes_and_text(tmp_path):
-    source = ArraySource({"blob": np.array([b"ab", b"", b"xyz"], dtype=object),
-                          "text": np.array(["α", "b", "cd"], dtype=object), "n": np.arange(3)}, chunk_rows=2)
+    source = ArraySource(
+        {
+            "blob": np.array([b"ab", b"", b"xyz"], dtype=object),
+            "text": np.array(["α", "b", "cd"], dtype=object),
+            "n": np.arange(3),
+        },
+        chunk_rows=2,
+    )
     loader = Loader(source, batch_size=3, cache="disk", cache_dir=tmp_path, shuffle=False, format="numpy")
     batch = next(iter(loader))
     assert batch["blob"].tolist() == [b"ab", b"", b"xyz"] and batch["text"].tolist() == ["α", "b", "cd"]
@@ -164,7 +201,9 @@ def test_failed_fill_leaves_no_cache(tmp_path):
     def boom(columns):
         raise ValueError("preprocessing failed")
 
-    loader = Loader(ParquetSource(path), batch_size=10, cache="disk", cache_dir=tmp_path / "c", preprocess=Function(boom))
+    loader = Loader(
+        ParquetSource(path), batch_size=10, cache="disk", cache_dir=tmp_path / "c", preprocess=Function(boom)
+    )
     with pytest.raises(ValueError):
         loader.fill_cache()
     assert [p for p in (tmp_path / "c").iterdir() if p.is_dir()] == []

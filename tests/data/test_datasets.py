@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from distml.data import Loader
-from distml.data.datasets import (FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, digits, fashion_mnist,
-                                  get_dataset)
+from distml.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, digits, fashion_mnist, get_dataset
 from distml.data.download import RemoteFile
 from distml.data.idx import write_idx
 from distml.errors import DistmlError
@@ -66,8 +65,9 @@ def test_fashion_mnist_downloads_verifies_and_loads(workspace, fake_fashion, htt
     ds = fashion_mnist(workspace, files=table, base_urls=[http_mirror], progress=False)
     assert (workspace.datasets_dir / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists()
     assert len(ds.splits["train"]) == 120 and len(ds.splits["test"]) == 30
-    batch = next(iter(Loader(ds.splits["train"], batch_size=16, preprocess=ds.preprocess, shuffle=False,
-                             with_index=True)))
+    batch = next(
+        iter(Loader(ds.splits["train"], batch_size=16, preprocess=ds.preprocess, shuffle=False, with_index=True))
+    )
     expected = (arrays["train-images-idx3-ubyte.gz"][:16] / 255 - 0.2860) / 0.3530
     np.testing.assert_allclose(batch["image"].numpy(), expected, rtol=1e-5, atol=1e-5)
     # the second call finds verified files in the workspace and needs no server

@@ -81,8 +81,12 @@ def test_parquet_larger_than_budget_streams_in_bounded_memory(tmp_path):
     path = tmp_path / "big.parquet"
     writer = None
     for start in range(0, ROWS, 4000):
-        table = pa.table({"image": pa.array(blobs(start, 4000), type=pa.binary(RECORD)),  # FIXED_LEN_BYTE_ARRAY
-                          "label": pa.array(np.arange(start, start + 4000) % 10)})
+        table = pa.table(
+            {
+                "image": pa.array(blobs(start, 4000), type=pa.binary(RECORD)),  # FIXED_LEN_BYTE_ARRAY
+                "label": pa.array(np.arange(start, start + 4000) % 10),
+            }
+        )
         writer = writer or pq.ParquetWriter(path, table.schema, compression="none")
         writer.write_table(table, row_group_size=250)
     writer.close()
@@ -92,14 +96,21 @@ def test_parquet_larger_than_budget_streams_in_bounded_memory(tmp_path):
 def fill_sql(url: str) -> int:
     engine = sa.create_engine(url)
     meta = sa.MetaData()
-    table = sa.Table("blobs", meta, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("image", sa.LargeBinary), sa.Column("label", sa.Integer))
+    table = sa.Table(
+        "blobs",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("image", sa.LargeBinary),
+        sa.Column("label", sa.Integer),
+    )
     meta.drop_all(engine)
     meta.create_all(engine)
     for start in range(0, ROWS, 4000):
         with engine.begin() as conn:
-            conn.execute(table.insert(), [{"id": start + i, "image": b, "label": (start + i) % 10}
-                                          for i, b in enumerate(blobs(start, 4000))])
+            conn.execute(
+                table.insert(),
+                [{"id": start + i, "image": b, "label": (start + i) % 10} for i, b in enumerate(blobs(start, 4000))],
+            )
     engine.dispose()
     return ROWS * RECORD
 

@@ -26,8 +26,14 @@ def loaders(source, world, **kw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 300), world=st.integers(1, 5), batch=st.integers(1, 17), chunk=st.integers(1, 40),
-       cache=st.sampled_from(["memory", None]), window=st.sampled_from([None, 1, 3]))
+@given(
+    n=st.integers(1, 300),
+    world=st.integers(1, 5),
+    batch=st.integers(1, 17),
+    chunk=st.integers(1, 40),
+    cache=st.sampled_from(["memory", None]),
+    window=st.sampled_from([None, 1, 3]),
+)
 def test_shards_disjoint_complete_equal_counts(n, world, batch, chunk, cache, window):
     source = make_source(n, chunk_rows=chunk)
     per_rank = [epoch_ids(l) for l in loaders(source, world, batch_size=batch, cache=cache, shuffle_window=window)]
@@ -79,8 +85,15 @@ def test_global_order_independent_of_world_size():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 250), world=st.integers(1, 4), new_world=st.integers(1, 4), batch=st.integers(1, 8),
-       cut=st.floats(0, 1), cache=st.sampled_from(["memory", None]), epoch=st.integers(0, 2))
+@given(
+    n=st.integers(1, 250),
+    world=st.integers(1, 4),
+    new_world=st.integers(1, 4),
+    batch=st.integers(1, 8),
+    cut=st.floats(0, 1),
+    cache=st.sampled_from(["memory", None]),
+    epoch=st.integers(0, 2),
+)
 def test_resume_yields_exactly_the_unseen_samples(n, world, new_world, batch, cut, cache, epoch):
     """Stop every rank after k steps, resume on `new_world` ranks: the rest of the epoch is
     exactly the records not yet seen (plus only the padding for equal counts)."""
@@ -124,6 +137,7 @@ def test_resume_continues_the_same_global_sequence():
 
 def test_shard_by_file():
     parts = [ArraySource({"x": np.arange(k)}, chunk_rows=4) for k in (10, 7, 12, 3, 9)]
+
     # a multi-file source: each part is one file of chunks
     class Files(ArraySource):
         def file_groups(self):
@@ -139,9 +153,11 @@ def test_shard_by_file():
     # chunk boundaries must match the parts for this test: rebuild sizes accordingly
     source._sizes = [len(c) for c in chunks]
     offsets = np.concatenate([[0], np.cumsum(source._sizes)])
-    source.read_chunk = lambda i: {"x": data[offsets[i]:offsets[i + 1]]}
+    source.read_chunk = lambda i: {"x": data[offsets[i] : offsets[i + 1]]}
     groups = source.file_groups()
-    file_of = {int(i): g for g, chunk_ids in enumerate(groups) for c in chunk_ids for i in range(offsets[c], offsets[c + 1])}
+    file_of = {
+        int(i): g for g, chunk_ids in enumerate(groups) for c in chunk_ids for i in range(offsets[c], offsets[c + 1])
+    }
     per_rank = [epoch_ids(l) for l in loaders(source, 2, batch_size=4, shard_by="file")]
     assert len(per_rank[0]) == len(per_rank[1])
     files = [{file_of[i] for b in r for i in b.tolist()} for r in per_rank]

@@ -11,8 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from distml.data import (ArraySource, CsvSource, DecodeBytes, IdxSource, Loader, NpzSource, ParquetSource,
-                         Source, SqlSource)
+from distml.data import (
+    ArraySource,
+    CsvSource,
+    DecodeBytes,
+    IdxSource,
+    Loader,
+    NpzSource,
+    ParquetSource,
+    Source,
+    SqlSource,
+)
 from distml.data.idx import MAGIC_IMAGES, read_idx, write_idx
 from distml.errors import DistmlError
 
@@ -24,6 +33,7 @@ def all_records(source: Source) -> dict[str, np.ndarray]:
 
 
 # -- IDX -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def idx_files(tmp_path):
@@ -82,6 +92,7 @@ def test_idx_truncated_and_corrupt_files_are_clear_errors(idx_files, tmp_path):
 
 # -- NPZ -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz(tmp_path, compressed):
     x = np.arange(300, dtype=np.float32).reshape(100, 3)
@@ -111,14 +122,17 @@ def test_npz_refuses_pickles_and_bad_files(tmp_path):
 
 # -- Parquet ---------------------------------------------------------------------------------
 
+
 def write_parquet(path, n, start=0, row_group_size=25):
-    table = pa.table({
-        "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-        "value": pa.array(np.arange(start, start + n, dtype=np.float64) / 2),
-        "text": pa.array([f"row {i}" for i in range(start, start + n)]),
-        "blob": pa.array([bytes([i % 256]) * (i % 5) for i in range(start, start + n)], type=pa.binary()),
-        "vec": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(3 * n, dtype=np.float32)), 3),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+            "value": pa.array(np.arange(start, start + n, dtype=np.float64) / 2),
+            "text": pa.array([f"row {i}" for i in range(start, start + n)]),
+            "blob": pa.array([bytes([i % 256]) * (i % 5) for i in range(start, start + n)], type=pa.binary()),
+            "vec": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(3 * n, dtype=np.float32)), 3),
+        }
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
@@ -142,8 +156,11 @@ def test_parquet_folder_is_multi_file(tmp_path):
     source = ParquetSource(tmp_path)
     assert source.file_groups() == [[0, 1], [2, 3]]
     np.testing.assert_array_equal(np.sort(all_records(source)["id"]), np.arange(70))
-    ids = [set(b["id"].tolist()) for r in range(2) for b in
-           Loader(source, batch_size=8, shard=(r, 2), shard_by="file", format="numpy")]
+    ids = [
+        set(b["id"].tolist())
+        for r in range(2)
+        for b in Loader(source, batch_size=8, shard=(r, 2), shard_by="file", format="numpy")
+    ]
     assert set().union(*ids) == set(range(70))
 
 
@@ -156,6 +173,7 @@ def test_parquet_bad_file(tmp_path):
 
 
 # -- CSV -------------------------------------------------------------------------------------
+
 
 def test_csv_chunked(tmp_path):
     lines = ["id,x,name"] + [f"{i},{i * 0.5},n{i}" for i in range(1000)]
@@ -183,10 +201,17 @@ def test_csv_errors(tmp_path):
 
 # -- SQL (SQLite and a real PostgreSQL server) -------------------------------------------------
 
+
 def fill_table(engine, n, width=16):
     meta = sa.MetaData()
-    table = sa.Table("items", meta, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("value", sa.Float), sa.Column("name", sa.Text), sa.Column("image", sa.LargeBinary))
+    table = sa.Table(
+        "items",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", sa.Float),
+        sa.Column("name", sa.Text),
+        sa.Column("image", sa.LargeBinary),
+    )
     meta.drop_all(engine)
     meta.create_all(engine)
     rows = [{"id": i, "value": i / 4, "name": f"item {i}", "image": bytes([i % 256]) * width} for i in range(n)]
@@ -224,8 +249,11 @@ def test_sql_uses_a_server_side_cursor_on_postgresql(postgres_url):
     engine = sa.create_engine(postgres_url)
     fill_table(engine, 300)
     cursors = []
-    sa.event.listen(engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, *a: cursors.append((statement, getattr(cursor, "name", None))))
+    sa.event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *a: cursors.append((statement, getattr(cursor, "name", None))),
+    )
     source = SqlSource.from_table(engine, "items", chunk_rows=100)
     cursors.clear()  # ignore the reflection queries
     list(source.iter_chunks(0))
@@ -268,6 +296,7 @@ def test_sql_fingerprint_follows_changes(tmp_path):
 
 # -- a user's own source -----------------------------------------------------------------------
 
+
 class Squares(Source):
     """The documented interface: three methods."""
 
@@ -280,7 +309,7 @@ class Squares(Source):
     def iter_chunks(self, start=0):
         for c in range(start, 3):
             ids = np.arange(c * 10, c * 10 + self.chunk_sizes()[c])
-            yield {"x": ids, "y": ids ** 2}
+            yield {"x": ids, "y": ids**2}
 
 
 def test_user_source_plugs_in():

@@ -11,7 +11,6 @@ import pytest
 import safetensors.torch
 import sqlalchemy as sa
 import torch
-from torch import nn
 
 from distml.errors import DistmlError
 from distml.models import artifact
@@ -88,8 +87,13 @@ def test_round_trip_gives_identical_outputs(workspace, arch):
 def test_round_trip_of_arch_args_and_all_ref_forms(workspace):
     torch.manual_seed(0)
     model = build_model("mlp", width=16, depth=2, num_classes=3)
-    record = _save(workspace, model, architecture="mlp", arch_args={"width": 16, "depth": 2, "num_classes": 3},
-                   class_names=["a", "b", "c"])
+    record = _save(
+        workspace,
+        model,
+        architecture="mlp",
+        arch_args={"width": 16, "depth": 2, "num_classes": 3},
+        class_names=["a", "b", "c"],
+    )
     for ref in ("fashion", "fashion:1", record.manifest_digest):
         loaded, _ = load_model(workspace, ref)
         assert torch.equal(_outputs(loaded), _outputs(model)), ref
@@ -115,7 +119,7 @@ def test_versions_auto_increment_per_name(workspace):
 
 
 def test_concurrent_saves_get_distinct_versions(workspace):
-    workspace.engine  # migrate once before the threads start
+    _ = workspace.engine  # migrate once before the threads start
     results, errors = [], []
 
     def worker():
@@ -156,7 +160,8 @@ def test_aliases(workspace):
 
 
 @pytest.mark.parametrize(
-    "ref", ["fashion:zero", "fashion:0", "bad name", "", "fashion:1@x"],
+    "ref",
+    ["fashion:zero", "fashion:0", "bad name", "", "fashion:1@x"],
 )
 def test_bad_refs_are_explained(workspace, ref):
     _save(workspace)
@@ -175,8 +180,10 @@ def test_corrupt_manifests_are_refused(workspace):
         (b"{not json", "is not valid UTF-8 JSON"),
         (b"\xff\xfe", "is not valid UTF-8 JSON"),
         (b"[1, 2]", "is a JSON list, expected an object"),
-        (json.dumps({k: v for k, v in manifest.items() if k != "class_names"}).encode(),
-         "lacks required key.*class_names"),
+        (
+            json.dumps({k: v for k, v in manifest.items() if k != "class_names"}).encode(),
+            "lacks required key.*class_names",
+        ),
         (json.dumps({**manifest, "format_version": 99}).encode(), "format version 99, newer than this distml"),
         (json.dumps({**manifest, "format_version": 0}).encode(), "expected 'distml.model' version 1"),
         (json.dumps({**manifest, "arch_args": [1]}).encode(), "'arch_args' is \\[1\\], expected an object"),
@@ -205,8 +212,11 @@ def test_wrong_architecture_is_refused(workspace):
     with pytest.raises(DistmlError, match="cannot build.*'gone_pkg_xyz' cannot be imported"):
         load_model(workspace, missing_module)
     other = _put_manifest(workspace, {**manifest, "architecture": "mlp", "arch_args": {"width": 8, "depth": 1}})
-    with pytest.raises(DistmlError, match="do not fit architecture 'mlp'.*missing keys '1.bias', '1.weight'; "
-                       "unexpected keys '0.bias', '0.weight', '6.bias', '6.weight', '9.bias'.*shape mismatch '3.bias'"):
+    with pytest.raises(
+        DistmlError,
+        match="do not fit architecture 'mlp'.*missing keys '1.bias', '1.weight'; "
+        "unexpected keys '0.bias', '0.weight', '6.bias', '6.weight', '9.bias'.*shape mismatch '3.bias'",
+    ):
         load_model(workspace, other)
     bad_args = _put_manifest(workspace, {**manifest, "arch_args": {"widht": 3}})
     with pytest.raises(DistmlError, match="unknown argument.*'widht'"):
@@ -289,8 +299,10 @@ def test_tied_weights_are_saved_and_loaded_strictly(workspace, tmp_path, monkeyp
     ("overrides", "pattern"),
     [
         ({"architecture": "mlp"}, r"does not match architecture 'mlp' with arguments \{\}: missing keys"),
-        ({"arch_args": {"num_classes": 3}},
-         r"shape mismatch '11.bias' is \(10,\), expected \(3,\), '11.weight' is \(10, 64\), expected \(3, 64\)"),
+        (
+            {"arch_args": {"num_classes": 3}},
+            r"shape mismatch '11.bias' is \(10,\), expected \(3,\), '11.weight' is \(10, 64\), expected \(3, 64\)",
+        ),
         ({"class_names": CLASSES[:9]}, "class_names has 9 names but architecture 'cnn' has 10 classes"),
         ({"class_names": ["a"] * 10}, "class_names must be a list of distinct non-empty strings"),
         ({"metrics": {"loss": float("nan")}}, "metrics must be plain JSON"),
@@ -313,8 +325,19 @@ def test_save_refuses_bad_input_before_storing(workspace, overrides, pattern):
 
 def test_save_refuses_a_non_module(workspace):
     with pytest.raises(DistmlError, match="model must be a torch.nn.Module, got dict"):
-        save_model(workspace, {}, name="x", architecture="cnn", arch_args={}, input_spec=IMAGE_INPUT_SPEC,
-                   preprocessing={}, class_names=CLASSES, metrics={}, training={}, data_fingerprint=None)
+        save_model(
+            workspace,
+            {},
+            name="x",
+            architecture="cnn",
+            arch_args={},
+            input_spec=IMAGE_INPUT_SPEC,
+            preprocessing={},
+            class_names=CLASSES,
+            metrics={},
+            training={},
+            data_fingerprint=None,
+        )
 
 
 def test_numpy_and_tensor_scalars_in_metrics_become_numbers(workspace):

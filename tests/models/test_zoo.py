@@ -54,12 +54,29 @@ def test_exact_parameter_counts():
 def test_layer_layout_matches_the_reference_designs():
     kinds = lambda m: [type(layer).__name__ for layer in m]  # noqa: E731
     assert kinds(build_model("cnn")) == [
-        "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
-        "Conv2d", "ReLU", "Flatten", "Linear", "ReLU", "Linear",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Linear",
     ]
     assert kinds(build_model("dropout"))[6] == "Dropout" and build_model("dropout")[6].p == 0.5
     assert kinds(build_model("batch_norm"))[:8] == [
-        "Conv2d", "BatchNorm2d", "Sigmoid", "MaxPool2d", "Conv2d", "BatchNorm2d", "Sigmoid", "MaxPool2d",
+        "Conv2d",
+        "BatchNorm2d",
+        "Sigmoid",
+        "MaxPool2d",
+        "Conv2d",
+        "BatchNorm2d",
+        "Sigmoid",
+        "MaxPool2d",
     ]
 
 
@@ -89,7 +106,8 @@ def test_model_names_and_register_model(monkeypatch):
 
 
 def test_import_path_factory(tmp_path, monkeypatch):
-    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         def small(num_classes=10, hidden=8):
@@ -104,7 +122,8 @@ def test_import_path_factory(tmp_path, monkeypatch):
             return 42
 
         NOT_CALLABLE = 3
-    """))
+    """)
+    )
     (tmp_path / "broken_models.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for mod in ("my_models", "broken_models"):

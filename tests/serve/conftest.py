@@ -32,10 +32,18 @@ def _save(workspace, arch: str, seed: int):
     model = build_model(arch)
     normalize = Normalize("image", mean=datasets.FASHION_MNIST_MEAN, std=datasets.FASHION_MNIST_STD, scale=1 / 255)
     return save_model(
-        workspace, model, name=arch, architecture=arch, arch_args={}, input_spec=IMAGE_INPUT_SPEC,
+        workspace,
+        model,
+        name=arch,
+        architecture=arch,
+        arch_args={},
+        input_spec=IMAGE_INPUT_SPEC,
         # what distml.train.worker records for a Fashion-MNIST run
         preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
-        class_names=CLASSES, metrics={"test_accuracy": 0.1}, training={"seed": seed}, data_fingerprint=None,
+        class_names=CLASSES,
+        metrics={"test_accuracy": 0.1},
+        training={"seed": seed},
+        data_fingerprint=None,
     )
 
 
@@ -81,7 +89,8 @@ class Reference:
         assert manifest["preprocessing"]["dataset"] == "fashion-mnist"
         x = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28)
         x = x * np.float32((1 / 255) / datasets.FASHION_MNIST_STD) - np.float32(
-            datasets.FASHION_MNIST_MEAN / datasets.FASHION_MNIST_STD)
+            datasets.FASHION_MNIST_MEAN / datasets.FASHION_MNIST_STD
+        )
         with torch.no_grad():
             return torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
 
@@ -105,14 +114,24 @@ class ServerProcess:
         return stop_server(self, timeout)
 
 
-def start_server(workspace: Path, models: list[str], tmp: Path, *extra: str, timeout: float = 60.0,
-                 env: dict | None = None) -> ServerProcess:
+def start_server(
+    workspace: Path, models: list[str], tmp: Path, *extra: str, timeout: float = 60.0, env: dict | None = None
+) -> ServerProcess:
     """Start a replica through its command-line contract and wait for its port file."""
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file, log_path = tmp / f"server-{stamp}.port", tmp / f"server-{stamp}.log"
-    cmd = [sys.executable, "-m", "distml.serve.server", "--workspace", str(workspace), "--port", "0",
-           "--port-file", str(port_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distml.serve.server",
+        "--workspace",
+        str(workspace),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+    ]
     for ref in models:
         cmd += ["--model", ref]
     cmd += list(extra)
@@ -145,8 +164,15 @@ def stop_server(server: ServerProcess, timeout: float = 20.0) -> int:
 @pytest.fixture(scope="session")
 def server(serve_workspace, tmp_path_factory):
     """The shared replica: cnn@champion (v1), cnn:2 and mlp; 20 ms batch window, batches up to 32."""
-    proc = start_server(serve_workspace, ["cnn@champion", "cnn:2", "mlp"], tmp_path_factory.mktemp("server"),
-                        "--max-batch-size", "32", "--max-batch-delay-ms", "20")
+    proc = start_server(
+        serve_workspace,
+        ["cnn@champion", "cnn:2", "mlp"],
+        tmp_path_factory.mktemp("server"),
+        "--max-batch-size",
+        "32",
+        "--max-batch-delay-ms",
+        "20",
+    )
     yield proc
     stop_server(proc)
 

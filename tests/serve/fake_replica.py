@@ -6,7 +6,6 @@ routes of `distml.serve.server` with a FastAPI app whose model "echo" returns it
 simulate slow inference and slow cold starts). Imported, it offers `gateway_process()` for tests.
 """
 
-
 import argparse
 import asyncio
 import contextlib
@@ -71,10 +70,16 @@ def build_app(models: dict[str, list[str]], delay_s: float, token: str | None):
         version, err = resolve(model, None)
         if err:
             return err
-        return JSONResponse({"name": model, "versions": models[model], "platform": "fake",
-                             "inputs": [{"name": "input0", "datatype": "FP32", "shape": [-1, -1]}],
-                             "outputs": [{"name": "output0", "datatype": "FP32", "shape": [-1, -1]}]},
-                            headers={"X-Model-Version": version})
+        return JSONResponse(
+            {
+                "name": model,
+                "versions": models[model],
+                "platform": "fake",
+                "inputs": [{"name": "input0", "datatype": "FP32", "shape": [-1, -1]}],
+                "outputs": [{"name": "output0", "datatype": "FP32", "shape": [-1, -1]}],
+            },
+            headers={"X-Model-Version": version},
+        )
 
     async def infer(request: Request, model: str, version: str | None):
         if not authorized(request):
@@ -85,9 +90,16 @@ def build_app(models: dict[str, list[str]], delay_s: float, token: str | None):
         try:
             body = await request.json()
             inputs = body["inputs"]
-            outputs = [{"name": f"output{i}", "shape": item["shape"], "datatype": item["datatype"],
-                        "data": _times2(item["data"])} for i, item in enumerate(inputs)]
-        except Exception as exc:  # noqa: BLE001 - any malformed body is the client's error
+            outputs = [
+                {
+                    "name": f"output{i}",
+                    "shape": item["shape"],
+                    "datatype": item["datatype"],
+                    "data": _times2(item["data"]),
+                }
+                for i, item in enumerate(inputs)
+            ]
+        except Exception as exc:
             return error(400, f"invalid V2 infer request: {exc!r}", version)
         state["requests"] += 1
         state["in_flight"] += 1
@@ -118,18 +130,19 @@ def build_app(models: dict[str, list[str]], delay_s: float, token: str | None):
             return err
         try:
             instances = (await request.json())["instances"]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return error(400, f"invalid V1 predict request: {exc!r}", version)
         state["requests"] += 1
         if delay_s:
             await asyncio.sleep(delay_s)
-        return JSONResponse({"predictions": [_times2(x) for x in instances]},
-                            headers={"X-Model-Version": version, "X-Replica-Pid": str(os.getpid())})
+        return JSONResponse(
+            {"predictions": [_times2(x) for x in instances]},
+            headers={"X-Model-Version": version, "X-Replica-Pid": str(os.getpid())},
+        )
 
     @app.get("/metrics")
     async def metrics():
-        text = (f"fake_replica_requests_total {state['requests']}\n"
-                f"fake_replica_in_flight {state['in_flight']}\n")
+        text = f"fake_replica_requests_total {state['requests']}\nfake_replica_in_flight {state['in_flight']}\n"
         return PlainTextResponse(text, headers={"X-Model-Version": first_version})
 
     return app
@@ -154,8 +167,7 @@ def serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0)
     parser.add_argument("--token")
     parser.add_argument("--delay-ms", type=float, default=float(os.environ.get("FAKE_REPLICA_DELAY_MS", "0")))
-    parser.add_argument("--startup-delay-s", type=float,
-                        default=float(os.environ.get("FAKE_REPLICA_STARTUP_S", "0")))
+    parser.add_argument("--startup-delay-s", type=float, default=float(os.environ.get("FAKE_REPLICA_STARTUP_S", "0")))
     args = parser.parse_args(argv)
 
     models = parse_models(args.model)
@@ -168,8 +180,9 @@ def serve(argv: list[str] | None = None) -> int:
     app = build_app(models, args.delay_ms / 1000.0, args.token)
     # uvicorn binds the socket itself: a socket handed to it on the plain asyncio loop misses
     # TCP_NODELAY, and every response then waits ~40 ms for a delayed ACK.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off")
+    )
 
     # drain and exit 0 on SIGTERM as the contract says (uvicorn itself re-raises the signal after
     # its graceful shutdown, which would end the process with -15)
@@ -202,13 +215,27 @@ def serve(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def gateway_process(tmp_path: Path, *extra: str, replica_args: str = "", env: dict | None = None,
-                    timeout: float = 30.0):
+def gateway_process(
+    tmp_path: Path, *extra: str, replica_args: str = "", env: dict | None = None, timeout: float = 30.0
+):
     """Start `python -m distml.serve.gateway` on fake replicas; yield (base_url, Popen); stop it after."""
     port_file = tmp_path / f"gateway-{time.monotonic_ns()}.port"
-    cmd = [sys.executable, "-m", "distml.serve.gateway", "--workspace", str(tmp_path / "ws"),
-           "--port-file", str(port_file), "--replica-command", shlex.join(FAKE_REPLICA_COMMAND),
-           "--run-dir", str(tmp_path / f"run-{port_file.stem}"), "--health-interval", "0.25", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distml.serve.gateway",
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--port-file",
+        str(port_file),
+        "--replica-command",
+        shlex.join(FAKE_REPLICA_COMMAND),
+        "--run-dir",
+        str(tmp_path / f"run-{port_file.stem}"),
+        "--health-interval",
+        "0.25",
+        *extra,
+    ]
     if replica_args:
         cmd.append(f"--replica-args={replica_args}")
     log = open(tmp_path / f"gateway-{port_file.stem}.log", "wb")
@@ -218,8 +245,10 @@ def gateway_process(tmp_path: Path, *extra: str, replica_args: str = "", env: di
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {proc.returncode}: "
-                                   f"{(tmp_path / f'gateway-{port_file.stem}.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"gateway exited with {proc.returncode}: "
+                    f"{(tmp_path / f'gateway-{port_file.stem}.log').read_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError("gateway did not write its port file in time")
             time.sleep(0.05)
@@ -244,8 +273,14 @@ class Load:
     """`clients` threads posting V2 infer requests through httpx until `stop()`; every answer is
     checked (status 200 and output = 2 x input) and recorded as (time, status, version, error)."""
 
-    def __init__(self, base: str, clients: int = 4, path: str = "/v2/models/echo/infer",
-                 headers: dict | None = None, timeout: float = 60.0):
+    def __init__(
+        self,
+        base: str,
+        clients: int = 4,
+        path: str = "/v2/models/echo/infer",
+        headers: dict | None = None,
+        timeout: float = 60.0,
+    ):
         import threading
 
         self.base, self.path, self.headers, self.timeout = base, path, headers or {}, timeout
@@ -270,7 +305,7 @@ class Load:
                         err = resp.text[:300]
                     elif resp.json()["outputs"][0]["data"] != [2 * v for v in body["inputs"][0]["data"]]:
                         err = f"wrong output {resp.text[:200]}"
-                except Exception as exc:  # noqa: BLE001 - every failure is recorded, none hidden
+                except Exception as exc:
                     err = f"{type(exc).__name__}: {exc}"
                 with self._lock:
                     self.records.append((time.monotonic(), status, version, err))

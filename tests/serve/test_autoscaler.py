@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
+import fake_replica as fake
 import httpx
 import pytest
 
 from distml.errors import DistmlError
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop, ScalingPolicy
-
-
-import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 
 
 class Clock:
@@ -24,8 +20,16 @@ class Clock:
         return self.now
 
 
-def run(scaler: Autoscaler, clock: Clock, concurrency: float, seconds: float, ready: int, current: int,
-        queued: int = 0, step: float = 0.5) -> tuple[int, list]:
+def run(
+    scaler: Autoscaler,
+    clock: Clock,
+    concurrency: float,
+    seconds: float,
+    ready: int,
+    current: int,
+    queued: int = 0,
+    step: float = 0.5,
+) -> tuple[int, list]:
     """Feed `concurrency` for `seconds`, applying each decision; return the final desired count and the trace."""
     trace = []
     for _ in range(int(round(seconds / step))):
@@ -39,8 +43,9 @@ def run(scaler: Autoscaler, clock: Clock, concurrency: float, seconds: float, re
 
 def test_steady_load_at_target_holds_and_scales_down_only_after_the_stable_window():
     clock = Clock()
-    scaler = Autoscaler(ScalingPolicy(target_concurrency=2, min_replicas=1, max_replicas=10,
-                                      stable_window=60, panic_window=6), clock)
+    scaler = Autoscaler(
+        ScalingPolicy(target_concurrency=2, min_replicas=1, max_replicas=10, stable_window=60, panic_window=6), clock
+    )
     current, _ = run(scaler, clock, concurrency=8, seconds=60, ready=4, current=4)
     assert current == 4  # 8 in flight / target 2
     # load drops to 2: the stable window still remembers the old load, so no sudden scale-down
@@ -52,8 +57,9 @@ def test_steady_load_at_target_holds_and_scales_down_only_after_the_stable_windo
 
 def test_burst_panics_scales_up_at_once_and_never_down_while_panicking():
     clock = Clock()
-    scaler = Autoscaler(ScalingPolicy(target_concurrency=1, min_replicas=1, max_replicas=8,
-                                      stable_window=60, panic_window=6), clock)
+    scaler = Autoscaler(
+        ScalingPolicy(target_concurrency=1, min_replicas=1, max_replicas=8, stable_window=60, panic_window=6), clock
+    )
     run(scaler, clock, concurrency=1, seconds=60, ready=1, current=1)
     clock.now += 1
     scaler.observe(12, duration=1)
@@ -76,16 +82,18 @@ def test_burst_panics_scales_up_at_once_and_never_down_while_panicking():
 
 def test_a_small_rise_is_not_a_panic():
     clock = Clock()
-    scaler = Autoscaler(ScalingPolicy(target_concurrency=4, min_replicas=1, max_replicas=8,
-                                      stable_window=10, panic_window=1), clock)
+    scaler = Autoscaler(
+        ScalingPolicy(target_concurrency=4, min_replicas=1, max_replicas=8, stable_window=10, panic_window=1), clock
+    )
     current, trace = run(scaler, clock, concurrency=6, seconds=3, ready=2, current=2)
     assert not any(d.panicking for d in trace) and current == 2  # 6 on 2 replicas: 75% of target
 
 
 def test_scale_to_zero_after_idle_and_back_to_one_for_a_waiting_request():
     clock = Clock()
-    policy = ScalingPolicy(target_concurrency=1, min_replicas=0, max_replicas=3, stable_window=2,
-                           panic_window=0.5, scale_to_zero_after=5)
+    policy = ScalingPolicy(
+        target_concurrency=1, min_replicas=0, max_replicas=3, stable_window=2, panic_window=0.5, scale_to_zero_after=5
+    )
     scaler = Autoscaler(policy, clock)
     current, _ = run(scaler, clock, concurrency=1, seconds=3, ready=1, current=1)
     assert current == 1
@@ -105,8 +113,13 @@ def test_scale_to_zero_after_idle_and_back_to_one_for_a_waiting_request():
 
 
 def test_policy_rejects_bad_settings():
-    for kwargs in ({"target_concurrency": 0}, {"min_replicas": 3, "max_replicas": 2}, {"max_replicas": 0},
-                   {"stable_window": 5, "panic_window": 6}, {"panic_threshold": 1.0}):
+    for kwargs in (
+        {"target_concurrency": 0},
+        {"min_replicas": 3, "max_replicas": 2},
+        {"max_replicas": 0},
+        {"stable_window": 5, "panic_window": 6},
+        {"panic_threshold": 1.0},
+    ):
         with pytest.raises(DistmlError):
             ScalingPolicy(**kwargs)
 
@@ -125,17 +138,38 @@ class StubReplicas:
 def test_loop_step_turns_the_concurrency_integral_into_a_decision():
     stub = StubReplicas()
     clock = Clock()
-    loop = AutoscalerLoop(Autoscaler(ScalingPolicy(target_concurrency=1, max_replicas=5, stable_window=4,
-                                                   panic_window=1), clock), stub)
+    loop = AutoscalerLoop(
+        Autoscaler(ScalingPolicy(target_concurrency=1, max_replicas=5, stable_window=4, panic_window=1), clock), stub
+    )
     clock.now += 1
     decision = loop.step(area=4.0, last_area=0.0, dt=1.0)  # 4 requests in flight for the whole second
     assert decision.panicking and stub.desired == 4
 
 
 def test_burst_scales_up_idle_scales_to_zero_and_cold_starts_lose_nothing(tmp_path):
-    flags = ["--model", "echo:1", "--autoscale", "--replicas", "0", "--min-replicas", "0", "--max-replicas", "3",
-             "--target-concurrency", "1", "--stable-window", "2", "--panic-window", "0.5",
-             "--scale-to-zero-after", "2", "--autoscale-tick", "0.1", "--hold-timeout", "30"]
+    flags = [
+        "--model",
+        "echo:1",
+        "--autoscale",
+        "--replicas",
+        "0",
+        "--min-replicas",
+        "0",
+        "--max-replicas",
+        "3",
+        "--target-concurrency",
+        "1",
+        "--stable-window",
+        "2",
+        "--panic-window",
+        "0.5",
+        "--scale-to-zero-after",
+        "2",
+        "--autoscale-tick",
+        "0.1",
+        "--hold-timeout",
+        "30",
+    ]
     with fake.gateway_process(tmp_path, *flags, replica_args="--delay-ms 150") as (base, _proc):
         snapshot = lambda: fake.admin(base, "GET", "/admin/replicas").json()  # noqa: E731
         assert snapshot()["groups"][0]["desired"] == 0
@@ -159,8 +193,12 @@ def test_burst_scales_up_idle_scales_to_zero_and_cold_starts_lose_nothing(tmp_pa
         assert peak >= 2, f"never scaled past {peak} replica(s)"
 
         # idle: down to zero replicas, processes gone
-        fake.wait_for(lambda: snapshot()["groups"][0]["desired"] == 0 and not snapshot()["groups"][0]["replicas"],
-                      timeout=15, interval=0.2, message="scale to zero")
+        fake.wait_for(
+            lambda: snapshot()["groups"][0]["desired"] == 0 and not snapshot()["groups"][0]["replicas"],
+            timeout=15,
+            interval=0.2,
+            message="scale to zero",
+        )
         metrics = httpx.get(base + "/metrics").text
         assert 'distml_gateway_replicas_ready{group="0"} 0.0' in metrics
 

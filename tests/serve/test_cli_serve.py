@@ -20,10 +20,14 @@ import psutil
 import pytest
 
 
-
 def distml(workspace, *args, **popen):
-    return subprocess.Popen([sys.executable, "-m", "distml.cli", "--workspace", str(workspace), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distml.cli", "--workspace", str(workspace), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_url(proc, timeout=90.0) -> str:
@@ -91,7 +95,7 @@ def test_serve_survives_kill_and_swaps_versions_with_no_failed_request(serve_wor
         assert set(statuses) == {200}, f"failed requests: {statuses}"
         versions = [v for _, v in load.results]
         assert "cnn:1" in versions and "cnn:2" in versions
-        assert set(versions[mark + 10:]) == {"cnn:2"}, "after promote every answer comes from version 2"
+        assert set(versions[mark + 10 :]) == {"cnn:2"}, "after promote every answer comes from version 2"
         snapshot = httpx.get(f"{url}/admin/replicas").json()["groups"][0]
         assert snapshot["ready"] == 2, "the killed replica was replaced"
     finally:
@@ -99,8 +103,9 @@ def test_serve_survives_kill_and_swaps_versions_with_no_failed_request(serve_wor
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
-        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], (
             "Ctrl-C stops every replica"
+        )
 
 
 def test_serve_rejects_an_unknown_model(serve_workspace):

@@ -39,8 +39,10 @@ def test_triton_infer(triton, reference, make_pixels, binary_input, outputs):
     infer_input.set_data_from_numpy(images, binary_data=binary_input)
     requested = None
     if outputs != "none":  # "none": the client asks for every output as binary (binary_data_output)
-        requested = [tritonhttp.InferRequestedOutput(name, binary_data=outputs == "binary")
-                     for name in ("probabilities", "label")]
+        requested = [
+            tritonhttp.InferRequestedOutput(name, binary_data=outputs == "binary")
+            for name in ("probabilities", "label")
+        ]
     result = triton.infer("cnn", [infer_input], model_version="1", outputs=requested, request_id="t-1")
     expected = reference.probabilities("cnn:1", images)
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
@@ -56,8 +58,9 @@ def test_triton_uint8_input_and_errors(triton, reference, make_pixels):
     infer_input = tritonhttp.InferInput("image", [2, 784], "UINT8")
     infer_input.set_data_from_numpy(images)
     result = triton.infer("cnn", [infer_input])
-    np.testing.assert_allclose(result.as_numpy("probabilities"), reference.probabilities("cnn:2", images),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), reference.probabilities("cnn:2", images), rtol=1e-5, atol=1e-6
+    )
     bad = tritonhttp.InferInput("image", [2, 28], "FP32")
     bad.set_data_from_numpy(np.zeros((2, 28), np.float32))
     with pytest.raises(tritonhttp.InferenceServerException, match=r"expects one of \[-1, 28, 28\]"):
@@ -80,8 +83,12 @@ def test_kserve_rest_client(server, reference, make_pixels):
             for binary in (False, True):
                 infer_input = InferInput(name="image", shape=list(images.shape), datatype="FP32")
                 infer_input.set_data_from_numpy(images, binary_data=binary)
-                request = InferRequest(model_name="cnn", infer_inputs=[infer_input], request_id=f"k-{binary}",
-                                       parameters={"binary_data_output": binary})
+                request = InferRequest(
+                    model_name="cnn",
+                    infer_inputs=[infer_input],
+                    request_id=f"k-{binary}",
+                    parameters={"binary_data_output": binary},
+                )
                 results.append(await client.infer(server.url, request, model_name="cnn"))
             return results
         finally:

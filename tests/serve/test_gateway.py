@@ -12,13 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import fake_replica as fake
 import httpx
 import pytest
 
 from distml.serve.replicas import READY, NoReplicaAvailable, Replica, ReplicaSet
 
-
-import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -36,8 +35,9 @@ def test_least_outstanding_with_round_robin_ties():
 
     async def scenario():
         rs = ReplicaSet(["unused"], ["m"], workspace=".", replicas=0)
-        a, b, c = (Replica(f"r{i}", ("m",), Proc(), Path("p"), Path("l"), "h", 0.0, port=1, state=READY)
-                   for i in range(3))
+        a, b, c = (
+            Replica(f"r{i}", ("m",), Proc(), Path("p"), Path("l"), "h", 0.0, port=1, state=READY) for i in range(3)
+        )
         rs._replicas.extend([a, b, c])
         picks = [await rs.acquire() for _ in range(3)]
         assert picks == [a, b, c]  # all idle: round-robin
@@ -64,8 +64,14 @@ def test_least_outstanding_with_round_robin_ties():
 
 def test_replica_set_add_remove_drains_first_and_close(tmp_path):
     async def scenario():
-        rs = ReplicaSet(fake.FAKE_REPLICA_COMMAND, ["echo:1"], workspace=tmp_path / "ws", run_dir=tmp_path / "run",
-                        replicas=1, health_interval=0.25)
+        rs = ReplicaSet(
+            fake.FAKE_REPLICA_COMMAND,
+            ["echo:1"],
+            workspace=tmp_path / "ws",
+            run_dir=tmp_path / "run",
+            replicas=1,
+            health_interval=0.25,
+        )
         await rs.start()
         first = rs.replicas[0]
         try:
@@ -117,13 +123,15 @@ def test_proxy_passthrough_errors_health_metrics_and_token(tmp_path):
             assert client.get("/v2/health/ready").json() == {"ready": True}
             assert client.get("/v2/health/live").json() == {"live": True}
             metrics = client.get("/metrics", headers=AUTH).text
-            for line in ('distml_gateway_requests_total{model="echo",status="200"} 3.0',
-                         'distml_gateway_requests_total{model="missing",status="404"} 1.0',
-                         'distml_gateway_requests_total{model="echo",status="400"} 1.0',
-                         'distml_gateway_replicas_desired{group="0"} 1.0',
-                         'distml_gateway_replicas_ready{group="0"} 1.0',
-                         'distml_gateway_queue_depth{group="0"} 0.0',
-                         "distml_gateway_request_seconds_bucket"):
+            for line in (
+                'distml_gateway_requests_total{model="echo",status="200"} 3.0',
+                'distml_gateway_requests_total{model="missing",status="404"} 1.0',
+                'distml_gateway_requests_total{model="echo",status="400"} 1.0',
+                'distml_gateway_replicas_desired{group="0"} 1.0',
+                'distml_gateway_replicas_ready{group="0"} 1.0',
+                'distml_gateway_queue_depth{group="0"} 0.0',
+                "distml_gateway_request_seconds_bucket",
+            ):
                 assert line in metrics, line
             # bad admin input gets one clear error
             resp = client.post("/admin/models/echo/traffic", json={"versions": {"1": -5}}, headers=AUTH)
@@ -133,8 +141,10 @@ def test_proxy_passthrough_errors_health_metrics_and_token(tmp_path):
 
 
 def test_least_outstanding_spreads_load_over_two_replicas(tmp_path):
-    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2",
-                              replica_args="--delay-ms 50") as (base, _proc):
+    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2", replica_args="--delay-ms 50") as (
+        base,
+        _proc,
+    ):
         with fake.Load(base, clients=4) as load:
             time.sleep(2.0)
         assert not load.failures, load.failures[:3]
@@ -144,8 +154,10 @@ def test_least_outstanding_spreads_load_over_two_replicas(tmp_path):
 
 
 def test_kill_9_under_load_loses_no_request_and_the_replica_is_replaced(tmp_path):
-    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2",
-                              replica_args="--delay-ms 20") as (base, _proc):
+    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2", replica_args="--delay-ms 20") as (
+        base,
+        _proc,
+    ):
         before = replicas_of(base)
         assert [r["state"] for r in before] == ["ready", "ready"]
         with fake.Load(base, clients=4) as load:
@@ -158,15 +170,19 @@ def test_kill_9_under_load_loses_no_request_and_the_replica_is_replaced(tmp_path
         assert not load.failures, load.failures[:3]
         after_kill = [r for r in load.records if r[0] > killed_at]
         assert len(after_kill) > 50
-        fake.wait_for(lambda: [r["state"] for r in replicas_of(base)] == ["ready", "ready"], timeout=15,
-                      message="replacement ready")
+        fake.wait_for(
+            lambda: [r["state"] for r in replicas_of(base)] == ["ready", "ready"],
+            timeout=15,
+            message="replacement ready",
+        )
         pids = {r["pid"] for r in replicas_of(base)}
         assert victim not in pids and before[1]["pid"] in pids
         assert not fake.pid_alive(victim)
         metrics = httpx.get(base + "/metrics").text
         assert 'distml_gateway_replica_ejections_total{group="0"} 1.0' in metrics
-        retries = float(next(line.split()[1] for line in metrics.splitlines()
-                             if line.startswith("distml_gateway_retries_total")))
+        retries = float(
+            next(line.split()[1] for line in metrics.splitlines() if line.startswith("distml_gateway_retries_total"))
+        )
         assert retries >= 1  # requests did hit the dead replica and were retried elsewhere
 
 
@@ -179,15 +195,21 @@ def test_a_hung_replica_fails_its_health_checks_and_its_requests_move_elsewhere(
             with fake.Load(base, clients=2) as load:
                 time.sleep(0.5)
                 os.kill(hung, signal.SIGSTOP)  # alive but answering nothing: only health checks can tell
-                fake.wait_for(lambda: hung not in {r["pid"] for r in replicas_of(base)}, timeout=10,
-                              message="hung replica ejected")
+                fake.wait_for(
+                    lambda: hung not in {r["pid"] for r in replicas_of(base)},
+                    timeout=10,
+                    message="hung replica ejected",
+                )
                 time.sleep(0.5)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGCONT)
         assert not load.failures, load.failures[:3]  # its stuck requests were reset and retried
-        fake.wait_for(lambda: [r["state"] for r in replicas_of(base)] == ["ready", "ready"], timeout=15,
-                      message="replacement ready")
+        fake.wait_for(
+            lambda: [r["state"] for r in replicas_of(base)] == ["ready", "ready"],
+            timeout=15,
+            message="replacement ready",
+        )
         assert not fake.pid_alive(hung)
         assert "failed 2 health checks" in fake.admin(base, "GET", "/admin/replicas").json()["groups"][0]["last_error"]
 
@@ -197,6 +219,7 @@ def test_canary_split_promote_and_rollback(tmp_path):
         resp = fake.admin(base, "POST", "/admin/models/echo/traffic", json={"versions": {"3": 90, "4": 10}})
         assert resp.status_code == 200 and resp.json()["versions"] == {"3": 90.0, "4": 10.0}
         with httpx.Client(base_url=base, timeout=30) as client:
+
             def versions(n: int, path: str = "/v2/models/echo/infer") -> Counter:
                 seen = Counter()
                 for i in range(n):
@@ -218,8 +241,10 @@ def test_canary_split_promote_and_rollback(tmp_path):
 
 
 def test_roll_to_a_new_version_under_load_loses_no_request(tmp_path):
-    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2",
-                              replica_args="--delay-ms 20") as (base, _proc):
+    with fake.gateway_process(tmp_path, "--model", "echo:1", "--replicas", "2", replica_args="--delay-ms 20") as (
+        base,
+        _proc,
+    ):
         old_pids = {r["pid"] for r in replicas_of(base)}
         with fake.Load(base, clients=4) as load:
             time.sleep(1.0)
@@ -261,9 +286,20 @@ def test_replicas_never_outlive_the_gateway(tmp_path, how):
 
 
 def test_a_replica_that_cannot_start_fails_the_gateway_with_its_reason(tmp_path):
-    cmd = [sys.executable, "-m", "distml.serve.gateway", "--workspace", str(tmp_path / "ws"), "--model", "echo:1",
-           "--replica-command", f"{sys.executable} {fake.HERE / 'fake_replica.py'}", "--replica-args=--bogus-flag",
-           "--run-dir", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distml.serve.gateway",
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--model",
+        "echo:1",
+        "--replica-command",
+        f"{sys.executable} {fake.HERE / 'fake_replica.py'}",
+        "--replica-args=--bogus-flag",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "error: gateway did not start" in result.stderr

@@ -43,8 +43,11 @@ def _elements(name: str, json_safe: bool):
 def _arrays(name: str, json_safe: bool):
     if name == "BYTES":
         item = st.text(max_size=6) if json_safe else st.binary(max_size=6)
-        return SHAPES.flatmap(lambda shape: st.lists(item, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))
-                              .map(lambda values, s=shape: _object_array(values, s)))
+        return SHAPES.flatmap(
+            lambda shape: st.lists(item, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))).map(
+                lambda values, s=shape: _object_array(values, s)
+            )
+        )
     return hnp.arrays(NUMPY[name].newbyteorder("="), SHAPES, elements=_elements(name, json_safe))
 
 
@@ -86,22 +89,38 @@ def test_request_round_trip(datatype, binary, data):
 def test_response_round_trip_mixed_json_and_binary(datatype, data):
     as_json = data.draw(_arrays(datatype, json_safe=True))
     as_binary = data.draw(_arrays(datatype, json_safe=False))
-    response = InferResponse("m", [Tensor.from_numpy("a", as_json, datatype), Tensor.from_numpy("b", as_binary,
-                                                                                                  datatype)],
-                             model_version="3", id="x")
+    response = InferResponse(
+        "m",
+        [Tensor.from_numpy("a", as_json, datatype), Tensor.from_numpy("b", as_binary, datatype)],
+        model_version="3",
+        id="x",
+    )
     body, headers = encode_infer_response(response, lambda name: name == "b")
     assert headers["content-type"] == "application/octet-stream"
     parsed = parse_infer_response(body, headers[HEADER_LENGTH])
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("m", "3", "x")
     _same(as_json, parsed.outputs[0].data, datatype)
     _same(as_binary, parsed.outputs[1].data, datatype)
-    head = json.loads(body[:int(headers[HEADER_LENGTH])])
+    head = json.loads(body[: int(headers[HEADER_LENGTH])])
     assert "data" in head["outputs"][0] and "binary_data_size" in head["outputs"][1]["parameters"]
 
 
 def test_datatype_mapping_covers_every_v2_type():
-    assert set(DATATYPES) == {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-                              "FP16", "FP32", "FP64", "BYTES"}
+    assert set(DATATYPES) == {
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    }
     for name, dtype in NUMPY.items():
         assert datatype_of(np.zeros(2, dtype=dtype)) == name
         assert datatype_of(np.zeros(2, dtype=dtype.newbyteorder(">"))) == name
@@ -109,9 +128,13 @@ def test_datatype_mapping_covers_every_v2_type():
 
 
 def test_binary_layout_is_little_endian_and_bytes_are_length_prefixed():
-    body, header = encode_infer_request([Tensor.from_numpy("f", np.array([1.5, -2.0], np.float32)),
-                                         Tensor.from_numpy("s", np.array([b"ab", b""], dtype=object), "BYTES")],
-                                        binary=True)
+    body, header = encode_infer_request(
+        [
+            Tensor.from_numpy("f", np.array([1.5, -2.0], np.float32)),
+            Tensor.from_numpy("s", np.array([b"ab", b""], dtype=object), "BYTES"),
+        ],
+        binary=True,
+    )
     head = json.loads(body[:header])
     assert [i["parameters"]["binary_data_size"] for i in head["inputs"]] == [8, 10]
     assert body[header:] == struct.pack("<2f", 1.5, -2.0) + struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
@@ -124,14 +147,16 @@ def test_nested_and_flat_json_data_are_the_same_tensor():
     b = parse_infer_request(json.dumps(nested).encode()).inputs[0].data
     assert np.array_equal(a, b) and a.dtype == np.int32 and a.shape == (2, 3)
     # JSON integers are fine for floating point types; huge integers become floats
-    request = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP64", "data": [1, 2.5, 2 ** 70]}]}
-    assert parse_infer_request(json.dumps(request).encode()).inputs[0].data.tolist() == [1.0, 2.5, 2.0 ** 70]
+    request = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP64", "data": [1, 2.5, 2**70]}]}
+    assert parse_infer_request(json.dumps(request).encode()).inputs[0].data.tolist() == [1.0, 2.5, 2.0**70]
 
 
 def test_wants_binary_per_output_overrides_request_default():
-    body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
-            "outputs": [{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}],
-            "parameters": {"binary_data_output": True}}
+    body = {
+        "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+        "outputs": [{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}],
+        "parameters": {"binary_data_output": True},
+    }
     request = parse_infer_request(json.dumps(body).encode())
     assert not request.wants_binary("a") and request.wants_binary("b") and request.wants_any_binary()
     request = parse_infer_request(json.dumps({**body, "parameters": {}}).encode())
@@ -175,17 +200,28 @@ BAD_JSON = [
     (_request(datatype="INT32", data=[1, 2, 3.5, 4, 5, 6]), None, "INT32 data must be integers"),
     (_request(datatype="UINT8", data=[1, 2, 256, 4, 5, 6]), None, "holds 256, out of range for UINT8 (0..255)"),
     (_request(datatype="INT8", data=[1, 2, -129, 4, 5, 6]), None, "holds -129, out of range for INT8"),
-    (_request(datatype="UINT64", data=[1, 2, 2 ** 64, 4, 5, 6]), None, "out of range for UINT64"),
+    (_request(datatype="UINT64", data=[1, 2, 2**64, 4, 5, 6]), None, "out of range for UINT64"),
     (_request(datatype="BOOL", data=[True, 1, True, True, True, True]), None, "BOOL data must be true/false"),
     (_request(datatype="BYTES", data=["a", "b", 3, "d", "e", "f"]), None, "BYTES data in JSON must be strings"),
     (_request(), None, "has no 'data'"),
     (_request(data=[1] * 6, parameters=[1]), None, "parameters is a list; expected an object"),
-    (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}] * 2}).encode(), None,
-     "names inputs 'x' more than once"),
-    (json.dumps({"id": 7, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(), None,
-     "'id' is 7; expected a string"),
-    (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{}]}).encode(),
-     None, "outputs[0] is {}; expected an object like"),
+    (
+        json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}] * 2}).encode(),
+        None,
+        "names inputs 'x' more than once",
+    ),
+    (
+        json.dumps({"id": 7, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(),
+        None,
+        "'id' is 7; expected a string",
+    ),
+    (
+        json.dumps(
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{}]}
+        ).encode(),
+        None,
+        "outputs[0] is {}; expected an object like",
+    ),
     (_request(parameters={"binary_data_size": 24}), None, "has parameters.binary_data_size but the body has no binary"),
 ]
 
@@ -199,8 +235,19 @@ def test_bad_json_requests_are_refused_clearly(body, header, message):
 
 
 def _binary(size: int, payload: bytes, datatype: str = "FP32", shape=(2, 3), **extra):
-    head = json.dumps({"inputs": [{"name": "x", "shape": list(shape), "datatype": datatype,
-                                   "parameters": {"binary_data_size": size}, **extra}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(shape),
+                    "datatype": datatype,
+                    "parameters": {"binary_data_size": size},
+                    **extra,
+                }
+            ]
+        }
+    ).encode()
     return head + payload, len(head)
 
 
@@ -243,4 +290,7 @@ def test_responses_that_json_cannot_carry():
     with pytest.raises(ProtocolError, match="not UTF-8"):
         encode_infer_response(bad_utf8)
     assert protocol.infer_response_json(InferResponse("m", [], model_version="2")) == {
-        "model_name": "m", "model_version": "2", "outputs": []}
+        "model_name": "m",
+        "model_version": "2",
+        "outputs": [],
+    }

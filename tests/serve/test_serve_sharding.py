@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
+import fake_replica as fake
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distml.errors import DistmlError
-from distml.serve.sharding import (HashRing, chunk_bounds, merge_v1, merge_v2, split_v1, split_v2,
-                                   v2_batch_rows)
+from distml.serve.sharding import HashRing, chunk_bounds, merge_v1, merge_v2, split_v1, split_v2, v2_batch_rows
 
-
-import fake_replica as fake  # noqa: E402  (tests/serve is on sys.path: pytest rootdir-relative import)
 KEYS = [f"user-{i}" for i in range(20000)]
 
 
@@ -55,18 +51,28 @@ def test_chunk_bounds_cover_rows_in_order():
 
 
 def _echo_v2(request: dict) -> dict:
-    return {"model_name": "m", "model_version": "1",
-            "outputs": [{"name": f"out{i}", "shape": item["shape"], "datatype": item["datatype"],
-                         "data": item["data"]} for i, item in enumerate(request["inputs"])]}
+    return {
+        "model_name": "m",
+        "model_version": "1",
+        "outputs": [
+            {"name": f"out{i}", "shape": item["shape"], "datatype": item["datatype"], "data": item["data"]}
+            for i, item in enumerate(request["inputs"])
+        ],
+    }
 
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 9), cols=st.integers(1, 4), parts=st.integers(1, 5), nested=st.booleans())
 def test_v2_scatter_gather_preserves_order(rows, cols, parts, nested):
     flat = list(range(rows * cols))
-    data = [flat[r * cols:(r + 1) * cols] for r in range(rows)] if nested else flat
-    request = {"id": "r1", "inputs": [{"name": "a", "shape": [rows, cols], "datatype": "INT32", "data": data},
-                                      {"name": "b", "shape": [rows], "datatype": "INT32", "data": list(range(rows))}]}
+    data = [flat[r * cols : (r + 1) * cols] for r in range(rows)] if nested else flat
+    request = {
+        "id": "r1",
+        "inputs": [
+            {"name": "a", "shape": [rows, cols], "datatype": "INT32", "data": data},
+            {"name": "b", "shape": [rows], "datatype": "INT32", "data": list(range(rows))},
+        ],
+    }
     pieces = split_v2(request, parts)
     assert len(pieces) == min(parts, rows)
     assert sum(p["inputs"][0]["shape"][0] for p in pieces) == rows
@@ -79,16 +85,24 @@ def test_v2_scatter_gather_preserves_order(rows, cols, parts, nested):
 def test_unsplittable_requests_are_recognised():
     good = fake.v2_body(rows=4)
     assert v2_batch_rows(good) == 4
-    mismatched = {"inputs": [{"name": "a", "shape": [4, 1], "datatype": "FP32", "data": [1, 2, 3, 4]},
-                             {"name": "b", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]}]}
+    mismatched = {
+        "inputs": [
+            {"name": "a", "shape": [4, 1], "datatype": "FP32", "data": [1, 2, 3, 4]},
+            {"name": "b", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]},
+        ]
+    }
     assert v2_batch_rows(mismatched) is None
     assert v2_batch_rows({**good, "parameters": {"binary_data_output": True}}) is None
     assert v2_batch_rows({"inputs": [{"name": "a", "shape": [4, 2], "datatype": "FP32", "data": [1]}]}) is None
     with pytest.raises(DistmlError):
         split_v2(mismatched, 2)
     with pytest.raises(DistmlError, match="disagree"):
-        merge_v2([{"outputs": [{"name": "a", "shape": [1], "data": [1]}]},
-                  {"outputs": [{"name": "b", "shape": [1], "data": [1]}]}])
+        merge_v2(
+            [
+                {"outputs": [{"name": "a", "shape": [1], "data": [1]}]},
+                {"outputs": [{"name": "b", "shape": [1], "data": [1]}]},
+            ]
+        )
 
 
 def test_v1_scatter_gather_preserves_order():
@@ -103,24 +117,30 @@ def test_gateway_routes_keys_consistently_and_scatters_batches(tmp_path):
     with fake.gateway_process(tmp_path, "--model", "echo:1", "--shards", "2", "--replicas", "1") as (base, _proc):
         with httpx.Client(base_url=base, timeout=30) as client:
             groups: dict[str, set[str]] = {}
-            for round_ in range(3):
+            for _round in range(3):
                 for i in range(12):
                     key = f"customer-{i}"
-                    resp = client.post("/v2/models/echo/infer", json=fake.v2_body(rows=3, start=i),
-                                       headers={"X-Shard-Key": key})
+                    resp = client.post(
+                        "/v2/models/echo/infer", json=fake.v2_body(rows=3, start=i), headers={"X-Shard-Key": key}
+                    )
                     assert resp.status_code == 200, resp.text
                     assert resp.json()["outputs"][0]["shape"] == [3, 3]
                     groups.setdefault(key, set()).add(resp.headers["x-distml-group"])
             assert all(len(g) == 1 for g in groups.values()), groups  # same key -> same group, always
             assert {g.pop() for g in groups.values()} == {"0", "1"}  # and both groups get keys
             ring = HashRing(range(2))
-            assert all(resp_group == str(ring.node_for(k)) for k, resp_group in
-                       ((k, next(iter(g))) for k, g in groups.items() if g))
+            assert all(
+                resp_group == str(ring.node_for(k))
+                for k, resp_group in ((k, next(iter(g))) for k, g in groups.items() if g)
+            )
 
-            before = {g["name"]: sum(r["served"] for r in g["replicas"])
-                      for g in client.get("/admin/replicas").json()["groups"]}
-            nested = {"inputs": [{"name": "x", "shape": [7, 2], "datatype": "FP32",
-                                  "data": [[r, r + 0.5] for r in range(7)]}]}
+            before = {
+                g["name"]: sum(r["served"] for r in g["replicas"])
+                for g in client.get("/admin/replicas").json()["groups"]
+            }
+            nested = {
+                "inputs": [{"name": "x", "shape": [7, 2], "datatype": "FP32", "data": [[r, r + 0.5] for r in range(7)]}]
+            }
             resp = client.post("/v2/models/echo/infer", json=nested)
             assert resp.status_code == 200, resp.text
             assert resp.headers["x-distml-group"] == "0,1"
@@ -133,8 +153,10 @@ def test_gateway_routes_keys_consistently_and_scatters_batches(tmp_path):
             resp = client.post("/v1/models/echo:predict", json={"instances": [[i] for i in range(5)]})
             assert resp.status_code == 200 and resp.headers["x-distml-group"] == "0,1"
             assert resp.json()["predictions"] == [[2 * i] for i in range(5)]
-            after = {g["name"]: sum(r["served"] for r in g["replicas"])
-                     for g in client.get("/admin/replicas").json()["groups"]}
+            after = {
+                g["name"]: sum(r["served"] for r in g["replicas"])
+                for g in client.get("/admin/replicas").json()["groups"]
+            }
             assert all(after[g] - before[g] == 3 for g in after), (before, after)  # each group got a part
             # a part's error comes back as the answer, not a half-merged result
             resp = client.post("/v2/models/nope/infer", json=fake.v2_body(rows=4))

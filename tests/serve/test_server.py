@@ -27,8 +27,12 @@ ALL_TAGS = "cnn:1,cnn:2,mlp:1"
 
 
 def v2_body(images: np.ndarray, datatype: str = "FP32", **extra) -> dict:
-    return {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": datatype,
-                        "data": images.reshape(-1).tolist()}], **extra}
+    return {
+        "inputs": [
+            {"name": "image", "shape": list(images.shape), "datatype": datatype, "data": images.reshape(-1).tolist()}
+        ],
+        **extra,
+    }
 
 
 def png_b64(image: Image.Image, fmt: str = "PNG", **save) -> str:
@@ -79,8 +83,10 @@ def test_model_metadata_and_readiness(server):
     body = meta.json()
     assert body["name"] == "cnn" and body["versions"] == ["1", "2"] and body["platform"] == "pytorch"
     assert body["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28]}]
-    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
-                               {"name": "label", "datatype": "INT64", "shape": [-1]}]
+    assert body["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "label", "datatype": "INT64", "shape": [-1]},
+    ]
     params = body["parameters"]
     assert "raw pixel values 0..255" in params["input_format"]
     assert params["normalization"]["mean"] == pytest.approx(0.2860) and params["normalization"]["std"] == 0.353
@@ -89,8 +95,11 @@ def test_model_metadata_and_readiness(server):
     v1 = httpx.get(f"{server.url}/v2/models/cnn/versions/1")
     assert v1.headers["X-Model-Version"] == "cnn:1" and v1.json()["parameters"]["version"] == "1"
     assert httpx.get(f"{server.url}/v2/models/mlp").json()["versions"] == ["1"]
-    for path, tag in [("/v2/models/cnn/ready", "cnn:2"), ("/v2/models/cnn/versions/1/ready", "cnn:1"),
-                      ("/v2/models/mlp/ready", "mlp:1")]:
+    for path, tag in [
+        ("/v2/models/cnn/ready", "cnn:2"),
+        ("/v2/models/cnn/versions/1/ready", "cnn:1"),
+        ("/v2/models/mlp/ready", "mlp:1"),
+    ]:
         response = httpx.get(server.url + path)
         assert response.status_code == 200 and response.json()["ready"] is True
         assert response.headers["X-Model-Version"] == tag
@@ -101,9 +110,14 @@ def test_model_metadata_and_readiness(server):
 # --- inference --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, ref", [("/v2/models/cnn/infer", "cnn:2"),
-                                       ("/v2/models/cnn/versions/1/infer", "cnn:1"),
-                                       ("/v2/models/mlp/infer", "mlp:1")])
+@pytest.mark.parametrize(
+    "path, ref",
+    [
+        ("/v2/models/cnn/infer", "cnn:2"),
+        ("/v2/models/cnn/versions/1/infer", "cnn:1"),
+        ("/v2/models/mlp/infer", "mlp:1"),
+    ],
+)
 def test_json_infer_equals_the_model_in_process(server, reference, make_pixels, path, ref):
     images = make_pixels(3, seed=1)
     response = httpx.post(server.url + path, json=v2_body(images, id="req-7"))
@@ -117,19 +131,25 @@ def test_json_infer_equals_the_model_in_process(server, reference, make_pixels, 
     assert outputs["probabilities"]["shape"] == [3, 10] and outputs["probabilities"]["datatype"] == "FP32"
     got = np.array(outputs["probabilities"]["data"], dtype=np.float32).reshape(3, 10)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert outputs["label"] == {"name": "label", "datatype": "INT64", "shape": [3],
-                                "data": expected.argmax(1).tolist()}
+    assert outputs["label"] == {"name": "label", "datatype": "INT64", "shape": [3], "data": expected.argmax(1).tolist()}
 
 
 def test_binary_infer_with_uint8_channel_images(server, reference, make_pixels):
     images = make_pixels(4, seed=2).astype(np.uint8).reshape(4, 1, 28, 28)
-    body, header = encode_infer_request([Tensor.from_numpy("image", images)], binary=True, outputs=[
-        "probabilities", "label"], parameters={"binary_data_output": True})
-    response = httpx.post(f"{server.url}/v2/models/cnn/versions/1/infer", content=body,
-                          headers={HEADER_LENGTH: str(header), "content-type": "application/octet-stream"})
+    body, header = encode_infer_request(
+        [Tensor.from_numpy("image", images)],
+        binary=True,
+        outputs=["probabilities", "label"],
+        parameters={"binary_data_output": True},
+    )
+    response = httpx.post(
+        f"{server.url}/v2/models/cnn/versions/1/infer",
+        content=body,
+        headers={HEADER_LENGTH: str(header), "content-type": "application/octet-stream"},
+    )
     assert response.status_code == 200, response.text
     parsed = parse_infer_response(response.content, response.headers[HEADER_LENGTH])
-    head = json.loads(response.content[:int(response.headers[HEADER_LENGTH])])
+    head = json.loads(response.content[: int(response.headers[HEADER_LENGTH])])
     assert all("binary_data_size" in o["parameters"] for o in head["outputs"])
     probabilities, labels = parsed.outputs
     expected = reference.probabilities("cnn:1", images)
@@ -139,8 +159,9 @@ def test_binary_infer_with_uint8_channel_images(server, reference, make_pixels):
 
 def test_flat_fp64_input_and_output_selection(server, reference, make_pixels):
     images = make_pixels(2, seed=3).reshape(2, 784)
-    body = v2_body(images, "FP64", outputs=[{"name": "label"}, {"name": "probabilities",
-                                                                 "parameters": {"binary_data": True}}])
+    body = v2_body(
+        images, "FP64", outputs=[{"name": "label"}, {"name": "probabilities", "parameters": {"binary_data": True}}]
+    )
     response = httpx.post(f"{server.url}/v2/models/cnn/infer", json=body)
     parsed = parse_infer_response(response.content, response.headers.get(HEADER_LENGTH))
     assert [o.name for o in parsed.outputs] == ["label", "probabilities"]
@@ -156,8 +177,13 @@ def test_v1_instances_png_and_jpeg(server, reference, make_pixels):
     gray = Image.fromarray(images[0].astype(np.uint8), mode="L")
     color = Image.fromarray(np.random.RandomState(5).randint(0, 256, (56, 40, 3)).astype(np.uint8), mode="RGB")
     jpeg_b64 = png_b64(gray, "JPEG", quality=90)
-    instances = [images[0].tolist(), images[1].reshape(-1).tolist(), {"image_bytes": {"b64": png_b64(gray)}},
-                 {"image_bytes": {"b64": jpeg_b64}}, {"b64": png_b64(color)}]
+    instances = [
+        images[0].tolist(),
+        images[1].reshape(-1).tolist(),
+        {"image_bytes": {"b64": png_b64(gray)}},
+        {"image_bytes": {"b64": jpeg_b64}},
+        {"b64": png_b64(color)},
+    ]
     response = httpx.post(f"{server.url}/v1/models/cnn:predict", json={"instances": instances})
     assert response.status_code == 200, response.text
     assert response.headers["X-Model-Version"] == "cnn:2"
@@ -177,38 +203,89 @@ def test_v1_instances_png_and_jpeg(server, reference, make_pixels):
 
 IMAGE = np.zeros((1, 28, 28)).tolist()
 ERRORS = [
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 27, 28], "datatype": "FP32",
-                                                           "data": [0] * 756}]}},
-     400, "has shape [1, 27, 28]; model 'cnn' expects one of [-1, 28, 28], [-1, 1, 28, 28], [-1, 784]"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BOOL",
-                                                           "data": [False] * 784}]}},
-     400, "has datatype BOOL; expected FP32 raw pixel values 0..255"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BYTES",
-                                                           "data": ["a"] * 784}]}},
-     400, "has datatype BYTES; expected FP32"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
-                                                           "data": [1] * 783}]}},
-     400, "has 783 values but shape [1, 28, 28] needs 784"),
-    ("post", "/v2/models/cnn/infer", {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}},
-     400, "request body is not valid JSON"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "pixels", "shape": [1, 28, 28],
-                                                           "datatype": "FP32", "data": IMAGE}]}},
-     400, "model 'cnn' has one input named 'image'; got 'pixels'"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32",
-                                                           "data": IMAGE}], "outputs": [{"name": "logits"}]}},
-     400, "has no output 'logits'"),
-    ("post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "image", "shape": [0, 28, 28], "datatype": "FP32",
-                                                           "data": []}]}},
-     400, "batch dimension 0; expected at least 1 image"),
-    ("post", "/v2/models/cnn/infer", {"content": json.dumps({"inputs": [{
-        "name": "image", "shape": [1, 784], "datatype": "FP32", "data": [float("nan")] * 784}]})},
-     400, "NaN or infinite values"),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "image", "shape": [1, 27, 28], "datatype": "FP32", "data": [0] * 756}]}},
+        400,
+        "has shape [1, 27, 28]; model 'cnn' expects one of [-1, 28, 28], [-1, 1, 28, 28], [-1, 784]",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BOOL", "data": [False] * 784}]}},
+        400,
+        "has datatype BOOL; expected FP32 raw pixel values 0..255",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "BYTES", "data": ["a"] * 784}]}},
+        400,
+        "has datatype BYTES; expected FP32",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": [1] * 783}]}},
+        400,
+        "has 783 values but shape [1, 28, 28] needs 784",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}},
+        400,
+        "request body is not valid JSON",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "pixels", "shape": [1, 28, 28], "datatype": "FP32", "data": IMAGE}]}},
+        400,
+        "model 'cnn' has one input named 'image'; got 'pixels'",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {
+            "json": {
+                "inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": IMAGE}],
+                "outputs": [{"name": "logits"}],
+            }
+        },
+        400,
+        "has no output 'logits'",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {"json": {"inputs": [{"name": "image", "shape": [0, 28, 28], "datatype": "FP32", "data": []}]}},
+        400,
+        "batch dimension 0; expected at least 1 image",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/infer",
+        {
+            "content": json.dumps(
+                {"inputs": [{"name": "image", "shape": [1, 784], "datatype": "FP32", "data": [float("nan")] * 784}]}
+            )
+        },
+        400,
+        "NaN or infinite values",
+    ),
     ("post", "/v2/models/cnn/infer", {"content": b"{}", "headers": {HEADER_LENGTH: "x"}}, 400, HEADER_LENGTH),
     ("post", "/v2/models/nope/infer", {"json": {}}, 404, "unknown model 'nope'; this server serves cnn, mlp"),
     ("get", "/v2/models/nope", {}, 404, "unknown model 'nope'"),
     ("get", "/v2/models/nope/ready", {}, 404, "unknown model 'nope'"),
-    ("post", "/v2/models/cnn/versions/7/infer", {"json": {}}, 404,
-     "model 'cnn' has no version '7' on this server; loaded versions: 1, 2"),
+    (
+        "post",
+        "/v2/models/cnn/versions/7/infer",
+        {"json": {}},
+        404,
+        "model 'cnn' has no version '7' on this server; loaded versions: 1, 2",
+    ),
     ("get", "/v2/models/cnn/versions/x", {}, 404, "has no version 'x'"),
     ("get", "/v1/models/nope", {}, 404, "unknown model 'nope'"),
     ("get", "/v2/nowhere", {}, 404, "no route GET /v2/nowhere"),
@@ -217,22 +294,43 @@ ERRORS = [
     ("post", "/v1/models/cnn:predict", {"json": {"instances": [[[1, 2], [3]]]}}, 400, "ragged nested list"),
     ("post", "/v1/models/cnn:predict", {"json": {"instances": [[0] * 10]}}, 400, "has shape [1, 10]"),
     ("post", "/v1/models/cnn:predict", {"json": {"instances": ["x"]}}, 400, "instances[0] is a str"),
-    ("post", "/v1/models/cnn:predict", {"json": {"instances": [{"image_bytes": {"b64": "@@"}}]}}, 400,
-     "not valid base64"),
-    ("post", "/v1/models/cnn:predict", {"json": {"instances": [{"image_bytes": {"b64": "aGVsbG8="}}]}}, 400,
-     "image_bytes is not a readable PNG or JPEG image"),
+    (
+        "post",
+        "/v1/models/cnn:predict",
+        {"json": {"instances": [{"image_bytes": {"b64": "@@"}}]}},
+        400,
+        "not valid base64",
+    ),
+    (
+        "post",
+        "/v1/models/cnn:predict",
+        {"json": {"instances": [{"image_bytes": {"b64": "aGVsbG8="}}]}},
+        400,
+        "image_bytes is not a readable PNG or JPEG image",
+    ),
     ("post", "/v1/models/nope:predict", {"json": {"instances": [IMAGE[0]]}}, 404, "unknown model 'nope'"),
-    ("post", "/v2/models/cnn/jobs", {"content": b"{}", "headers": {HEADER_LENGTH: "2"}}, 400,
-     "asynchronous jobs take JSON requests only"),
-    ("post", "/v2/models/cnn/jobs", {"json": v2_body(np.zeros((1, 28, 28)), callback_url="ftp://x")}, 400,
-     "callback_url is 'ftp://x'; expected an absolute http:// or https:// URL"),
+    (
+        "post",
+        "/v2/models/cnn/jobs",
+        {"content": b"{}", "headers": {HEADER_LENGTH: "2"}},
+        400,
+        "asynchronous jobs take JSON requests only",
+    ),
+    (
+        "post",
+        "/v2/models/cnn/jobs",
+        {"json": v2_body(np.zeros((1, 28, 28)), callback_url="ftp://x")},
+        400,
+        "callback_url is 'ftp://x'; expected an absolute http:// or https:// URL",
+    ),
     ("post", "/v2/models/cnn/jobs", {"json": v2_body(np.zeros((1, 27, 28)))}, 400, "expects one of"),
     ("get", "/v2/jobs/00000000-0000-0000-0000-000000000000", {}, 404, "no inference job with id"),
 ]
 
 
-@pytest.mark.parametrize("method, path, kwargs, status, message", ERRORS,
-                         ids=[f"{s}-{m[:40]}" for _, _, _, s, m in ERRORS])
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, message", ERRORS, ids=[f"{s}-{m[:40]}" for _, _, _, s, m in ERRORS]
+)
 def test_error_statuses_and_messages(server, method, path, kwargs, status, message):
     response = getattr(httpx, method)(server.url + path, **kwargs)
     assert response.status_code == status, response.text
@@ -253,8 +351,9 @@ async def _concurrent(url: str, bodies: list[dict], headers: dict | None = None)
 def test_dynamic_batching_merges_concurrent_requests(server, reference, make_pixels):
     images = make_pixels(32, seed=6)
     before = batch_histogram(server.url, "mlp", "1")
-    responses = asyncio.run(_concurrent(f"{server.url}/v2/models/mlp/infer", [v2_body(images[i:i + 1])
-                                                                             for i in range(32)]))
+    responses = asyncio.run(
+        _concurrent(f"{server.url}/v2/models/mlp/infer", [v2_body(images[i : i + 1]) for i in range(32)])
+    )
     after = batch_histogram(server.url, "mlp", "1")
     assert all(r.status_code == 200 for r in responses)
     got = np.array([r.json()["outputs"][0]["data"] for r in responses], dtype=np.float32)
@@ -295,8 +394,13 @@ def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
 def test_metrics_exposition(server):
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"distml_serve_requests", "distml_serve_request_seconds", "distml_serve_batch_size",
-            "distml_serve_queue_depth", "distml_serve_in_flight_requests"} <= set(families)
+    assert {
+        "distml_serve_requests",
+        "distml_serve_request_seconds",
+        "distml_serve_batch_size",
+        "distml_serve_queue_depth",
+        "distml_serve_in_flight_requests",
+    } <= set(families)
     labels = [s.labels for s in families["distml_serve_requests"].samples if s.name.endswith("_total")]
     assert {"model": "cnn", "version": "2", "endpoint": "infer", "status": "200"} in labels
     depth = [s for s in families["distml_serve_queue_depth"].samples if s.labels == {"model": "cnn", "version": "1"}]
@@ -312,13 +416,19 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_
     results: list = []
 
     def fire():
-        results.extend(asyncio.run(_concurrent(f"{replica.url}/v2/models/cnn/infer",
-                                               [v2_body(images[i:i + 1]) for i in range(6)])))
+        results.extend(
+            asyncio.run(
+                _concurrent(f"{replica.url}/v2/models/cnn/infer", [v2_body(images[i : i + 1]) for i in range(6)])
+            )
+        )
 
     thread = threading.Thread(target=fire)
     thread.start()
-    wait_for(lambda: 'distml_serve_queue_depth{model="cnn",version="1"} 6.0' in httpx.get(
-        f"{replica.url}/metrics").text, 10, "the requests to wait in the batcher")
+    wait_for(
+        lambda: 'distml_serve_queue_depth{model="cnn",version="1"} 6.0' in httpx.get(f"{replica.url}/metrics").text,
+        10,
+        "the requests to wait in the batcher",
+    )
     replica.proc.send_signal(signal.SIGTERM)
     thread.join(30)
     assert replica.proc.wait(30) == 0, replica.log()
@@ -331,9 +441,22 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_
 
 def test_bad_model_reference_exits_2_with_a_clear_message(serve_workspace, tmp_path):
     port_file = tmp_path / "port"
-    proc = subprocess.run([sys.executable, "-m", "distml.serve.server", "--workspace", str(serve_workspace),
-                           "--model", "cnn:9", "--port-file", str(port_file)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distml.serve.server",
+            "--workspace",
+            str(serve_workspace),
+            "--model",
+            "cnn:9",
+            "--port-file",
+            str(port_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "model 'cnn' has no version 9; its versions are 1 to 2" in proc.stderr
     assert not port_file.exists()
 
@@ -348,7 +471,7 @@ class CallbackSink:
         received, condition = [], threading.Condition()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with condition:
                     received.append(json.loads(body))
@@ -384,32 +507,42 @@ def sink():
 
 def test_job_runs_and_posts_its_result_to_the_callback(server, reference, make_pixels, sink):
     images = make_pixels(2, seed=9)
-    submitted = httpx.post(f"{server.url}/v2/models/cnn/versions/1/jobs",
-                           json=v2_body(images, id="job-a", callback_url=sink.url))
+    submitted = httpx.post(
+        f"{server.url}/v2/models/cnn/versions/1/jobs", json=v2_body(images, id="job-a", callback_url=sink.url)
+    )
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()
     assert job["status"] == "queued" and submitted.headers["Location"] == f"/v2/jobs/{job['id']}"
     (callback,) = sink.wait(1)
     assert callback["id"] == job["id"] and callback["status"] == "succeeded" and callback["model_version"] == "1"
-    status = wait_for(lambda: (r := httpx.get(f"{server.url}/v2/jobs/{job['id']}").json())["status"] == "succeeded"
-                      and r, 10, "the job to succeed")
+    status = wait_for(
+        lambda: (r := httpx.get(f"{server.url}/v2/jobs/{job['id']}").json())["status"] == "succeeded" and r,
+        10,
+        "the job to succeed",
+    )
     assert status["result"] == callback["result"] and status["callback"]["status"] == "delivered"
     result = status["result"]
     assert result["model_name"] == "cnn" and result["model_version"] == "1" and result["id"] == "job-a"
-    np.testing.assert_allclose(np.array(result["outputs"][0]["data"]).reshape(2, 10),
-                               reference.probabilities("cnn:1", images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(result["outputs"][0]["data"]).reshape(2, 10),
+        reference.probabilities("cnn:1", images),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
-def test_jobs_survive_kill_9_and_finish_on_a_new_server(serve_workspace, tmp_path, launch, reference, make_pixels,
-                                                        sink):
+def test_jobs_survive_kill_9_and_finish_on_a_new_server(
+    serve_workspace, tmp_path, launch, reference, make_pixels, sink
+):
     workspace = tmp_path / "jobs-ws"  # its own metadata store: no other replica may take the jobs
     shutil.copytree(serve_workspace, workspace)
     first = launch(["cnn:1"], "--max-batch-delay-ms", "10000", "--max-batch-size", "64", workspace=workspace)
     images = make_pixels(3, seed=10)
     ids = []
     for i in range(3):
-        response = httpx.post(f"{first.url}/v2/models/cnn/jobs",
-                              json=v2_body(images[i:i + 1], parameters={"callback_url": sink.url}))
+        response = httpx.post(
+            f"{first.url}/v2/models/cnn/jobs", json=v2_body(images[i : i + 1], parameters={"callback_url": sink.url})
+        )
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
     first.proc.kill()  # SIGKILL right after the 202s: nothing can be flushed now
@@ -418,12 +551,21 @@ def test_jobs_survive_kill_9_and_finish_on_a_new_server(serve_workspace, tmp_pat
 
     second = launch(["cnn:1"], workspace=workspace)
     for job_id, image in zip(ids, images):
-        status = wait_for(lambda: (r := httpx.get(f"{second.url}/v2/jobs/{job_id}").json())["status"] in (
-            "succeeded", "failed") and r, 30, "the job to finish on the new server")
+        status = wait_for(
+            lambda job_id=job_id: (
+                (r := httpx.get(f"{second.url}/v2/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and r
+            ),
+            30,
+            "the job to finish on the new server",
+        )
         assert status["status"] == "succeeded", status
         assert status["model_version"] == "1" and status["attempts"] >= 1
-        np.testing.assert_allclose(status["result"]["outputs"][0]["data"],
-                                   reference.probabilities("cnn:1", image[None])[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            status["result"]["outputs"][0]["data"],
+            reference.probabilities("cnn:1", image[None])[0],
+            rtol=1e-5,
+            atol=1e-6,
+        )
     callbacks = sink.wait(3)
     assert sorted(c["id"] for c in callbacks) == sorted(ids)
     assert all(c["status"] == "succeeded" and c["result"]["model_name"] == "cnn" for c in callbacks)
@@ -508,8 +650,9 @@ def test_batcher_errors_reach_only_their_batch_and_batching_off():
     async def run():
         batcher = DynamicBatcher(_batcher_run(calls), max_batch_size=2, max_delay_ms=50)
         values = [1, -1, 2, 3]  # batches [1, -1] (fails) and [2, 3]
-        results = await asyncio.gather(*(batcher.submit(np.array([v], np.float32)) for v in values),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(batcher.submit(np.array([v], np.float32)) for v in values), return_exceptions=True
+        )
         await batcher.aclose()
         # a full batch of 1 never waits for the delay: with a 10-minute delay this only
         # finishes (well inside wait_for's 60 s) if the batcher runs full batches at once

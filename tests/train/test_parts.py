@@ -32,7 +32,7 @@ def test_checkpoint_roundtrip_rng_and_latest(tmp_path):
     assert checkpoint.latest_step(tmp_path) is None, "a part alone is not a checkpoint until committed"
     checkpoint.commit(tmp_path, 10)
     assert checkpoint.latest_step(tmp_path) == 10
-    state = checkpoint.load_part(tmp_path, 10, "trainer")
+    checkpoint.load_part(tmp_path, 10, "trainer")
     saved = checkpoint.rng_state()
     a = (torch.rand(2).tolist(), np.random.rand(), random.random())
     checkpoint.set_rng_state(saved)
@@ -61,8 +61,10 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path):
 def test_torchrun_arguments(tmp_path):
     single = torchrun_args(parse_config({"workers": 2}), tmp_path / "c.json")
     assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
-    multi = torchrun_args(parse_config({"workers": 1, "nnodes": "1:2", "rdzv_endpoint": "127.0.0.1:29400",
-                                        "max_restarts": 3}), tmp_path / "c.json")
+    multi = torchrun_args(
+        parse_config({"workers": 1, "nnodes": "1:2", "rdzv_endpoint": "127.0.0.1:29400", "max_restarts": 3}),
+        tmp_path / "c.json",
+    )
     assert multi[multi.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in multi
     assert multi[multi.index("--max-restarts") + 1] == "3"
     ps = torchrun_args(parse_config({"workers": 2, "strategy": "parameter-server", "ps_shards": 3}), tmp_path / "c")

@@ -29,8 +29,14 @@ DIGITS_TRAIN = 1437
 
 def cli(workspace: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "distml.cli", "--workspace", str(workspace), "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distml.cli", "--workspace", str(workspace), "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **popen,
+    )
 
 
 def run_cli(workspace: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -68,8 +74,11 @@ def effective_history(logs: dict[tuple[int, int], dict[int, list[int]]]) -> dict
     history: dict[int, list[int]] = {}
     for i, attempt in enumerate(attempts):
         ranks = sorted(r for a, r in logs if a == attempt)
-        bound = min(min(logs[(attempts[i + 1], r)]) for r in ranks_of(logs, attempts[i + 1])) - 1 \
-            if i + 1 < len(attempts) else None
+        bound = (
+            min(min(logs[(attempts[i + 1], r)]) for r in ranks_of(logs, attempts[i + 1])) - 1
+            if i + 1 < len(attempts)
+            else None
+        )
         for r in ranks:
             for step, ids in logs[(attempt, r)].items():
                 if bound is None or step <= bound:
@@ -147,8 +156,20 @@ def test_allreduce_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_parameter_server_sync_matches_allreduce(tmp_path):
-    common = ["--dataset", "digits", "--max-steps", "6", "--checkpoint-every", "3", "--workers", "2",
-              "--batch-size", "32", "--lr", "0.001"]
+    common = [
+        "--dataset",
+        "digits",
+        "--max-steps",
+        "6",
+        "--checkpoint-every",
+        "3",
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.001",
+    ]
     ar = run_cli(tmp_path, *common, "--run-id", "ar")
     ps = run_cli(tmp_path, *common, "--strategy", "parameter-server", "--ps-shards", "2", "--run-id", "ps")
     assert ar.returncode == 0, ar.stderr[-3000:]
@@ -163,9 +184,25 @@ def test_parameter_server_sync_matches_allreduce(tmp_path):
 
 @pytest.mark.slow
 def test_parameter_server_async_with_staleness_trains(tmp_path):
-    out = run_cli(tmp_path, "--dataset", "digits", "--epochs", "6", "--workers", "2", "--strategy",
-                  "parameter-server", "--ps-mode", "async", "--ps-staleness", "1", "--checkpoint-every", "10",
-                  "--run-id", "async")
+    out = run_cli(
+        tmp_path,
+        "--dataset",
+        "digits",
+        "--epochs",
+        "6",
+        "--workers",
+        "2",
+        "--strategy",
+        "parameter-server",
+        "--ps-mode",
+        "async",
+        "--ps-staleness",
+        "1",
+        "--checkpoint-every",
+        "10",
+        "--run-id",
+        "async",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = result(tmp_path, "async")
     assert res["steps"] == 6 * 12 and res["test_accuracy"] > 0.9
@@ -177,8 +214,24 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
     checkpoint, and the run ends with the requested steps; samples lost or repeated are at
     most those since that checkpoint."""
     k = 5
-    proc = cli(tmp_path, "--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", "10",
-               "--checkpoint-every", str(k), "--max-restarts", "2", "--log-samples", "--run-id", "kill")
+    proc = cli(
+        tmp_path,
+        "--dataset",
+        "digits",
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "10",
+        "--checkpoint-every",
+        str(k),
+        "--max-restarts",
+        "2",
+        "--log-samples",
+        "--run-id",
+        "kill",
+    )
     samples = tmp_path / "runs" / "kill" / "samples"
     wait_for(lambda: logged_steps(tmp_path, "kill") >= 37, what="37 steps")
     victim = next(samples.glob("attempt0-rank1-pid*.log"))
@@ -212,9 +265,27 @@ def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
     """Two launcher agents (--nnodes 1:2, c10d on loopback) train together; killing one agent
     and its worker makes the other re-rendezvous and finish alone on the resharded data."""
     port = free_port()
-    args = ["--dataset", "digits", "--workers", "1", "--batch-size", "32", "--epochs", "8", "--nnodes", "1:2",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "3", "--checkpoint-every", "5",
-            "--log-samples", "--run-id", "elastic"]
+    args = [
+        "--dataset",
+        "digits",
+        "--workers",
+        "1",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "8",
+        "--nnodes",
+        "1:2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--max-restarts",
+        "3",
+        "--checkpoint-every",
+        "5",
+        "--log-samples",
+        "--run-id",
+        "elastic",
+    ]
     first = cli(tmp_path, *args)
 
     def listening() -> bool:
@@ -249,8 +320,21 @@ def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
-    args = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", "6", "--checkpoint-every", "50",
-            "--log-samples", "--run-id", "preempt"]
+    args = [
+        "--dataset",
+        "digits",
+        "--workers",
+        "2",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "6",
+        "--checkpoint-every",
+        "50",
+        "--log-samples",
+        "--run-id",
+        "preempt",
+    ]
     proc = cli(tmp_path, *args)
     wait_for(lambda: logged_steps(tmp_path, "preempt") >= 20, what="20 steps")
     proc.send_signal(signal.SIGTERM)
@@ -293,8 +377,19 @@ def test_digits_default_settings_reach_95_percent(tmp_path):
 def test_lead_worker_serves_prometheus_metrics(tmp_path):
     import urllib.request
 
-    proc = cli(tmp_path, "--dataset", "digits", "--workers", "2", "--epochs", "40", "--metrics-port", "0",
-               "--run-id", "metrics")
+    proc = cli(
+        tmp_path,
+        "--dataset",
+        "digits",
+        "--workers",
+        "2",
+        "--epochs",
+        "40",
+        "--metrics-port",
+        "0",
+        "--run-id",
+        "metrics",
+    )
     port_file = tmp_path / "runs" / "metrics" / "metrics_port"
     wait_for(port_file.exists, what="the metrics port")
     port = int(port_file.read_text())

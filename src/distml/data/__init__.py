@@ -6,10 +6,22 @@ sources live in `distml.data.sources`, named data sets in `distml.data.datasets`
 
 from distml.data.loader import Loader
 from distml.data.preprocess import Compose, DecodeBytes, Function, Normalize, Reshape, Resize, Step
-from distml.data.sources import (ArraySource, CsvSource, IdxSource, NpzSource, ParquetSource, Source,
-                                 SqlSource)
+from distml.data.sources import ArraySource, CsvSource, IdxSource, NpzSource, ParquetSource, Source, SqlSource
 
 __all__ = [
-    "Loader", "Source", "ArraySource", "IdxSource", "NpzSource", "ParquetSource", "CsvSource", "SqlSource",
-    "Step", "Compose", "Normalize", "DecodeBytes", "Reshape", "Resize", "Function",
+    "ArraySource",
+    "Compose",
+    "CsvSource",
+    "DecodeBytes",
+    "Function",
+    "IdxSource",
+    "Loader",
+    "Normalize",
+    "NpzSource",
+    "ParquetSource",
+    "Reshape",
+    "Resize",
+    "Source",
+    "SqlSource",
+    "Step",
 ]

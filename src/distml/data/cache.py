@@ -15,8 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -85,7 +85,9 @@ def _column_spec(name: str, array: np.ndarray) -> dict:
     if array.dtype == object:
         first = next((v for v in array if v is not None), b"")
         if not isinstance(first, (bytes, str)):
-            raise DistmlError(f"cannot cache column {name!r} of {type(first).__name__} values; expected numbers, bytes or text")
+            raise DistmlError(
+                f"cannot cache column {name!r} of {type(first).__name__} values; expected numbers, bytes or text"
+            )
         return {"kind": "text" if isinstance(first, str) else "bytes"}
     return {"kind": "array", "dtype": array.dtype.str, "shape": list(array.shape[1:])}
 
@@ -98,8 +100,9 @@ def _check_chunk(name: str, array: np.ndarray, spec: dict, index: int) -> None:
         )
 
 
-def build_memory(source: Source, preprocess: Callable[[Columns], Columns], key: str,
-                 progress: Callable[[int], None] | None = None) -> ColumnCache:
+def build_memory(
+    source: Source, preprocess: Callable[[Columns], Columns], key: str, progress: Callable[[int], None] | None = None
+) -> ColumnCache:
     """Fill a cache held in this process's memory (preallocated from the known record count)."""
     total = len(source)
     columns: dict[str, np.ndarray] = {}
@@ -152,7 +155,9 @@ def open_disk(folder: Path) -> ColumnCache:
             if total == 0 or int(np.prod(shape)) == 0:
                 columns[name] = np.empty(shape, dtype=np.dtype(spec["dtype"]))
             else:
-                columns[name] = np.memmap(base.with_suffix(".bin"), dtype=np.dtype(spec["dtype"]), mode="r", shape=shape)
+                columns[name] = np.memmap(
+                    base.with_suffix(".bin"), dtype=np.dtype(spec["dtype"]), mode="r", shape=shape
+                )
         else:
             offsets = np.fromfile(base.with_suffix(".offsets"), dtype=np.int64)
             data_path = base.with_suffix(".data")
@@ -161,8 +166,13 @@ def open_disk(folder: Path) -> ColumnCache:
     return ColumnCache(columns, manifest["key"], str(folder))
 
 
-def build_disk(source: Source, preprocess: Callable[[Columns], Columns], key: str, root: Path,
-               progress: Callable[[int], None] | None = None) -> ColumnCache:
+def build_disk(
+    source: Source,
+    preprocess: Callable[[Columns], Columns],
+    key: str,
+    root: Path,
+    progress: Callable[[int], None] | None = None,
+) -> ColumnCache:
     """Open the disk cache for `key` under `root`, filling it first if it does not exist.
 
     Chunks are appended with plain writes (no memory map while filling), so memory stays at
@@ -189,8 +199,13 @@ def build_disk(source: Source, preprocess: Callable[[Columns], Columns], key: st
     return open_disk(folder)
 
 
-def _fill_disk(source: Source, preprocess: Callable[[Columns], Columns], key: str, tmp: Path,
-               progress: Callable[[int], None] | None) -> None:
+def _fill_disk(
+    source: Source,
+    preprocess: Callable[[Columns], Columns],
+    key: str,
+    tmp: Path,
+    progress: Callable[[int], None] | None,
+) -> None:
     total = len(source)
     specs: dict[str, dict] = {}
     files: dict[str, object] = {}
@@ -229,8 +244,14 @@ def _fill_disk(source: Source, preprocess: Callable[[Columns], Columns], key: st
     for name, spec in specs.items():
         if spec["kind"] != "array":
             np.concatenate(offsets[name]).astype(np.int64).tofile(tmp / (spec["file"] + ".offsets"))
-    manifest = {"key": key, "format": FORMAT_VERSION, "num_records": total, "source": source.describe(),
-                "fingerprint": source.fingerprint(), "columns": specs}
+    manifest = {
+        "key": key,
+        "format": FORMAT_VERSION,
+        "num_records": total,
+        "source": source.describe(),
+        "fingerprint": source.fingerprint(),
+        "columns": specs,
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

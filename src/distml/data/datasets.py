@@ -9,9 +9,10 @@ workspace and verified by size and MD5 either way.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +27,19 @@ FASHION_MNIST_FILES = (
     RemoteFile("t10k-images-idx3-ubyte.gz", 4_422_102, "bef4ecab320f06d8554ea6380940ec79"),
     RemoteFile("t10k-labels-idx1-ubyte.gz", 5_148, "bb300cfdad3c16e7a12a480ee83cd310"),
 )
-FASHION_MNIST_URLS = (
-    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+FASHION_MNIST_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
 # Mean and standard deviation of the training pixels scaled to [0, 1].
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 DIGITS_MEAN, DIGITS_STD = 0.3051, 0.4009
@@ -47,8 +56,14 @@ class Dataset:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def fashion_mnist(workspace: Any, data_dir: str | Path | None = None, *, files=FASHION_MNIST_FILES,
-                  base_urls=None, progress: bool = True) -> Dataset:
+def fashion_mnist(
+    workspace: Any,
+    data_dir: str | Path | None = None,
+    *,
+    files=FASHION_MNIST_FILES,
+    base_urls=None,
+    progress: bool = True,
+) -> Dataset:
     """Fashion-MNIST from `data_dir` if given, else from the workspace, downloading what is missing."""
     if data_dir is not None:
         paths = locate_files(files, Path(data_dir))
@@ -66,8 +81,14 @@ def fashion_mnist(workspace: Any, data_dir: str | Path | None = None, *, files=F
     return Dataset("fashion-mnist", {"train": train, "test": test}, FASHION_MNIST_CLASSES, (28, 28), preprocess, uri)
 
 
-def digits(workspace: Any = None, data_dir: str | Path | None = None, *, test_fraction: float = 0.2,
-           seed: int = 0, progress: bool = True) -> Dataset:
+def digits(
+    workspace: Any = None,
+    data_dir: str | Path | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), split train/test with a fixed seed.
 
     The standard preprocessing scales pixels (0..16) to [0, 1], normalises and resizes them
@@ -79,16 +100,28 @@ def digits(workspace: Any = None, data_dir: str | Path | None = None, *, test_fr
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed,
-                                           stratify=labels)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     splits = {
-        "train": ArraySource({"image": images[train_idx], "label": labels[train_idx]}, chunk_rows=512, name="digits/train"),
+        "train": ArraySource(
+            {"image": images[train_idx], "label": labels[train_idx]}, chunk_rows=512, name="digits/train"
+        ),
         "test": ArraySource({"image": images[test_idx], "label": labels[test_idx]}, chunk_rows=512, name="digits/test"),
     }
-    preprocess = Compose([Normalize("image", mean=DIGITS_MEAN, std=DIGITS_STD, scale=1 / 16), Resize("image", (28, 28))])
-    return Dataset("digits", splits, tuple(str(d) for d in range(10)), (28, 28), preprocess,
-                   "sklearn:load_digits", {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction})
+    preprocess = Compose(
+        [Normalize("image", mean=DIGITS_MEAN, std=DIGITS_STD, scale=1 / 16), Resize("image", (28, 28))]
+    )
+    return Dataset(
+        "digits",
+        splits,
+        tuple(str(d) for d in range(10)),
+        (28, 28),
+        preprocess,
+        "sklearn:load_digits",
+        {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction},
+    )
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {"fashion-mnist": fashion_mnist, "digits": digits}

@@ -82,7 +82,8 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
         problem = "truncated" if size < expected else "longer than its header says"
         raise DistmlError(
             f"IDX file {path} is {problem}: header declares shape {shape} of {dtype.name} "
-            f"({expected} bytes with the header), the {'decompressed ' if data is not None else ''}file has {size} bytes"
+            f"({expected} bytes with the header), the {'decompressed ' if data is not None else ''}file "
+            f"has {size} bytes"
         )
     if data is None:
         if int(np.prod(shape)) == 0:
@@ -102,7 +103,9 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     big = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
     code = codes.get(array.dtype.str[1:])
     if code is None:
-        raise DistmlError(f"cannot write dtype {array.dtype} as IDX; expected one of uint8, int8, int16, int32, float32, float64")
+        raise DistmlError(
+            f"cannot write dtype {array.dtype} as IDX; expected one of uint8, int8, int16, int32, float32, float64"
+        )
     payload = struct.pack(">I", (code << 8) | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + big.tobytes()
     if path.suffix == ".gz":
         with gzip.open(path, "wb", compresslevel=1) as handle:

@@ -13,8 +13,9 @@ sampler cannot resume mid-epoch or reshard.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,11 +52,25 @@ class Loader:
         format: "torch" or "numpy". with_index: add an "index" column of record ids.
     """
 
-    def __init__(self, source: Source, *, batch_size: int, shard: tuple[int, int] = (0, 1), shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, preprocess: Step | None = None, cache: CacheMode = "memory",
-                 cache_dir: str | Path | None = None, workspace: Any = None, shuffle_window: int | None = None,
-                 shard_by: Literal["record", "file"] = "record", format: Literal["torch", "numpy"] = "torch",
-                 with_index: bool = False, progress: bool = False):
+    def __init__(
+        self,
+        source: Source,
+        *,
+        batch_size: int,
+        shard: tuple[int, int] = (0, 1),
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        preprocess: Step | None = None,
+        cache: CacheMode = "memory",
+        cache_dir: str | Path | None = None,
+        workspace: Any = None,
+        shuffle_window: int | None = None,
+        shard_by: Literal["record", "file"] = "record",
+        format: Literal["torch", "numpy"] = "torch",
+        with_index: bool = False,
+        progress: bool = False,
+    ):
         if not isinstance(source, Source):
             raise DistmlError(f"source must be a distml.data.Source, got {type(source).__name__}")
         rank, world = shard
@@ -95,12 +110,19 @@ class Loader:
     def _order(self, epoch: int) -> tuple[EpochOrder, int, int]:
         """(order over this rank's chunks, records to serve in total, real records in order)."""
         shuffle_chunks = self.source.random_access or self.cache_mode is not None
-        common = dict(seed=self.seed, epoch=epoch, shuffle=self.shuffle, window_chunks=self.shuffle_window,
-                      shuffle_chunks=shuffle_chunks)
+        common = dict(
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            window_chunks=self.shuffle_window,
+            shuffle_chunks=shuffle_chunks,
+        )
         if self.shard_by == "record":
             order = EpochOrder(self.chunk_sizes, range(len(self.chunk_sizes)), **common)
             return order, order.total, order.total
-        owned = assign_files(self.source.file_groups(), self.chunk_sizes, self.world_size, self.seed, epoch, self.shuffle)
+        owned = assign_files(
+            self.source.file_groups(), self.chunk_sizes, self.world_size, self.seed, epoch, self.shuffle
+        )
         counts = [sum(self.chunk_sizes[c] for c in chunks) for chunks in owned]
         if self.drop_last:
             target = (min(counts) // self.batch_size) * self.batch_size
@@ -227,7 +249,9 @@ class Loader:
         if self._cache is not None:
             return self._cache
         key = self.cache_key
-        with _progress(self.progress and self.rank == 0, f"caching {self.source.describe()}", self.num_records) as advance:
+        with _progress(
+            self.progress and self.rank == 0, f"caching {self.source.describe()}", self.num_records
+        ) as advance:
             if self.cache_mode == "disk":
                 self._cache = cache_mod.build_disk(self.source, self.preprocess, key, self.cache_dir, advance)
             else:
@@ -254,7 +278,17 @@ class Loader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; with shard_by='record' the world size may have changed."""
-        required = {"version", "epoch", "position", "seed", "shuffle", "shard_by", "world_size", "num_records", "fingerprint"}
+        required = {
+            "version",
+            "epoch",
+            "position",
+            "seed",
+            "shuffle",
+            "shard_by",
+            "world_size",
+            "num_records",
+            "fingerprint",
+        }
         missing = required - set(state)
         if missing:
             raise DistmlError(f"loader state is missing {sorted(missing)}; expected a dict from Loader.state_dict()")
@@ -262,17 +296,26 @@ class Loader:
             raise DistmlError(f"loader state version {state['version']} is not supported (expected {STATE_VERSION})")
         mismatches = [
             f"{name}: saved {state[name]!r}, now {mine!r}"
-            for name, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("shard_by", self.shard_by),
-                               ("num_records", self.num_records), ("shuffle_window", self.shuffle_window),
-                               ("fingerprint", self.source.fingerprint()))
+            for name, mine in (
+                ("seed", self.seed),
+                ("shuffle", self.shuffle),
+                ("shard_by", self.shard_by),
+                ("num_records", self.num_records),
+                ("shuffle_window", self.shuffle_window),
+                ("fingerprint", self.source.fingerprint()),
+            )
             if state.get(name) != mine
         ]
         if self.shard_by == "file" and state["world_size"] != self.world_size:
-            mismatches.append(f"world_size: saved {state['world_size']}, now {self.world_size} "
-                              "(shard_by='file' resumes only on the same world size; use shard_by='record')")
+            mismatches.append(
+                f"world_size: saved {state['world_size']}, now {self.world_size} "
+                "(shard_by='file' resumes only on the same world size; use shard_by='record')"
+            )
         if mismatches:
-            raise DistmlError("cannot resume this loader from the saved state, it was taken on different data or "
-                              "settings: " + "; ".join(mismatches))
+            raise DistmlError(
+                "cannot resume this loader from the saved state, it was taken on different data or "
+                "settings: " + "; ".join(mismatches)
+            )
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
 
@@ -295,8 +338,9 @@ class _progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), transient=True)
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        )
         self._bar.start()
         task = self._bar.add_task(self.description, total=self.total)
         return lambda n: self._bar.advance(task, n)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,9 @@ class Reshape(Step):
     def __call__(self, columns: Columns) -> Columns:
         x = _column(columns, self.column, "Reshape")
         if int(np.prod(x.shape[1:])) != int(np.prod(self.shape)):
-            raise DistmlError(f"Reshape: records of {self.column!r} have shape {x.shape[1:]}, cannot become {self.shape}")
+            raise DistmlError(
+                f"Reshape: records of {self.column!r} have shape {x.shape[1:]}, cannot become {self.shape}"
+            )
         return {**columns, self.column: x.reshape((len(x), *self.shape))}
 
 

@@ -10,8 +10,8 @@ same on any number of workers, and a resume on another world size continues it e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -38,8 +38,18 @@ class EpochOrder:
     records inside the concatenation of the window's chunks (as they are read).
     """
 
-    def __init__(self, chunk_sizes: Sequence[int], chunks: Sequence[int], *, seed: int, epoch: int,
-                 shuffle: bool, window_chunks: int | None, shuffle_chunks: bool, stream: int = 0):
+    def __init__(
+        self,
+        chunk_sizes: Sequence[int],
+        chunks: Sequence[int],
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        window_chunks: int | None,
+        shuffle_chunks: bool,
+        stream: int = 0,
+    ):
         sizes = np.asarray(chunk_sizes, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         chunk_ids = np.asarray(list(chunks), dtype=np.int64)
@@ -64,8 +74,11 @@ class EpochOrder:
     def _build(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         if w not in self._cache:
             window = self.windows[w]
-            ids = np.concatenate([np.arange(self.offsets[c], self.offsets[c + 1]) for c in window.chunks]) \
-                if len(window.chunks) else np.empty(0, np.int64)
+            ids = (
+                np.concatenate([np.arange(self.offsets[c], self.offsets[c + 1]) for c in window.chunks])
+                if len(window.chunks)
+                else np.empty(0, np.int64)
+            )
             local = np.arange(len(ids), dtype=np.int64)
             if self.shuffle and len(ids) > 1:
                 perm = epoch_rng(self.seed, self.epoch, self.stream, 1, w).permutation(len(ids))
@@ -156,8 +169,9 @@ def local_schedule(count: int, target: int, start: int, batch: int) -> Iterator[
         index, lo = index + 1, hi
 
 
-def assign_files(groups: Sequence[Sequence[int]], chunk_sizes: Sequence[int], world: int,
-                 seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+def assign_files(
+    groups: Sequence[Sequence[int]], chunk_sizes: Sequence[int], world: int, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
     """Deal whole files to ranks, largest first to the least-loaded rank (deterministic)."""
     if len(groups) < world:
         raise DistmlError(

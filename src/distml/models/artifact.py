@@ -41,8 +41,22 @@ IMAGE_INPUT_SPEC: dict[str, Any] = {"name": "image", "shape": [28, 28], "datatyp
 
 # V2 inference protocol tensor datatypes.
 DATATYPES = frozenset(
-    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-     "FP16", "FP32", "FP64", "BF16", "BYTES"}
+    {
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BF16",
+        "BYTES",
+    }
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -272,7 +286,7 @@ def save_model(
         "weights_digest": weights_digest,
         "weights_format": WEIGHTS_FORMAT,
         "num_parameters": zoo.count_parameters(model),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "distml_version": distml.__version__,
     }
     manifest_digest = workspace.artifacts.put_bytes(
@@ -419,9 +433,7 @@ def load_model(workspace: Workspace, ref: str) -> tuple[nn.Module, dict[str, Any
     try:
         tensors = safetensors.torch.load(weights)
     except Exception as exc:  # SafetensorError and friends: the bytes are not a safetensors file
-        raise DistmlError(
-            f"model weights {record.weights_digest} are not a readable safetensors file ({exc})"
-        ) from exc
+        raise DistmlError(f"model weights {record.weights_digest} are not a readable safetensors file ({exc})") from exc
     mismatch = _state_mismatch(model.state_dict(), tensors)
     if mismatch:
         raise DistmlError(

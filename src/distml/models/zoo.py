@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +36,7 @@ class ImageClassifier(nn.Sequential):
 
 def _check_int(model: str, arg: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DistmlError(
-            f"model {model!r}: argument {arg} must be an integer >= {minimum}, got {value!r}"
-        )
+        raise DistmlError(f"model {model!r}: argument {arg} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -193,7 +192,8 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]
         signature.bind(**kwargs)
     except TypeError as exc:
         missing = [
-            n for n, p in params.items()
+            n
+            for n, p in params.items()
             if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in kwargs
         ]
         what = f"missing required argument(s) {', '.join(map(repr, missing))}" if missing else str(exc)
@@ -211,9 +211,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DistmlError(f"model {name!r} could not be built with arguments {kwargs!r}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise DistmlError(
-            f"model {name!r}: the factory returned {type(model).__name__}, expected a torch.nn.Module"
-        )
+        raise DistmlError(f"model {name!r}: the factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 

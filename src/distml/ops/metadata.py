@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -49,7 +50,7 @@ MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -201,8 +202,10 @@ def record_model_version(
 def get_model_version(engine: sa.Engine, name: str, version: int | None = None) -> dict[str, Any] | None:
     """One model version's row (the latest when `version` is None), or None."""
     query = sa.select(model_versions).where(model_versions.c.name == name)
-    query = query.order_by(model_versions.c.version.desc()) if version is None else query.where(
-        model_versions.c.version == version
+    query = (
+        query.order_by(model_versions.c.version.desc())
+        if version is None
+        else query.where(model_versions.c.version == version)
     )
     with engine.connect() as conn:
         row = conn.execute(query.limit(1)).first()
@@ -227,9 +230,7 @@ def set_model_alias(engine: sa.Engine, name: str, alias: str, version: int) -> N
     with engine.begin() as conn:
         values = dict(version=version, updated_at=_now())
         updated = conn.execute(
-            model_aliases.update()
-            .where(model_aliases.c.name == name, model_aliases.c.alias == alias)
-            .values(**values)
+            model_aliases.update().where(model_aliases.c.name == name, model_aliases.c.alias == alias).values(**values)
         ).rowcount
         if not updated:
             conn.execute(model_aliases.insert().values(name=name, alias=alias, **values))
@@ -295,8 +296,9 @@ def _m3_training(conn: sa.Connection) -> None:
 MIGRATIONS.append((3, _m3_training))
 
 
-def record_train_run(engine: sa.Engine, run_id: str, config: dict[str, Any], *, status: str,
-                     result: dict[str, Any] | None = None) -> None:
+def record_train_run(
+    engine: sa.Engine, run_id: str, config: dict[str, Any], *, status: str, result: dict[str, Any] | None = None
+) -> None:
     """Create or update a training run's row (status running/complete/stopped)."""
     now = _now()
     values = {"status": status, "config_json": json.dumps(config, sort_keys=True, default=str), "updated_at": now}
@@ -314,8 +316,11 @@ def record_train_steps(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]
         return
     now = _now()
     with engine.begin() as conn:
-        conn.execute(train_steps.delete().where(train_steps.c.run_id == run_id,
-                                                train_steps.c.step.in_([r["step"] for r in rows])))
+        conn.execute(
+            train_steps.delete().where(
+                train_steps.c.run_id == run_id, train_steps.c.step.in_([r["step"] for r in rows])
+            )
+        )
         conn.execute(train_steps.insert(), [{"run_id": run_id, "recorded_at": now, **r} for r in rows])
 
 

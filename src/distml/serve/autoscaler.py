@@ -13,8 +13,8 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from distml.errors import DistmlError
 
@@ -35,11 +35,15 @@ class ScalingPolicy:
         if not self.target_concurrency > 0:
             raise DistmlError(f"target concurrency must be > 0, got {self.target_concurrency}")
         if self.min_replicas < 0 or self.max_replicas < max(self.min_replicas, 1):
-            raise DistmlError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
-                              f"got min {self.min_replicas}, max {self.max_replicas}")
+            raise DistmlError(
+                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                f"got min {self.min_replicas}, max {self.max_replicas}"
+            )
         if not 0 < self.panic_window <= self.stable_window:
-            raise DistmlError(f"need 0 < panic window <= stable window, got panic {self.panic_window} s "
-                              f"and stable {self.stable_window} s")
+            raise DistmlError(
+                f"need 0 < panic window <= stable window, got panic {self.panic_window} s "
+                f"and stable {self.stable_window} s"
+            )
         if self.panic_threshold <= 1 or self.scale_to_zero_after < 0:
             raise DistmlError("panic threshold must be > 1 and scale_to_zero_after >= 0")
 
@@ -149,9 +153,15 @@ class AutoscalerLoop:
         self.autoscaler.observe(mean, duration=max(dt, 1e-3))
         decision = self.autoscaler.decide(ready=rs.ready_count, current=rs.desired, queued=rs.waiting)
         if decision.desired != rs.desired:
-            log.info("scale %s: %d -> %d (stable %.2f, panic %.2f%s)", rs.name, rs.desired, decision.desired,
-                     decision.stable_concurrency, decision.panic_concurrency,
-                     ", panicking" if decision.panicking else "")
+            log.info(
+                "scale %s: %d -> %d (stable %.2f, panic %.2f%s)",
+                rs.name,
+                rs.desired,
+                decision.desired,
+                decision.stable_concurrency,
+                decision.panic_concurrency,
+                ", panicking" if decision.panicking else "",
+            )
             rs.scale_to(decision.desired)
         self.last = decision
         return decision
@@ -167,6 +177,6 @@ class AutoscalerLoop:
             area = self.replicas.load_integral()
             try:
                 self.step(area, last_area, now - last_t)
-            except Exception:  # noqa: BLE001 - keep scaling whatever one tick did
+            except Exception:
                 log.exception("autoscaler tick")
             last_area, last_t = area, now

@@ -12,7 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class DynamicBatcher:
             raise ValueError(f"submit needs an array with a leading batch axis of at least 1 item, got shape {x.shape}")
         if len(x) <= self.max_batch_size:
             return await self._enqueue(x)
-        pieces = [x[i:i + self.max_batch_size] for i in range(0, len(x), self.max_batch_size)]
+        pieces = [x[i : i + self.max_batch_size] for i in range(0, len(x), self.max_batch_size)]
         results = await asyncio.gather(*(self._enqueue(p) for p in pieces))
         return np.concatenate(results)
 
@@ -105,8 +105,11 @@ class DynamicBatcher:
                 self._pending.popleft()
                 self._queued -= len(item.x)
                 continue
-            if batch and (total + len(item.x) > self.max_batch_size or item.x.shape[1:] != batch[0].x.shape[1:]
-                          or item.x.dtype != batch[0].x.dtype):
+            if batch and (
+                total + len(item.x) > self.max_batch_size
+                or item.x.shape[1:] != batch[0].x.shape[1:]
+                or item.x.dtype != batch[0].x.dtype
+            ):
                 break
             self._pending.popleft()
             self._queued -= len(item.x)
@@ -130,7 +133,7 @@ class DynamicBatcher:
                     wakeup.clear()
                     try:
                         await asyncio.wait_for(wakeup.wait(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 batch = self._take()
                 if batch:
@@ -159,8 +162,10 @@ class DynamicBatcher:
             y = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, x)
             y = np.asarray(y)
             if y.ndim == 0 or len(y) != size:
-                raise RuntimeError(f"model {self.name!r} returned shape {tuple(y.shape)} for a batch of {size}; "
-                                   f"expected {size} results on axis 0")
+                raise RuntimeError(
+                    f"model {self.name!r} returned shape {tuple(y.shape)} for a batch of {size}; "
+                    f"expected {size} results on axis 0"
+                )
         except Exception as exc:
             for item in batch:
                 if not item.future.done():
@@ -172,7 +177,7 @@ class DynamicBatcher:
         for item in batch:
             n = len(item.x)
             if not item.future.done():
-                item.future.set_result(y[offset:offset + n])
+                item.future.set_result(y[offset : offset + n])
             offset += n
 
     def _fail_pending(self, exc: BaseException) -> None:

@@ -22,10 +22,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -41,8 +42,19 @@ from distml.workspace import atomic_write
 
 log = logging.getLogger("distml.serve.gateway")
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 SHARD_KEY_HEADER = "x-shard-key"
 BINARY_HEADER = "inference-header-content-length"
@@ -101,29 +113,47 @@ class Upstream:
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> Upstream:
-    return Upstream(status, [("content-type", "application/json"), *(headers or {}).items()],
-                    json.dumps({"error": message}).encode())
+    return Upstream(
+        status,
+        [("content-type", "application/json"), *(headers or {}).items()],
+        json.dumps({"error": message}).encode(),
+    )
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.requests = Counter("distml_gateway_requests", "Requests answered, by model and HTTP status",
-                                ["model", "status"], registry=registry)
-        self.latency = Histogram("distml_gateway_request_seconds", "Gateway request latency", ["model"],
-                                 registry=registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.requests = Counter(
+            "distml_gateway_requests",
+            "Requests answered, by model and HTTP status",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "distml_gateway_request_seconds",
+            "Gateway request latency",
+            ["model"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.retries = Counter("distml_gateway_retries", "Requests retried on another replica", registry=registry)
-        self.ejections = Counter("distml_gateway_replica_ejections", "Replicas ejected (died or failed health checks)",
-                                 ["group"], registry=registry)
+        self.ejections = Counter(
+            "distml_gateway_replica_ejections",
+            "Replicas ejected (died or failed health checks)",
+            ["group"],
+            registry=registry,
+        )
         self.desired = Gauge("distml_gateway_replicas_desired", "Replicas wanted", ["group"], registry=registry)
         self.ready = Gauge("distml_gateway_replicas_ready", "Replicas ready", ["group"], registry=registry)
-        self.queue = Gauge("distml_gateway_queue_depth", "Requests waiting for a ready replica", ["group"],
-                           registry=registry)
-        self.in_flight = Gauge("distml_gateway_in_flight", "Requests being served by replicas", ["group"],
-                               registry=registry)
-        self.panic = Gauge("distml_gateway_autoscaler_panic", "1 while the autoscaler panics", ["group"],
-                           registry=registry)
+        self.queue = Gauge(
+            "distml_gateway_queue_depth", "Requests waiting for a ready replica", ["group"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "distml_gateway_in_flight", "Requests being served by replicas", ["group"], registry=registry
+        )
+        self.panic = Gauge(
+            "distml_gateway_autoscaler_panic", "1 while the autoscaler panics", ["group"], registry=registry
+        )
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:
@@ -142,12 +172,21 @@ class Gateway:
         self.groups: list[ReplicaSet] = []
         run_root = Path(config.run_dir) if config.run_dir else None
         for g in range(config.shards):
-            rs = ReplicaSet(config.command, config.models, workspace=config.workspace, args=config.replica_args,
-                            run_dir=run_root / f"g{g}" if run_root else None, replicas=config.replicas,
-                            name=f"g{g}", token=config.token, health_interval=config.health_interval,
-                            health_timeout=config.health_timeout,
-                            max_health_failures=config.max_health_failures, start_timeout=config.start_timeout,
-                            drain_timeout=config.drain_timeout)
+            rs = ReplicaSet(
+                config.command,
+                config.models,
+                workspace=config.workspace,
+                args=config.replica_args,
+                run_dir=run_root / f"g{g}" if run_root else None,
+                replicas=config.replicas,
+                name=f"g{g}",
+                token=config.token,
+                health_interval=config.health_interval,
+                health_timeout=config.health_timeout,
+                max_health_failures=config.max_health_failures,
+                start_timeout=config.start_timeout,
+                drain_timeout=config.drain_timeout,
+            )
             rs.on_eject = lambda _r, _why, g=g: self.metrics.ejections.labels(group=str(g)).inc()
             self.groups.append(rs)
             label = str(g)
@@ -169,13 +208,15 @@ class Gateway:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),  # < uvicorn's 5 s idle close
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout))
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
+        )
         await asyncio.gather(*(rs.start(wait=True) for rs in self.groups))
         if self.config.autoscale is not None:
             for g, rs in enumerate(self.groups):
                 loop = AutoscalerLoop(Autoscaler(self.config.autoscale), rs, tick=self.config.autoscale_tick)
                 self.metrics.panic.labels(group=str(g)).set_function(
-                    lambda loop=loop: 1 if loop.autoscaler.panicking else 0)
+                    lambda loop=loop: 1 if loop.autoscaler.panicking else 0
+                )
                 loop.start()
                 self.autoscalers.append(loop)
         self.started = True
@@ -209,8 +250,17 @@ class Gateway:
         versions = list(split)
         return self._rng.choices(versions, weights=[split[v] for v in versions])[0]
 
-    async def forward(self, group: int, method: str, path: str, query: str, headers: dict[str, str],
-                      body: bytes, retry: bool, deadline: float) -> Upstream:
+    async def forward(
+        self,
+        group: int,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        retry: bool,
+        deadline: float,
+    ) -> Upstream:
         """Send to the least busy ready replica of `group`; retry elsewhere on connection failure or
         502/503 (idempotent requests only), holding while no replica is ready until `deadline`."""
         rs = self.groups[group]
@@ -228,11 +278,12 @@ class Gateway:
             except NoReplicaAvailable as exc:
                 return last if last is not None else _error(503, str(exc))
             try:
-                async with self._session.request(method, replica.url + url_tail, data=body or None,
-                                                 headers=headers) as resp:
+                async with self._session.request(
+                    method, replica.url + url_tail, data=body or None, headers=headers
+                ) as resp:
                     content = await resp.read()
                     result = Upstream(resp.status, list(resp.headers.items()), content, replica.id)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 rs.release(replica, ok=False)
                 return _error(504, f"replica {replica.id} did not answer within {self.config.request_timeout:g} s")
             except (aiohttp.ClientError, OSError) as exc:
@@ -273,8 +324,11 @@ class Gateway:
         if len(self.groups) > 1 and key is None and BINARY_HEADER not in request.headers:
             result = await self.scatter(protocol, body, path, request.url.query, headers, deadline)
         if result is None:
-            group = self.ring.node_for(key) if key is not None and len(self.groups) > 1 else (
-                self.pick_group() if len(self.groups) > 1 else 0)
+            group = (
+                self.ring.node_for(key)
+                if key is not None and len(self.groups) > 1
+                else (self.pick_group() if len(self.groups) > 1 else 0)
+            )
             result = await self.forward(group, "POST", path, request.url.query, headers, body, True, deadline)
             result.headers.append(("x-distml-group", str(group)))
         label = self.metrics.model_label(model)
@@ -282,8 +336,9 @@ class Gateway:
         self.metrics.latency.labels(model=label).observe(time.perf_counter() - started)
         return to_response(result)
 
-    async def scatter(self, protocol: str, body: bytes, path: str, query: str, headers: dict[str, str],
-                      deadline: float) -> Upstream | None:
+    async def scatter(
+        self, protocol: str, body: bytes, path: str, query: str, headers: dict[str, str], deadline: float
+    ) -> Upstream | None:
         """Split a multi-instance batch over the shard groups and gather it back in order;
         None when the request is not a splittable JSON batch."""
         try:
@@ -295,21 +350,27 @@ class Gateway:
             return None
         parts = (sharding.split_v2 if protocol == "v2" else sharding.split_v1)(parsed, len(self.groups))
         headers = {**headers, "content-type": "application/json"}
-        results = await asyncio.gather(*(
-            self.forward(g, "POST", path, query, headers, json.dumps(part).encode(), True, deadline)
-            for g, part in enumerate(parts)))
+        results = await asyncio.gather(
+            *(
+                self.forward(g, "POST", path, query, headers, json.dumps(part).encode(), True, deadline)
+                for g, part in enumerate(parts)
+            )
+        )
         for g, res in enumerate(results):
             if res.status != 200:
                 res.headers.append(("x-distml-group", str(g)))
                 return res
         try:
             merged = (sharding.merge_v2 if protocol == "v2" else sharding.merge_v1)(
-                [json.loads(res.body) for res in results])
+                [json.loads(res.body) for res in results]
+            )
         except (ValueError, DistmlError) as exc:
             return _error(502, f"cannot gather the shard groups' responses: {exc}")
-        out_headers = [("content-type", "application/json"),
-                       ("x-distml-group", ",".join(str(g) for g in range(len(parts)))),
-                       ("x-distml-replica", ",".join(res.replica or "" for res in results))]
+        out_headers = [
+            ("content-type", "application/json"),
+            ("x-distml-group", ",".join(str(g) for g in range(len(parts)))),
+            ("x-distml-replica", ",".join(res.replica or "" for res in results)),
+        ]
         version = results[0].header("x-model-version")
         if version is not None:
             out_headers.append(("x-model-version", version))
@@ -319,8 +380,9 @@ class Gateway:
         deadline = time.monotonic() + self.config.hold_timeout
         body = await request.body()
         group = self.pick_group() if len(self.groups) > 1 else 0
-        result = await self.forward(group, request.method, request.url.path, request.url.query,
-                                    forward_headers(request), body, retry, deadline)
+        result = await self.forward(
+            group, request.method, request.url.path, request.url.query, forward_headers(request), body, retry, deadline
+        )
         return to_response(result)
 
     # ------------------------------------------------------------ admin
@@ -330,8 +392,12 @@ class Gateway:
             raise DistmlError('expected {"versions": {"<version>": <weight>, ...}} with at least one version')
         split: dict[str, float] = {}
         for version, weight in versions.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or weight < 0:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
                 raise DistmlError(f"weight of version {version!r} must be a number >= 0, got {weight!r}")
             split[str(version)] = float(weight)
         if sum(split.values()) <= 0:
@@ -348,10 +414,17 @@ class Gateway:
     def snapshot(self) -> dict:
         out: dict[str, Any] = {"groups": [rs.snapshot() for rs in self.groups], "traffic": self.traffic}
         if self.autoscalers:
-            out["autoscaler"] = [None if loop.last is None else {
-                "desired": loop.last.desired, "panicking": loop.last.panicking,
-                "stable_concurrency": loop.last.stable_concurrency,
-                "panic_concurrency": loop.last.panic_concurrency} for loop in self.autoscalers]
+            out["autoscaler"] = [
+                None
+                if loop.last is None
+                else {
+                    "desired": loop.last.desired,
+                    "panicking": loop.last.panicking,
+                    "stable_concurrency": loop.last.stable_concurrency,
+                    "panic_concurrency": loop.last.panic_concurrency,
+                }
+                for loop in self.autoscalers
+            ]
         return out
 
 
@@ -432,8 +505,9 @@ def create_app(gateway: Gateway, on_started: Any = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return unauthorized(request) or Response(generate_latest(gateway.metrics.registry),
-                                                 media_type=CONTENT_TYPE_LATEST)
+        return unauthorized(request) or Response(
+            generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
 
     @app.post("/v2/models/{model}/infer")
     async def infer_v2(model: str, request: Request):
@@ -509,8 +583,14 @@ def create_app(gateway: Gateway, on_started: Any = None) -> FastAPI:
     return app
 
 
-def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, port_file: str | None = None,
-                log_level: str = "warning", on_ready: Any = None) -> None:
+def run_gateway(
+    config: GatewayConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    port_file: str | None = None,
+    log_level: str = "warning",
+    on_ready: Any = None,
+) -> None:
     """Start the replicas, then serve until SIGTERM/SIGINT (drain, retire the replicas, return);
     writes the bound port to `port_file` once ready. Raises DistmlError if the replicas never start."""
     import uvicorn
@@ -530,11 +610,13 @@ def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, p
                     handle.write(str(bound))
             if on_ready is not None:
                 on_ready(f"http://{host}:{bound}")
+
         holder["task"] = asyncio.get_running_loop().create_task(wait_and_write())
 
     app = create_app(gateway, on_started=announce)
-    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                               timeout_graceful_shutdown=config.drain_timeout)
+    uv_config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=config.drain_timeout
+    )
     server = uvicorn.Server(uv_config)
     holder["server"] = server
 
@@ -572,6 +654,7 @@ def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, p
 
     try:  # uvicorn's "auto" loop: uvloop when installed
         import uvloop
+
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover
         loop_factory = None
@@ -580,31 +663,42 @@ def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 0, p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distml.serve.gateway",
-                                     description="distml serving gateway: replicas, retries, canary, sharding, "
-                                                 "autoscaling")
+    parser = argparse.ArgumentParser(
+        prog="python -m distml.serve.gateway",
+        description="distml serving gateway: replicas, retries, canary, sharding, autoscaling",
+    )
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--model", action="append", required=True, help="model reference for the replicas (repeat)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file")
-    parser.add_argument("--token", default=os.environ.get("DISTML_SERVE_TOKEN"),
-                        help="bearer token for everything but /v2/health/*, also passed to the replicas "
-                             "(default: $DISTML_SERVE_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("DISTML_SERVE_TOKEN"),
+        help="bearer token for everything but /v2/health/*, also passed to the replicas (default: $DISTML_SERVE_TOKEN)",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="initial replicas per shard group")
     parser.add_argument("--shards", type=int, default=1, help="shard groups (consistent hashing on X-Shard-Key)")
-    parser.add_argument("--replica-command", default=shlex.join(SERVER_COMMAND),
-                        help="command that starts one replica (before its --workspace/--model/... flags)")
-    parser.add_argument("--replica-args", default="",
-                        help="extra replica flags, e.g. --replica-args='--max-batch-size 8'")
+    parser.add_argument(
+        "--replica-command",
+        default=shlex.join(SERVER_COMMAND),
+        help="command that starts one replica (before its --workspace/--model/... flags)",
+    )
+    parser.add_argument(
+        "--replica-args", default="", help="extra replica flags, e.g. --replica-args='--max-batch-size 8'"
+    )
     parser.add_argument("--run-dir")
     parser.add_argument("--max-attempts", type=int, default=3)
     parser.add_argument("--hold-timeout", type=float, default=60.0, help="seconds a request waits for a ready replica")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--health-interval", type=float, default=0.5)
     parser.add_argument("--health-timeout", type=float, default=2.0)
-    parser.add_argument("--max-health-failures", type=int, default=3,
-                        help="failed health checks in a row before a replica is ejected and replaced")
+    parser.add_argument(
+        "--max-health-failures",
+        type=int,
+        default=3,
+        help="failed health checks in a row before a replica is ejected and replaced",
+    )
     parser.add_argument("--start-timeout", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--autoscale", action="store_true", help="scale on in-flight requests (Knative KPA style)")
@@ -621,18 +715,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        policy = ScalingPolicy(args.target_concurrency, args.min_replicas, args.max_replicas, args.stable_window,
-                               args.panic_window, args.panic_threshold, args.scale_to_zero_after) \
-            if args.autoscale else None
-        config = GatewayConfig(models=args.model, workspace=args.workspace,
-                               command=shlex.split(args.replica_command), replica_args=shlex.split(args.replica_args),
-                               replicas=args.replicas, shards=args.shards, token=args.token, run_dir=args.run_dir,
-                               max_attempts=args.max_attempts, hold_timeout=args.hold_timeout,
-                               request_timeout=args.request_timeout, health_interval=args.health_interval,
-                               health_timeout=args.health_timeout,
-                               max_health_failures=args.max_health_failures, start_timeout=args.start_timeout,
-                               drain_timeout=args.drain_timeout, autoscale=policy, autoscale_tick=args.autoscale_tick,
-                               seed=args.seed)
+        policy = (
+            ScalingPolicy(
+                args.target_concurrency,
+                args.min_replicas,
+                args.max_replicas,
+                args.stable_window,
+                args.panic_window,
+                args.panic_threshold,
+                args.scale_to_zero_after,
+            )
+            if args.autoscale
+            else None
+        )
+        config = GatewayConfig(
+            models=args.model,
+            workspace=args.workspace,
+            command=shlex.split(args.replica_command),
+            replica_args=shlex.split(args.replica_args),
+            replicas=args.replicas,
+            shards=args.shards,
+            token=args.token,
+            run_dir=args.run_dir,
+            max_attempts=args.max_attempts,
+            hold_timeout=args.hold_timeout,
+            request_timeout=args.request_timeout,
+            health_interval=args.health_interval,
+            health_timeout=args.health_timeout,
+            max_health_failures=args.max_health_failures,
+            start_timeout=args.start_timeout,
+            drain_timeout=args.drain_timeout,
+            autoscale=policy,
+            autoscale_tick=args.autoscale_tick,
+            seed=args.seed,
+        )
         run_gateway(config, args.host, args.port, args.port_file, args.log_level)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)

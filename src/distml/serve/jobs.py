@@ -16,7 +16,8 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -33,26 +34,37 @@ Execute = Callable[[str, "int | None", dict], Awaitable[tuple[int, dict]]]
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     return value.isoformat()
 
 
-def create_job(engine: sa.Engine, *, model: str, version: int | None, request: dict,
-               callback_url: str | None = None) -> dict[str, Any]:
+def create_job(
+    engine: sa.Engine, *, model: str, version: int | None, request: dict, callback_url: str | None = None
+) -> dict[str, Any]:
     """Store a new queued job (committed when this returns); return its row."""
     now = _now()
     row = {
-        "id": str(uuid.uuid4()), "model": model, "version": version, "status": "queued",
-        "request_json": json.dumps(request, separators=(",", ":")), "result_json": None, "error": None,
-        "callback_url": callback_url, "callback_status": None, "owner": None, "lease_expires": None,
-        "attempts": 0, "created_at": now, "updated_at": now,
+        "id": str(uuid.uuid4()),
+        "model": model,
+        "version": version,
+        "status": "queued",
+        "request_json": json.dumps(request, separators=(",", ":")),
+        "result_json": None,
+        "error": None,
+        "callback_url": callback_url,
+        "callback_status": None,
+        "owner": None,
+        "lease_expires": None,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
     }
     with engine.begin() as conn:
         conn.execute(inference_jobs.insert().values(**row))
@@ -202,8 +214,11 @@ class JobRunner:
         for row in candidates:
             if not self._claimable(row, now):
                 continue
-            values: dict[str, Any] = {"owner": self.owner, "lease_expires": now + self.lease_seconds,
-                                      "updated_at": _now()}
+            values: dict[str, Any] = {
+                "owner": self.owner,
+                "lease_expires": now + self.lease_seconds,
+                "updated_at": _now(),
+            }
             if row.status not in TERMINAL:
                 values["status"] = "running"
                 values["attempts"] = t.c.attempts + 1
@@ -225,9 +240,7 @@ class JobRunner:
                 .values(status="queued", owner=None, lease_expires=None, updated_at=_now())
             )
             conn.execute(
-                t.update()
-                .where(t.c.id.in_(job_ids), t.c.owner == self.owner)
-                .values(owner=None, lease_expires=None)
+                t.update().where(t.c.id.in_(job_ids), t.c.owner == self.owner).values(owner=None, lease_expires=None)
             )
 
     async def _loop(self) -> None:
@@ -244,7 +257,7 @@ class JobRunner:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # -- running ----------------------------------------------------------------------------
@@ -252,9 +265,12 @@ class JobRunner:
     def _update(self, job_id: str, **values: Any) -> bool:
         t = inference_jobs
         with self.engine.begin() as conn:
-            return conn.execute(
-                t.update().where(t.c.id == job_id, t.c.owner == self.owner).values(updated_at=_now(), **values)
-            ).rowcount == 1
+            return (
+                conn.execute(
+                    t.update().where(t.c.id == job_id, t.c.owner == self.owner).values(updated_at=_now(), **values)
+                ).rowcount
+                == 1
+            )
 
     async def _renew(self, job_id: str) -> None:
         while True:
@@ -271,8 +287,9 @@ class JobRunner:
                     return
             if row["callback_url"] and row["callback_status"] == "pending":
                 delivered = await self._deliver(row)
-                await asyncio.to_thread(self._update, job_id, callback_status="delivered" if delivered else "failed",
-                                        lease_expires=None)
+                await asyncio.to_thread(
+                    self._update, job_id, callback_status="delivered" if delivered else "failed", lease_expires=None
+                )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -286,8 +303,11 @@ class JobRunner:
         job_id, model = row["id"], row["model"]
         version = row["version"]
         if row["attempts"] > self.max_attempts:
-            status, result, error = "failed", None, (
-                f"gave up after {self.max_attempts} attempts: the replica running it stopped each time")
+            status, result, error = (
+                "failed",
+                None,
+                (f"gave up after {self.max_attempts} attempts: the replica running it stopped each time"),
+            )
         else:
             try:
                 request = json.loads(row["request_json"])
@@ -298,9 +318,16 @@ class JobRunner:
             except Exception as exc:
                 status, result, error = "failed", None, str(exc) or type(exc).__name__
         callback_status = "pending" if row["callback_url"] else None
-        ok = await asyncio.to_thread(self._update, job_id, status=status, version=version, result_json=result,
-                                     error=error, callback_status=callback_status,
-                                     lease_expires=time.time() + self.lease_seconds)
+        ok = await asyncio.to_thread(
+            self._update,
+            job_id,
+            status=status,
+            version=version,
+            result_json=result,
+            error=error,
+            callback_status=callback_status,
+            lease_expires=time.time() + self.lease_seconds,
+        )
         if not ok:
             log.warning("inference job %s was taken over by another replica; dropping this run's result", job_id)
             return None
@@ -320,12 +347,18 @@ class JobRunner:
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-            log.warning("inference job %s: callback to %s failed (attempt %d/%d): %s", row["id"],
-                        row["callback_url"], attempt, self.callback_attempts, problem)
+            log.warning(
+                "inference job %s: callback to %s failed (attempt %d/%d): %s",
+                row["id"],
+                row["callback_url"],
+                attempt,
+                self.callback_attempts,
+                problem,
+            )
             if attempt < self.callback_attempts:
                 await asyncio.sleep(self.callback_backoff * 2 ** (attempt - 1))
         log.error("inference job %s: giving up on its callback to %s", row["id"], row["callback_url"])
         return False
 
 
-__all__ = ["JobRunner", "STATUSES", "create_job", "get_job", "job_view"]
+__all__ = ["STATUSES", "JobRunner", "create_job", "get_job", "job_view"]

@@ -13,7 +13,8 @@ import json
 import math
 import struct
 import zlib
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,10 @@ INTEGER_TYPES = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16
 FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES
 _TYPE_LIST = ", ".join(DATATYPES)
-_REQUEST_HELP = ('expected a V2 infer request such as {"inputs": [{"name": "image", "shape": [1, 28, 28], '
-                 '"datatype": "FP32", "data": [...]}]}')
+_REQUEST_HELP = (
+    'expected a V2 infer request such as {"inputs": [{"name": "image", "shape": [1, 28, 28], '
+    '"datatype": "FP32", "data": [...]}]}'
+)
 
 
 class ProtocolError(DistmlError):
@@ -76,7 +79,7 @@ class Tensor:
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_numpy(cls, name: str, array: Any, datatype: str | None = None, **parameters: Any) -> "Tensor":
+    def from_numpy(cls, name: str, array: Any, datatype: str | None = None, **parameters: Any) -> Tensor:
         array = np.asarray(array)
         datatype = datatype or datatype_of(array)
         if datatype == "BYTES":
@@ -133,8 +136,9 @@ def _as_bytes_array(array: np.ndarray, name: str) -> np.ndarray:
         elif isinstance(value, str):
             flat[i] = value.encode("utf-8")
         else:
-            raise ProtocolError(400, f"tensor {name!r} is BYTES but holds a {type(value).__name__}; "
-                                     "expected str or bytes elements")
+            raise ProtocolError(
+                400, f"tensor {name!r} is BYTES but holds a {type(value).__name__}; expected str or bytes elements"
+            )
     return out
 
 
@@ -172,11 +176,17 @@ def _split_body(body: bytes, header_length: str | int | None, what: str) -> tupl
         try:
             length = int(header_length)
         except (TypeError, ValueError):
-            raise ProtocolError(400, f"{HEADER_LENGTH} header is {header_length!r}; expected the byte length "
-                                     "of the JSON part as a non-negative integer") from None
+            raise ProtocolError(
+                400,
+                f"{HEADER_LENGTH} header is {header_length!r}; expected the byte length "
+                "of the JSON part as a non-negative integer",
+            ) from None
         if length < 0 or length > len(body):
-            raise ProtocolError(400, f"{HEADER_LENGTH} header says {length} bytes of JSON but the body has "
-                                     f"{len(body)} bytes; expected 0..{len(body)}")
+            raise ProtocolError(
+                400,
+                f"{HEADER_LENGTH} header says {length} bytes of JSON but the body has "
+                f"{len(body)} bytes; expected 0..{len(body)}",
+            )
         binary = memoryview(body)[length:]
         body = body[:length]
     return load_json_object(body, what, _REQUEST_HELP), binary
@@ -200,21 +210,30 @@ class _BinaryReader:
 
     def take(self, size: int, where: str) -> memoryview:
         if self.data is None:
-            raise ProtocolError(400, f"{where} has parameters.binary_data_size but the body has no binary part; "
-                                     f"send the {HEADER_LENGTH} header with the JSON length and append the bytes")
+            raise ProtocolError(
+                400,
+                f"{where} has parameters.binary_data_size but the body has no binary part; "
+                f"send the {HEADER_LENGTH} header with the JSON length and append the bytes",
+            )
         remaining = len(self.data) - self.offset
         if size > remaining:
-            raise ProtocolError(400, f"{where} declares binary_data_size {size} but only {remaining} bytes of "
-                                     "binary data remain after the tensors before it")
-        chunk = self.data[self.offset:self.offset + size]
+            raise ProtocolError(
+                400,
+                f"{where} declares binary_data_size {size} but only {remaining} bytes of "
+                "binary data remain after the tensors before it",
+            )
+        chunk = self.data[self.offset : self.offset + size]
         self.offset += size
         return chunk
 
     def finish(self, what: str) -> None:
         if self.data is not None and self.offset != len(self.data):
             extra = len(self.data) - self.offset
-            raise ProtocolError(400, f"{extra} bytes of binary data follow the {what}' declared binary_data_size "
-                                     f"total ({self.offset}); expected exactly the declared sizes, in order")
+            raise ProtocolError(
+                400,
+                f"{extra} bytes of binary data follow the {what}' declared binary_data_size "
+                f"total ({self.offset}); expected exactly the declared sizes, in order",
+            )
 
 
 # --- decoding one tensor --------------------------------------------------------------------
@@ -229,10 +248,10 @@ def _check_parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 def _check_shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in value):
-        raise ProtocolError(400, f"{where}.shape is {_describe(value)}; expected a list of non-negative integers "
-                                 "such as [1, 28, 28]")
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise ProtocolError(
+            400, f"{where}.shape is {_describe(value)}; expected a list of non-negative integers such as [1, 28, 28]"
+        )
     return tuple(value)
 
 
@@ -243,31 +262,42 @@ def _decode_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], where
         offset = 0
         while offset < len(raw):
             if offset + 4 > len(raw):
-                raise ProtocolError(400, f"{where}: BYTES binary data ends inside a 4-byte length prefix; "
-                                         "expected each element as a 4-byte little-endian length then its bytes")
+                raise ProtocolError(
+                    400,
+                    f"{where}: BYTES binary data ends inside a 4-byte length prefix; "
+                    "expected each element as a 4-byte little-endian length then its bytes",
+                )
             (length,) = struct.unpack_from("<I", raw, offset)
             offset += 4
             if offset + length > len(raw):
-                raise ProtocolError(400, f"{where}: BYTES element {len(items)} declares {length} bytes but only "
-                                         f"{len(raw) - offset} remain in its binary_data_size")
-            items.append(bytes(raw[offset:offset + length]))
+                raise ProtocolError(
+                    400,
+                    f"{where}: BYTES element {len(items)} declares {length} bytes but only "
+                    f"{len(raw) - offset} remain in its binary_data_size",
+                )
+            items.append(bytes(raw[offset : offset + length]))
             offset += length
         if len(items) != count:
-            raise ProtocolError(400, f"{where}: binary data holds {len(items)} BYTES elements but shape "
-                                     f"{list(shape)} needs {count}")
+            raise ProtocolError(
+                400, f"{where}: binary data holds {len(items)} BYTES elements but shape {list(shape)} needs {count}"
+            )
         array = np.empty(count, dtype=object)
         array[:] = items
         return array.reshape(shape)
     dtype = DATATYPES[datatype]
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        raise ProtocolError(400, f"{where}: binary_data_size is {len(raw)} bytes but shape {list(shape)} of "
-                                 f"{datatype} needs {expected} bytes ({dtype.itemsize} per element, little-endian)")
+        raise ProtocolError(
+            400,
+            f"{where}: binary_data_size is {len(raw)} bytes but shape {list(shape)} of "
+            f"{datatype} needs {expected} bytes ({dtype.itemsize} per element, little-endian)",
+        )
     if datatype == "BOOL":
         values = np.frombuffer(raw, dtype=np.uint8)
         if values.size and values.max() > 1:
-            raise ProtocolError(400, f"{where}: BOOL binary data holds byte value {int(values.max())}; "
-                                     "expected 0 or 1 per element")
+            raise ProtocolError(
+                400, f"{where}: BOOL binary data holds byte value {int(values.max())}; expected 0 or 1 per element"
+            )
         return values.astype(bool).reshape(shape)
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
@@ -290,13 +320,16 @@ def _flatten_nested(data: list, where: str) -> tuple[list, tuple[int, ...]]:
     def walk(value: Any, depth: int) -> None:
         if depth == len(shape):
             if isinstance(value, list):
-                raise ProtocolError(400, f"{where}.data is a ragged nested list; expected a flat list or one "
-                                         "nested exactly as the shape")
+                raise ProtocolError(
+                    400,
+                    f"{where}.data is a ragged nested list; expected a flat list or one nested exactly as the shape",
+                )
             flat.append(value)
             return
         if not isinstance(value, list) or len(value) != shape[depth]:
-            raise ProtocolError(400, f"{where}.data is a ragged nested list; expected a flat list or one nested "
-                                     "exactly as the shape")
+            raise ProtocolError(
+                400, f"{where}.data is a ragged nested list; expected a flat list or one nested exactly as the shape"
+            )
         for item in value:
             walk(item, depth + 1)
 
@@ -307,27 +340,37 @@ def _flatten_nested(data: list, where: str) -> tuple[list, tuple[int, ...]]:
 def _decode_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     count = _num_elements(shape)
     if not isinstance(data, list):
-        raise ProtocolError(400, f"{where}.data is a {type(data).__name__}; expected a list of {datatype} values "
-                                 "(flat, or nested as the shape), row-major")
+        raise ProtocolError(
+            400,
+            f"{where}.data is a {type(data).__name__}; expected a list of {datatype} values "
+            "(flat, or nested as the shape), row-major",
+        )
     if datatype == "BYTES":
         flat, nested = _flatten_nested(data, where)
         array = np.empty(len(flat), dtype=object)
         for i, value in enumerate(flat):
             if not isinstance(value, str):
-                raise ProtocolError(400, f"{where}.data[{i}] is {_describe(value)}; BYTES data in JSON must be "
-                                         "strings (use the binary extension for arbitrary bytes)")
+                raise ProtocolError(
+                    400,
+                    f"{where}.data[{i}] is {_describe(value)}; BYTES data in JSON must be "
+                    "strings (use the binary extension for arbitrary bytes)",
+                )
             array[i] = value.encode("utf-8")
     else:
         try:
             parsed = np.array(data)
         except (ValueError, TypeError):
-            raise ProtocolError(400, f"{where}.data is a ragged nested list; expected a flat list or one nested "
-                                     "exactly as the shape") from None
+            raise ProtocolError(
+                400, f"{where}.data is a ragged nested list; expected a flat list or one nested exactly as the shape"
+            ) from None
         nested = parsed.shape
         array = _check_values(parsed, data, datatype, where).reshape(-1)
     if len(nested) > 1 and tuple(nested) != shape:
-        raise ProtocolError(400, f"{where}.data is nested as {list(nested)} but shape is {list(shape)}; "
-                                 "send it flat or nested exactly as the shape")
+        raise ProtocolError(
+            400,
+            f"{where}.data is nested as {list(nested)} but shape is {list(shape)}; "
+            "send it flat or nested exactly as the shape",
+        )
     if array.size != count:
         raise ProtocolError(400, f"{where}.data has {array.size} values but shape {list(shape)} needs {count}")
     return array.reshape(shape)
@@ -370,8 +413,7 @@ def _check_values(parsed: np.ndarray, data: list, datatype: str, where: str) -> 
         info = np.iinfo(target)
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
-            raise ProtocolError(400, f"{where}.data holds {bad}, out of range for {datatype} "
-                                     f"({info.min}..{info.max})")
+            raise ProtocolError(400, f"{where}.data holds {bad}, out of range for {datatype} ({info.min}..{info.max})")
         return values.astype(target)
     if datatype in FLOAT_TYPES:
         if kind not in "iuf":
@@ -385,11 +427,10 @@ def _check_values(parsed: np.ndarray, data: list, datatype: str, where: str) -> 
 
 def _decode_tensor(obj: Any, where: str, reader: _BinaryReader) -> Tensor:
     if not isinstance(obj, dict):
-        raise ProtocolError(400, f"{where} is {_describe(obj)}; expected an object with name, shape, datatype "
-                                 "and data")
+        raise ProtocolError(400, f"{where} is {_describe(obj)}; expected an object with name, shape, datatype and data")
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        raise ProtocolError(400, f"{where} has no 'name' string; expected e.g. \"name\": \"image\"")
+        raise ProtocolError(400, f'{where} has no \'name\' string; expected e.g. "name": "image"')
     where = f"{where} ({name!r})"
     datatype = obj.get("datatype")
     if datatype not in DATATYPES:
@@ -400,16 +441,21 @@ def _decode_tensor(obj: Any, where: str, reader: _BinaryReader) -> Tensor:
     has_data = "data" in obj and obj["data"] is not None
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ProtocolError(400, f"{where}.parameters.binary_data_size is {_describe(size)}; expected a "
-                                     "non-negative integer byte count")
+            raise ProtocolError(
+                400,
+                f"{where}.parameters.binary_data_size is {_describe(size)}; expected a non-negative integer byte count",
+            )
         if has_data:
             raise ProtocolError(400, f"{where} has both 'data' and parameters.binary_data_size; send one of them")
         array = _decode_binary(reader.take(size, where), datatype, shape, where)
     elif has_data:
         array = _decode_json_data(obj["data"], datatype, shape, where)
     else:
-        raise ProtocolError(400, f"{where} has no 'data'; expected its values as a JSON list, or "
-                                 "parameters.binary_data_size with the binary tensor data extension")
+        raise ProtocolError(
+            400,
+            f"{where} has no 'data'; expected its values as a JSON list, or "
+            "parameters.binary_data_size with the binary tensor data extension",
+        )
     return Tensor(name, datatype, shape, array, parameters)
 
 
@@ -421,8 +467,9 @@ def _tensor_list(obj: dict, key: str, what: str, reader: _BinaryReader, *, requi
     names = [t.name for t in tensors]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ProtocolError(400, f"{what} names {key} {', '.join(map(repr, duplicates))} more than once; "
-                                 "expected distinct names")
+        raise ProtocolError(
+            400, f"{what} names {key} {', '.join(map(repr, duplicates))} more than once; expected distinct names"
+        )
     reader.finish(key)
     return tensors
 
@@ -460,12 +507,15 @@ def infer_request_from_json(obj: Mapping[str, Any], binary: memoryview | bytes |
     outputs = None
     if obj.get("outputs") is not None:
         if not isinstance(obj["outputs"], list):
-            raise ProtocolError(400, "'outputs' must be a list of objects like {\"name\": \"probabilities\"}")
+            raise ProtocolError(400, '\'outputs\' must be a list of objects like {"name": "probabilities"}')
         outputs = []
         for i, item in enumerate(obj["outputs"]):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
-                raise ProtocolError(400, f"outputs[{i}] is {_describe(item)}; expected an object like "
-                                         "{\"name\": \"probabilities\", \"parameters\": {\"binary_data\": true}}")
+                raise ProtocolError(
+                    400,
+                    f"outputs[{i}] is {_describe(item)}; expected an object like "
+                    '{"name": "probabilities", "parameters": {"binary_data": true}}',
+                )
             outputs.append(RequestedOutput(item["name"], _check_parameters(item.get("parameters"), f"outputs[{i}]")))
     return InferRequest(
         inputs=inputs,
@@ -481,8 +531,11 @@ def _encode_tensor_data(tensor: Tensor, binary: bool, status: int) -> tuple[dict
     parameters = {k: v for k, v in tensor.parameters.items() if k != "binary_data_size"}
     array = np.asarray(tensor.data)
     if tuple(array.shape) != tuple(tensor.shape) and array.size != _num_elements(tensor.shape):
-        raise ProtocolError(status, f"tensor {tensor.name!r} has {array.size} values but shape "
-                                    f"{list(tensor.shape)} needs {_num_elements(tensor.shape)}")
+        raise ProtocolError(
+            status,
+            f"tensor {tensor.name!r} has {array.size} values but shape "
+            f"{list(tensor.shape)} needs {_num_elements(tensor.shape)}",
+        )
     if binary:
         if tensor.datatype == "BYTES":
             flat = _as_bytes_array(array, tensor.name).reshape(-1)
@@ -498,8 +551,11 @@ def _encode_tensor_data(tensor: Tensor, binary: bool, status: int) -> tuple[dict
             try:
                 values.append(value.decode("utf-8"))
             except UnicodeDecodeError:
-                raise ProtocolError(status, f"tensor {tensor.name!r} holds bytes that are not UTF-8, which JSON "
-                                            "cannot carry; ask for binary data") from None
+                raise ProtocolError(
+                    status,
+                    f"tensor {tensor.name!r} holds bytes that are not UTF-8, which JSON "
+                    "cannot carry; ask for binary data",
+                ) from None
         entry["data"] = values
     else:
         entry["data"] = np.asarray(array, dtype=DATATYPES[tensor.datatype].newbyteorder("=")).reshape(-1).tolist()
@@ -512,8 +568,11 @@ def _dump(obj: dict, what: str, status: int) -> bytes:
     try:
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except ValueError:
-        raise ProtocolError(status, f"{what} holds NaN or infinite values, which JSON cannot carry; "
-                                    "ask for binary data (parameters.binary_data: true)") from None
+        raise ProtocolError(
+            status,
+            f"{what} holds NaN or infinite values, which JSON cannot carry; "
+            "ask for binary data (parameters.binary_data: true)",
+        ) from None
 
 
 def _join(obj: dict, raws: list[bytes], what: str, status: int) -> tuple[bytes, int | None]:
@@ -546,8 +605,9 @@ def encode_infer_request(
         obj["parameters"] = dict(parameters)
     if outputs is not None:
         obj["outputs"] = [
-            {"name": o} if isinstance(o, str) else {"name": o.name, **({"parameters": o.parameters} if o.parameters
-                                                                       else {})}
+            {"name": o}
+            if isinstance(o, str)
+            else {"name": o.name, **({"parameters": o.parameters} if o.parameters else {})}
             for o in outputs
         ]
     return _join(obj, raws, "the request", 400)
@@ -607,9 +667,9 @@ def parse_infer_response(body: bytes, header_length: str | int | None = None) ->
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "NUMERIC_TYPES",
     "InferRequest",
     "InferResponse",
-    "NUMERIC_TYPES",
     "ProtocolError",
     "RequestedOutput",
     "Tensor",

@@ -20,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import aiohttp
 
@@ -53,6 +53,7 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
+
     return setup
 
 
@@ -109,20 +110,41 @@ class Replica:
         return self.process.poll() is None
 
     def info(self) -> dict:
-        return {"id": self.id, "pid": self.pid, "port": self.port, "state": self.state,
-                "models": list(self.models), "outstanding": self.outstanding, "served": self.served,
-                "error": self.error}
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "port": self.port,
+            "state": self.state,
+            "models": list(self.models),
+            "outstanding": self.outstanding,
+            "served": self.served,
+            "error": self.error,
+        }
 
 
 class ReplicaSet:
     """Replica processes serving the same models; call every method from one asyncio loop."""
 
-    def __init__(self, command_prefix: Sequence[str], models: Iterable[str], *,
-                 workspace: str | os.PathLike, args: Sequence[str] = (),
-                 run_dir: str | os.PathLike | None = None, replicas: int = 1, name: str = "replicas",
-                 host: str = "127.0.0.1", token: str | None = None, health_interval: float = 0.5,
-                 health_timeout: float = 2.0, max_health_failures: int = 3, start_timeout: float = 60.0,
-                 drain_timeout: float = 30.0, retry_grace: float = 0.5, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        command_prefix: Sequence[str],
+        models: Iterable[str],
+        *,
+        workspace: str | os.PathLike,
+        args: Sequence[str] = (),
+        run_dir: str | os.PathLike | None = None,
+        replicas: int = 1,
+        name: str = "replicas",
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        health_interval: float = 0.5,
+        health_timeout: float = 2.0,
+        max_health_failures: int = 3,
+        start_timeout: float = 60.0,
+        drain_timeout: float = 30.0,
+        retry_grace: float = 0.5,
+        env: dict[str, str] | None = None,
+    ):
         self.command_prefix = list(command_prefix)
         if not self.command_prefix:
             raise DistmlError("replica command is empty; expected e.g. [python, -m, distml.serve.server]")
@@ -244,9 +266,16 @@ class ReplicaSet:
         return self._area
 
     def snapshot(self) -> dict:
-        return {"name": self.name, "desired": self.desired, "ready": self.ready_count,
-                "models": list(self.models), "in_flight": self._in_flight, "waiting": self._waiting,
-                "last_error": self.last_error, "replicas": [r.info() for r in self._replicas]}
+        return {
+            "name": self.name,
+            "desired": self.desired,
+            "ready": self.ready_count,
+            "models": list(self.models),
+            "in_flight": self._in_flight,
+            "waiting": self._waiting,
+            "last_error": self.last_error,
+            "replicas": [r.info() for r in self._replicas],
+        }
 
     # ------------------------------------------------------------ scaling
 
@@ -289,7 +318,8 @@ class ReplicaSet:
                 self.models = models
                 new = [self._spawn() for _ in range(max(self.desired, 0))]
                 results = await asyncio.gather(
-                    *(self._wait_replica(r, timeout or self.start_timeout) for r in new), return_exceptions=True)
+                    *(self._wait_replica(r, timeout or self.start_timeout) for r in new), return_exceptions=True
+                )
                 failed = [res for res in results if isinstance(res, BaseException)]
                 if failed:
                     self.models = previous
@@ -309,7 +339,8 @@ class ReplicaSet:
                 raise NoReplicaAvailable(
                     f"{self.ready_count} of {n} replica(s) of {self.name} ready after "
                     f"{timeout if timeout is not None else self.start_timeout:g} s"
-                    + (f"; last failure: {self.last_error}" if self.last_error else ""))
+                    + (f"; last failure: {self.last_error}" if self.last_error else "")
+                )
             await self._wait_change(min(remaining, 0.25))
 
     # ------------------------------------------------------------ request routing
@@ -331,8 +362,11 @@ class ReplicaSet:
                 if candidates:
                     least = min(r.outstanding for r in candidates)
                     start = self._rr % len(candidates)  # ties: the first after the last pick
-                    at = next(i % len(candidates) for i in range(start, start + len(candidates))
-                              if candidates[i % len(candidates)].outstanding == least)
+                    at = next(
+                        i % len(candidates)
+                        for i in range(start, start + len(candidates))
+                        if candidates[i % len(candidates)].outstanding == least
+                    )
                     replica = candidates[at]
                     self._rr = at + 1
                     self._account()
@@ -346,7 +380,8 @@ class ReplicaSet:
                     raise NoReplicaAvailable(
                         f"no replica of {self.name} was ready within {timeout:g} s "
                         f"(desired {self.desired}, starting {self.live_count - self.ready_count})"
-                        + (f"; last failure: {self.last_error}" if self.last_error else ""))
+                        + (f"; last failure: {self.last_error}" if self.last_error else "")
+                    )
                 await self._wait_change(min(remaining, self.retry_grace / 2 if ready else 0.25))
         finally:
             self._account()
@@ -398,9 +433,15 @@ class ReplicaSet:
         env = {**os.environ, **(self.env or {})}
         with open(log_path, "ab") as log_file:
             try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent(os.getpid()))
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
             except OSError as exc:
                 raise DistmlError(f"cannot start replica command {self.command_prefix}: {exc}") from exc
         _LIVE.add(proc)
@@ -483,11 +524,12 @@ class ReplicaSet:
     async def _probe(self, replica: Replica, timeout: float) -> bool:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
-            async with self._session.get(f"{replica.url}/v2/health/ready", headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._session.get(
+                f"{replica.url}/v2/health/ready", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _check_starting(self) -> None:
@@ -503,8 +545,12 @@ class ReplicaSet:
                 replica.ready_at = time.monotonic()
                 self._start_failures = 0
                 self._ready_once = True
-                log.info("replica %s ready on port %d after %.2f s", replica.id, replica.port,
-                         replica.ready_at - replica.started_at)
+                log.info(
+                    "replica %s ready on port %d after %.2f s",
+                    replica.id,
+                    replica.port,
+                    replica.ready_at - replica.started_at,
+                )
                 self._notify()
             elif now - replica.started_at > self.start_timeout:
                 self._eject(replica, f"was not ready within {self.start_timeout:g} s")
@@ -544,7 +590,7 @@ class ReplicaSet:
                 except DistmlError as exc:
                     self.last_error = str(exc)
                     self._start_failures += 1
-                    self._next_spawn_at = time.monotonic() + min(0.25 * 2 ** self._start_failures, 10.0)
+                    self._next_spawn_at = time.monotonic() + min(0.25 * 2**self._start_failures, 10.0)
                     return
         elif len(live) > self.desired:
             extra = sorted(live, key=lambda r: (r.state == READY, r.outstanding, -r.started_at))
@@ -566,7 +612,7 @@ class ReplicaSet:
                     self._reconcile()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the supervisor must keep running
+            except Exception:
                 log.exception("replica supervisor of %s", self.name)
             starting = any(r.state == STARTING for r in self._replicas)
             with contextlib.suppress(asyncio.TimeoutError):

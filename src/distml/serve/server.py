@@ -26,8 +26,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -50,8 +51,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 VERSION_HEADER = "X-Model-Version"
 OUTPUTS = ("probabilities", "label")
 EXTENSIONS = ["binary_tensor_data", "async_jobs", "v1_predict"]
-INPUT_FORMAT = ("raw pixel values 0..255 (FP32, or any integer/FP16/FP64 type, cast to FP32); "
-                "the server applies the model's normalisation (see 'normalization')")
+INPUT_FORMAT = (
+    "raw pixel values 0..255 (FP32, or any integer/FP16/FP64 type, cast to FP32); "
+    "the server applies the model's normalisation (see 'normalization')"
+)
 
 
 # --- the models ----------------------------------------------------------------------------
@@ -91,8 +94,12 @@ def pixel_normalization(manifest: Mapping[str, Any]) -> Normalization:
 
     if number(pre.get("mean")) and number(pre.get("std")) and pre["std"] != 0:
         scale = pre.get("scale", 1 / 255)
-        return Normalization(float(scale) if number(scale) else 1 / 255, float(pre["mean"]), float(pre["std"]),
-                             "manifest preprocessing mean/std")
+        return Normalization(
+            float(scale) if number(scale) else 1 / 255,
+            float(pre["mean"]),
+            float(pre["std"]),
+            "manifest preprocessing mean/std",
+        )
     known = {
         "fashion-mnist": (datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD),
         "digits": (datasets.DIGITS_MEAN, datasets.DIGITS_STD),
@@ -103,8 +110,12 @@ def pixel_normalization(manifest: Mapping[str, Any]) -> Normalization:
     steps = pre.get("steps")
     if isinstance(steps, dict) and number(steps.get("mean")) and number(steps.get("std")) and steps["std"] != 0:
         scale = steps.get("scale", 1 / 255)
-        return Normalization(float(scale) if number(scale) else 1 / 255, float(steps["mean"]), float(steps["std"]),
-                             "manifest preprocessing Normalize step")
+        return Normalization(
+            float(scale) if number(scale) else 1 / 255,
+            float(steps["mean"]),
+            float(steps["std"]),
+            "manifest preprocessing Normalize step",
+        )
     log.warning("model %s: its manifest names no known normalisation; serving pixels / 255", manifest.get("name"))
     return Normalization(1 / 255, 0.0, 1.0, "default (the manifest names no known normalisation)")
 
@@ -179,18 +190,25 @@ class ServedModel:
                 elif len(pattern) == 2 and len(self.spec_shape) > 1:  # [n, H*W]
                     rest = list(self.spec_shape)
                 return (int(shape[0]), *rest)
-        raise ProtocolError(400, f"{where} has shape {list(shape)}; model {self.name!r} expects one of "
-                                 f"{', '.join(str(s) for s in self.accepted_shapes())} (-1: any batch size)")
+        raise ProtocolError(
+            400,
+            f"{where} has shape {list(shape)}; model {self.name!r} expects one of "
+            f"{', '.join(str(s) for s in self.accepted_shapes())} (-1: any batch size)",
+        )
 
     def prepare_tensor(self, tensor: Tensor) -> np.ndarray:
         """Check a V2 input against the input spec and return normalised model inputs (n, *spec)."""
         where = f"input {tensor.name!r}"
         if tensor.name != self.input_name:
-            raise ProtocolError(400, f"model {self.name!r} has one input named {self.input_name!r}; got "
-                                     f"{tensor.name!r}")
+            raise ProtocolError(
+                400, f"model {self.name!r} has one input named {self.input_name!r}; got {tensor.name!r}"
+            )
         if tensor.datatype not in NUMERIC_TYPES:
-            raise ProtocolError(400, f"{where} has datatype {tensor.datatype}; expected FP32 raw pixel values "
-                                     "0..255 (UINT8, other integer types, FP16 and FP64 are accepted and cast to FP32)")
+            raise ProtocolError(
+                400,
+                f"{where} has datatype {tensor.datatype}; expected FP32 raw pixel values "
+                "0..255 (UINT8, other integer types, FP16 and FP64 are accepted and cast to FP32)",
+            )
         shape = self._reshape(tensor.shape, where)
         raw = np.asarray(tensor.data, dtype=np.float32).reshape(shape)
         return self.normalize(raw, where)
@@ -244,8 +262,10 @@ def _version_specs(name: str, specs: Iterable[Any]) -> list[str]:
         if isinstance(spec, int) and not isinstance(spec, bool):
             refs.append(f"{name}:{spec}")
         elif not isinstance(spec, str):
-            raise DistmlError(f"model {name!r}: version {spec!r} is not valid; expected a version number, "
-                              "'latest', '@alias' or a full reference")
+            raise DistmlError(
+                f"model {name!r}: version {spec!r} is not valid; expected a version number, "
+                "'latest', '@alias' or a full reference"
+            )
         elif spec in ("", "latest"):
             refs.append(name)
         elif spec.isdigit():
@@ -257,16 +277,20 @@ def _version_specs(name: str, specs: Iterable[Any]) -> list[str]:
     return refs
 
 
-def resolve_refs(workspace: Workspace, models: str | Sequence[str] | Mapping[str, Sequence[Any]]
-                 ) -> list[tuple[str, int, dict]]:
+def resolve_refs(
+    workspace: Workspace, models: str | Sequence[str] | Mapping[str, Sequence[Any]]
+) -> list[tuple[str, int, dict]]:
     """(name, version, manifest) for each model reference, deduplicated, in the order given."""
     from distml.models.artifact import resolve_model
 
     if isinstance(models, str):
         refs = [models]
     elif isinstance(models, Mapping):
-        refs = [ref for name, specs in models.items()
-                for ref in _version_specs(name, [specs] if isinstance(specs, (str, int)) else specs)]
+        refs = [
+            ref
+            for name, specs in models.items()
+            for ref in _version_specs(name, [specs] if isinstance(specs, (str, int)) else specs)
+        ]
     else:
         refs = list(models)
     if not refs:
@@ -275,8 +299,10 @@ def resolve_refs(workspace: Workspace, models: str | Sequence[str] | Mapping[str
     for ref in refs:
         record = resolve_model(workspace, ref)
         if record.version is None:
-            raise DistmlError(f"model {ref!r} is in the artifact store but not registered; the server serves "
-                              "registered models (name, version) only")
+            raise DistmlError(
+                f"model {ref!r} is in the artifact store but not registered; the server serves "
+                "registered models (name, version) only"
+            )
         resolved.setdefault((record.name, record.version), record.manifest)
     return [(name, version, manifest) for (name, version), manifest in resolved.items()]
 
@@ -287,8 +313,17 @@ def resolve_refs(workspace: Workspace, models: str | Sequence[str] | Mapping[str
 class ModelServer:
     """State and handlers of one replica; `create_app` wires it into FastAPI."""
 
-    def __init__(self, workspace: Workspace, resolved: list[tuple[str, int, dict]], *, max_batch_size: int,
-                 max_batch_delay_ms: float, token: str | None, max_body_bytes: int, job_concurrency: int = 4):
+    def __init__(
+        self,
+        workspace: Workspace,
+        resolved: list[tuple[str, int, dict]],
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        token: str | None,
+        max_body_bytes: int,
+        job_concurrency: int = 4,
+    ):
         self.workspace = workspace
         self.max_batch_size = max_batch_size
         self.max_batch_delay_ms = max_batch_delay_ms
@@ -304,10 +339,13 @@ class ModelServer:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
-        self.jobs = JobRunner(workspace.engine, self._execute_job,
-                              {name: set(versions) for name, versions in self.models.items()},
-                              on_finish=lambda m, v, s: self.metrics.jobs.labels(m, v, s).inc(),
-                              concurrency=job_concurrency)
+        self.jobs = JobRunner(
+            workspace.engine,
+            self._execute_job,
+            {name: set(versions) for name, versions in self.models.items()},
+            on_finish=lambda m, v, s: self.metrics.jobs.labels(m, v, s).inc(),
+            concurrency=job_concurrency,
+        )
         self._jobs_started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -339,10 +377,16 @@ class ModelServer:
                     model = await asyncio.to_thread(optimize_for_serving, model, served.spec_shape, served.tag)
                     served.model, served.manifest = model, manifest
                     histogram = self.metrics.batch_size.labels(served.name, str(served.version))
-                    served.batcher = DynamicBatcher(served.forward, self.max_batch_size, self.max_batch_delay_ms,
-                                                    on_batch=histogram.observe, name=served.tag)
+                    served.batcher = DynamicBatcher(
+                        served.forward,
+                        self.max_batch_size,
+                        self.max_batch_delay_ms,
+                        on_batch=histogram.observe,
+                        name=served.tag,
+                    )
                     self.metrics.queue_depth.labels(served.name, str(served.version)).set_function(
-                        lambda b=served.batcher: b.queue_depth)
+                        lambda b=served.batcher: b.queue_depth
+                    )
                     log.info("event=model_loaded model=%s seconds=%.3f", served.tag, time.perf_counter() - started)
         except asyncio.CancelledError:
             raise
@@ -360,8 +404,9 @@ class ModelServer:
 
     # -- lookups ----------------------------------------------------------------------------
 
-    def lookup(self, name: str, version: str | None, labels: dict | None = None, *, need_ready: bool = True
-               ) -> ServedModel:
+    def lookup(
+        self, name: str, version: str | None, labels: dict | None = None, *, need_ready: bool = True
+    ) -> ServedModel:
         versions = self.models.get(name)
         if versions is None:
             raise ProtocolError(404, f"unknown model {name!r}; this server serves {', '.join(sorted(self.models))}")
@@ -370,8 +415,9 @@ class ModelServer:
         else:
             if not version.isdigit() or int(version) not in versions:
                 loaded = ", ".join(str(v) for v in sorted(versions))
-                raise ProtocolError(404, f"model {name!r} has no version {version!r} on this server; loaded "
-                                         f"versions: {loaded}")
+                raise ProtocolError(
+                    404, f"model {name!r} has no version {version!r} on this server; loaded versions: {loaded}"
+                )
             number = int(version)
         served = versions[number]
         if labels is not None:
@@ -383,26 +429,34 @@ class ModelServer:
     def _lookup(self, request: Request, endpoint: str, *, need_ready: bool = True) -> ServedModel:
         labels = request.scope.get("distml.labels", {})
         labels["endpoint"] = endpoint
-        return self.lookup(request.path_params["model"], request.path_params.get("version"), labels,
-                           need_ready=need_ready)
+        return self.lookup(
+            request.path_params["model"], request.path_params.get("version"), labels, need_ready=need_ready
+        )
 
     async def read_body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise ProtocolError(413, f"request body of {length} bytes exceeds the server's limit of "
-                                     f"{self.max_body_bytes} bytes; send fewer images per request")
+            raise ProtocolError(
+                413,
+                f"request body of {length} bytes exceeds the server's limit of "
+                f"{self.max_body_bytes} bytes; send fewer images per request",
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise ProtocolError(413, f"request body exceeds the server's limit of {self.max_body_bytes} bytes; "
-                                         "send fewer images per request")
+                raise ProtocolError(
+                    413,
+                    f"request body exceeds the server's limit of {self.max_body_bytes} bytes; "
+                    "send fewer images per request",
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def read_json(self, request: Request, example: str) -> dict[str, Any]:
-        body = protocol.decompress_body(await self.read_body(request), request.headers.get("content-encoding"),
-                                        self.max_body_bytes)
+        body = protocol.decompress_body(
+            await self.read_body(request), request.headers.get("content-encoding"), self.max_body_bytes
+        )
         return protocol.load_json_object(body, "request body", f"expected {example}")
 
     # -- inference --------------------------------------------------------------------------
@@ -411,27 +465,39 @@ class ModelServer:
         """Validate a V2 request against the model; return normalised inputs and the outputs to send."""
         if len(request.inputs) != 1:
             names = ", ".join(repr(t.name) for t in request.inputs)
-            raise ProtocolError(400, f"model {served.name!r} takes exactly one input {served.input_name!r}; got "
-                                     f"{len(request.inputs)} ({names})")
+            raise ProtocolError(
+                400,
+                f"model {served.name!r} takes exactly one input {served.input_name!r}; got "
+                f"{len(request.inputs)} ({names})",
+            )
         x = served.prepare_tensor(request.inputs[0])
         requested = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
         unknown = [n for n in requested if n not in OUTPUTS]
         if unknown:
-            raise ProtocolError(400, f"model {served.name!r} has no output {unknown[0]!r}; its outputs are "
-                                     "'probabilities' (FP32 [-1, classes]) and 'label' (INT64 [-1])")
+            raise ProtocolError(
+                400,
+                f"model {served.name!r} has no output {unknown[0]!r}; its outputs are "
+                "'probabilities' (FP32 [-1, classes]) and 'label' (INT64 [-1])",
+            )
         return x, requested
 
     async def infer(self, served: ServedModel, request: InferRequest) -> InferResponse:
         x, requested = self.check_request(served, request)
         probabilities = await served.batcher.submit(x)
         tensors = {
-            "probabilities": lambda: Tensor("probabilities", "FP32", tuple(probabilities.shape),
-                                            probabilities.astype(np.float32, copy=False)),
-            "label": lambda: Tensor("label", "INT64", (len(probabilities),),
-                                    probabilities.argmax(axis=1).astype(np.int64)),
+            "probabilities": lambda: Tensor(
+                "probabilities", "FP32", tuple(probabilities.shape), probabilities.astype(np.float32, copy=False)
+            ),
+            "label": lambda: Tensor(
+                "label", "INT64", (len(probabilities),), probabilities.argmax(axis=1).astype(np.int64)
+            ),
         }
-        return InferResponse(model_name=served.name, model_version=str(served.version), id=request.id,
-                             outputs=[tensors[name]() for name in requested])
+        return InferResponse(
+            model_name=served.name,
+            model_version=str(served.version),
+            id=request.id,
+            outputs=[tensors[name]() for name in requested],
+        )
 
     async def _execute_job(self, model: str, version: int | None, request: dict) -> tuple[int, dict]:
         served = self.lookup(model, None if version is None else str(version))
@@ -447,31 +513,42 @@ class ModelServer:
                 holder = instance.get("image_bytes", instance)
                 b64 = holder.get("b64") if isinstance(holder, dict) else None
                 if not isinstance(b64, str):
-                    raise ProtocolError(400, f"{where} is an object without image_bytes.b64; expected "
-                                             "{\"image_bytes\": {\"b64\": \"<base64 PNG or JPEG>\"}}")
+                    raise ProtocolError(
+                        400,
+                        f"{where} is an object without image_bytes.b64; expected "
+                        '{"image_bytes": {"b64": "<base64 PNG or JPEG>"}}',
+                    )
                 images.append(self._decode_image(served, b64, where))
             elif isinstance(instance, list):
                 try:
                     array = np.array(instance)
                 except (ValueError, TypeError):
-                    raise ProtocolError(400, f"{where} is a ragged nested list; expected a "
-                                             f"{'x'.join(map(str, served.spec_shape))} grid of pixel values") from None
+                    raise ProtocolError(
+                        400,
+                        f"{where} is a ragged nested list; expected a "
+                        f"{'x'.join(map(str, served.spec_shape))} grid of pixel values",
+                    ) from None
                 if array.dtype.kind not in "iuf":
                     raise ProtocolError(400, f"{where} holds non-numeric values; expected pixel values 0..255")
                 shape = served._reshape((1, *array.shape), where)
                 images.append(array.astype(np.float32).reshape(shape[1:]))
             else:
-                raise ProtocolError(400, f"{where} is a {type(instance).__name__}; expected a "
-                                         f"{'x'.join(map(str, served.spec_shape))} nested list of pixel values 0..255 "
-                                         "or {\"image_bytes\": {\"b64\": \"...\"}}")
+                raise ProtocolError(
+                    400,
+                    f"{where} is a {type(instance).__name__}; expected a "
+                    f"{'x'.join(map(str, served.spec_shape))} nested list of pixel values 0..255 "
+                    'or {"image_bytes": {"b64": "..."}}',
+                )
         return np.stack(images)
 
     def _decode_image(self, served: ServedModel, b64: str, where: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         if len(served.spec_shape) != 2 or any(d < 1 for d in served.spec_shape):
-            raise ProtocolError(400, f"model {served.name!r} takes inputs of shape {list(served.spec_shape)}, not "
-                                     "images; send nested lists")
+            raise ProtocolError(
+                400,
+                f"model {served.name!r} takes inputs of shape {list(served.spec_shape)}, not images; send nested lists",
+            )
         try:
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
@@ -480,8 +557,11 @@ class ModelServer:
         try:
             with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ProtocolError(400, f"{where}: image of {image.width}x{image.height} pixels is larger than "
-                                             f"the {MAX_IMAGE_PIXELS} pixels accepted")
+                    raise ProtocolError(
+                        400,
+                        f"{where}: image of {image.width}x{image.height} pixels is larger than "
+                        f"the {MAX_IMAGE_PIXELS} pixels accepted",
+                    )
                 gray = image.convert("L")
                 if gray.size != (width, height):
                     gray = gray.resize((width, height), Image.Resampling.BILINEAR)
@@ -525,8 +605,11 @@ class ModelServer:
         served = self._lookup(request, "infer")
         body = await self.read_body(request)
         infer_request = protocol.parse_infer_request(
-            body, request.headers.get(protocol.HEADER_LENGTH), request.headers.get("content-encoding"),
-            max_bytes=self.max_body_bytes)
+            body,
+            request.headers.get(protocol.HEADER_LENGTH),
+            request.headers.get("content-encoding"),
+            max_bytes=self.max_body_bytes,
+        )
         response = await self.infer(served, infer_request)
         content, headers = protocol.encode_infer_response(response, infer_request.wants_binary)
         return Response(content, 200, headers=headers)
@@ -534,9 +617,12 @@ class ModelServer:
     async def submit_job(self, request: Request) -> Response:
         served = self._lookup(request, "job_submit")
         if protocol.HEADER_LENGTH.lower() in request.headers:
-            raise ProtocolError(400, "asynchronous jobs take JSON requests only (they are stored as JSON); drop the "
-                                     f"binary tensor data extension ({protocol.HEADER_LENGTH})")
-        obj = await self.read_json(request, "a V2 infer request object, optionally with \"callback_url\"")
+            raise ProtocolError(
+                400,
+                "asynchronous jobs take JSON requests only (they are stored as JSON); drop the "
+                f"binary tensor data extension ({protocol.HEADER_LENGTH})",
+            )
+        obj = await self.read_json(request, 'a V2 infer request object, optionally with "callback_url"')
         callback_url = obj.pop("callback_url", None)
         parameters = obj.get("parameters")
         if isinstance(parameters, dict) and "callback_url" in parameters:
@@ -550,13 +636,21 @@ class ModelServer:
             raise ProtocolError(400, "asynchronous jobs store JSON results; drop binary_data / binary_data_output")
         self.check_request(served, infer_request)
         pinned = request.path_params.get("version")
-        row = await asyncio.to_thread(create_job, self.workspace.engine, model=served.name,
-                                      version=int(pinned) if pinned is not None else None, request=obj,
-                                      callback_url=callback_url)
+        row = await asyncio.to_thread(
+            create_job,
+            self.workspace.engine,
+            model=served.name,
+            version=int(pinned) if pinned is not None else None,
+            request=obj,
+            callback_url=callback_url,
+        )
         self.jobs.wake()
         log.info("event=job_queued id=%s model=%s version=%s", row["id"], served.name, pinned or "default")
-        return JSONResponse({"id": row["id"], "status": row["status"], "model": served.name,
-                             "model_version": pinned}, 202, headers={"Location": f"/v2/jobs/{row['id']}"})
+        return JSONResponse(
+            {"id": row["id"], "status": row["status"], "model": served.name, "model_version": pinned},
+            202,
+            headers={"Location": f"/v2/jobs/{row['id']}"},
+        )
 
     async def job_status(self, request: Request) -> Response:
         labels = request.scope["distml.labels"]
@@ -572,15 +666,23 @@ class ModelServer:
     async def v1_model(self, request: Request) -> Response:
         served = self._lookup(request, "v1_model", need_ready=False)
         if not served.ready:
-            return JSONResponse({"name": served.name, "ready": False,
-                                 "error": self.load_error or f"model {served.tag} is still loading"}, 503)
+            return JSONResponse(
+                {
+                    "name": served.name,
+                    "ready": False,
+                    "error": self.load_error or f"model {served.tag} is still loading",
+                },
+                503,
+            )
         return JSONResponse({"name": served.name, "ready": True})
 
     async def v1_predict(self, request: Request) -> Response:
         served = self._lookup(request, "v1_predict")
-        example = ('{"instances": [...]} with one image per instance: a '
-                   f"{'x'.join(map(str, served.spec_shape))} nested list of pixel values 0..255, or "
-                   '{"image_bytes": {"b64": "<base64 PNG or JPEG>"}}')
+        example = (
+            '{"instances": [...]} with one image per instance: a '
+            f"{'x'.join(map(str, served.spec_shape))} nested list of pixel values 0..255, or "
+            '{"image_bytes": {"b64": "<base64 PNG or JPEG>"}}'
+        )
         obj = await self.read_json(request, example)
         instances = obj.get("instances")
         if not isinstance(instances, list) or not instances:
@@ -591,8 +693,10 @@ class ModelServer:
             raw = self.v1_images(served, instances)
         probabilities = await served.batcher.submit(served.normalize(raw, "instances"))
         labels = probabilities.argmax(axis=1)
-        predictions = [{"label": int(label), "class": served.class_names[int(label)], "probabilities": p.tolist()}
-                       for label, p in zip(labels, probabilities.astype(np.float64))]
+        predictions = [
+            {"label": int(label), "class": served.class_names[int(label)], "probabilities": p.tolist()}
+            for label, p in zip(labels, probabilities.astype(np.float64))
+        ]
         return JSONResponse({"predictions": predictions})
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -647,8 +751,17 @@ class _ServingMiddleware:
 
         async def send_error(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()):
             body = json.dumps({"error": text}).encode()
-            await send_with_headers({"type": "http.response.start", "status": status, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        *extra,
+                    ],
+                }
+            )
             await send_with_headers({"type": "http.response.body", "body": body})
 
         server.metrics.in_flight.inc()
@@ -658,8 +771,11 @@ class _ServingMiddleware:
                 scheme, _, value = given.partition(b" ")
                 if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), server.token):
                     labels["endpoint"] = "unauthorized"
-                    await send_error(401, "missing or wrong bearer token; send the header "
-                                          "'Authorization: Bearer <token>'", [(b"www-authenticate", b"Bearer")])
+                    await send_error(
+                        401,
+                        "missing or wrong bearer token; send the header 'Authorization: Bearer <token>'",
+                        [(b"www-authenticate", b"Bearer")],
+                    )
                     return
             try:
                 await self.app(scope, receive, send_with_headers)
@@ -670,8 +786,9 @@ class _ServingMiddleware:
                 await send_error(500, f"internal server error: {type(exc).__name__}: {exc}")
         finally:
             server.metrics.in_flight.dec()
-            server.metrics.observe_request(labels["model"], labels["version"], labels["endpoint"], state["status"],
-                                           time.perf_counter() - started)
+            server.metrics.observe_request(
+                labels["model"], labels["version"], labels["endpoint"], state["status"], time.perf_counter() - started
+            )
 
 
 def create_app(
@@ -698,9 +815,15 @@ def create_app(
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise DistmlError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    server = ModelServer(ws, resolve_refs(ws, models), max_batch_size=max_batch_size,
-                         max_batch_delay_ms=float(max_batch_delay_ms), token=token, max_body_bytes=max_body_bytes,
-                         job_concurrency=job_concurrency)
+    server = ModelServer(
+        ws,
+        resolve_refs(ws, models),
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=float(max_batch_delay_ms),
+        token=token,
+        max_body_bytes=max_body_bytes,
+        job_concurrency=job_concurrency,
+    )
     app = FastAPI(title="distml model server", version=distml.__version__, lifespan=server.lifespan)
     app.state.server = server
 
@@ -712,8 +835,10 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail
         if exc.status_code == 404:
-            message = (f"no route {request.method} {request.url.path}; see /docs for the V2 (/v2/...) and "
-                       "V1 (/v1/models/{model}[:predict]) routes")
+            message = (
+                f"no route {request.method} {request.url.path}; see /docs for the V2 (/v2/...) and "
+                "V1 (/v1/models/{model}[:predict]) routes"
+            )
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return JSONResponse({"error": str(message)}, exc.status_code, headers=getattr(exc, "headers", None))
@@ -742,8 +867,11 @@ def create_app(
     # loop at c64. They stay in the OpenAPI schema through the FastAPI routes above.
     from starlette.routing import Route
 
-    hot = [Route(path, endpoint, methods=[method]) for method, path, endpoint in routes
-           if endpoint in (server.v2_infer, server.v1_predict)]
+    hot = [
+        Route(path, endpoint, methods=[method])
+        for method, path, endpoint in routes
+        if endpoint in (server.v2_infer, server.v1_predict)
+    ]
     app.router.routes[:0] = hot
     app.add_middleware(_ServingMiddleware, server=server)
     return app
@@ -755,36 +883,49 @@ def create_app(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distml.serve.server",
-        description="Serve registered distml models over the V2 (Open Inference) and V1 REST protocols.")
+        description="Serve registered distml models over the V2 (Open Inference) and V1 REST protocols.",
+    )
     parser.add_argument("--workspace", default=None, help="workspace folder (default: $DISTML_HOME or ./.distml)")
-    parser.add_argument("--model", action="append", required=True, metavar="REF",
-                        help="model to serve: NAME (latest), NAME:VERSION or NAME@ALIAS; repeatable")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="REF",
+        help="model to serve: NAME (latest), NAME:VERSION or NAME@ALIAS; repeatable",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="port to bind (0: a free port)")
     parser.add_argument("--port-file", default=None, help="write the bound port here once ready to serve")
     parser.add_argument("--max-batch-size", type=int, default=32, help="items per forward pass (1: no batching)")
-    parser.add_argument("--max-batch-delay-ms", type=float, default=0.0,
-                        help="longest wait for a batch to fill after its first item")
-    parser.add_argument("--token", default=os.environ.get("DISTML_SERVE_TOKEN"),
-                        help="require 'Authorization: Bearer TOKEN' (default: $DISTML_SERVE_TOKEN)")
+    parser.add_argument(
+        "--max-batch-delay-ms", type=float, default=0.0, help="longest wait for a batch to fill after its first item"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("DISTML_SERVE_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' (default: $DISTML_SERVE_TOKEN)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--graceful-timeout", type=float, default=30.0,
-                        help="seconds SIGTERM waits for in-flight requests")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def _bind(host: str, port: int) -> socket.socket:
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as exc:
-        raise DistmlError(f"cannot listen on {host}:{port} ({exc}); pick another --host/--port (0: a free port)"
-                          ) from exc
+        raise DistmlError(
+            f"cannot listen on {host}:{port} ({exc}); pick another --host/--port (0: a free port)"
+        ) from exc
     sock.setblocking(False)
     return sock
 
@@ -824,8 +965,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback POST is noise
     if args.port_file:
         with contextlib.suppress(FileNotFoundError):
@@ -834,15 +978,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= args.port <= 65535:
             raise DistmlError(f"--port must be 0..65535, got {args.port}")
         workspace = Workspace(args.workspace)
-        app = create_app(workspace, args.model, max_batch_size=args.max_batch_size,
-                         max_batch_delay_ms=args.max_batch_delay_ms, token=args.token,
-                         max_body_bytes=args.max_body_bytes)
+        app = create_app(
+            workspace,
+            args.model,
+            max_batch_size=args.max_batch_size,
+            max_batch_delay_ms=args.max_batch_delay_ms,
+            token=args.token,
+            max_body_bytes=args.max_body_bytes,
+        )
         sock = _bind(args.host, args.port)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
     # uvicorn re-raises a caught SIGTERM/SIGINT after its graceful shutdown; with these no-op
     # handlers in place the process then exits 0 instead of dying by the signal.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from typing import Any, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 from distml.errors import DistmlError
 
@@ -117,7 +118,7 @@ def _slice_rows(item: dict, start: int, stop: int) -> dict:
         part = data[start:stop]
     else:
         row = math.prod(shape[1:])
-        part = data[start * row:stop * row]
+        part = data[start * row : stop * row]
     return {**item, "shape": [stop - start, *shape[1:]], "data": part}
 
 
@@ -126,8 +127,10 @@ def split_v2(body: dict, parts: int) -> list[dict]:
     rows = v2_batch_rows(body)
     if rows is None:
         raise DistmlError("V2 request cannot be split: every input needs JSON `data` and the same first dimension")
-    return [{**body, "inputs": [_slice_rows(item, start, stop) for item in body["inputs"]]}
-            for start, stop in chunk_bounds(rows, parts)]
+    return [
+        {**body, "inputs": [_slice_rows(item, start, stop) for item in body["inputs"]]}
+        for start, stop in chunk_bounds(rows, parts)
+    ]
 
 
 def merge_v2(responses: Sequence[dict]) -> dict:
@@ -144,8 +147,9 @@ def merge_v2(responses: Sequence[dict]) -> dict:
         for resp in responses:
             outputs = resp.get("outputs") or []
             if index >= len(outputs) or outputs[index].get("name") != name:
-                raise DistmlError(f"shard responses disagree on outputs: expected {names}, "
-                                  f"got {[o.get('name') for o in outputs]}")
+                raise DistmlError(
+                    f"shard responses disagree on outputs: expected {names}, got {[o.get('name') for o in outputs]}"
+                )
             out = outputs[index]
             if "data" not in out or not isinstance(out.get("shape"), list) or not out["shape"]:
                 raise DistmlError(f"shard output {name!r} has no JSON data or no shape; cannot gather it")
@@ -164,7 +168,7 @@ def v1_batch_rows(body: Any) -> int | None:
 def split_v1(body: dict, parts: int) -> list[dict]:
     rows = v1_batch_rows(body)
     if rows is None:
-        raise DistmlError("V1 request cannot be split: expected {\"instances\": [...]}")
+        raise DistmlError('V1 request cannot be split: expected {"instances": [...]}')
     return [{**body, "instances": body["instances"][start:stop]} for start, stop in chunk_bounds(rows, parts)]
 
 

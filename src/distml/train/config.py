@@ -51,8 +51,11 @@ class TrainConfig(BaseModel):
     @classmethod
     def _nnodes(cls, value: str) -> str:
         parts = value.split(":")
-        if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) >= 1 for p in parts) or \
-                (len(parts) == 2 and int(parts[0]) > int(parts[1])):
+        if (
+            len(parts) not in (1, 2)
+            or not all(p.isdigit() and int(p) >= 1 for p in parts)
+            or (len(parts) == 2 and int(parts[0]) > int(parts[1]))
+        ):
             raise ValueError(f"nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}")
         return value
 
@@ -66,7 +69,7 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.nnodes != "1" and self.rdzv_endpoint is None:
             raise ValueError("nnodes other than 1 needs rdzv_endpoint HOST:PORT (the c10d rendezvous)")
         if self.strategy == "allreduce" and (self.ps_shards != 1 or self.ps_staleness is not None):
@@ -95,9 +98,21 @@ class TrainConfig(BaseModel):
     def resolved_run_id(self) -> str:
         if self.run_id:
             return self.run_id
-        defining = self.model_dump(exclude={"workspace", "run_id", "metrics_port", "max_restarts", "data_dir",
-                                            "rdzv_endpoint", "rdzv_last_call_timeout", "log_samples", "threads",
-                                            "nnodes", "workers"})
+        defining = self.model_dump(
+            exclude={
+                "workspace",
+                "run_id",
+                "metrics_port",
+                "max_restarts",
+                "data_dir",
+                "rdzv_endpoint",
+                "rdzv_last_call_timeout",
+                "log_samples",
+                "threads",
+                "nnodes",
+                "workers",
+            }
+        )
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.model}-{self.dataset}-{digest}"
 

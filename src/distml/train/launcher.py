@@ -21,12 +21,27 @@ from distml.workspace import Workspace, atomic_write
 
 
 def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
-    args = ["--nnodes", config.nnodes, "--nproc-per-node", str(config.procs_per_node),
-            "--max-restarts", str(config.max_restarts), "--monitor-interval", "0.5"]
+    args = [
+        "--nnodes",
+        config.nnodes,
+        "--nproc-per-node",
+        str(config.procs_per_node),
+        "--max-restarts",
+        str(config.max_restarts),
+        "--monitor-interval",
+        "0.5",
+    ]
     if config.rdzv_endpoint:
-        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.rdzv_endpoint,
-                 "--rdzv-id", config.resolved_run_id(),
-                 "--rdzv-conf", f"last_call_timeout={config.rdzv_last_call_timeout},join_timeout=120"]
+        args += [
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            config.rdzv_endpoint,
+            "--rdzv-id",
+            config.resolved_run_id(),
+            "--rdzv-conf",
+            f"last_call_timeout={config.rdzv_last_call_timeout},join_timeout=120",
+        ]
     else:
         args += ["--standalone"]
     return args + ["-m", "distml.train.worker", str(config_path)]
@@ -58,8 +73,11 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     try:
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:
-        raise DistmlError(f"training failed after {config.max_restarts} restart(s): {exc.format_msg()}"
-                          if hasattr(exc, "format_msg") else f"training failed: {exc}") from None
+        raise DistmlError(
+            f"training failed after {config.max_restarts} restart(s): {exc.format_msg()}"
+            if hasattr(exc, "format_msg")
+            else f"training failed: {exc}"
+        ) from None
     except SignalException as exc:
         raise Stopped(exc.sigval) from None
     if result_path.exists():

@@ -30,7 +30,7 @@ class ShardLayout:
     numels: list[int]
 
     @classmethod
-    def balanced(cls, params: list[torch.Tensor], num_shards: int) -> "ShardLayout":
+    def balanced(cls, params: list[torch.Tensor], num_shards: int) -> ShardLayout:
         sizes = [p.numel() * p.element_size() for p in params]
         shards: list[list[int]] = [[] for _ in range(num_shards)]
         loads = [0] * num_shards
@@ -63,8 +63,8 @@ class PSWorker:
                 offset = 0
                 for i in shard:
                     p, n = self.params[i], self.params[i].numel()
-                    p.data = self.param_flat[k][offset: offset + n].view_as(p)
-                    p.grad = self.grad_flat[k][offset: offset + n].view_as(p)
+                    p.data = self.param_flat[k][offset : offset + n].view_as(p)
+                    p.grad = self.grad_flat[k][offset : offset + n].view_as(p)
                     offset += n
         self.step_count = 0
 
@@ -82,7 +82,7 @@ class PSWorker:
                 offset = 0
                 for i in shard:
                     p, n = self.params[i], self.params[i].numel()
-                    p.copy_(self.param_flat[k][offset: offset + n].view_as(p))
+                    p.copy_(self.param_flat[k][offset : offset + n].view_as(p))
                     offset += n
 
     def _collect_grads(self) -> None:
@@ -93,7 +93,7 @@ class PSWorker:
             for i in shard:
                 p, n = self.params[i], self.params[i].numel()
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                self.grad_flat[k][offset: offset + n].copy_(grad.reshape(-1))
+                self.grad_flat[k][offset : offset + n].copy_(grad.reshape(-1))
                 offset += n
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,8 +119,10 @@ class PSWorker:
 
     def state_dict(self) -> dict[str, Any]:
         """Worker-local state: buffers such as BatchNorm statistics (parameters live on servers)."""
-        return {"buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()},
-                "step_count": self.step_count}
+        return {
+            "buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()},
+            "step_count": self.step_count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         buffers = dict(self.model.named_buffers())
@@ -132,8 +134,15 @@ class PSWorker:
 class PSServer:
     """One server: owns a flat shard of the parameters and Adam's state for it."""
 
-    def __init__(self, shard: int, initial: torch.Tensor, worker_ranks: list[int], lr: float, mode: str,
-                 staleness: int | None = None):
+    def __init__(
+        self,
+        shard: int,
+        initial: torch.Tensor,
+        worker_ranks: list[int],
+        lr: float,
+        mode: str,
+        staleness: int | None = None,
+    ):
         self.shard, self.worker_ranks, self.mode, self.staleness = shard, worker_ranks, mode, staleness
         self.param = torch.nn.Parameter(initial.clone())
         self.optimizer = torch.optim.Adam([self.param], lr=lr, fused=True)

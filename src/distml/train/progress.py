@@ -27,12 +27,17 @@ class Reporter:
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("training {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:,.0f} samples/s"),
-                                TimeRemainingColumn())
+            self.bar = Progress(
+                TextColumn("training {task.fields[model]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:,.0f} samples/s"),
+                TimeRemainingColumn(),
+            )
             self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=start_step, model=config.model,
-                                          loss=float("nan"), speed=0.0)
+            self.task = self.bar.add_task(
+                "train", total=total, completed=start_step, model=config.model, loss=float("nan"), speed=0.0
+            )
 
     def step(self, step: int, loss: float, seconds: float, epoch: int) -> None:
         """Record one step; `seconds` is its compute time, throughput counts the data wait too."""
@@ -42,8 +47,9 @@ class Reporter:
         instant = self.global_batch / max(wall, 1e-9)
         # exponential moving average for the display, the step's own figure for the store
         self.samples_per_s = instant if self.samples_per_s == 0 else 0.9 * self.samples_per_s + 0.1 * instant
-        self.rows.append({"step": step, "epoch": epoch, "loss": loss, "step_seconds": seconds,
-                          "samples_per_s": instant})
+        self.rows.append(
+            {"step": step, "epoch": epoch, "loss": loss, "step_seconds": seconds, "samples_per_s": instant}
+        )
         if self.metrics is not None:
             self.metrics.step.set(step)
             self.metrics.loss.set(loss)
@@ -53,8 +59,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=loss, speed=self.samples_per_s)
         elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {self.samples_per_s:,.0f} samples/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {self.samples_per_s:,.0f} samples/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def flush(self) -> None:
         if self.rows:
@@ -65,5 +74,10 @@ class Reporter:
         self.flush()
         if self.bar is not None:
             self.bar.stop()
-        metadata.record_train_run(self.workspace.engine, self.run_id, self.config.model_dump(), status="complete",
-                                  result={"test_accuracy": accuracy, "model": model_ref})
+        metadata.record_train_run(
+            self.workspace.engine,
+            self.run_id,
+            self.config.model_dump(),
+            status="complete",
+            result={"test_accuracy": accuracy, "model": model_ref},
+        )

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
 from distml.train import checkpoint
 from distml.train.config import TrainConfig, load_config
-
 
 STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request
 
@@ -101,12 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- shared pieces ----------------------------------------------------------------------------
 
+
 def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader:
     from distml.workspace import Workspace
 
-    return Loader(dataset.splits[split], batch_size=ctx.config.batch_size, shard=(max(ctx.worker_index, 0),
-                  ctx.num_workers), seed=ctx.config.seed, preprocess=dataset.preprocess, cache="disk",
-                  workspace=Workspace(ctx.config.workspace), **kwargs)
+    return Loader(
+        dataset.splits[split],
+        batch_size=ctx.config.batch_size,
+        shard=(max(ctx.worker_index, 0), ctx.num_workers),
+        seed=ctx.config.seed,
+        preprocess=dataset.preprocess,
+        cache="disk",
+        workspace=Workspace(ctx.config.workspace),
+        **kwargs,
+    )
 
 
 def planned_steps(config: TrainConfig, loader: Loader, step: int) -> int:
@@ -134,6 +140,7 @@ def agree_stop(local: bool, device: torch.device) -> bool:
 
 # -- parameter server ranks ------------------------------------------------------------------
 
+
 def serve(ctx: Context, stop: StopFlag) -> None:
     from distml.train.parameter_server import PSServer, ShardLayout
 
@@ -144,15 +151,23 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     params = list(model.parameters())
     layout = ShardLayout.balanced(params, ctx.servers)
     worker_ranks = list(range(ctx.servers, ctx.world))
-    server = PSServer(ctx.rank, layout.flat(params, ctx.rank), worker_ranks,
-                      config.learning_rate(ctx.num_workers), config.ps_mode, config.ps_staleness)
+    server = PSServer(
+        ctx.rank,
+        layout.flat(params, ctx.rank),
+        worker_ranks,
+        config.learning_rate(ctx.num_workers),
+        config.ps_mode,
+        config.ps_staleness,
+    )
     step = checkpoint.latest_step(ctx.run_dir) or 0
     if step:
         server.load_state_dict(checkpoint.load_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}"))
         loader.load_state_dict(checkpoint.load_part(ctx.run_dir, step, "trainer")["loader"])
     total = planned_steps(config, loader, step)
-    ctx.log(f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
-            f"{config.ps_mode}, from step {step} of {total}")
+    ctx.log(
+        f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
+        f"{config.ps_mode}, from step {step} of {total}"
+    )
     server.broadcast()
     while step < total:
         boundary = min(total, (step // config.checkpoint_every + 1) * config.checkpoint_every)
@@ -176,6 +191,7 @@ def _workspace(config: TrainConfig):
 
 
 # -- training ranks ---------------------------------------------------------------------------
+
 
 def train(ctx: Context, stop: StopFlag) -> None:
     from distml.ops.metrics import TrainingMetrics
@@ -261,8 +277,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
 
 
 def _trainer_state(step: int, trainer: Any, loader: Loader) -> dict[str, Any]:
-    return {"step": step, "trainer": trainer.state_dict(), "loader": loader.state_dict(),
-            "rng": checkpoint.rng_state()}
+    return {"step": step, "trainer": trainer.state_dict(), "loader": loader.state_dict(), "rng": checkpoint.rng_state()}
 
 
 def save_checkpoint(ctx: Context, step: int, trainer: Any, loader: Loader, reporter: Any) -> None:
@@ -280,8 +295,14 @@ def _sample_log(ctx: Context):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, device: torch.device, workspace) -> float:
-    loader = Loader(dataset.splits["test"], batch_size=512, shuffle=False, preprocess=dataset.preprocess,
-                    cache="disk", workspace=workspace)
+    loader = Loader(
+        dataset.splits["test"],
+        batch_size=512,
+        shuffle=False,
+        preprocess=dataset.preprocess,
+        cache="disk",
+        workspace=workspace,
+    )
     model.eval()
     correct = seen = 0
     for batch in loader:
@@ -300,19 +321,30 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
     accuracy = evaluate(model, dataset, ctx.device, ws)
     source = dataset.splits["train"]
     record = save_model(
-        ws, model.cpu(), name=config.model, architecture=config.model, arch_args=config.model_args,
+        ws,
+        model.cpu(),
+        name=config.model,
+        architecture=config.model,
+        arch_args=config.model_args,
         input_spec={"name": "image", "shape": list(dataset.image_shape), "datatype": "FP32"},
-        preprocessing={"dataset": dataset.name, "steps": dataset.preprocess.params(),
-                       "key": dataset.preprocess.key},
-        class_names=list(dataset.class_names), metrics={"test_accuracy": accuracy, "steps": step},
-        training=config.model_dump(), data_fingerprint=source.fingerprint(),
+        preprocessing={"dataset": dataset.name, "steps": dataset.preprocess.params(), "key": dataset.preprocess.key},
+        class_names=list(dataset.class_names),
+        metrics={"test_accuracy": accuracy, "steps": step},
+        training=config.model_dump(),
+        data_fingerprint=source.fingerprint(),
         lineage={"run_id": config.resolved_run_id()},
     )
     if reporter is not None:
         reporter.finish(accuracy, f"{record.name}:{record.version}")
-    result = {"run_id": config.resolved_run_id(), "steps": step, "test_accuracy": accuracy,
-              "model": f"{record.name}:{record.version}", "manifest": record.manifest_digest,
-              "world_size": ctx.world, "workers": ctx.num_workers}
+    result = {
+        "run_id": config.resolved_run_id(),
+        "steps": step,
+        "test_accuracy": accuracy,
+        "model": f"{record.name}:{record.version}",
+        "manifest": record.manifest_digest,
+        "world_size": ctx.world,
+        "workers": ctx.num_workers,
+    }
     (ctx.run_dir / "result.json").write_text(json.dumps(result, indent=1))
     ctx.log(f"done: {step} steps, test accuracy {accuracy:.4f}, model {record.name}:{record.version}")
 
