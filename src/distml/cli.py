@@ -213,68 +213,90 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 
 @main.command("serve")
 @click.argument("model")
-@click.option("--replicas", default=1, show_default=True, type=int, help="Replicas per shard group.")
+@click.option("--replicas", default=None, type=int, help="Replicas per shard group [default: 1].")
 @click.option("--autoscale", default=None, metavar="MIN:MAX", help="Scale replicas on in-flight requests.")
 @click.option(
     "--target-concurrency",
-    default=4.0,
-    show_default=True,
+    default=None,
     type=float,
-    help="In-flight requests per replica the autoscaler aims for.",
+    help="Autoscaling: in-flight requests per replica to aim for [default: 4].",
 )
-@click.option("--shards", default=1, show_default=True, type=int, help="Shard groups (X-Shard-Key, scatter-gather).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
-@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Dynamic batching: items per batch.")
+@click.option("--stable-window", default=None, type=float, help="Autoscaling: seconds averaged to scale down [60].")
+@click.option("--panic-window", default=None, type=float, help="Autoscaling: seconds averaged to panic [6].")
+@click.option(
+    "--scale-to-zero-after",
+    default=None,
+    type=float,
+    help="Autoscaling with MIN 0: idle seconds before the last replica stops [30].",
+)
+@click.option("--shards", default=None, type=int, help="Shard groups (X-Shard-Key, scatter-gather) [default: 1].")
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", default=None, type=int, help="Port; 0 picks a free one [default: 8080].")
+@click.option(
+    "--max-batch-size",
+    default=None,
+    type=int,
+    help="Dynamic batching: items per forward pass; 1 turns batching off [default: 32].",
+)
 @click.option(
     "--max-batch-delay-ms",
-    default=0.0,
-    show_default=True,
+    default=None,
     type=float,
     help="Dynamic batching: longest wait for a batch to fill; 0 batches the requests that "
-    "queue while the model runs, without waiting.",
+    "queue while the model runs, without waiting [default: 0].",
 )
+@click.option(
+    "--hold-timeout",
+    default=None,
+    type=float,
+    help="Seconds a request waits for a ready replica (cold start) before a 503 [default: 60].",
+)
+@click.option("--name", default=None, help="Service name; its folder is WORKSPACE/services/NAME [default: MODEL-PID].")
 @click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token for all but health routes.")
 @click.pass_context
-def serve_command(
-    ctx: click.Context,
-    model: str,
-    replicas: int,
-    autoscale: str | None,
-    target_concurrency: float,
-    shards: int,
-    host: str,
-    port: int,
-    max_batch_size: int,
-    max_batch_delay_ms: float,
-    token: str | None,
-) -> None:
+def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
+    import os
     from pathlib import Path
 
     from distml.models.artifact import resolve_model
-    from distml.serve.autoscaler import ScalingPolicy
-    from distml.serve.gateway import GatewayConfig, run_gateway
+    from distml.serve.config import parse_serve_config
+    from distml.serve.gateway import run_gateway
+    from distml.serve.model import ServedModel
+    from distml.workspace import atomic_write
 
     ws = _workspace(ctx)
     record = resolve_model(ws, model)  # fails here, before any process starts, on an unknown model
+    if record.version is None:
+        raise DistmlError(f"{model!r} names a manifest that is not registered; serve a registered name:version")
     pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
-    policy = None
+    ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
+    given = {key: value for key, value in options.items() if value is not None}
+    replica = {"workspace": str(Path(ws.root).resolve()), "models": [pinned]}
+    for key in ("max_batch_size", "max_batch_delay_ms"):
+        if key in given:
+            replica[key] = given.pop(key)
+    autoscale = given.pop("autoscale", None)
+    policy = {
+        key: given.pop(key)
+        for key in ("target_concurrency", "stable_window", "panic_window", "scale_to_zero_after")
+        if key in given
+    }
     if autoscale is not None:
         low, sep, high = autoscale.partition(":")
         if not sep or not low.isdigit() or not high.isdigit():
             raise DistmlError(f"--autoscale expects MIN:MAX replica counts such as 0:4, got {autoscale!r}")
-        policy = ScalingPolicy(target_concurrency=target_concurrency, min_replicas=int(low), max_replicas=int(high))
-    config = GatewayConfig(
-        models=[pinned],
-        workspace=str(Path(ws.root).resolve()),
-        replicas=replicas,
-        shards=shards,
-        token=token,
-        autoscale=policy,
-        replica_args=["--max-batch-size", str(max_batch_size), "--max-batch-delay-ms", str(max_batch_delay_ms)],
-    )
-    run_gateway(config, host, port, on_ready=lambda url: click.echo(f"serving {pinned} at {url}", err=False))
+        policy.update(min_replicas=int(low), max_replicas=int(high))
+    elif policy:
+        raise DistmlError(f"--{next(iter(policy)).replace('_', '-')} applies to autoscaling; add --autoscale MIN:MAX")
+    values = {"name": f"{record.name}-{os.getpid()}", **given, "replica": replica}
+    if autoscale is not None:
+        values["autoscale"] = policy
+    config = parse_serve_config(values)
+    path = config.service_dir() / "config.json"
+    with atomic_write(path, "w") as handle:
+        handle.write(config.model_dump_json(indent=1))
+    run_gateway(config, on_ready=lambda url: click.echo(f"serving {pinned} at {url}"))
 
 
 @main.command("deploy")
@@ -330,6 +352,98 @@ def deploy_command(
     else:
         call("POST", f"/admin/models/{name}/promote", {"version": version})
         click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
+
+
+@main.group("models", invoke_without_command=True)
+@click.pass_context
+def models_group(ctx: click.Context) -> None:
+    """List registered models and point aliases (such as champion) at their versions.
+
+    With no subcommand, lists every registered version (same as `distml models list`).
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
+
+
+def _format_metric(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if 1e-4 <= abs(value) < 1e4 else f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+@models_group.command("list")
+@click.argument("name", required=False)
+@click.pass_context
+def models_list(ctx: click.Context, name: str | None = None) -> None:
+    """Registered versions of every model, or of NAME: version, created, metrics, aliases."""
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from distml.models.artifact import list_models
+
+    ws = _workspace(ctx)
+    rows = list_models(ws, name)
+    if not rows:
+        if name is None:
+            click.echo(f"no models are registered in {ws.root}; `distml train` registers one")
+            return
+        names = sorted({row["name"] for row in list_models(ws)})
+        known = "registered models: " + ", ".join(names) if names else "no models are registered yet"
+        raise DistmlError(f"no model named {name!r} is registered; {known}")
+    table = Table(title=f"models in {ws.root}")
+    for column in ("name", "version", "created (UTC)", "metrics", "aliases"):
+        table.add_column(column, justify="right" if column == "version" else "left")
+    for row in rows:
+        created = row["created_at"]  # SQLite hands back naive UTC, PostgreSQL an aware time
+        if created.tzinfo is not None:
+            created = created.astimezone(datetime.UTC)
+        table.add_row(
+            row["name"],
+            str(row["version"]),
+            created.strftime("%Y-%m-%d %H:%M:%S"),
+            " ".join(f"{key}={_format_metric(value)}" for key, value in sorted(row["metrics"].items())),
+            ", ".join(row["aliases"]),
+        )
+    Console().print(table)
+
+
+@models_group.command("alias")
+@click.argument("model", metavar="MODEL[:VERSION]")
+@click.argument("alias")
+@click.option("--unset", is_flag=True, help="Remove ALIAS instead of setting it.")
+@click.pass_context
+def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> None:
+    """Point MODEL@ALIAS at MODEL:VERSION, e.g. `distml models alias cnn:2 champion`.
+
+    MODEL alone means its latest version. With --unset the alias is removed: MODEL alone
+    removes it whatever version it points at, MODEL:VERSION only if it points at that version.
+    `distml serve MODEL@ALIAS` then serves the version the alias points at.
+    """
+    from distml.models.artifact import list_models, set_alias, unset_alias
+    from distml.ops.metadata import get_model_alias
+
+    name, sep, text = model.partition(":")
+    if "@" in model or not name or (sep and not (text.isdigit() and int(text) >= 1)):
+        raise DistmlError(
+            f"model reference {model!r} is not valid; expected MODEL or MODEL:VERSION with a positive "
+            "integer version, e.g. cnn or cnn:2"
+        )
+    version = int(text) if sep else None
+    ws = _workspace(ctx)
+    if unset:
+        removed = unset_alias(ws, name, alias, version)
+        click.echo(f"removed {name}@{alias} (it pointed at {name}:{removed})")
+        return
+    if version is None:
+        rows = list_models(ws, name)
+        # No versions: set_alias names the real problem (an invalid or unregistered name).
+        version = rows[0]["version"] if rows else 1
+    previous = get_model_alias(ws.engine, name, alias)
+    set_alias(ws, name, alias, version)
+    moved = f" (moved from {name}:{previous})" if previous is not None and previous != version else ""
+    click.echo(f"{name}@{alias} -> {name}:{version}{moved}")
 
 
 if __name__ == "__main__":  # pragma: no cover

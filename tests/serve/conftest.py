@@ -39,7 +39,12 @@ def _save(workspace, arch: str, seed: int):
         arch_args={},
         input_spec=IMAGE_INPUT_SPEC,
         # what distml.train.worker records for a Fashion-MNIST run
-        preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
+        preprocessing={
+            **datasets.pixel_serving((28, 28), datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD),
+            "dataset": "fashion-mnist",
+            "steps": normalize.params(),
+            "key": normalize.key,
+        },
         class_names=CLASSES,
         metrics={"test_accuracy": 0.1},
         training={"seed": seed},
@@ -114,29 +119,38 @@ class ServerProcess:
         return stop_server(self, timeout)
 
 
+def write_replica_config(path: Path, workspace: Path, models: list[str], **settings) -> Path:
+    """A replica config file, as the gateway writes one per replica (settings: ReplicaConfig fields)."""
+    from distml.serve.config import ReplicaConfig
+
+    config = ReplicaConfig(workspace=str(workspace), models=models, **settings)
+    path.write_text(config.model_dump_json())
+    return path
+
+
 def start_server(
-    workspace: Path, models: list[str], tmp: Path, *extra: str, timeout: float = 60.0, env: dict | None = None
+    workspace: Path,
+    models: list[str],
+    tmp: Path,
+    *,
+    timeout: float = 60.0,
+    env: dict | None = None,
+    token: str | None = None,
+    **settings,
 ) -> ServerProcess:
-    """Start a replica through its command-line contract and wait for its port file."""
+    """Start a replica through its process contract (`python -m distml.serve.server CONFIG`; the token
+    in DISTML_SERVE_TOKEN) and wait for its port file."""
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file, log_path = tmp / f"server-{stamp}.port", tmp / f"server-{stamp}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "distml.serve.server",
-        "--workspace",
-        str(workspace),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-    ]
-    for ref in models:
-        cmd += ["--model", ref]
-    cmd += list(extra)
+    config = write_replica_config(tmp / f"server-{stamp}.json", workspace, models, port_file=str(port_file), **settings)
+    cmd = [sys.executable, "-m", "distml.serve.server", str(config)]
+    env = {**os.environ, **(env or {})}
+    env.pop("DISTML_SERVE_TOKEN", None)
+    if token:
+        env["DISTML_SERVE_TOKEN"] = token
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if proc.poll() is not None:
@@ -168,10 +182,8 @@ def server(serve_workspace, tmp_path_factory):
         serve_workspace,
         ["cnn@champion", "cnn:2", "mlp"],
         tmp_path_factory.mktemp("server"),
-        "--max-batch-size",
-        "32",
-        "--max-batch-delay-ms",
-        "20",
+        max_batch_size=32,
+        max_batch_delay_ms=20,
     )
     yield proc
     stop_server(proc)
@@ -179,11 +191,11 @@ def server(serve_workspace, tmp_path_factory):
 
 @pytest.fixture
 def launch(serve_workspace, tmp_path):
-    """launch(models, *extra_args, workspace=serve_workspace) starts a replica, stopped after the test."""
+    """launch(models, workspace=serve_workspace, **settings) starts a replica, stopped after the test."""
     started: list[ServerProcess] = []
 
-    def _launch(models: list[str], *extra: str, workspace: Path | None = None, **kwargs) -> ServerProcess:
-        proc = start_server(workspace or serve_workspace, models, tmp_path / "servers", *extra, **kwargs)
+    def _launch(models: list[str], workspace: Path | None = None, **kwargs) -> ServerProcess:
+        proc = start_server(workspace or serve_workspace, models, tmp_path / "servers", **kwargs)
         started.append(proc)
         return proc
 

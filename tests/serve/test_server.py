@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from distml.serve.config import ReplicaConfig
 from distml.serve.protocol import HEADER_LENGTH, Tensor, encode_infer_request, parse_infer_response
 
 ALL_TAGS = "cnn:1,cnn:2,mlp:1"
@@ -364,8 +365,71 @@ def test_dynamic_batching_merges_concurrent_requests(server, reference, make_pix
     assert items == 32 and batches < 32 and multi >= 1, (batches, multi)
 
 
+def test_a_request_pins_a_version_by_path_or_header_on_v1_and_v2(server, reference, make_pixels):
+    images = make_pixels(2, seed=8)
+    for version in ("1", "2"):
+        expected = reference.probabilities(f"cnn:{version}", images)
+        for url, headers in (
+            (f"{server.url}/v1/models/cnn/versions/{version}:predict", {}),
+            (f"{server.url}/v1/models/cnn:predict", {"X-Model-Version": version}),
+            (f"{server.url}/v1/models/cnn:predict", {"X-Model-Version": f"cnn:{version}"}),
+        ):
+            response = httpx.post(url, json={"instances": images.tolist()}, headers=headers)
+            assert response.status_code == 200 and response.headers["X-Model-Version"] == f"cnn:{version}"
+            got = [p["probabilities"] for p in response.json()["predictions"]]
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        v2 = httpx.post(f"{server.url}/v2/models/cnn/infer", json=v2_body(images), headers={"X-Model-Version": version})
+        assert v2.status_code == 200 and v2.json()["model_version"] == version
+    unknown = httpx.post(f"{server.url}/v1/models/cnn/versions/7:predict", json={"instances": images.tolist()})
+    assert unknown.status_code == 404 and "loaded versions: 1, 2" in unknown.json()["error"]
+    bad = httpx.post(f"{server.url}/v1/models/cnn:predict", json={"instances": [1]}, headers={"X-Model-Version": "x"})
+    assert bad.status_code == 404 and "has no version 'x'" in bad.json()["error"]
+
+
+def test_openapi_documents_the_v2_and_v1_bodies(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    infer = schema["paths"]["/v2/models/{model}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/InferRequestBody")
+    assert infer["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/InferResponseBody")
+    predict = schema["paths"]["/v1/models/{model}:predict"]["post"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictRequestBody")
+    components = schema["components"]["schemas"]
+    assert {"InferRequestBody", "TensorBody", "InferResponseBody", "PredictRequestBody", "ErrorBody"} <= set(components)
+    assert "FP32" in components["TensorBody"]["properties"]["datatype"]["enum"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_a_model_without_recorded_preprocessing_is_refused_at_load(tmp_path):
+    import torch
+
+    from distml.models.artifact import IMAGE_INPUT_SPEC, save_model
+    from distml.models.zoo import build_model
+    from distml.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    torch.manual_seed(0)
+    save_model(ws, build_model("cnn"), name="old", architecture="cnn", arch_args={}, input_spec=IMAGE_INPUT_SPEC,
+               preprocessing={"dataset": "fashion-mnist"}, class_names=[str(i) for i in range(10)], metrics={},
+               training={}, data_fingerprint=None)  # fmt: skip
+    ws.close()
+    config = tmp_path / "replica.json"
+    config.write_text(ReplicaConfig(workspace=str(tmp_path / "ws"), models=["old:1"]).model_dump_json())
+    proc = subprocess.run(
+        [sys.executable, "-m", "distml.serve.server", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "model old:1 cannot be served: its manifest records no input normalisation" in proc.stderr
+    # and `distml serve` refuses it before any replica starts
+    cli = subprocess.run(
+        [sys.executable, "-m", "distml.cli", "--workspace", str(tmp_path / "ws"), "serve", "old:1", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 2 and "records no input normalisation" in cli.stderr
+    assert not (tmp_path / "ws" / "services").exists()
+
+
 def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
-    replica = launch(["cnn:1"], "--token", "s3cret", "--max-body-bytes", "200000", "--max-batch-size", "1")
+    replica = launch(["cnn:1"], token="s3cret", max_body_bytes=200000, max_batch_size=1)
     auth = {"Authorization": "Bearer s3cret"}
     assert httpx.get(f"{replica.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{replica.url}/v2/health/ready").status_code == 200
@@ -375,6 +439,9 @@ def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
             assert response.status_code == 401 and "bearer token" in response.json()["error"]
             assert response.headers["WWW-Authenticate"] == "Bearer"
         assert httpx.get(replica.url + path, headers=auth).status_code == 200
+        # the scheme is case-insensitive (RFC 7235), the token is not: the gateway checks the same way
+        assert httpx.get(replica.url + path, headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert httpx.get(replica.url + path, headers={"Authorization": "Bearer S3CRET"}).status_code == 401
     body = v2_body(make_pixels(1))
     assert httpx.post(f"{replica.url}/v2/models/cnn/infer", json=body).status_code == 401
     assert httpx.post(f"{replica.url}/v2/models/cnn/infer", json=body, headers=auth).status_code == 200
@@ -411,7 +478,7 @@ def test_metrics_exposition(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_pixels):
-    replica = launch(["cnn:1"], "--max-batch-delay-ms", "500", "--max-batch-size", "64")
+    replica = launch(["cnn:1"], max_batch_delay_ms=500, max_batch_size=64)
     images = make_pixels(6, seed=8)
     results: list = []
 
@@ -441,24 +508,35 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_
 
 def test_bad_model_reference_exits_2_with_a_clear_message(serve_workspace, tmp_path):
     port_file = tmp_path / "port"
+    config = tmp_path / "replica.json"
+    config.write_text(
+        ReplicaConfig(workspace=str(serve_workspace), models=["cnn:9"], port_file=str(port_file)).model_dump_json()
+    )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distml.serve.server",
-            "--workspace",
-            str(serve_workspace),
-            "--model",
-            "cnn:9",
-            "--port-file",
-            str(port_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "distml.serve.server", str(config)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "model 'cnn' has no version 9; its versions are 1 to 2" in proc.stderr
     assert not port_file.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"workspace": "w"}', "models: Field required"),
+        ('{"workspace": "w", "models": ["cnn"], "max_batch_size": 0}', "max_batch_size: Input should be greater"),
+        ('{"models": ["cnn"], "batch": 3}', "batch: Extra inputs are not permitted"),
+        ("[1, 2]", "holds a JSON list; expected an object"),
+        ("{", "is not valid JSON"),
+    ],
+)
+def test_bad_replica_config_exits_2_with_one_clear_line(tmp_path, content, message):
+    path = tmp_path / "replica.json"
+    path.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distml.serve.server", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
 
 
 # --- asynchronous jobs --------------------------------------------------------------------------
@@ -536,7 +614,7 @@ def test_jobs_survive_kill_9_and_finish_on_a_new_server(
 ):
     workspace = tmp_path / "jobs-ws"  # its own metadata store: no other replica may take the jobs
     shutil.copytree(serve_workspace, workspace)
-    first = launch(["cnn:1"], "--max-batch-delay-ms", "10000", "--max-batch-size", "64", workspace=workspace)
+    first = launch(["cnn:1"], max_batch_delay_ms=10000, max_batch_size=64, workspace=workspace)
     images = make_pixels(3, seed=10)
     ids = []
     for i in range(3):
@@ -580,8 +658,9 @@ def test_ready_is_503_until_the_models_are_loaded(serve_workspace, tmp_path, mak
 
     shutil.copytree(serve_workspace, tmp_path / "ws")
     workspace = Workspace(tmp_path / "ws")
-    app = create_app(workspace, {"cnn": ["latest", "@champion", 1]}, max_batch_delay_ms=0)
-    assert {m.tag for versions in app.state.server.models.values() for m in versions.values()} == {"cnn:1", "cnn:2"}
+    config = ReplicaConfig(workspace=str(tmp_path / "ws"), models=["cnn", "cnn@champion", "cnn:1"])
+    app = create_app(config, workspace=workspace)
+    assert {m.tag for m in app.state.server.repository} == {"cnn:1", "cnn:2"}
     body = v2_body(make_pixels(1))
 
     async def run():

@@ -54,6 +54,17 @@ class Dataset:
     preprocess: Step
     uri: str
     info: dict[str, Any] = field(default_factory=dict)
+    #: What a served model needs to turn a client's raw image into the inputs it was trained on:
+    #: {"input": {"shape", "dtype"}, "normalization": {"scale", "mean", "std"}}: `(x * scale - mean) / std`.
+    serving: dict[str, Any] = field(default_factory=dict)
+
+
+def pixel_serving(shape: tuple[int, ...], mean: float, std: float) -> dict[str, Any]:
+    """Serving preprocessing for 8-bit images: raw 0..255 pixels, scaled to [0, 1], then normalised."""
+    return {
+        "input": {"shape": list(shape), "dtype": "UINT8", "range": [0, 255]},
+        "normalization": {"scale": 1 / 255, "mean": mean, "std": std},
+    }
 
 
 def fashion_mnist(
@@ -78,7 +89,9 @@ def fashion_mnist(
     train = IdxSource(paths[names[0]], paths[names[1]], name="fashion-mnist/train")
     test = IdxSource(paths[names[2]], paths[names[3]], name="fashion-mnist/test")
     preprocess = Normalize("image", mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, scale=1 / 255)
-    return Dataset("fashion-mnist", {"train": train, "test": test}, FASHION_MNIST_CLASSES, (28, 28), preprocess, uri)
+    serving = pixel_serving((28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    splits = {"train": train, "test": test}
+    return Dataset("fashion-mnist", splits, FASHION_MNIST_CLASSES, (28, 28), preprocess, uri, serving=serving)
 
 
 def digits(
@@ -121,6 +134,9 @@ def digits(
         preprocess,
         "sklearn:load_digits",
         {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction},
+        # Served digits are 28x28 images of 0..255 pixels: the 0..16 range maps onto 0..255 and
+        # the bilinear resize commutes with the (affine) normalisation.
+        serving=pixel_serving((28, 28), DIGITS_MEAN, DIGITS_STD),
     )
 
 

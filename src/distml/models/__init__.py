@@ -2,27 +2,33 @@
 
 `zoo` builds models by name (or `package.module:factory`); `artifact` stores them as
 safetensors weights plus a JSON manifest, versioned in the metadata store, never pickled.
+The names below load on first use (PEP 562), so `distml.models.datatypes` imports no torch.
 """
 
-from distml.models.artifact import (
-    ModelRecord,
-    list_models,
-    load_model,
-    resolve_model,
-    save_model,
-    set_alias,
-)
-from distml.models.zoo import build_model, count_parameters, model_names, register_model
+from __future__ import annotations
 
-__all__ = [
-    "ModelRecord",
-    "build_model",
-    "count_parameters",
-    "list_models",
-    "load_model",
-    "model_names",
-    "register_model",
-    "resolve_model",
-    "save_model",
-    "set_alias",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelRecord": "artifact",
+    "list_models": "artifact",
+    "load_model": "artifact",
+    "resolve_model": "artifact",
+    "save_model": "artifact",
+    "set_alias": "artifact",
+    "unset_alias": "artifact",
+    "build_model": "zoo",
+    "count_parameters": "zoo",
+    "model_names": "zoo",
+    "register_model": "zoo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distml.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"distml.models.{module}"), name)

@@ -29,6 +29,7 @@ from torch import nn
 import distml
 from distml.errors import DistmlError
 from distml.models import zoo
+from distml.models.datatypes import DATATYPES
 from distml.ops import metadata
 from distml.workspace import Workspace
 
@@ -38,26 +39,6 @@ WEIGHTS_FORMAT = "safetensors"
 
 #: The input spec of the zoo's models, in the V2 inference protocol's terms.
 IMAGE_INPUT_SPEC: dict[str, Any] = {"name": "image", "shape": [28, 28], "datatype": "FP32"}
-
-# V2 inference protocol tensor datatypes.
-DATATYPES = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BF16",
-        "BYTES",
-    }
-)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -379,7 +360,9 @@ def _resolve_row(workspace: Workspace, ref: str) -> dict[str, Any] | None:
         _check_name("alias", alias)
         version = metadata.get_model_alias(engine, name, alias)
         if version is None:
-            raise DistmlError(f"model {name!r} has no alias {alias!r}; set one with set_alias")
+            raise DistmlError(
+                f"model {name!r} has no alias {alias!r}; set one with `distml models alias {name}:VERSION {alias}`"
+            )
     elif ":" in ref:
         name, text = ref.split(":", 1)
         _check_name("model name", name)
@@ -464,6 +447,40 @@ def set_alias(workspace: Workspace, name: str, alias: str, version: int) -> None
     metadata.set_model_alias(workspace.engine, name, alias, version)
 
 
+def unset_alias(workspace: Workspace, name: str, alias: str, version: int | None = None) -> int:
+    """Remove `name@alias`; return the version it pointed at.
+
+    With `version`, the alias is removed only if it points at that version (so an alias that
+    has since been moved elsewhere is not removed by mistake); without it, whatever it points at.
+    """
+    _check_name("model name", name)
+    _check_name("alias", alias)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise DistmlError(f"alias version must be a positive integer or None, got {version!r}")
+    engine = workspace.engine
+    latest = metadata.get_model_version(engine, name)
+    if latest is None:
+        raise DistmlError(f"no model named {name!r} is registered; {_registered_names(workspace)}")
+    if version is not None and version > latest["version"]:
+        raise DistmlError(f"model {name!r} has no version {version}; its versions are 1 to {latest['version']}")
+    removed = metadata.delete_model_alias(engine, name, alias, version)
+    if removed is not None:
+        return removed
+    current = metadata.get_model_alias(engine, name, alias)
+    if current is None:
+        aliases = sorted(
+            f"{row_alias} (-> {name}:{row['version']})"
+            for row in metadata.list_model_versions(engine, name)
+            for row_alias in row["aliases"]
+        )
+        known = "its aliases are " + ", ".join(aliases) if aliases else "it has no aliases"
+        raise DistmlError(f"model {name!r} has no alias {alias!r}; {known}")
+    raise DistmlError(
+        f"alias {name}@{alias} points at version {current}, not {version}; nothing was removed. "
+        f"Give {name}:{current}, or {name} alone, to remove it"
+    )
+
+
 def list_models(workspace: Workspace, name: str | None = None) -> list[dict[str, Any]]:
     """Registered versions (name ascending, newest first): name, version, digests, metrics, aliases."""
     return metadata.list_model_versions(workspace.engine, name)
@@ -478,4 +495,5 @@ __all__ = [
     "resolve_model",
     "save_model",
     "set_alias",
+    "unset_alias",
 ]

@@ -244,6 +244,21 @@ def get_model_alias(engine: sa.Engine, name: str, alias: str) -> int | None:
         ).scalar()
 
 
+def delete_model_alias(engine: sa.Engine, name: str, alias: str, version: int | None = None) -> int | None:
+    """Remove `name@alias`; return the version it pointed at, or None if nothing was removed.
+
+    With `version`, the alias is removed only while it points at that version, so an alias
+    someone else has just moved is left alone (None is returned; read it again to tell why).
+    """
+    where = (model_aliases.c.name == name, model_aliases.c.alias == alias)
+    with engine.begin() as conn:
+        current = conn.execute(sa.select(model_aliases.c.version).where(*where).with_for_update()).scalar()
+        if current is None or (version is not None and current != version):
+            return None
+        conn.execute(model_aliases.delete().where(*where, model_aliases.c.version == current))
+        return current
+
+
 def list_model_versions(engine: sa.Engine, name: str | None = None) -> list[dict[str, Any]]:
     """Registered model versions (name ascending, newest version first) with their aliases."""
     query = sa.select(model_versions).order_by(model_versions.c.name, model_versions.c.version.desc())

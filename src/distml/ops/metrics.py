@@ -43,10 +43,21 @@ class TrainingMetrics:
         return int(server.server_port)
 
 
+#: Request latency buckets (seconds) of every serving process, so replica and gateway histograms line up.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """`registry` in the Prometheus text format, with its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
 class ServingMetrics:
     """Metrics of one model server replica: requests, latency, dynamic batching, queue, jobs."""
 
-    LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    LATENCY_BUCKETS = LATENCY_BUCKETS
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
     def __init__(self):
@@ -79,6 +90,7 @@ class ServingMetrics:
             "distml_serve_in_flight_requests", "HTTP requests being handled now", registry=self.registry
         )
         self.ready = Gauge("distml_serve_ready", "1 once every model of this replica is loaded", registry=self.registry)
+        self._children: dict[tuple, tuple] = {}
         self.jobs = Counter(
             "distml_serve_jobs",
             "Asynchronous inference jobs finished",
@@ -87,12 +99,62 @@ class ServingMetrics:
         )
 
     def observe_request(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
-        labels = {"model": model, "version": version, "endpoint": endpoint, "status": str(status)}
-        self.requests.labels(**labels).inc()
-        self.latency.labels(**labels).observe(seconds)
+        key = (model, version, endpoint, status)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a dict per call: look each series up once
+            labels = (model, version, endpoint, str(status))
+            children = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
-        """The registry in the Prometheus text format, with its content type."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return exposition(self.registry)
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+class GatewayMetrics:
+    """Metrics of the serving gateway: answers by model and status, retries, ejections, replica counts."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "distml_gateway_requests",
+            "Requests answered, by model and HTTP status",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "distml_gateway_request_seconds",
+            "Gateway request latency",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.retries = Counter("distml_gateway_retries", "Requests retried on another replica", registry=registry)
+        self.ejections = Counter(
+            "distml_gateway_replica_ejections",
+            "Replicas ejected (died or failed health checks)",
+            ["group"],
+            registry=registry,
+        )
+        self.desired = Gauge("distml_gateway_replicas_desired", "Replicas wanted", ["group"], registry=registry)
+        self.ready = Gauge("distml_gateway_replicas_ready", "Replicas ready", ["group"], registry=registry)
+        self.queue = Gauge(
+            "distml_gateway_queue_depth", "Requests waiting for a ready replica", ["group"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "distml_gateway_in_flight", "Requests being served by replicas", ["group"], registry=registry
+        )
+        self.panic = Gauge(
+            "distml_gateway_autoscaler_panic", "1 while the autoscaler panics", ["group"], registry=registry
+        )
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        """`model`, or `_other` past 100 distinct names (a client cannot blow up the label space)."""
+        if model in self._models or len(self._models) < 100:
+            self._models.add(model)
+            return model
+        return "_other"
+
+    def exposition(self) -> tuple[bytes, str]:
+        return exposition(self.registry)

@@ -1,5 +1,6 @@
-"""Model serving: replicas speaking the V2/V1 protocols, with dynamic batching and async jobs.
+"""Model serving: replicas speaking the V2/V1 protocols behind a gateway, configured by one `ServeConfig`.
 
-`protocol` (V2 wire format), `batching`, `server` (one replica, `python -m distml.serve.server`)
-and `jobs` (durable async inference); the gateway modules put replicas behind one address.
+`config` (settings), `model` (the transport-free core), `protocol` (wire formats), `http` (shared HTTP
+plumbing), `server` (one replica), `gateway` + `replicas` + `sharding` + `autoscaler` (one address in
+front of many), `batching` and `jobs` (durable async inference).
 """

@@ -16,36 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from distml.errors import DistmlError
+from distml.serve.config import ScalingPolicy
 
 log = logging.getLogger("distml.serve.autoscaler")
-
-
-@dataclass
-class ScalingPolicy:
-    target_concurrency: float = 1.0  # in-flight requests per replica (KServe `scaleTarget`, metric concurrency)
-    min_replicas: int = 1  # 0 allows scale to zero
-    max_replicas: int = 4
-    stable_window: float = 60.0  # Knative's default
-    panic_window: float = 6.0  # Knative's default (10% of the stable window)
-    panic_threshold: float = 2.0  # panic at 200% of target per ready replica
-    scale_to_zero_after: float = 30.0  # idle seconds before the last replica goes (Knative's grace period)
-
-    def __post_init__(self) -> None:
-        if not self.target_concurrency > 0:
-            raise DistmlError(f"target concurrency must be > 0, got {self.target_concurrency}")
-        if self.min_replicas < 0 or self.max_replicas < max(self.min_replicas, 1):
-            raise DistmlError(
-                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
-                f"got min {self.min_replicas}, max {self.max_replicas}"
-            )
-        if not 0 < self.panic_window <= self.stable_window:
-            raise DistmlError(
-                f"need 0 < panic window <= stable window, got panic {self.panic_window} s "
-                f"and stable {self.stable_window} s"
-            )
-        if self.panic_threshold <= 1 or self.scale_to_zero_after < 0:
-            raise DistmlError("panic threshold must be > 1 and scale_to_zero_after >= 0")
 
 
 @dataclass

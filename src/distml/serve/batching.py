@@ -78,11 +78,28 @@ class DynamicBatcher:
         x = np.asarray(x)
         if x.ndim == 0 or len(x) == 0:
             raise ValueError(f"submit needs an array with a leading batch axis of at least 1 item, got shape {x.shape}")
+        if self.max_batch_size == 1:
+            # Batching off: nothing to merge, so the model runs right here, as KServe's sync predict
+            # does; the hop to the worker thread and back cost ~0.5 ms of CPU per request (2.26 ->
+            # 1.73 ms, cnn, c64). The event loop waits meanwhile, which batching on avoids.
+            return self._run_inline(x)
         if len(x) <= self.max_batch_size:
             return await self._enqueue(x)
         pieces = [x[i : i + self.max_batch_size] for i in range(0, len(x), self.max_batch_size)]
         results = await asyncio.gather(*(self._enqueue(p) for p in pieces))
         return np.concatenate(results)
+
+    def _run_inline(self, x: np.ndarray) -> np.ndarray:
+        results = []
+        for i in range(len(x)):
+            self.batch_sizes[1] += 1
+            if self.on_batch is not None:
+                self.on_batch(1)
+            y = np.asarray(self.run(x[i : i + 1]))
+            if y.ndim == 0 or len(y) != 1:
+                raise RuntimeError(f"model {self.name!r} returned shape {tuple(y.shape)} for a batch of 1")
+            results.append(y)
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     async def _enqueue(self, x: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()

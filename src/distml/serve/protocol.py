@@ -11,36 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import orjson
+import pydantic
 
 from distml.errors import DistmlError
+from distml.models.datatypes import DATATYPES, FLOAT_TYPES, INTEGER_TYPES, NUMERIC_TYPES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-#: V2 datatype -> numpy dtype (little-endian as on the wire); BYTES elements are Python `bytes`.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("bool"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype("object"),
-}
-INTEGER_TYPES = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
-FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
-NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES
 _TYPE_LIST = ", ".join(DATATYPES)
 _REQUEST_HELP = (
     'expected a V2 infer request such as {"inputs": [{"name": "image", "shape": [1, 28, 28], '
@@ -192,10 +177,25 @@ def _split_body(body: bytes, header_length: str | int | None, what: str) -> tupl
     return load_json_object(body, what, _REQUEST_HELP), binary
 
 
+_LONG_NUMBER = re.compile(rb"\d{20}")
+
+
+def loads(body: bytes) -> Any:
+    """`json.loads`, through orjson first: 784 pixel values parse in ~19 us instead of ~128 us.
+    Python's json decides where they differ: numbers of 20+ digits (orjson turns integers beyond
+    64 bits into floats), NaN literals (orjson refuses them) and every error message."""
+    if _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def load_json_object(body: bytes, what: str, hint: str) -> dict:
     """Parse `body` as a JSON object, or raise one 400 naming `what` and ending with `hint`."""
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(400, f"{what} is not valid JSON ({exc}); {hint}") from None
     if not isinstance(obj, dict):
@@ -664,12 +664,153 @@ def parse_infer_response(body: bytes, header_length: str | int | None = None) ->
     )
 
 
+# --- V1 (TF Serving / KServe V1) --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PredictRequest:
+    """A V1 `:predict` body: `instances` (one per item) and any other keys, kept as sent."""
+
+    instances: list
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PredictResponse:
+    predictions: list
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_predict_request(body: bytes) -> PredictRequest:
+    obj = load_json_object(body, "request body", 'expected {"instances": [...]}')
+    instances = obj.pop("instances", None)
+    if not isinstance(instances, list) or not instances:
+        raise ProtocolError(400, "request has no non-empty 'instances' list; expected {\"instances\": [...]}")
+    return PredictRequest(instances, obj)
+
+
+def encode_predict_request(request: PredictRequest) -> bytes:
+    return _dump({**request.extra, "instances": request.instances}, "the request", 400)
+
+
+def parse_predict_response(body: bytes) -> PredictResponse:
+    obj = load_json_object(body, "response body", 'expected {"predictions": [...]}')
+    predictions = obj.pop("predictions", None)
+    if not isinstance(predictions, list):
+        raise ProtocolError(502, "V1 response has no 'predictions' list")
+    return PredictResponse(predictions, obj)
+
+
+def encode_predict_response(response: PredictResponse) -> bytes:
+    return _dump({**response.extra, "predictions": response.predictions}, "the response", 500)
+
+
+# --- JSON schemas of the bodies, for the API docs (/docs); parsing above stays hand-written ------
+
+
+class _Doc(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+
+
+class TensorBody(_Doc):
+    name: str
+    shape: list[int]
+    datatype: Literal[tuple(DATATYPES)]  # type: ignore[valid-type]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = pydantic.Field(None, description="row-major, flat or nested as the shape")
+
+
+class RequestedOutputBody(_Doc):
+    name: str
+    parameters: dict[str, Any] | None = pydantic.Field(None, examples=[{"binary_data": True}])
+
+
+class InferRequestBody(_Doc):
+    """Open Inference Protocol (V2) infer request; raw tensors may follow the JSON (binary extension)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorBody]
+    outputs: list[RequestedOutputBody] | None = None
+
+
+class InferResponseBody(_Doc):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[TensorBody]
+
+
+class ErrorBody(_Doc):
+    error: str
+
+
+class LiveBody(_Doc):
+    live: bool
+
+
+class ReadyBody(_Doc):
+    ready: bool
+
+
+class ModelReadyBody(_Doc):
+    name: str
+    version: str | None = None
+    ready: bool
+
+
+class ServerMetadataBody(_Doc):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadataBody(_Doc):
+    name: str
+    datatype: str
+    shape: list[int] = pydantic.Field(description="-1: any size")
+
+
+class ModelMetadataBody(_Doc):
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[TensorMetadataBody]
+    outputs: list[TensorMetadataBody]
+    parameters: dict[str, Any] | None = None
+
+
+class JobBody(_Doc):
+    id: str
+    status: str
+    model: str | None = None
+    model_version: str | int | None = None
+
+
+class V1ModelBody(_Doc):
+    name: str
+    ready: bool
+
+
+class PredictRequestBody(_Doc):
+    """V1 `:predict`: one instance per image, a nested list of pixels or {"image_bytes": {"b64": ...}}."""
+
+    instances: list[Any]
+
+
+class PredictResponseBody(_Doc):
+    predictions: list[Any]
+
+
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
     "NUMERIC_TYPES",
     "InferRequest",
     "InferResponse",
+    "PredictRequest",
+    "PredictResponse",
     "ProtocolError",
     "RequestedOutput",
     "Tensor",
@@ -677,8 +818,12 @@ __all__ = [
     "decompress_body",
     "encode_infer_request",
     "encode_infer_response",
+    "encode_predict_request",
+    "encode_predict_response",
     "infer_request_from_json",
     "infer_response_json",
     "parse_infer_request",
     "parse_infer_response",
+    "parse_predict_request",
+    "parse_predict_response",
 ]

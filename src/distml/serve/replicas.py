@@ -1,6 +1,7 @@
 """Replica processes of the model server: start, health-check, replace, drain, roll, pick the least busy.
 
-Each replica is a child (`--port 0 --port-file F`, ready on GET /v2/health/ready) with PR_SET_PDEATHSIG
+Each replica is a child reading its own ReplicaConfig file (port 0, a port file; ready on GET
+/v2/health/ready) with PR_SET_PDEATHSIG
 so none outlives us; dead or N-times-unhealthy ones are ejected and replaced, retired ones drain first.
 supervisord and circus were considered: neither checks HTTP readiness nor counts in-flight requests.
 """
@@ -27,10 +28,10 @@ from pathlib import Path
 import aiohttp
 
 from distml.errors import DistmlError
+from distml.serve.config import TOKEN_ENV, ReplicaConfig
+from distml.workspace import atomic_write
 
 log = logging.getLogger("distml.serve.replicas")
-
-SERVER_COMMAND = [sys.executable, "-m", "distml.serve.server"]
 
 STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
 
@@ -77,7 +78,11 @@ def _log_tail(path: Path, limit: int = 1500) -> str:
 
 
 class NoReplicaAvailable(DistmlError):
-    """No replica became ready before the caller's deadline."""
+    """No replica became ready before the caller's deadline; `state` says what the set was doing."""
+
+    def __init__(self, message: str, state: str = ""):
+        super().__init__(message)
+        self.state = state or message
 
 
 @dataclass(eq=False)
@@ -127,15 +132,12 @@ class ReplicaSet:
 
     def __init__(
         self,
-        command_prefix: Sequence[str],
-        models: Iterable[str],
+        command: Sequence[str],
+        template: ReplicaConfig,
         *,
-        workspace: str | os.PathLike,
-        args: Sequence[str] = (),
         run_dir: str | os.PathLike | None = None,
         replicas: int = 1,
         name: str = "replicas",
-        host: str = "127.0.0.1",
         token: str | None = None,
         health_interval: float = 0.5,
         health_timeout: float = 2.0,
@@ -145,20 +147,17 @@ class ReplicaSet:
         retry_grace: float = 0.5,
         env: dict[str, str] | None = None,
     ):
-        self.command_prefix = list(command_prefix)
-        if not self.command_prefix:
+        self.command = list(command)
+        if not self.command:
             raise DistmlError("replica command is empty; expected e.g. [python, -m, distml.serve.server]")
-        self.models = tuple(models)
-        if not self.models:
-            raise DistmlError("a replica set needs at least one --model REF to serve")
+        self.template = template.model_copy(update={"workspace": str(Path(template.workspace).resolve())})
+        self.models = tuple(template.models)
         if replicas < 0:
             raise DistmlError(f"replica count must be >= 0, got {replicas}")
         if max_health_failures < 1 or health_interval <= 0:
             raise DistmlError("health_interval must be > 0 and max_health_failures >= 1")
-        self.workspace = str(Path(workspace).resolve())
-        self.args = list(args)
         self.name = name
-        self.host = host
+        self.host = template.host
         self.token = token
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -377,10 +376,11 @@ class ReplicaSet:
                     self.on_demand()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    state = f"desired {self.desired}, starting {self.live_count - self.ready_count}" + (
+                        f"; last failure: {self.last_error}" if self.last_error else ""
+                    )
                     raise NoReplicaAvailable(
-                        f"no replica of {self.name} was ready within {timeout:g} s "
-                        f"(desired {self.desired}, starting {self.live_count - self.ready_count})"
-                        + (f"; last failure: {self.last_error}" if self.last_error else "")
+                        f"no replica of {self.name} was ready within {timeout:.3g} s ({state})", state
                     )
                 await self._wait_change(min(remaining, self.retry_grace / 2 if ready else 0.25))
         finally:
@@ -424,13 +424,15 @@ class ReplicaSet:
         assert self.run_dir is not None, "ReplicaSet.start() first"
         port_file = self.run_dir / f"{rid}.port"
         log_path = self.run_dir / f"{rid}.log"
-        cmd = [*self.command_prefix, "--workspace", self.workspace]
-        for ref in models:
-            cmd += ["--model", ref]
-        cmd += ["--host", self.host, "--port", "0", "--port-file", str(port_file), *self.args]
-        if self.token:
-            cmd += ["--token", self.token]
+        config_path = self.run_dir / f"{rid}.json"
+        config = self.template.model_copy(update={"models": list(models), "port": 0, "port_file": str(port_file)})
+        with atomic_write(config_path, "w") as handle:
+            handle.write(config.model_dump_json(indent=1))
+        cmd = [*self.command, str(config_path)]
         env = {**os.environ, **(self.env or {})}
+        env.pop(TOKEN_ENV, None)
+        if self.token:
+            env[TOKEN_ENV] = self.token  # never on disk or in argv
         with open(log_path, "ab") as log_file:
             try:
                 proc = subprocess.Popen(
@@ -443,7 +445,7 @@ class ReplicaSet:
                     preexec_fn=_die_with_parent(os.getpid()),
                 )
             except OSError as exc:
-                raise DistmlError(f"cannot start replica command {self.command_prefix}: {exc}") from exc
+                raise DistmlError(f"cannot start replica command {self.command}: {exc}") from exc
         _LIVE.add(proc)
         replica = Replica(rid, tuple(models), proc, port_file, log_path, self.host, time.monotonic())
         self._replicas.append(replica)

@@ -1,19 +1,23 @@
 """Sharded serving: consistent hashing of X-Shard-Key to a replica group, scatter-gather of batches.
 
 `HashRing` (virtual nodes, 64-bit BLAKE2b points) moves only ~1/K of keys when K changes; `uhashring`
-was considered, but a dependency for 40 lines does not pay. split/merge cut a V2 batch along the first
-axis of its inputs (V1: `instances`) and re-join the parts' outputs in order.
+was considered, but a dependency for 40 lines does not pay. split/merge cut a V2 batch (the protocol's
+`InferRequest`, JSON or binary tensors) along the first axis of its inputs (V1: `instances`) and re-join
+the parts' outputs in order.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
-import math
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Any
+
+import numpy as np
 
 from distml.errors import DistmlError
+from distml.serve import protocol
+from distml.serve.protocol import InferRequest, InferResponse, PredictRequest, PredictResponse, ProtocolError, Tensor
 
 
 def _point(text: str) -> int:
@@ -81,101 +85,68 @@ def chunk_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def v2_batch_rows(body: Any) -> int | None:
-    """The shared first dimension of every input of a JSON V2 infer request, or None if not splittable."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
-        return None
-    params = body.get("parameters") or {}
-    if isinstance(params, dict) and params.get("binary_data_output"):
-        return None
-    for out in body.get("outputs") or []:
-        if isinstance(out, dict) and isinstance(out.get("parameters"), dict) and out["parameters"].get("binary_data"):
-            return None
-    rows = None
-    for item in body["inputs"]:
-        if not isinstance(item, dict) or "data" not in item:
-            return None
-        shape = item.get("shape")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-            return None
-        if not isinstance(item["data"], list):
-            return None
-        if rows is None:
-            rows = shape[0]
-        elif shape[0] != rows:
-            return None
-        nested = bool(item["data"]) and isinstance(item["data"][0], list)
-        expected = shape[0] if nested else math.prod(shape)
-        if len(item["data"]) != expected:
-            return None
-    return rows
+def _rows(tensors: Sequence[Tensor], what: str) -> int:
+    """The first dimension every tensor shares, or a ProtocolError saying why the batch cannot be split."""
+    rows = {t.shape[0] if t.shape else None for t in tensors}
+    if len(rows) != 1 or None in rows:
+        raise ProtocolError(400, f"{what} cannot be split: its tensors do not share a first (batch) dimension")
+    return rows.pop()
 
 
-def _slice_rows(item: dict, start: int, stop: int) -> dict:
-    shape = item["shape"]
-    data = item["data"]
-    if data and isinstance(data[0], list):  # nested: the first axis is the outer list
-        part = data[start:stop]
-    else:
-        row = math.prod(shape[1:])
-        part = data[start * row : stop * row]
-    return {**item, "shape": [stop - start, *shape[1:]], "data": part}
-
-
-def split_v2(body: dict, parts: int) -> list[dict]:
+def split_v2(request: InferRequest, parts: int) -> list[InferRequest]:
     """Split a V2 infer request along the first axis of its inputs into contiguous parts."""
-    rows = v2_batch_rows(body)
-    if rows is None:
-        raise DistmlError("V2 request cannot be split: every input needs JSON `data` and the same first dimension")
+    rows = _rows(request.inputs, "V2 request")
     return [
-        {**body, "inputs": [_slice_rows(item, start, stop) for item in body["inputs"]]}
+        dataclasses.replace(
+            request,
+            inputs=[
+                dataclasses.replace(t, shape=(stop - start, *t.shape[1:]), data=t.data[start:stop])
+                for t in request.inputs
+            ],
+        )
         for start, stop in chunk_bounds(rows, parts)
     ]
 
 
-def merge_v2(responses: Sequence[dict]) -> dict:
+def encode_part(request: InferRequest) -> tuple[bytes, int | None]:
+    """One part as a request body, binary tensors if the original used them; (body, JSON length)."""
+    return protocol.encode_infer_request(
+        request.inputs,
+        binary=request.binary_input,
+        outputs=request.outputs,
+        id=request.id,
+        parameters=request.parameters,
+    )
+
+
+def merge_v2(responses: Sequence[InferResponse]) -> InferResponse:
     """Join the parts' V2 infer responses back into one, outputs concatenated along the first axis."""
     if not responses:
         raise DistmlError("nothing to merge: no part responses")
     first = responses[0]
-    names = [o.get("name") for o in first.get("outputs", [])]
-    merged_outputs = []
+    names = [o.name for o in first.outputs]
+    outputs = []
     for index, name in enumerate(names):
-        data: list = []
-        rows = 0
-        template = first["outputs"][index]
-        for resp in responses:
-            outputs = resp.get("outputs") or []
-            if index >= len(outputs) or outputs[index].get("name") != name:
+        pieces = []
+        for response in responses:
+            if [o.name for o in response.outputs] != names:
                 raise DistmlError(
-                    f"shard responses disagree on outputs: expected {names}, got {[o.get('name') for o in outputs]}"
+                    f"shard responses disagree on outputs: expected {names}, got {[o.name for o in response.outputs]}"
                 )
-            out = outputs[index]
-            if "data" not in out or not isinstance(out.get("shape"), list) or not out["shape"]:
-                raise DistmlError(f"shard output {name!r} has no JSON data or no shape; cannot gather it")
-            data.extend(out["data"])
-            rows += out["shape"][0]
-        merged_outputs.append({**template, "shape": [rows, *template["shape"][1:]], "data": data})
-    return {**first, "outputs": merged_outputs}
+            pieces.append(response.outputs[index])
+        if any(not p.shape for p in pieces) or len({(p.datatype, p.shape[1:]) for p in pieces}) != 1:
+            raise DistmlError(f"shard responses disagree on the datatype or shape of output {name!r}")
+        data = np.concatenate([np.asarray(p.data) for p in pieces])
+        outputs.append(dataclasses.replace(pieces[0], shape=tuple(data.shape), data=data))
+    return dataclasses.replace(first, outputs=outputs)
 
 
-def v1_batch_rows(body: Any) -> int | None:
-    if isinstance(body, dict) and isinstance(body.get("instances"), list):
-        return len(body["instances"])
-    return None
+def split_v1(request: PredictRequest, parts: int) -> list[PredictRequest]:
+    rows = len(request.instances)
+    return [dataclasses.replace(request, instances=request.instances[a:b]) for a, b in chunk_bounds(rows, parts)]
 
 
-def split_v1(body: dict, parts: int) -> list[dict]:
-    rows = v1_batch_rows(body)
-    if rows is None:
-        raise DistmlError('V1 request cannot be split: expected {"instances": [...]}')
-    return [{**body, "instances": body["instances"][start:stop]} for start, stop in chunk_bounds(rows, parts)]
-
-
-def merge_v1(responses: Sequence[dict]) -> dict:
-    predictions: list = []
-    for resp in responses:
-        if not isinstance(resp.get("predictions"), list):
-            raise DistmlError("shard response has no `predictions` list; cannot gather it")
-        predictions.extend(resp["predictions"])
-    return {**responses[0], "predictions": predictions}
+def merge_v1(responses: Sequence[PredictResponse]) -> PredictResponse:
+    if not responses:
+        raise DistmlError("nothing to merge: no part responses")
+    return dataclasses.replace(responses[0], predictions=[p for r in responses for p in r.predictions])

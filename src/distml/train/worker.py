@@ -327,7 +327,12 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
         architecture=config.model,
         arch_args=config.model_args,
         input_spec={"name": "image", "shape": list(dataset.image_shape), "datatype": "FP32"},
-        preprocessing={"dataset": dataset.name, "steps": dataset.preprocess.params(), "key": dataset.preprocess.key},
+        preprocessing={
+            **dataset.serving,
+            "dataset": dataset.name,
+            "steps": dataset.preprocess.params(),
+            "key": dataset.preprocess.key,
+        },
         class_names=list(dataset.class_names),
         metrics={"test_accuracy": accuracy, "steps": step},
         training=config.model_dump(),

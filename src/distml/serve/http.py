@@ -1,0 +1,339 @@
+"""HTTP plumbing shared by the replica and the gateway, each piece in one place.
+
+Bearer-token auth as one Starlette-style ASGI middleware class (the scheme is case-insensitive,
+RFC 7235), `{"error": ...}` bodies and exception handlers, bounded (and decompressed) request
+bodies, and running uvicorn on a socket bound here: the port file is written once the app is
+ready, and SIGTERM/SIGINT drain in-flight requests and return instead of killing the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distml.errors import DistmlError
+from distml.serve import protocol
+from distml.serve.protocol import ProtocolError
+from distml.workspace import atomic_write
+
+log = logging.getLogger("distml.serve")
+
+OPEN_PREFIXES = ("/v2/health/",)
+UNAUTHORIZED = "missing or wrong bearer token; send the header 'Authorization: Bearer <token>'"
+
+
+# --- auth ----------------------------------------------------------------------------------
+
+
+def token_matches(header: bytes | str | None, token: str) -> bool:
+    """Does an `Authorization` header value carry `token` under the Bearer scheme (any case)?"""
+    if header is None:
+        return False
+    raw = header.encode("latin-1") if isinstance(header, str) else header
+    scheme, _, value = raw.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token.encode())
+
+
+class BearerAuth:
+    """Pure ASGI middleware: every HTTP request but health checks needs `Authorization: Bearer TOKEN`."""
+
+    def __init__(self, app: Any, token: str | None, open_prefixes: Sequence[str] = OPEN_PREFIXES):
+        self.app = app
+        self.token = token
+        self.open_prefixes = tuple(open_prefixes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.token is None or scope["type"] != "http" or scope["path"].startswith(self.open_prefixes):
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        if token_matches(header, self.token):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(401, UNAUTHORIZED, {"www-authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class FastRoutes:
+    """Pure ASGI: the hot routes (inference) answered directly, everything else passed to `app`.
+
+    FastAPI's own stack (error and telemetry middlewares, exception handling, exit stacks, a
+    linear route scan, dependency solving) costs more per request than a one-image inference
+    answer; hot endpoints are plain `async (Request) -> Response` functions, and their
+    DistmlErrors become `{"error": ...}` answers here. They stay in the OpenAPI docs through the
+    app's own (documentation) routes.
+    """
+
+    def __init__(self, app: Any, routes: Sequence[tuple[str, str, Callable[[Request], Any]]]):
+        from starlette.routing import compile_path
+
+        self.app = app
+        self.routes = [(method, compile_path(path)[0], endpoint) for method, path, endpoint in routes]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            for method, regex, endpoint in self.routes:
+                match = regex.match(scope["path"])
+                if match is not None and scope["method"] == method:
+                    scope["path_params"] = match.groupdict()
+                    try:
+                        response = await endpoint(Request(scope, receive))
+                    except DistmlError as exc:
+                        response = error_response(getattr(exc, "status", 400), str(exc))
+                    except Exception as exc:  # a bug: answer it as JSON, log it in full
+                        log.exception("event=unhandled_error path=%s", scope["path"])
+                        response = error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+class FrontedApp(FastAPI):
+    """FastAPI for the docs and the cold routes, behind `front`: pure ASGI layers (outermost first,
+    as (class, options)) that every request passes before FastAPI's own stack; `FastRoutes` among
+    them lets the hot routes skip that stack."""
+
+    front: list[tuple[type, dict[str, Any]]] = []
+
+    def build_middleware_stack(self) -> Any:
+        app = super().build_middleware_stack()
+        for layer, options in reversed(self.front):
+            app = layer(app, **options)
+        return app
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The one error shape of both apps: `{"error": message}` (what V2 clients read)."""
+    return Response(error_body(message), status, headers=headers, media_type="application/json")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """DistmlError -> its `status` (400 by default); unknown routes and methods -> 404/405 in our shape."""
+
+    @app.exception_handler(DistmlError)
+    async def _distml_error(_request: Request, exc: DistmlError) -> Response:
+        return error_response(getattr(exc, "status", 400), str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (
+                f"no route {request.method} {request.url.path}; see /docs for the V2 (/v2/...) and "
+                "V1 (/v1/models/{model}[:predict]) routes"
+            )
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+
+# --- request bodies ------------------------------------------------------------------------
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes `max_bytes`."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ProtocolError(
+            413,
+            f"request body of {length} bytes exceeds the server's limit of {max_bytes} bytes; "
+            "send fewer items per request",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ProtocolError(
+                413, f"request body exceeds the server's limit of {max_bytes} bytes; send fewer items per request"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int, expected: str) -> dict[str, Any]:
+    """The body as a JSON object (gzip/deflate undone), or one 400 that ends with `expected ...`."""
+    body = protocol.decompress_body(
+        await read_body(request, max_bytes), request.headers.get("content-encoding"), max_bytes
+    )
+    return protocol.load_json_object(body, "request body", f"expected {expected}")
+
+
+# --- API docs ------------------------------------------------------------------------------
+
+
+def request_body(model: type) -> dict[str, Any]:
+    """`openapi_extra` for a route whose body is read by hand (fast path) but documented as `model`."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def document_bodies(app: FastAPI, models: Sequence[type]) -> None:
+    """Put the pydantic `models` named by `request_body` into the app's OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in body.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components.setdefault(model.__name__, body)
+        return schema
+
+    app.openapi = openapi
+
+
+# --- binding and running -------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (0 = a free port), or a DistmlError that says what to change."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise DistmlError(
+            f"cannot listen on {host}:{port} ({exc}); pick another --host/--port (0: a free port)"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+def write_port_file(path: str | Path, port: int) -> None:
+    with atomic_write(Path(path), "w") as handle:
+        handle.write(str(port))
+
+
+def clear_port_file(path: str | Path | None) -> None:
+    """Never leave a previous run's port for the caller to read."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
+
+
+async def serve(
+    app: Any,
+    sock: socket.socket,
+    *,
+    ready: Callable[[], bool] = lambda: True,
+    failed: Callable[[], str | None] = lambda: None,
+    port_file: str | Path | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+    graceful_timeout: float = 30.0,
+    log_level: str = "warning",
+) -> int:
+    """Serve `app` on `sock` until SIGTERM/SIGINT; returns 0 after draining, 1 if `failed()` said why.
+
+    Once uvicorn listens and `ready()` holds, the bound port goes to `port_file` (atomically) and
+    to `on_ready`. On a signal, `on_stop` runs first (e.g. readiness turns 503), then uvicorn
+    stops accepting and finishes in-flight requests for up to `graceful_timeout` seconds.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_timeout,
+        timeout_keep_alive=30,
+        proxy_headers=False,  # no proxy in front of us sets X-Forwarded-*; its middleware costs per request
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+
+    @contextlib.contextmanager
+    def capture_signals() -> Iterator[None]:
+        # uvicorn's own re-raises the signal after draining, killing the process; we return 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    server.capture_signals = capture_signals
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not task.done() and not (server.started and ready()):
+        reason = failed()
+        if reason:
+            log.error("event=exit reason=%r", reason)
+            server.should_exit = True
+            await task
+            return 1
+        await asyncio.sleep(0.02)
+    if not task.done():
+        port = sock.getsockname()[1]
+        if port_file:
+            write_port_file(port_file, port)
+        if on_ready is not None:
+            on_ready(port)
+    while not task.done() and not server.should_exit:
+        await asyncio.sleep(0.05)
+    if on_stop is not None:
+        on_stop()
+    await task
+    return 0
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (uvicorn's "auto" choice), else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return None
+    return uvloop.new_event_loop
+
+
+def run(coroutine_factory: Callable[[], Any]) -> Any:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(coroutine_factory())
+
+
+__all__ = [
+    "BearerAuth",
+    "bind",
+    "clear_port_file",
+    "error_body",
+    "error_response",
+    "install_error_handlers",
+    "read_body",
+    "read_json",
+    "run",
+    "serve",
+    "token_matches",
+    "write_port_file",
+]
