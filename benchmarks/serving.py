@@ -1,6 +1,13 @@
 """Serving benchmark: closed-loop req/s, p50/p99 latency at concurrency 1/16/64, `cnn`, one 28x28 image per V1 request,
 for a distml replica with batching off and on, the distml gateway over 2 replicas and KServe's model server on the
 same weights. Run `python benchmarks/serving.py [--quick]`; the last stdout line is JSON.
+
+Two comparisons in one run, both against the same KServe peer (the pinned KSERVE_VERSION, the same model
+preparation as a distml replica: `optimize_for_serving`'s channels_last weights, the manifest's `Preprocessing`,
+the same torch thread count): like for like, `ours_batching_off` (one request per forward pass: per-request
+overhead only) vs KServe; and our defaults (`ours_batching_on`: ReplicaConfig's batching defaults) vs KServe's
+defaults (its Python ModelServer has no server-side batching). Our replicas and gateway start as
+`distml serve` starts them: from ReplicaConfig / ServeConfig JSON files, never argv flags.
 """
 
 from __future__ import annotations
@@ -23,41 +30,58 @@ from typing import Any
 
 import numpy as np
 
+from distml.serve.config import TOKEN_ENV, ReplicaConfig, ServeConfig
+
 MODEL = "cnn"
-CONCURRENCY = (1, 16, 64)
-TARGETS = {"ours_vs_kserve_rps_c64": {"min": 2.0}, "ours_vs_kserve_p99_c64": {"max": 1.0}}
+KSERVE_VERSION = "0.21.0"  # the KServe peer is pinned to this version (the one the results report)
+CONTENDERS = ("ours_batching_off", "ours_batching_on", "ours_gateway2", "kserve")
+# contender -> concurrencies; quick mode keeps c64 for every contender and c1 for ours/kserve
+CONCURRENCY = {name: (1, 16, 64) for name in CONTENDERS}
+QUICK_CONCURRENCY = {"ours_batching_off": (64,), "ours_batching_on": (1, 64), "ours_gateway2": (64,), "kserve": (1, 64)}
+TARGETS = {
+    "ours_nobatch_vs_kserve_rps_c64": {"min": 1.2},  # like for like: per-request overhead
+    "ours_vs_kserve_rps_c64": {"min": 2.5},  # our defaults vs KServe's defaults
+    "ours_vs_kserve_p99_c64": {"max": 0.5},
+}
+DEFAULT_BATCH_SIZE = ReplicaConfig.model_fields["max_batch_size"].default
+DEFAULT_BATCH_DELAY_MS = ReplicaConfig.model_fields["max_batch_delay_ms"].default
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 REQUEST_TIMEOUT_S = 30.0
 N_IMAGES = 16  # distinct request bodies, cycled by every worker
 
-# KServe's Python model server around the same artifact and normalisation (run with `python -c`).
-# argv: workspace, model ref, model name, http port. gRPC and every per-request log line (latency
-# logging, the timing middleware's trace lines, uvicorn's access log) are off: distml's replica
-# writes no line per request either.
+# KServe's Python model server around the same artifact, prepared as a distml replica prepares it
+# (run with `python -c`): `optimize_for_serving` (channels_last conv weights), the manifest's
+# `Preprocessing`, the same torch thread count (argv threads, 0: library default; the OMP/MKL
+# variables are inherited as by our replicas). argv: workspace, model ref, model name, http port,
+# threads. gRPC and every per-request log line (latency logging, the timing middleware's trace
+# lines, uvicorn's access log) are off: distml's replica writes no line per request either.
 KSERVE_SERVER = r"""
 import logging, sys
 import numpy as np, torch, kserve
 from distml.models.artifact import load_model
-from distml.serve.server import pixel_normalization
+from distml.serve.model import Preprocessing, optimize_for_serving
 from distml.workspace import Workspace
 
-workspace, ref, name, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+workspace, ref, name, port, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if threads > 0:
+    torch.set_num_threads(threads)
 
 
 class DistmlModel(kserve.Model):
     def __init__(self):
         super().__init__(name)
         ws = Workspace(workspace)
-        self.model, manifest = load_model(ws, ref)
+        model, manifest = load_model(ws, ref)
         ws.close()
-        self.normalization = pixel_normalization(manifest)  # the replica's own raw-pixel normalisation
+        self.preprocessing = Preprocessing.from_manifest(manifest, ref)  # the replica's own normalisation
+        self.shape = self.preprocessing.input_shape
+        self.model = optimize_for_serving(model, self.shape, ref)  # the replica's own model preparation
         self.class_names = list(manifest["class_names"])
-        self.shape = tuple(manifest["input_spec"]["shape"])
         self.ready = True
 
     def predict(self, payload, headers=None):
         raw = np.asarray(payload["instances"], dtype=np.float32).reshape(-1, *self.shape)
-        x = self.normalization.apply(raw)
+        x = self.preprocessing.apply(raw)
         with torch.inference_mode():
             p = torch.softmax(self.model(torch.from_numpy(x)), dim=1).numpy()
         return {"predictions": [{"label": int(k), "class": self.class_names[int(k)], "probabilities": row.tolist()}
@@ -67,6 +91,7 @@ class DistmlModel(kserve.Model):
 server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False, enable_latency_logging=False)
 for quiet in ("uvicorn.access", "kserve.trace"):
     logging.getLogger(quiet).disabled = True
+print(f"torch threads {torch.get_num_threads()}", file=sys.stderr, flush=True)
 server.start([DistmlModel()])
 """
 
@@ -75,15 +100,32 @@ def log(message: str) -> None:
     print(f"[serving] {message}", file=sys.stderr, flush=True)
 
 
+def check_kserve_version() -> str:
+    """The installed kserve version; refuses to run unless it is KSERVE_VERSION."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("kserve")
+    except PackageNotFoundError:
+        installed = None
+    if installed != KSERVE_VERSION:
+        found = "kserve is not installed" if installed is None else f"kserve {installed} is installed"
+        raise SystemExit(
+            f"[serving] error: this benchmark compares against kserve {KSERVE_VERSION}, the version its results "
+            f"report, but {found}. Install it (`pip install kserve=={KSERVE_VERSION}`), or re-check the KServe "
+            "peer on the new version and update KSERVE_VERSION in benchmarks/serving.py."
+        )
+    return installed
+
+
 # -- the model artifact and the requests ---------------------------------------------------------
 
 
 def make_workspace(root: Path) -> None:
-    """`cnn` v1 saved as tests/serve/conftest.py does: zoo weights (seed 0), Fashion-MNIST preprocessing."""
+    """`cnn` v1: zoo weights (seed 0), the serving preprocessing a Fashion-MNIST training run records."""
     import torch
 
     from distml.data import datasets
-    from distml.data.preprocess import Normalize
     from distml.models.artifact import IMAGE_INPUT_SPEC, save_model
     from distml.models.zoo import build_model
     from distml.workspace import Workspace
@@ -91,7 +133,7 @@ def make_workspace(root: Path) -> None:
     ws = Workspace(root)
     try:
         torch.manual_seed(0)
-        normalize = Normalize("image", mean=datasets.FASHION_MNIST_MEAN, std=datasets.FASHION_MNIST_STD, scale=1 / 255)
+        serving = datasets.pixel_serving((28, 28), datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD)
         save_model(
             ws,
             build_model(MODEL),
@@ -99,7 +141,7 @@ def make_workspace(root: Path) -> None:
             architecture=MODEL,
             arch_args={},
             input_spec=IMAGE_INPUT_SPEC,
-            preprocessing={"dataset": "fashion-mnist", "steps": normalize.params(), "key": normalize.key},
+            preprocessing={**serving, "dataset": "fashion-mnist"},
             class_names=CLASSES,
             metrics={},
             training={"seed": 0},
@@ -133,24 +175,56 @@ class Server:
     port: int | None = None
     v1_url: str = ""
     v2_url: str = ""
+    service_dir: Path | None = None  # a gateway's: its replicas' logs are shown on failure too
 
     def log_tail(self, limit: int = 3000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_bytes()[-limit:].decode("utf-8", "replace")
-        return ""
+        replica_logs = sorted(self.service_dir.glob("*/*.log")) if self.service_dir else []
+        tails = []
+        for path in [self.log_path, *replica_logs]:
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()[-limit:].decode("utf-8", "replace")
+                tails.append(text if path == self.log_path else f"--- replica log {path.name}:\n{text}")
+        return "\n".join(tails)
 
 
 def spawn(name: str, cmd: list[str], tmp: Path) -> Server:
+    """Start a server process, its output to tmp/NAME.log; no bearer token (TOKEN_ENV) reaches it, so
+    every contender answers unauthenticated requests."""
     log_path = tmp / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
     return Server(name, proc, log_path)
 
 
-def start_distml(name: str, module: str, args: list[str], tmp: Path) -> tuple[Server, Path]:
+def start_replica(name: str, workspace: Path, tmp: Path, **settings: Any) -> tuple[Server, Path]:
+    """A replica from its own ReplicaConfig file: `python -m distml.serve.server CONFIG.json`."""
     port_file = tmp / f"{name}.port"
-    cmd = [sys.executable, "-m", module, *args, "--port", "0", "--port-file", str(port_file)]
-    return spawn(name, cmd, tmp), port_file
+    config = ReplicaConfig(
+        workspace=str(workspace), models=[MODEL], port=0, port_file=str(port_file), log_level="warning", **settings
+    )
+    config_path = tmp / f"{name}.json"
+    config_path.write_text(config.model_dump_json(indent=2))
+    return spawn(name, [sys.executable, "-m", "distml.serve.server", str(config_path)], tmp), port_file
+
+
+def start_gateway(name: str, workspace: Path, tmp: Path, replicas: int) -> tuple[Server, Path]:
+    """A gateway from a ServeConfig file (`python -m distml.serve.gateway CONFIG.json`), as `distml serve`
+    writes it: the replica template at its defaults (batching included), a service name of its own."""
+    port_file = tmp / f"{name}.port"
+    config = ServeConfig(
+        name=f"bench-serving-{os.getpid()}-{name}",
+        replica=ReplicaConfig(workspace=str(workspace), models=[MODEL], port=0, log_level="warning"),
+        replicas=replicas,
+        port=0,
+        port_file=str(port_file),
+        log_level="warning",
+    )
+    config_path = tmp / f"{name}.json"
+    config_path.write_text(config.model_dump_json(indent=2))
+    server = spawn(name, [sys.executable, "-m", "distml.serve.gateway", str(config_path)], tmp)
+    server.service_dir = config.service_dir()
+    return server, port_file
 
 
 def free_port() -> int:
@@ -387,7 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="end within 60 s on 2 cores (2 s per load level in 2 slices instead of 10 s in 5)",
+        help="end within 60 s on 2 cores: 2 s per load level in 2 slices instead of 10 s in 5, and only c64 "
+        "(every contender) and c1 (ours_batching_on, kserve) instead of c1/c16/c64 for all",
     )
     parser.add_argument(
         "--duration",
@@ -412,16 +487,20 @@ def main(argv: list[str] | None = None) -> dict:
         "default, one per core, which oversubscribes 2 cores shared with the load generator)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=32, help="batching-on replica (default: the server's default 32)"
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"batching-on replica (default: ReplicaConfig's default, {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--max-batch-delay-ms",
         type=float,
-        default=0.0,
-        help="batching-on replica (default: the server's default, 0 ms)",
+        default=DEFAULT_BATCH_DELAY_MS,
+        help=f"batching-on replica (default: ReplicaConfig's default, {DEFAULT_BATCH_DELAY_MS:g} ms)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    kserve_version = check_kserve_version()
     duration = args.duration or (2.0 if args.quick else 10.0)
     rounds = args.rounds or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (0.2 if args.quick else 0.5)
@@ -441,37 +520,23 @@ def main(argv: list[str] | None = None) -> dict:
             make_workspace(ws)
             _, v1, v2 = make_bodies(args.seed)
             started = time.perf_counter()
-            common = ["--workspace", str(ws), "--model", MODEL]
-            replica = "distml.serve.server"
             pending: list[tuple[Server, Path]] = [
-                start_distml(
-                    "ours_batching_off", replica, [*common, "--max-batch-size", "1", "--log-level", "warning"], tmp
-                ),
-                start_distml(
+                start_replica("ours_batching_off", ws, tmp, max_batch_size=1),
+                start_replica(
                     "ours_batching_on",
-                    replica,
-                    [
-                        *common,
-                        "--max-batch-size",
-                        str(args.max_batch_size),
-                        "--max-batch-delay-ms",
-                        str(args.max_batch_delay_ms),
-                        "--log-level",
-                        "warning",
-                    ],
+                    ws,
                     tmp,
+                    max_batch_size=args.max_batch_size,
+                    max_batch_delay_ms=args.max_batch_delay_ms,
                 ),
-                start_distml(
-                    "ours_gateway2",
-                    "distml.serve.gateway",
-                    [*common, "--replicas", "2", "--run-dir", str(tmp / "gateway-run")],
-                    tmp,
-                ),
+                start_gateway("ours_gateway2", ws, tmp, replicas=2),
             ]
             servers.update({s.name: s for s, _ in pending})
             kport = free_port()
             servers["kserve"] = spawn(
-                "kserve", [sys.executable, "-c", KSERVE_SERVER, str(ws), MODEL, MODEL, str(kport)], tmp
+                "kserve",
+                [sys.executable, "-c", KSERVE_SERVER, str(ws), MODEL, MODEL, str(kport), str(args.torch_threads)],
+                tmp,
             )
             deadline = time.monotonic() + 120
             for server, port_file in pending:
@@ -487,8 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
                 + ", ".join(f"{s.name} pid {s.proc.pid} port {s.port}" for s in servers.values())
             )
 
-            contenders = ["ours_batching_off", "ours_batching_on", "ours_gateway2", "kserve"]
-            plan = [(name, name, c) for c in CONCURRENCY for name in contenders]
+            levels = QUICK_CONCURRENCY if args.quick else CONCURRENCY
+            plan = [(name, name, c) for name in CONTENDERS for c in levels[name]]
             plan.append(("ours_batching_on_v2", "ours_batching_on", 64))
             factory, loop_name = event_loop_factory()
             log(
@@ -504,18 +569,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     from importlib.metadata import version
 
-    on, off, gw, ks = (results[k]["c64"] for k in ("ours_batching_on", "ours_batching_off", "ours_gateway2", "kserve"))
+    def ratio(a: str, b: str, level: str, key: str = "rps") -> float | None:
+        """results[a][level][key] / results[b][level][key]; None where a level was not run (quick mode)
+        or a figure is missing."""
+        x = results.get(a, {}).get(level, {}).get(key)
+        y = results.get(b, {}).get(level, {}).get(key)
+        return x / y if x is not None and y else None
+
+    cpu = "server_cpu_ms_per_req"  # the gateway's includes its replicas; less noisy than req/s
     ratios = {
-        "ours_vs_kserve_rps_c64": on["rps"] / ks["rps"],
-        "ours_vs_kserve_p99_c64": on["p99_ms"] / ks["p99_ms"],
-        "batching_on_vs_off_rps_c64": on["rps"] / off["rps"],
-        "gateway2_vs_single_rps_c64": gw["rps"] / on["rps"],
-        "ours_vs_kserve_rps_c1": results["ours_batching_on"]["c1"]["rps"] / results["kserve"]["c1"]["rps"],
-        "ours_vs_kserve_rps_c16": results["ours_batching_on"]["c16"]["rps"] / results["kserve"]["c16"]["rps"],
-        "ours_v2_vs_v1_rps_c64": results["ours_batching_on_v2"]["c64"]["rps"] / on["rps"],
-        # server CPU per answered request (the gateway's includes its replicas): less noisy than req/s
-        "ours_vs_kserve_cpu_per_req_c64": on["server_cpu_ms_per_req"] / ks["server_cpu_ms_per_req"],
+        # like for like: batching off, one request per forward pass, as KServe's ModelServer runs it
+        "ours_nobatch_vs_kserve_rps_c64": ratio("ours_batching_off", "kserve", "c64"),
+        "ours_nobatch_vs_kserve_p99_c64": ratio("ours_batching_off", "kserve", "c64", "p99_ms"),
+        "ours_nobatch_vs_kserve_cpu_per_req_c64": ratio("ours_batching_off", "kserve", "c64", cpu),
+        # our defaults (ReplicaConfig's batching) vs KServe's defaults
+        "ours_vs_kserve_rps_c64": ratio("ours_batching_on", "kserve", "c64"),
+        "ours_vs_kserve_p99_c64": ratio("ours_batching_on", "kserve", "c64", "p99_ms"),
+        "ours_vs_kserve_cpu_per_req_c64": ratio("ours_batching_on", "kserve", "c64", cpu),
+        "batching_on_vs_off_rps_c64": ratio("ours_batching_on", "ours_batching_off", "c64"),
+        "gateway2_vs_single_rps_c64": ratio("ours_gateway2", "ours_batching_on", "c64"),
+        "ours_vs_kserve_rps_c1": ratio("ours_batching_on", "kserve", "c1"),
+        "ours_nobatch_vs_kserve_rps_c1": ratio("ours_batching_off", "kserve", "c1"),
+        "ours_vs_kserve_rps_c16": ratio("ours_batching_on", "kserve", "c16"),
+        "ours_nobatch_vs_kserve_rps_c16": ratio("ours_batching_off", "kserve", "c16"),
+        "ours_v2_vs_v1_rps_c64": ratio("ours_batching_on_v2", "ours_batching_on", "c64"),
     }
+    ratios = {k: v for k, v in ratios.items() if v is not None}
     met = {}
     for name, value in ratios.items():
         target = TARGETS.get(name)
@@ -540,12 +619,25 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "cpus": os.cpu_count(),
         "torch_threads": args.torch_threads or "library default",
-        "ours_batching_off": "--max-batch-size 1",
-        "ours_batching_on": f"--max-batch-size {args.max_batch_size} --max-batch-delay-ms {args.max_batch_delay_ms:g}"
-        + (" (server defaults)" if (args.max_batch_size, args.max_batch_delay_ms) == (32, 0.0) else " (tuned)"),
-        "ours_gateway2": "gateway, 2 replicas with the server's default batching",
-        "kserve": f"kserve {version('kserve')} ModelServer, 1 worker, gRPC off, per-request logging off, "
-        "sync predict()",
+        "concurrency": {name: [f"c{c}" for c in cs] for name, cs in levels.items()},
+        "comparisons": {
+            "like_for_like": "ours_batching_off vs kserve: one request per forward pass on both sides, "
+            "per-request overhead only (ours_nobatch_vs_kserve_*)",
+            "defaults": "ours_batching_on (ReplicaConfig's batching defaults) vs kserve (ModelServer's defaults: "
+            "no server-side batching) (ours_vs_kserve_*)",
+        },
+        "ours_batching_off": "ReplicaConfig max_batch_size 1, port 0, port_file, log_level warning",
+        "ours_batching_on": f"ReplicaConfig max_batch_size {args.max_batch_size}, max_batch_delay_ms "
+        f"{args.max_batch_delay_ms:g}"
+        + (
+            " (ReplicaConfig defaults)"
+            if (args.max_batch_size, args.max_batch_delay_ms) == (DEFAULT_BATCH_SIZE, DEFAULT_BATCH_DELAY_MS)
+            else " (tuned)"
+        ),
+        "ours_gateway2": "gateway from a ServeConfig: 2 replicas, ReplicaConfig defaults (batching included)",
+        "kserve": f"kserve {kserve_version} (pinned: {KSERVE_VERSION}) ModelServer, 1 worker, gRPC off, "
+        "per-request logging off, sync predict(); model prepared as ours (optimize_for_serving: channels_last "
+        "weights; manifest Preprocessing; same torch threads)",
         "client": f"aiohttp {version('aiohttp')} closed loop, one session, limit=0, {loop_name} loop, same 2 cores",
         "max_abs_diff_vs_kserve": {k: float(f"{v:.2e}") for k, v in diffs.items()},
         "server_exit_codes": exit_codes,
