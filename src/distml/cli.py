@@ -31,12 +31,11 @@ class _Group(click.Group):
     "--workspace",
     "workspace_path",
     envvar="DISTML_HOME",
-    default=".distml",
-    show_default=True,
-    help="Workspace folder (metadata store, artifacts, caches).",
+    default=None,
+    help="Workspace folder (metadata store, artifacts, caches) [default: $DISTML_HOME or .distml].",
 )
 @click.pass_context
-def main(ctx: click.Context, workspace_path: str) -> None:
+def main(ctx: click.Context, workspace_path: str | None) -> None:
     """distml: data ingestion, distributed training, serving, workflows and operations."""
     ctx.obj = {"workspace_path": workspace_path}
 
@@ -191,7 +190,7 @@ def train_command(ctx: click.Context, **options: Any) -> None:
             model_args[key] = json.loads(value)
         except json.JSONDecodeError:
             model_args[key] = value
-    config = parse_config({**options, "model_args": model_args, "workspace": ctx.obj["workspace_path"]})
+    config = parse_config({**options, "model_args": model_args, "workspace": str(_workspace(ctx).root)})
     try:
         result = launch(config)
     except (Stopped, KeyboardInterrupt) as exc:

@@ -21,9 +21,12 @@ import sqlalchemy as sa
 from distml.errors import DistmlError
 from distml.ops import metadata
 
+DEFAULT_ROOT = ".distml"
+HOME_ENV = "DISTML_HOME"
+
 
 def default_root() -> Path:
-    return Path(os.environ.get("DISTML_HOME", ".distml"))
+    return Path(os.environ.get(HOME_ENV, DEFAULT_ROOT))
 
 
 @contextlib.contextmanager

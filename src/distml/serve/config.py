@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from distml.errors import DistmlError
+from distml.workspace import DEFAULT_ROOT
 
 TOKEN_ENV = "DISTML_SERVE_TOKEN"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -52,7 +53,7 @@ class _Strict(BaseModel):
 class ReplicaConfig(_Strict):
     """One model-server replica: what it serves, where it listens, how it batches."""
 
-    workspace: str = ".distml"
+    workspace: str = DEFAULT_ROOT
     models: list[str] = Field(min_length=1, description="references: NAME, NAME:VERSION or NAME@ALIAS")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 = a free port")

@@ -389,7 +389,7 @@ class ServedModel:
             "parameters": {
                 "version": str(self.version),
                 "input_format": INPUT_FORMAT,
-                "normalization": {"scale": n.scale, "mean": n.mean, "std": n.std, "source": "model manifest"},
+                "normalization": {**n.describe(), "source": "model manifest"},
                 "accepted_input_shapes": self.accepted_shapes(),
                 "accepted_input_datatypes": sorted(NUMERIC_TYPES),
                 "outputs": "'probabilities' (softmax) and 'label' (argmax); both unless 'outputs' names some",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distml.errors import DistmlError
+from distml.workspace import DEFAULT_ROOT
 
 
 class TrainConfig(BaseModel):
@@ -41,7 +42,7 @@ class TrainConfig(BaseModel):
     ps_shards: int = Field(1, ge=1, le=64)
     ps_mode: Literal["sync", "async"] = "sync"
     ps_staleness: int | None = Field(None, ge=0)
-    workspace: str = ".distml"
+    workspace: str = DEFAULT_ROOT
     run_id: str | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535)
     log_samples: bool = False
