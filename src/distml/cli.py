@@ -288,7 +288,7 @@ def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
         policy.update(min_replicas=int(low), max_replicas=int(high))
     elif policy:
         raise DistmlError(f"--{next(iter(policy)).replace('_', '-')} applies to autoscaling; add --autoscale MIN:MAX")
-    values = {"name": f"{record.name}-{os.getpid()}", **given, "replica": replica}
+    values = {"name": f"{record.name[:80]}-{os.getpid()}", **given, "replica": replica}
     if autoscale is not None:
         values["autoscale"] = policy
     config = parse_serve_config(values)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import math
 import os
 import signal
@@ -203,6 +205,26 @@ def test_bearer_scheme_is_case_insensitive_and_a_wrong_token_is_401(tmp_path):
                     assert resp.status_code == 401, (headers, path)
                     assert resp.headers["www-authenticate"] == "Bearer", (headers, path)
                     assert "Bearer" in resp.json()["error"]
+            # only the two health checks are open: not paths that start like them
+            assert client.get("/v2/health/ready").status_code == 200
+            sneaky = "/v2/health/../models/echo/infer"
+
+            def raw_post(path: str, headers: dict) -> tuple[int, dict]:  # httpx would normalise the '..'
+                host, port = base.removeprefix("http://").split(":")
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                try:
+                    conn.request("POST", path, body=json.dumps(fake.v2_body()), headers=headers)
+                    resp = conn.getresponse()
+                    return resp.status, json.loads(resp.read() or b"{}")
+                finally:
+                    conn.close()
+
+            for path in (sneaky, "/v2/health/live/../../models/echo", "/v2/health/x"):
+                status, _ = raw_post(path, {"content-type": "application/json"})
+                assert status == 401, path
+            # and with the token, a path with dot segments is refused rather than normalised by the proxy
+            status, body = raw_post(sneaky, {"content-type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+            assert status == 400 and "'..' segments" in body["error"]
 
 
 def test_least_outstanding_spreads_load_over_two_replicas(tmp_path):

@@ -583,6 +583,23 @@ def sink():
     server.close()
 
 
+def test_a_job_pinned_by_header_runs_on_that_version(server, make_pixels):
+    submitted = httpx.post(
+        f"{server.url}/v2/models/cnn/jobs", json=v2_body(make_pixels(1)), headers={"X-Model-Version": "cnn:1"}
+    )
+    assert submitted.status_code == 202 and submitted.json()["model_version"] == "1", submitted.text
+    job = wait_for(
+        lambda: (
+            (r := httpx.get(f"{server.url}/v2/jobs/{submitted.json()['id']}").json())["status"] == "succeeded" and r
+        ),
+        30,
+        "the job to succeed",
+    )
+    assert job["result"]["model_version"] == "1"  # not the default version 2
+    # metrics answer while models load and after: the queue gauge never breaks the scrape
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
 def test_job_runs_and_posts_its_result_to_the_callback(server, reference, make_pixels, sink):
     images = make_pixels(2, seed=9)
     submitted = httpx.post(

@@ -28,7 +28,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 FLAGS = {
     "replica.max_batch_size": "--max-batch-size",
     "replica.max_batch_delay_ms": "--max-batch-delay-ms",
-    "replica.max_body_bytes": "--max-body-bytes",
     "replica.models": "MODEL",
     "replicas": "--replicas",
     "shards": "--shards",
@@ -135,7 +134,7 @@ class ServeConfig(_Strict):
         return Path(self.replica.workspace) / "services" / self.name
 
 
-def _problems(exc: ValidationError, prefix: str = "") -> str:
+def _problems(exc: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
         path = ".".join(
@@ -143,7 +142,7 @@ def _problems(exc: ValidationError, prefix: str = "") -> str:
             if prefix
             else [str(p) for p in err["loc"] if not isinstance(p, int)]
         )
-        where = FLAGS.get(path, path or "config")
+        where = (flags or {}).get(path, path or "config")
         message = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
         shown = "" if isinstance(given, dict) or path == "" else f" (got {given!r})"
@@ -156,7 +155,7 @@ def parse_serve_config(values: dict[str, Any]) -> ServeConfig:
     try:
         return ServeConfig(**values)
     except ValidationError as exc:
-        raise DistmlError(f"invalid serving configuration: {_problems(exc)}") from None
+        raise DistmlError(f"invalid serving configuration: {_problems(exc, flags=FLAGS)}") from None
 
 
 def parse_replica_config(values: dict[str, Any]) -> ReplicaConfig:
@@ -170,7 +169,7 @@ def parse_scaling_policy(values: dict[str, Any]) -> ScalingPolicy:
     try:
         return ScalingPolicy(**values)
     except ValidationError as exc:
-        raise DistmlError(f"invalid autoscaling policy: {_problems(exc, 'autoscale')}") from None
+        raise DistmlError(f"invalid autoscaling policy: {_problems(exc, 'autoscale', FLAGS)}") from None
 
 
 def _read(path: str | os.PathLike, what: str) -> dict[str, Any]:

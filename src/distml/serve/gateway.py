@@ -155,7 +155,10 @@ class Gateway:
     def choose_version(self, model: str, pinned: str | None = None) -> str | None:
         """The version a request goes to: the one it pins, else a draw from the model's traffic split."""
         if pinned is not None:
-            return str(parse_version(model, pinned))
+            try:
+                return str(parse_version(model, pinned))
+            except ProtocolError:  # as a replica answers a version it does not have
+                raise ProtocolError(404, f"model {model!r} has no version {pinned!r}") from None
         split = self.traffic.get(model)
         if not split:
             return None
@@ -323,6 +326,8 @@ class Gateway:
         return Upstream(200, out_headers, content)
 
     async def proxy(self, request: Request, retry: bool) -> Response:
+        if any(part in (".", "..") for part in request.url.path.split("/")):
+            raise ProtocolError(400, f"path {request.url.path!r} has '.' or '..' segments; send a normalised path")
         deadline = time.monotonic() + self.config.hold_timeout
         body = await http.read_body(request, self.config.replica.max_body_bytes)
         group = self.pick_group() if len(self.groups) > 1 else 0
@@ -345,7 +350,7 @@ class Gateway:
                 or weight < 0
             ):
                 raise DistmlError(f"weight of version {version!r} must be a number >= 0, got {weight!r}")
-            split[str(version)] = float(weight)
+            split[str(parse_version(model, str(version)))] = float(weight)
         if sum(split.values()) <= 0:
             raise DistmlError("at least one version needs a weight > 0")
         self.traffic[model] = {v: w for v, w in split.items() if w > 0}
@@ -392,20 +397,19 @@ def to_response(result: Upstream) -> Response:
     return Response(result.body, status_code=result.status, headers=headers, media_type=media_type)
 
 
-def create_app(gateway: Gateway, on_started: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app of `gateway`; its lifespan starts the replicas unless they already run."""
+def create_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app of `gateway`; its lifespan starts (and stops) the replicas unless they already
+    run, as when `serve_gateway` started them before binding the port."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        owner = not gateway.started  # run_gateway starts the replicas itself, before binding the port
+        owner = not gateway.started
         if owner:
             try:
                 await gateway.start()
             except BaseException:
                 await gateway.close()
                 raise
-        if on_started is not None:
-            on_started()
         try:
             yield
         finally:
@@ -461,8 +465,8 @@ def create_app(gateway: Gateway, on_started: Callable[[], None] | None = None) -
     @app.post("/admin/replicas/scale")
     async def scale(request: Request):
         n = (await http.read_json(request, limit, '{"replicas": <integer >= 0>}')).get("replicas")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise DistmlError(f'expected {{"replicas": <integer >= 0>}}, got {n!r}')
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 256:
+            raise DistmlError(f'expected {{"replicas": <integer 0..256>}}, got {n!r}')
         if gateway.autoscalers:
             return http.error_response(
                 409,
@@ -517,13 +521,16 @@ def create_app(gateway: Gateway, on_started: Callable[[], None] | None = None) -
 async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:
     """Start the replicas, then serve until SIGTERM/SIGINT (drain, retire the replicas, return 0).
     Raises DistmlError if the port cannot be bound or the replicas never start."""
-    sock = http.bind(config.host, config.port)
     gateway = Gateway(config)
+    sock = http.bind(config.host, config.port)
     try:
-        await gateway.start()
+        with http.stop_on_signal() as stopping:
+            await gateway.start()
     except BaseException as exc:
         await gateway.close()
         sock.close()
+        if stopping.is_set():  # SIGTERM/SIGINT while the replicas started: they are retired, exit 0
+            return 0
         if isinstance(exc, DistmlError):
             raise DistmlError(f"gateway did not start: {exc}") from None
         raise

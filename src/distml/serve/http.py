@@ -31,7 +31,7 @@ from distml.workspace import atomic_write
 
 log = logging.getLogger("distml.serve")
 
-OPEN_PREFIXES = ("/v2/health/",)
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 UNAUTHORIZED = "missing or wrong bearer token; send the header 'Authorization: Bearer <token>'"
 
 
@@ -48,15 +48,15 @@ def token_matches(header: bytes | str | None, token: str) -> bool:
 
 
 class BearerAuth:
-    """Pure ASGI middleware: every HTTP request but health checks needs `Authorization: Bearer TOKEN`."""
+    """Pure ASGI middleware: every HTTP request but the two health checks needs `Authorization: Bearer TOKEN`."""
 
-    def __init__(self, app: Any, token: str | None, open_prefixes: Sequence[str] = OPEN_PREFIXES):
+    def __init__(self, app: Any, token: str | None, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
         self.token = token
-        self.open_prefixes = tuple(open_prefixes)
+        self.open_paths = open_paths  # exact paths: a prefix would let /v2/health/../models/m/infer through
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"].startswith(self.open_prefixes):
+        if self.token is None or scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
@@ -133,6 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DistmlError)
     async def _distml_error(_request: Request, exc: DistmlError) -> Response:
         return error_response(getattr(exc, "status", 400), str(exc))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> Response:
+        return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -307,6 +311,30 @@ async def serve(
         on_stop()
     await task
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[asyncio.Event]:
+    """While inside, SIGTERM/SIGINT cancel the current task (e.g. a slow start-up) and set the
+    yielded event, so the caller can clean up and exit 0 instead of dying by the signal."""
+    stopping = asyncio.Event()
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread() or task is None:
+        yield stopping
+        return
+
+    def stop() -> None:
+        stopping.set()
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        yield stopping
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

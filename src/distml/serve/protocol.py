@@ -1,7 +1,8 @@
-"""The Open Inference Protocol (V2) REST wire format: tensors as JSON or as raw binary data.
+"""The wire formats: Open Inference Protocol (V2) tensors as JSON or raw binary data, and V1 bodies.
 
-Requests and responses (JSON, or JSON + little-endian tensor bytes under the binary extension)
-to and from numpy, every shape/datatype/size checked with a message saying what was expected.
+V2 requests and responses (JSON, or JSON + little-endian tensor bytes under the binary extension)
+to and from numpy, every shape/datatype/size checked with a message saying what was expected; V1
+`instances`/`predictions` bodies; pydantic schemas of both, for the API docs only.
 tritonclient's and kserve's codecs were considered: client-side halves without validation (and
 kserve's pulls in pandas), so this is written here and checked against both in test_compliance.
 """

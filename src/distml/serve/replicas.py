@@ -425,6 +425,7 @@ class ReplicaSet:
         port_file = self.run_dir / f"{rid}.port"
         log_path = self.run_dir / f"{rid}.log"
         config_path = self.run_dir / f"{rid}.json"
+        port_file.unlink(missing_ok=True)  # an earlier run's port must never be read as this replica's
         config = self.template.model_copy(update={"models": list(models), "port": 0, "port_file": str(port_file)})
         with atomic_write(config_path, "w") as handle:
             handle.write(config.model_dump_json(indent=1))

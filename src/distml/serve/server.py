@@ -79,7 +79,9 @@ class ModelServer:
     async def _load(self) -> None:
         def on_batch(served: ServedModel):
             labels = (served.name, str(served.version))
-            self.metrics.queue_depth.labels(*labels).set_function(lambda: served.batcher.queue_depth)
+            self.metrics.queue_depth.labels(*labels).set_function(
+                lambda: served.batcher.queue_depth if served.batcher is not None else 0
+            )
             return self.metrics.batch_size.labels(*labels).observe
 
         started = time.perf_counter()
@@ -180,12 +182,13 @@ class ModelServer:
         if infer_request.wants_any_binary():
             raise ProtocolError(400, "asynchronous jobs store JSON results; drop binary_data / binary_data_output")
         served.check_request(infer_request)
-        pinned = request.path_params.get("version")
+        pinned_by_client = request.path_params.get("version") or request.headers.get(VERSION_HEADER)
+        pinned = str(served.version) if pinned_by_client else None  # else: the default when it runs
         row = await asyncio.to_thread(
             create_job,
             self.workspace.engine,
             model=served.name,
-            version=int(pinned) if pinned is not None else None,
+            version=served.version if pinned_by_client else None,
             request=obj,
             callback_url=callback_url,
         )
@@ -265,6 +268,8 @@ class ServingMiddleware:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
+                if message["status"] == 401:
+                    labels["endpoint"] = "unauthorized"
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-model-version"]
                 tag = f"{labels['model']}:{labels['version']}" if labels["model"] else server.repository.tags
                 headers.append((b"x-model-version", tag.encode()))
