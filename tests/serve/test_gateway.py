@@ -160,9 +160,11 @@ def test_proxy_passthrough_errors_health_metrics_and_token(tmp_path):
             assert resp.status_code == 404 and "no version" in resp.json()["error"]
             resp = client.post("/v2/models/echo/infer", content=b"{not json", headers=AUTH)
             assert resp.status_code == 400 and "error" in resp.json()
-            # a version pin the gateway cannot read is its own clear 400
+            # a version pin the gateway cannot read is a 404, as a replica answers a version it lacks
             resp = client.post("/v2/models/echo/infer", json=body, headers={**AUTH, "X-Model-Version": "latest"})
-            assert resp.status_code == 400 and "expected a version number" in resp.json()["error"]
+            assert resp.status_code == 404 and "has no version 'latest'" in resp.json()["error"]
+            split = client.post("/admin/models/echo/traffic", json={"versions": {"latest": 100}}, headers=AUTH)
+            assert split.status_code == 400 and "expected a version number" in split.json()["error"]
             assert client.get("/v2/models/echo", headers=AUTH).json()["name"] == "echo"
             # the bearer token guards everything but health, as on the replicas
             assert client.post("/v2/models/echo/infer", json=body).status_code == 401
