@@ -265,7 +265,8 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
         counts = Counter(ids)
         assert set(counts) == set(range(DIGITS_TRAIN)), f"epoch {epoch} lost samples"
         assert sum(c - 1 for c in counts.values()) == (-DIGITS_TRAIN) % 2, "only padding repeats inside an epoch"
-    repeated_samples = sum(len(logs[(0, r)][s]) for r in (0, 1) for s in repeated_steps)
+    # the killed rank may die between its step and its log line: count what each rank logged
+    repeated_samples = sum(len(logs[(0, r)].get(s, ())) for r in (0, 1) for s in repeated_steps)
     assert repeated_samples <= k * 64
 
 
