@@ -101,13 +101,15 @@ def test_alias_set_then_resolve_and_move(registry):
 def test_unset_then_resolving_fails_clearly(registry):
     set_alias(registry, "cnn", "champion", 2)
     set_alias(registry, "cnn", "canary", 1)
-    assert _ok(distml(registry, "alias", "cnn:2", "champion", "--unset")).strip() == (
+    assert _ok(distml_in_process(registry, "alias", "cnn:2", "champion", "--unset")).strip() == (
         "removed cnn@champion (it pointed at cnn:2)"
     )
     with pytest.raises(DistmlError, match="model 'cnn' has no alias 'champion'; set one with"):
         resolve_model(registry, "cnn@champion")
     # MODEL alone removes the alias whatever version it points at.
-    assert "removed cnn@canary (it pointed at cnn:1)" in _ok(distml(registry, "alias", "cnn", "canary", "--unset"))
+    assert "removed cnn@canary (it pointed at cnn:1)" in _ok(
+        distml_in_process(registry, "alias", "cnn", "canary", "--unset")
+    )
     assert all(r["aliases"] == [] for r in list_models(registry))
     # The versions themselves are untouched.
     assert [r["version"] for r in list_models(registry)] == [2, 1]
@@ -115,7 +117,7 @@ def test_unset_then_resolving_fails_clearly(registry):
 
 def test_unset_of_an_alias_moved_elsewhere_removes_nothing(registry):
     set_alias(registry, "cnn", "champion", 1)
-    line = _one_error(distml(registry, "alias", "cnn:2", "champion", "--unset"))
+    line = _one_error(distml_in_process(registry, "alias", "cnn:2", "champion", "--unset"))
     assert "cnn@champion points at version 1, not 2" in line and "nothing was removed" in line
     assert resolve_model(registry, "cnn@champion").version == 1
 
@@ -142,10 +144,10 @@ def test_list_shows_versions_metrics_and_aliases(registry):
 
 
 def test_list_with_nothing_registered(workspace):
-    out = _ok(distml(workspace))
+    out = _ok(distml_in_process(workspace))
     assert out.strip() == f"no models are registered in {workspace.root}; `distml train` registers one"
-    assert _ok(distml(workspace, "list")) == out
-    line = _one_error(distml(workspace, "list", "cnn"))
+    assert _ok(distml_in_process(workspace, "list")) == out
+    line = _one_error(distml_in_process(workspace, "list", "cnn"))
     assert line == "error: no model named 'cnn' is registered; no models are registered yet"
 
 
@@ -185,7 +187,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(registry, args, message
 
 
 def test_help_says_model_alone_is_the_latest_version(workspace):
-    out = _ok(distml(workspace, "alias", "--help"))
+    out = _ok(distml_in_process(workspace, "alias", "--help"))
     assert "MODEL alone means its latest version" in " ".join(out.split())
     assert "--unset" in out
 
