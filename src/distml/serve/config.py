@@ -137,11 +137,8 @@ class ServeConfig(_Strict):
 def _problems(exc: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
-        path = ".".join(
-            [prefix, *(str(p) for p in err["loc"] if not isinstance(p, int))]
-            if prefix
-            else [str(p) for p in err["loc"] if not isinstance(p, int)]
-        )
+        names = [str(p) for p in err["loc"] if not isinstance(p, int)]  # list indices say nothing to a user
+        path = ".".join([prefix, *names] if prefix else names)
         where = (flags or {}).get(path, path or "config")
         message = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
