@@ -75,28 +75,17 @@ def data_prepare(ctx: click.Context, dataset: str, data_dir: str | None) -> None
     from rich.console import Console
     from rich.table import Table
 
-    from distml.data.datasets import get_dataset
-    from distml.data.loader import Loader
-    from distml.ops.metadata import record_dataset
+    from distml.data.datasets import prepare_dataset
 
     ws = _workspace(ctx)
-    ds = get_dataset(dataset, ws, data_dir, progress=True)
-    table = Table(title=f"{ds.name} prepared in {ws.root}")
+    rows = prepare_dataset(dataset, ws, data_dir)
+    table = Table(title=f"{dataset} prepared in {ws.root}")
     for column in ("split", "records", "fingerprint", "cache", "dataset id"):
         table.add_column(column)
-    for split, source in ds.splits.items():
-        loader = Loader(source, batch_size=256, preprocess=ds.preprocess, cache="disk", workspace=ws, progress=True)
-        loader.fill_cache()
-        dataset_id = record_dataset(
-            ws.engine,
-            name=ds.name,
-            split=split,
-            fingerprint=source.fingerprint(),
-            num_records=len(source),
-            uri=ds.uri,
-            schema={"image_shape": list(ds.image_shape), "classes": list(ds.class_names)},
+    for row in rows:
+        table.add_row(
+            row["split"], str(row["records"]), row["fingerprint"][:16], row["cache_key"][:16], str(row["snapshot_id"])
         )
-        table.add_row(split, str(len(source)), source.fingerprint()[:16], loader.cache_key[:16], str(dataset_id))
     Console().print(table)
 
 
@@ -255,43 +244,11 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
-    import os
-    from pathlib import Path
-
-    from distml.models.artifact import resolve_model
-    from distml.serve.config import parse_serve_config
     from distml.serve.gateway import run_gateway
-    from distml.serve.model import ServedModel
+    from distml.serve.service import build_serve_config
     from distml.workspace import atomic_write
 
-    ws = _workspace(ctx)
-    record = resolve_model(ws, model)  # fails here, before any process starts, on an unknown model
-    if record.version is None:
-        raise DistmlError(f"{model!r} names a manifest that is not registered; serve a registered name:version")
-    pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
-    ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
-    given = {key: value for key, value in options.items() if value is not None}
-    replica = {"workspace": str(Path(ws.root).resolve()), "models": [pinned]}
-    for key in ("max_batch_size", "max_batch_delay_ms"):
-        if key in given:
-            replica[key] = given.pop(key)
-    autoscale = given.pop("autoscale", None)
-    policy = {
-        key: given.pop(key)
-        for key in ("target_concurrency", "stable_window", "panic_window", "scale_to_zero_after")
-        if key in given
-    }
-    if autoscale is not None:
-        low, sep, high = autoscale.partition(":")
-        if not sep or not low.isdigit() or not high.isdigit():
-            raise DistmlError(f"--autoscale expects MIN:MAX replica counts such as 0:4, got {autoscale!r}")
-        policy.update(min_replicas=int(low), max_replicas=int(high))
-    elif policy:
-        raise DistmlError(f"--{next(iter(policy)).replace('_', '-')} applies to autoscaling; add --autoscale MIN:MAX")
-    values = {"name": f"{record.name[:80]}-{os.getpid()}", **given, "replica": replica}
-    if autoscale is not None:
-        values["autoscale"] = policy
-    config = parse_serve_config(values)
+    config, pinned = build_serve_config(_workspace(ctx), model, options)
     path = config.service_dir() / "config.json"
     with atomic_write(path, "w") as handle:
         handle.write(config.model_dump_json(indent=1))
@@ -351,6 +308,179 @@ def deploy_command(
     else:
         call("POST", f"/admin/models/{name}/promote", {"version": version})
         click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
+
+
+def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DistmlError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            params[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.replace("-", "_")] = value
+    return params
+
+
+@main.command("run")
+@click.argument("target", required=False)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
+@click.option("--dataset", default=None, help="The end-to-end pipeline's data set: fashion-mnist (default) or digits.")
+@DATA_DIR_OPTION
+@click.option("--epochs", default=None, type=int, help="The end-to-end pipeline: epochs per candidate [5].")
+@click.option("--no-serve", is_flag=True, help="The end-to-end pipeline: stop after registering the best model.")
+@click.option("--async-selection", is_flag=True, help="Serve the first trained model, swap to better ones.")
+@click.option("--resume", "resume_id", default=None, metavar="RUN_ID", help="Continue a stopped or killed run.")
+@click.option(
+    "--refresh",
+    multiple=True,
+    is_flag=False,
+    flag_value="*",
+    metavar="[STEP]",
+    help="Run memoized steps again (all of them, or the named step; repeatable).",
+)
+@click.option("--continue-on-failure", is_flag=True, help="Run what does not depend on a failed step.")
+@click.option("--cpus", default=None, type=float, help="CPU slots steps may use at once [default: cores].")
+@click.pass_context
+def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
+    """Run a pipeline (default: ingest, train three CNNs, select, serve); PATH.py:FUNCTION runs yours."""
+    from rich.console import Console
+
+    from distml.workflow.orchestrator import RunOptions, new_run_id, resume_run, run_pipeline
+    from distml.workflow.target import DEFAULT_TARGET, load_target
+    from distml.workflow.view import LiveView
+
+    ws = _workspace(ctx)
+    console = Console()
+    if options["resume_id"]:
+        if target or options["params"]:
+            raise DistmlError("--resume continues a run with its own pipeline and parameters; pass only the run id")
+        run_id = options["resume_id"]
+        with LiveView(console, "resuming run") as view:
+            try:
+                result = resume_run(ws, run_id, on_change=view)
+            except KeyboardInterrupt:
+                view.__exit__(None, None, None)
+                click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
+                ctx.exit(130)
+    else:
+        params = _parse_params(options["params"])
+        for flag, key in (("dataset", "dataset"), ("data_dir", "data_dir"), ("epochs", "epochs")):
+            if options[flag] is not None:
+                params[key] = options[flag]
+        if options["no_serve"]:
+            params["serve_model"] = False
+        if options["async_selection"]:
+            params["async_selection"] = True
+        refresh = set(options["refresh"])
+        run_options = RunOptions(
+            refresh=True if "*" in refresh else frozenset(refresh),
+            fail_fast=not options["continue_on_failure"],
+            cpus=options["cpus"],
+        )
+        pipeline = load_target(target or DEFAULT_TARGET)
+        run_id = new_run_id(pipeline.name)
+        with LiveView(console, "run") as view:
+            try:
+                result = run_pipeline(ws, pipeline, params, run_options, run_id=run_id, on_change=view)
+            except KeyboardInterrupt:
+                view.__exit__(None, None, None)
+                click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
+                ctx.exit(130)
+    if result.status != "succeeded":
+        click.echo(f"run {result.run_id} failed; see: distml runs show {result.run_id}", err=True)
+        ctx.exit(1)
+    click.echo(f"run {result.run_id} succeeded")
+    served = result.result.get("served") if isinstance(result.result, dict) else None
+    if isinstance(served, dict) and "url" in served:
+        from distml.pipelines.end_to_end import example_request
+
+        name = served["model"].split(":")[0]
+        body_path, label = example_request(ws, name)
+        click.echo(f"serving {served['model']} at {served['url']} ({served['action']})")
+        click.echo(
+            f"try it (a test image of class {label!r}):\n  curl -s {served['url']}/v2/models/{name}/infer "
+            f"-H 'Content-Type: application/json' -d @{body_path}"
+        )
+    elif result.result is not None:
+        click.echo(json.dumps(result.result, indent=1, default=str))
+
+
+@main.group("runs", invoke_without_command=True)
+@click.pass_context
+def runs_group(ctx: click.Context) -> None:
+    """List workflow runs; `distml runs show RUN_ID` draws one."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(runs_list)
+
+
+@runs_group.command("list")
+@click.option("--limit", default=20, show_default=True, type=int)
+@click.pass_context
+def runs_list(ctx: click.Context, limit: int = 20) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from distml.ops.metadata import list_workflow_runs
+
+    runs = list_workflow_runs(_workspace(ctx).engine, limit)
+    if not runs:
+        click.echo("no workflow runs yet; start one with `distml run`")
+        return
+    table = Table()
+    for column in ("run", "status", "target", "started", "steps"):
+        table.add_column(column)
+    for run in runs:
+        steps = ", ".join(f"{n} {s}" for s, n in sorted(run["steps"].items()))
+        table.add_row(run["run_id"], run["status"], run["target"], f"{run['created_at']:%Y-%m-%d %H:%M:%S}", steps)
+    Console().print(table)
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str) -> None:
+    """The run's DAG as a tree: state, duration, cache hit or miss and why, resources; errors with log tails."""
+    import time
+
+    from rich.console import Console
+
+    from distml.ops.metadata import get_workflow_run, list_step_executions
+    from distml.workflow.view import run_view
+
+    engine = _workspace(ctx).engine
+    run = get_workflow_run(engine, run_id)
+    if run is None:
+        raise DistmlError(f"no workflow run {run_id!r}; `distml runs` lists them")
+    Console().print(run_view(run, list_step_executions(engine, run_id), time.time()))
+
+
+@main.command("logs")
+@click.argument("run_id")
+@click.argument("step")
+@click.pass_context
+def logs_command(ctx: click.Context, run_id: str, step: str) -> None:
+    """Print the captured stdout/stderr of STEP (a node id such as train[cnn]) in RUN_ID."""
+    from pathlib import Path
+
+    from distml.ops.metadata import get_workflow_run, list_step_executions
+
+    engine = _workspace(ctx).engine
+    if get_workflow_run(engine, run_id) is None:
+        raise DistmlError(f"no workflow run {run_id!r}; `distml runs` lists them")
+    rows = [r for r in list_step_executions(engine, run_id) if r["node_id"] == step]
+    if not rows:
+        nodes = sorted({r["node_id"] for r in list_step_executions(engine, run_id)})
+        raise DistmlError(f"run {run_id} has no step {step!r}; its steps are: {', '.join(nodes)}")
+    paths = [r["log_path"] for r in sorted(rows, key=lambda r: r["generation"]) if r["log_path"]]
+    if not paths:
+        raise DistmlError(f"step {step} of run {run_id} has no log: it did not run a process ({rows[-1]['status']})")
+    for path in dict.fromkeys(paths):
+        try:
+            click.echo(Path(path).read_text(errors="replace"), nl=False)
+        except FileNotFoundError:
+            raise DistmlError(f"the log of {step} ({path}) was removed from the workspace") from None
 
 
 @main.group("models", invoke_without_command=True)

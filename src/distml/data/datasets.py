@@ -147,3 +147,37 @@ def get_dataset(name: str, workspace: Any, data_dir: str | Path | None = None, p
     if name not in DATASETS:
         raise DistmlError(f"unknown data set {name!r}; expected one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name](workspace, data_dir, progress=progress)
+
+
+def prepare_dataset(name: str, workspace: Any, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Locate or download `name`, fill the preprocessed cache of each split and record each as a
+    data set snapshot; return one row per split (records, fingerprint, cache key, snapshot id)."""
+    from distml.data.loader import Loader
+    from distml.ops.metadata import record_dataset
+
+    ds = get_dataset(name, workspace, data_dir, progress=True)
+    rows = []
+    for split, source in ds.splits.items():
+        loader = Loader(
+            source, batch_size=256, preprocess=ds.preprocess, cache="disk", workspace=workspace, progress=True
+        )
+        loader.fill_cache()
+        snapshot = record_dataset(
+            workspace.engine,
+            name=ds.name,
+            split=split,
+            fingerprint=source.fingerprint(),
+            num_records=len(source),
+            uri=ds.uri,
+            schema={"image_shape": list(ds.image_shape), "classes": list(ds.class_names)},
+        )
+        rows.append(
+            {
+                "split": split,
+                "records": len(source),
+                "fingerprint": source.fingerprint(),
+                "cache_key": loader.cache_key,
+                "snapshot_id": snapshot,
+            }
+        )
+    return rows

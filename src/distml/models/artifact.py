@@ -270,15 +270,21 @@ def save_model(
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "distml_version": distml.__version__,
     }
+    return _register(workspace, manifest)
+
+
+def _register(workspace: Workspace, manifest: dict[str, Any]) -> ModelRecord:
+    """Store a manifest and register it as the next version of its name."""
     manifest_digest = workspace.artifacts.put_bytes(
         json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False).encode("utf-8")
     )
+    name, weights_digest = manifest["name"], manifest["weights_digest"]
     version = metadata.record_model_version(
         workspace.engine,
         name=name,
         manifest_digest=manifest_digest,
         weights_digest=weights_digest,
-        metrics=metrics,
+        metrics=manifest["metrics"],
     )
     return ModelRecord(name, version, manifest_digest, weights_digest, manifest)
 
@@ -431,6 +437,24 @@ def load_model(workspace: Workspace, ref: str) -> tuple[nn.Module, dict[str, Any
 
 
 # --- registry views ---------------------------------------------------------------------
+
+
+def register_as(workspace: Workspace, ref: str, name: str, lineage: dict[str, Any] | None = None) -> ModelRecord:
+    """Register the model `ref` names as a version of `name` (same weights, its manifest renamed,
+    `lineage` added with the candidate's ref). A version of `name` with the same weights is
+    returned as it is, so registering again does not multiply versions."""
+    _check_name("model name", name)
+    record = resolve_model(workspace, ref)
+    for row in metadata.list_model_versions(workspace.engine, name):
+        if row["weights_digest"] == record.weights_digest:
+            return resolve_model(workspace, f"{name}:{row['version']}")
+    manifest = {
+        **record.manifest,
+        "name": name,
+        "lineage": {**record.manifest["lineage"], **_plain_json("lineage", lineage or {}), "candidate": record.ref},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    return _register(workspace, manifest)
 
 
 def set_alias(workspace: Workspace, name: str, alias: str, version: int) -> None:

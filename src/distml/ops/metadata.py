@@ -375,3 +375,247 @@ def _m4_inference_jobs(conn: sa.Connection) -> None:
 
 
 MIGRATIONS.append((4, _m4_inference_jobs))
+
+
+# -- workflow runs, step executions and what steps record (migration 5) ------------------------
+# One row per run, one per (run, node, generation): generation > 0 are the re-executions of a
+# step downstream of an asynchronous fan-in. A step process writes the final state of its own
+# execution (so a result survives the orchestrator's death); the orchestrator writes the rest.
+
+workflow_runs = sa.Table(
+    "workflow_runs",
+    metadata_obj,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("params_json", sa.Text, nullable=False),
+    sa.Column("options_json", sa.Text, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # running, succeeded, failed, stopped
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("host", sa.String(200), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+step_executions = sa.Table(
+    "step_executions",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("workflow_runs.run_id"), nullable=False),
+    sa.Column("node_id", sa.String(300), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("step_name", sa.String(200), nullable=False),
+    # pending, running, succeeded, cached, failed, skipped, upstream_failed, cancelled
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("pid_started", sa.String(40), nullable=True),  # the process's start time: pid reuse check
+    sa.Column("memo_key", sa.String(64), nullable=True),
+    sa.Column("memo_parts_json", sa.Text, nullable=True),
+    sa.Column("cache", sa.String(10), nullable=True),  # hit, miss, off
+    sa.Column("cache_reason", sa.Text, nullable=True),
+    sa.Column("cached_from", sa.Integer, nullable=True),
+    sa.Column("inputs_json", sa.Text, nullable=True),
+    sa.Column("output_json", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("log_path", sa.Text, nullable=True),
+    sa.Column("resources_json", sa.Text, nullable=True),
+    sa.Column("upstream_json", sa.Text, nullable=True),  # node ids this one waits for
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("run_id", "node_id", "generation", name="uq_step_execution"),
+    sa.Index("ix_step_executions_memo", "step_name", "memo_key", "status"),
+)
+
+step_metrics = sa.Table(
+    "step_metrics",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("node_id", sa.String(300), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("step", sa.Integer, nullable=True),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_step_metrics_run", "run_id", "node_id"),
+)
+
+
+def _m5_workflows(conn: sa.Connection) -> None:
+    workflow_runs.create(conn)
+    step_executions.create(conn)
+    step_metrics.create(conn)
+
+
+MIGRATIONS.append((5, _m5_workflows))
+
+TERMINAL_STEP_STATES = ("succeeded", "cached", "failed", "skipped", "upstream_failed", "cancelled")
+
+
+def create_workflow_run(
+    engine: sa.Engine, run_id: str, target: str, params: dict[str, Any], options: dict[str, Any], pid: int, host: str
+) -> None:
+    now = _now()
+    with engine.begin() as conn:
+        conn.execute(
+            workflow_runs.insert().values(
+                run_id=run_id,
+                target=target,
+                params_json=json.dumps(params, sort_keys=True),
+                options_json=json.dumps(options, sort_keys=True),
+                status="running",
+                pid=pid,
+                host=host,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+
+def update_workflow_run(engine: sa.Engine, run_id: str, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(workflow_runs.update().where(workflow_runs.c.run_id == run_id).values(updated_at=_now(), **values))
+
+
+def get_workflow_run(engine: sa.Engine, run_id: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(workflow_runs).where(workflow_runs.c.run_id == run_id)).first()
+    if row is None:
+        return None
+    run = dict(row._mapping)
+    run["params"] = json.loads(run.pop("params_json"))
+    run["options"] = json.loads(run.pop("options_json"))
+    return run
+
+
+def list_workflow_runs(engine: sa.Engine, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest runs, newest first, each with counts of its steps by state."""
+    with engine.connect() as conn:
+        runs = [
+            dict(r._mapping)
+            for r in conn.execute(sa.select(workflow_runs).order_by(workflow_runs.c.created_at.desc()).limit(limit))
+        ]
+        ids = [r["run_id"] for r in runs]
+        counts = conn.execute(
+            sa.select(step_executions.c.run_id, step_executions.c.status, sa.func.count())
+            .where(step_executions.c.run_id.in_(ids))
+            .group_by(step_executions.c.run_id, step_executions.c.status)
+        ).all()
+    by_run: dict[str, dict[str, int]] = {}
+    for run_id, status, count in counts:
+        by_run.setdefault(run_id, {})[status] = count
+    for run in runs:
+        run["params"] = json.loads(run.pop("params_json"))
+        run.pop("options_json")
+        run["steps"] = by_run.get(run["run_id"], {})
+    return runs
+
+
+def save_step_execution(engine: sa.Engine, run_id: str, node_id: str, generation: int, **values: Any) -> int:
+    """Create or update the execution row of (run, node, generation); return its id."""
+    key = (
+        step_executions.c.run_id == run_id,
+        step_executions.c.node_id == node_id,
+        step_executions.c.generation == generation,
+    )
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(step_executions.c.id).where(*key)).first()
+        if row is not None:
+            conn.execute(step_executions.update().where(step_executions.c.id == row.id).values(**values))
+            return int(row.id)
+        values.setdefault("attempt", 0)
+        result = conn.execute(
+            step_executions.insert().values(run_id=run_id, node_id=node_id, generation=generation, **values)
+        )
+        return int(result.inserted_primary_key[0])
+
+
+def add_step_executions(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Insert the pending executions of a new run in one transaction."""
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(step_executions.insert(), [{"run_id": run_id, "attempt": 0, **row} for row in rows])
+
+
+def finish_step_execution(engine: sa.Engine, execution_id: int, attempt: int, **values: Any) -> bool:
+    """Record the end of attempt `attempt` of an execution, only while that attempt is the one
+    running (a step process that outlived a timeout cannot overwrite what came after)."""
+    with engine.begin() as conn:
+        return bool(
+            conn.execute(
+                step_executions.update()
+                .where(
+                    step_executions.c.id == execution_id,
+                    step_executions.c.attempt == attempt,
+                    step_executions.c.status == "running",
+                )
+                .values(finished_at=_now(), **values)
+            ).rowcount
+        )
+
+
+def list_step_executions(engine: sa.Engine, run_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        query = (
+            sa.select(step_executions)
+            .where(step_executions.c.run_id == run_id)
+            .order_by(step_executions.c.id, step_executions.c.generation)
+        )
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def find_memo_hit(engine: sa.Engine, step_name: str, memo_key: str, not_before: dt.datetime | None) -> dict | None:
+    """The newest successful execution of `step_name` with `memo_key` (finished after `not_before`)."""
+    query = (
+        sa.select(step_executions)
+        .where(
+            step_executions.c.step_name == step_name,
+            step_executions.c.memo_key == memo_key,
+            step_executions.c.status == "succeeded",
+        )
+        .order_by(step_executions.c.finished_at.desc())
+        .limit(1)
+    )
+    if not_before is not None:
+        query = query.where(step_executions.c.finished_at >= not_before)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def last_memoized_execution(engine: sa.Engine, step_name: str, exclude_run: str) -> dict | None:
+    """The newest earlier successful execution of `step_name` (to explain a cache miss)."""
+    query = (
+        sa.select(step_executions)
+        .where(
+            step_executions.c.step_name == step_name,
+            step_executions.c.status == "succeeded",
+            step_executions.c.memo_parts_json.is_not(None),
+            step_executions.c.run_id != exclude_run,
+        )
+        .order_by(step_executions.c.finished_at.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def record_step_metrics(engine: sa.Engine, run_id: str, node_id: str, rows: list[dict[str, Any]]) -> None:
+    """Store metrics a step logs: rows of name, value and optional step number."""
+    if not rows:
+        return
+    now = _now()
+    with engine.begin() as conn:
+        conn.execute(
+            step_metrics.insert(),
+            [{"run_id": run_id, "node_id": node_id, "recorded_at": now, "step": None, **row} for row in rows],
+        )
+
+
+def list_step_metrics(engine: sa.Engine, run_id: str, node_id: str | None = None) -> list[dict[str, Any]]:
+    query = sa.select(step_metrics).where(step_metrics.c.run_id == run_id).order_by(step_metrics.c.id)
+    if node_id is not None:
+        query = query.where(step_metrics.c.node_id == node_id)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from distml.ops.liveness import pid_alive
 from distml.ops.metadata import inference_jobs
 
 log = logging.getLogger(__name__)
@@ -95,20 +96,6 @@ def job_view(row: dict[str, Any]) -> dict[str, Any]:
     if row["callback_url"]:
         view["callback"] = {"url": row["callback_url"], "status": row["callback_status"] or "waiting"}
     return view
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is dead for our purpose
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class JobRunner:
@@ -187,7 +174,7 @@ class JobRunner:
         host, _, rest = owner.partition(":")
         pid_text = rest.partition(":")[0]
         if host == self.host and pid_text.isdigit() and int(pid_text) != os.getpid():
-            return not _pid_alive(int(pid_text))
+            return not pid_alive(int(pid_text))
         return False
 
     def _claimable(self, row: Any, now: float) -> bool:

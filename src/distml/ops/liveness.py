@@ -1,0 +1,42 @@
+"""Is a recorded process still running, and is it still the one that was recorded?
+
+Leases and run states store a pid; after a crash that pid may be gone or reused. A process is
+identified by its pid together with its start time (from /proc on Linux), and a zombie (exited,
+not yet reaped by its parent) counts as gone.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def process_identity(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, from /proc), or None when no such
+    process runs. Stored next to the pid, it tells the process from a later one that reused the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        return fields[19]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    except OSError:  # no /proc here: fall back to a signal-0 probe
+        return "unknown" if pid_alive(pid) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` runs (a zombie does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

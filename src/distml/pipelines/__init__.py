@@ -1,0 +1,1 @@
+"""Complete pipelines built from the data, training, serving and workflow layers."""

@@ -1,0 +1,219 @@
+"""The end-to-end pipeline: ingest a data set, train candidate CNNs on several workers, pick and serve the best.
+
+`distml run` runs it: ingest (memoized for an hour; a data snapshot is recorded), fan-out of
+one allreduce training per candidate on a gang of `workers` processes, a fan-in that evaluates
+every candidate on the test split and registers the best as `<dataset>-classifier@production`,
+and a service that serves it (started, left alone, or hot-swapped). With `async_selection` the
+service starts on the first trained candidate and swaps to each better one as it finishes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+from distml.ops.admission import Resources
+from distml.workflow import best_of, current, step
+
+CANDIDATES = ("cnn", "dropout", "batch_norm")
+
+
+def data_fingerprint(dataset: str, data_dir: str | None = None) -> str:
+    """Content fingerprint of the data set's source files (part of ingest's memo key)."""
+    from distml.data.datasets import get_dataset
+    from distml.workspace import Workspace
+
+    ds = get_dataset(dataset, Workspace(), data_dir, progress=False)
+    return ",".join(f"{split}={source.fingerprint()}" for split, source in sorted(ds.splits.items()))
+
+
+@step(memoize=True, max_age=3600, fingerprint=data_fingerprint)
+def ingest(dataset: str, data_dir: str | None = None) -> dict:
+    """Download or locate the data, verify it, cache it preprocessed and record each split's snapshot."""
+    from distml.data.datasets import prepare_dataset
+
+    rows = prepare_dataset(dataset, current().workspace, data_dir)
+    return {"dataset": dataset, "data_dir": data_dir, "splits": {row["split"]: row for row in rows}}
+
+
+def _report_training(run_id: str, total: int, stop: threading.Event) -> None:
+    """Forward the training run's recorded step to the live view until `stop` is set."""
+    from distml.ops import metadata
+
+    ctx = current()
+    while not stop.wait(1.0):
+        try:
+            history = metadata.train_history(ctx.workspace.engine, run_id)
+        except Exception:  # the progress line is best effort; training goes on
+            continue
+        if history:
+            last = history[-1]
+            ctx.progress(last["step"], total, f"loss {last['loss']:.3f}")
+
+
+@step(memoize=True, retries=1)
+def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> dict:
+    """Train one candidate with allreduce on `workers` processes (PyTorch's elastic launcher)."""
+    from distml.errors import DistmlError
+    from distml.train.config import parse_config
+    from distml.train.launcher import launch
+
+    ctx = current()
+    train_split = data["splits"]["train"]
+    config = parse_config(
+        {
+            "model": model,
+            "dataset": data["dataset"],
+            "data_dir": data["data_dir"],
+            "workers": workers,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "checkpoint_every": 10,
+            "workspace": str(ctx.workspace.root),
+        }
+    )
+    # One training run per data snapshot: a re-run of this step after a crash resumes its checkpoint.
+    run_id = f"{config.resolved_run_id()}-{train_split['fingerprint'][:10]}"
+    config = config.model_copy(update={"run_id": run_id})
+    total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report_training, args=(run_id, total, stop), daemon=True)
+    reporter.start()
+    try:
+        result = launch(config)
+    finally:
+        stop.set()
+    if result is None:
+        raise DistmlError(f"training run {run_id} stopped before the end")
+    ctx.progress(result["steps"], total, f"test accuracy {result['test_accuracy']:.4f}")
+    return {
+        "candidate": model,
+        "model": result["model"],
+        "test_accuracy": result["test_accuracy"],
+        "steps": result["steps"],
+        "train_run": run_id,
+    }
+
+
+@step(memoize=True)
+def select(candidates: list, data: dict, name: str, alias: str = "production") -> dict:
+    """Evaluate every candidate on the test split, record the metrics, register the best as NAME@ALIAS."""
+    from distml.data.datasets import get_dataset
+    from distml.models.artifact import load_model, register_as, set_alias
+    from distml.train.worker import evaluate
+
+    ctx = current()
+    ws = ctx.workspace
+    ds = get_dataset(data["dataset"], ws, data["data_dir"], progress=False)
+    scores = {}
+    for candidate in candidates:
+        model, _ = load_model(ws, candidate["model"])
+        scores[candidate["model"]] = evaluate(model, ds, "cpu", ws)
+        ctx.log_metric(f"{candidate['model']}.test_accuracy", scores[candidate["model"]])
+        print(f"{candidate['model']}: test accuracy {scores[candidate['model']]:.4f}", flush=True)
+    best = max(candidates, key=lambda c: scores[c["model"]])  # the first of equals wins
+    snapshots = [split["snapshot_id"] for split in data["splits"].values()]
+    record = register_as(
+        ws, best["model"], name, {"workflow_run": ctx.run_id, "step": ctx.node_id, "data_snapshots": snapshots}
+    )
+    set_alias(ws, name, alias, record.version)
+    return {
+        "model": record.ref,
+        "candidate": best["model"],
+        "test_accuracy": scores[best["model"]],
+        "alias": f"{name}@{alias}",
+        "scores": scores,
+    }
+
+
+@step
+def serve(best: dict, name: str, service: str, replicas: int = 1, port: int = 0) -> dict:
+    """Serve the chosen model as SERVICE: start it, leave it as it is, or hot-swap its model."""
+    from distml.models.artifact import register_as
+    from distml.serve.service import ensure_serving
+
+    ctx = current()
+    record = register_as(ctx.workspace, best["model"], name, {"workflow_run": ctx.run_id, "step": ctx.node_id})
+    served = ensure_serving(ctx.workspace, service, record.ref, {"replicas": replicas, "port": port})
+    print(f"{served['action']}: {record.ref} at {served['url']}", flush=True)
+    return {"url": served["url"], "model": record.ref, "service": service, "action": served["action"]}
+
+
+def _accuracy(result: dict) -> float:
+    return result["test_accuracy"]
+
+
+def pipeline(
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    models: list[str] = list(CANDIDATES),  # noqa: B006 - never mutated; shown in --help as the default
+    epochs: int = 5,
+    workers: int = 2,
+    batch_size: int = 64,
+    serve_model: bool = True,
+    async_selection: bool = False,
+    name: str | None = None,
+    service: str | None = None,
+    replicas: int = 1,
+    port: int = 0,
+) -> dict[str, Any]:
+    """Ingest, train MODELS in parallel gangs of WORKERS, select the best, serve it."""
+    data = ingest(dataset, data_dir)
+    trainer = train.options(resources=Resources(cpus=1, workers=workers))
+    trained = trainer.map(models, data=data, epochs=epochs, workers=workers, batch_size=batch_size)
+    name = name or f"{dataset}-classifier"
+    chosen = select(trained, data, name=name)
+    if not serve_model:
+        return {"selected": chosen}
+    service = service or name
+    served = serve(chosen, name, service, replicas, port)
+    if async_selection:  # serve the first finished candidate, swap to each better one, then to the selected
+        early = serve.options(name="serve-early")(best_of(trained, key=_accuracy), name, service, replicas, port)
+        served.after(early)
+    return {"selected": chosen, "served": served}
+
+
+def client_images(dataset: str, data_dir: str | None, n: int) -> tuple[Any, list[int], list[str]]:
+    """`n` test images as a client sends them (28x28 pixels of 0..255), their labels and the class names."""
+    import numpy as np
+
+    from distml.data.datasets import get_dataset
+    from distml.workspace import Workspace
+
+    ds = get_dataset(dataset, Workspace(), data_dir, progress=False)
+    test = ds.splits["test"]
+    columns = test.read_chunk(0)
+    images, labels = np.asarray(columns["image"][:n]), [int(x) for x in columns["label"][:n]]
+    if images.shape[1:] != (28, 28):  # digits: 8x8 pixels of 0..16, served as 28x28 of 0..255
+        from PIL import Image
+
+        images = np.stack(
+            [np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((28, 28))) for im in images]
+        )
+    return images.astype(np.float32), labels, list(ds.class_names)
+
+
+def v2_request(images: Any) -> dict:
+    return {
+        "inputs": [
+            {"name": "image", "shape": list(images.shape), "datatype": "FP32", "data": images.reshape(-1).tolist()}
+        ]
+    }
+
+
+def example_request(ws: Any, name: str) -> tuple[str, str]:
+    """Write a V2 request with one test image for model `name`; return its path and the image's class."""
+    import json
+    from pathlib import Path
+
+    from distml.models.artifact import resolve_model
+    from distml.workspace import atomic_write
+
+    record = resolve_model(ws, f"{name}@production")
+    images, labels, classes = client_images(record.manifest["preprocessing"]["dataset"], None, 1)
+    path = Path(ws.root).resolve() / "services" / name / "example-request.json"
+    with atomic_write(path, "w") as handle:
+        json.dump(v2_request(images), handle)
+    return str(path), classes[labels[0]]

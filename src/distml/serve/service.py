@@ -1,0 +1,168 @@
+"""A named service in the workspace that outlives the command that started it.
+
+`distml serve` runs a gateway in the foreground; a pipeline instead needs its model served
+after it exits. `ensure_serving` starts the same gateway (`python -m distml.serve.gateway`)
+detached in its own session, remembers it in `WORKSPACE/services/NAME/service.json` (pid, url,
+model), and on later calls leaves it alone when it already serves the model, or hot-swaps the
+model through the gateway's admin API (rolling replicas: no request fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from distml.errors import DistmlError
+from distml.ops.liveness import pid_alive
+from distml.serve.config import ServeConfig, parse_serve_config
+from distml.workspace import Workspace, atomic_write
+
+START_TIMEOUT_S = 180.0
+
+
+def build_serve_config(ws: Workspace, model: str, options: dict[str, Any]) -> tuple[ServeConfig, str]:
+    """The ServeConfig for serving `model` with the CLI's option names; returns it and the pinned ref."""
+    from distml.models.artifact import resolve_model
+    from distml.serve.model import ServedModel
+
+    record = resolve_model(ws, model)  # fails here, before any process starts, on an unknown model
+    if record.version is None:
+        raise DistmlError(f"{model!r} names a manifest that is not registered; serve a registered name:version")
+    pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
+    ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
+    given = {key: value for key, value in options.items() if value is not None}
+    replica: dict[str, Any] = {"workspace": str(Path(ws.root).resolve()), "models": [pinned]}
+    for key in ("max_batch_size", "max_batch_delay_ms"):
+        if key in given:
+            replica[key] = given.pop(key)
+    autoscale = given.pop("autoscale", None)
+    policy = {
+        key: given.pop(key)
+        for key in ("target_concurrency", "stable_window", "panic_window", "scale_to_zero_after")
+        if key in given
+    }
+    if autoscale is not None:
+        low, sep, high = autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit():
+            raise DistmlError(f"--autoscale expects MIN:MAX replica counts such as 0:4, got {autoscale!r}")
+        policy.update(min_replicas=int(low), max_replicas=int(high))
+    elif policy:
+        raise DistmlError(f"--{next(iter(policy)).replace('_', '-')} applies to autoscaling; add --autoscale MIN:MAX")
+    values = {"name": f"{record.name[:80]}-{os.getpid()}", **given, "replica": replica}
+    if autoscale is not None:
+        values["autoscale"] = policy
+    return parse_serve_config(values), pinned
+
+
+def service_record(ws: Workspace, name: str) -> dict[str, Any] | None:
+    """The running service `name` ({pid, url, model}), or None when it is not running."""
+    path = Path(ws.root) / "services" / name / "service.json"
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not pid_alive(record.get("pid", 0)):
+        return None
+    try:
+        httpx.get(record["url"] + "/v2/health/live", timeout=5).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return record
+
+
+def _admin(url: str, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url + path, json=body, headers=headers, timeout=START_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise DistmlError(f"cannot reach the gateway at {url}: {exc}") from None
+    if response.status_code >= 400:
+        raise DistmlError(f"gateway answered {response.status_code} to {method} {path}: {response.text[:300]}")
+    return response.json()
+
+
+def swap_model(url: str, ref: str, token: str | None = None) -> None:
+    """Roll the service's replicas onto `ref` (a new replica is ready before an old one drains)."""
+    _admin(url, "POST", "/admin/replicas/roll", {"models": [ref]}, token)
+    name, version = ref.split(":")
+    _admin(url, "POST", f"/admin/models/{name}/promote", {"version": version}, token)
+
+
+def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Serve `model` as service `name`: a no-op if it already does, a hot swap if it serves
+    another model, a detached start otherwise. Returns {url, model, pid, action}."""
+    config, pinned = build_serve_config(ws, model, {**options, "name": name})
+    token = config.token_value()
+    running = service_record(ws, name)
+    if running is not None:
+        if running["model"] == pinned:
+            return {**running, "action": "unchanged"}
+        swap_model(running["url"], pinned, token)
+        record = {**running, "model": pinned}
+        with atomic_write(config.service_dir() / "service.json", "w") as handle:
+            json.dump(record, handle)
+        return {**record, "action": f"swapped from {running['model']}"}
+    folder = config.service_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    port_file = folder / "gateway.port"
+    port_file.unlink(missing_ok=True)
+    config = config.model_copy(update={"port_file": str(port_file)})
+    config_path = folder / "config.json"
+    with atomic_write(config_path, "w") as handle:
+        handle.write(config.model_dump_json(indent=1))
+    env = dict(os.environ)
+    if token:
+        env["DISTML_SERVE_TOKEN"] = token
+    with open(folder / "gateway.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "distml.serve.gateway", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the step and the pipeline; stopped by stop_service
+            env=env,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not port_file.exists():
+        if process.poll() is not None:
+            tail = (folder / "gateway.log").read_text(errors="replace")[-1500:]
+            raise DistmlError(f"the gateway for {pinned} exited with code {process.returncode}: {tail}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise DistmlError(f"the gateway for {pinned} was not ready after {START_TIMEOUT_S:g} s")
+        time.sleep(0.1)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    url = f"http://{host}:{int(port_file.read_text().strip())}"
+    record = {"pid": process.pid, "url": url, "model": pinned, "name": name}
+    with atomic_write(folder / "service.json", "w") as handle:
+        json.dump(record, handle)
+    return {**record, "action": "started"}
+
+
+def stop_service(ws: Workspace, name: str, timeout: float = 60.0) -> bool:
+    """Stop service `name` (SIGTERM: the gateway drains and stops its replicas); False if not running."""
+    path = Path(ws.root) / "services" / name / "service.json"
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    pid = record.get("pid", 0)
+    if not pid or not pid_alive(pid):
+        path.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True

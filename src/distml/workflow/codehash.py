@@ -1,0 +1,175 @@
+"""The code version of a step: a hash of what its function means, not of how its text looks.
+
+The function's syntax tree (without docstrings, decorators or positions, so comments and
+formatting do not count) is hashed together with every project-local function, class,
+module and constant it names, followed transitively through the modules' globals. Names that
+resolve into the standard library or installed packages stop the walk. Flyte and Prefect hash
+only the decorated function; a helper two calls deep is part of the result, so it counts here.
+Calls through objects (`obj.method()`) cannot be resolved statically; name such helpers or
+give the step an explicit `version=`.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+import os
+import site
+import sys
+import sysconfig
+import textwrap
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+_CONSTANT_TYPES = (int, float, str, bytes, bool, type(None), complex)
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths.update(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    paths.add(os.path.join(sys.base_prefix, "lib"))
+    return tuple(os.path.realpath(p) + os.sep for p in paths)
+
+
+def is_local(module: types.ModuleType | None) -> bool:
+    """A module of the user's project: it has a source file outside the interpreter's libraries."""
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return False
+    return not os.path.realpath(path).startswith(_library_roots())
+
+
+def _strip(node: ast.AST) -> ast.AST:
+    """Remove docstrings and decorators: neither changes what the code computes."""
+    for sub in ast.walk(node):
+        if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+            body = sub.body
+            first = body[0] if body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                sub.body = body[1:] or [ast.Pass()]
+            if not isinstance(sub, ast.Module):
+                sub.decorator_list = []
+    return node
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _code_object_text(code: types.CodeType) -> str:
+    """A position-free rendering of compiled code (for lambdas, whose source is not one node)."""
+    consts = [_code_object_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return repr((code.co_code, consts, code.co_names, code.co_varnames))
+
+
+def _referenced_names(tree: ast.AST) -> set[str]:
+    """Dotted names the code reads (`helper`, `module.func`, `pkg.mod.CONSTANT`)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            parts: list[str] = []
+            current: ast.AST = node
+            while isinstance(current, ast.Attribute):
+                parts.append(current.attr)
+                current = current.value
+            if isinstance(current, ast.Name):
+                names.add(".".join([current.id, *reversed(parts)]))
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+    return names
+
+
+@dataclass
+class CodeVersion:
+    """The digest of a step's code and the digest of each part that went into it."""
+
+    digest: str
+    parts: dict[str, str] = field(default_factory=dict)
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.parts: dict[str, str] = {}
+
+    def add_object(self, obj: Any) -> None:
+        obj = getattr(obj, "__wrapped_step_fn__", obj)  # a Step: hash its function
+        if isinstance(obj, functools.partial):
+            self.add_object(obj.func)
+            return
+        if isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        if isinstance(obj, types.ModuleType):
+            if is_local(obj):
+                self._add_module(obj)
+            return
+        if not isinstance(obj, (types.FunctionType, type)):
+            return
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        if not is_local(module):
+            return
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        if name in self.parts:
+            return
+        self.parts[name] = ""  # mark before recursing: cycles end here
+        try:
+            tree = _strip(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+            text = ast.dump(tree, annotate_fields=False, include_attributes=False)
+            names = _referenced_names(tree)
+        except (OSError, TypeError, SyntaxError):  # a lambda inside a larger line: use its bytecode
+            if not isinstance(obj, types.FunctionType):
+                return
+            text, names = _code_object_text(obj.__code__), set(obj.__code__.co_names)
+        self.parts[name] = _digest(text)
+        namespace = dict(vars(module)) if module is not None else {}
+        if isinstance(obj, types.FunctionType):
+            namespace.update(inspect.getclosurevars(obj).nonlocals)
+        self._follow(names, namespace, local_globals=module is not None and is_local(module), owner=name)
+
+    def _add_module(self, module: types.ModuleType) -> None:
+        name = module.__name__
+        if name in self.parts:
+            return
+        self.parts[name] = ""
+        try:
+            tree = _strip(ast.parse(inspect.getsource(module)))
+        except (OSError, TypeError, SyntaxError):
+            return
+        self.parts[name] = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
+        self._follow(_referenced_names(tree), dict(vars(module)), local_globals=True, owner=name)
+
+    def _follow(self, names: set[str], namespace: dict[str, Any], local_globals: bool, owner: str) -> None:
+        for dotted in sorted(names):
+            root, *rest = dotted.split(".")
+            if root not in namespace:
+                continue
+            obj = namespace[root]
+            for attr in rest:
+                if not isinstance(obj, (types.ModuleType, type)) or not hasattr(obj, attr):
+                    break
+                obj = getattr(obj, attr)
+            if isinstance(obj, _CONSTANT_TYPES) or (
+                isinstance(obj, (tuple, frozenset)) and all(isinstance(v, _CONSTANT_TYPES) for v in obj)
+            ):
+                if local_globals or rest:
+                    self.parts[f"{owner}:{dotted}"] = _digest(repr(obj))
+                continue
+            self.add_object(obj)
+
+
+def code_version(fn: Any) -> CodeVersion:
+    """Hash `fn` and the project-local code it reaches (see the module docstring)."""
+    walker = _Walker()
+    walker.add_object(fn)
+    parts = {k: v for k, v in sorted(walker.parts.items()) if v}
+    import distml
+
+    parts["distml"] = distml.__version__
+    return CodeVersion(_digest(repr(sorted(parts.items()))), parts)

@@ -1,0 +1,677 @@
+"""The orchestrator: runs a pipeline's DAG to the end, durably, one process per step.
+
+One loop in one thread: it starts every step whose inputs are ready (after its condition, a
+memo lookup and gang admission through `distml.ops.admission`), waits on the step processes'
+pipes, and applies the step's policy to failures (retries with exponential backoff, timeouts,
+fail-fast or continue). Every state change is written to the metadata store first, so a run
+killed with `kill -9` resumes (`resume_run`) with its finished steps' outputs; steps that were
+running are adopted when their process still runs and re-run when it is gone. An asynchronous
+fan-in (`best_of`) re-triggers its downstream whenever a better input arrives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
+from typing import Any
+
+from distml.errors import DistmlError
+from distml.ops import metadata
+from distml.ops.admission import Lease, LocalPool
+from distml.ops.liveness import pid_alive, process_identity
+from distml.workflow import memo
+from distml.workflow.dag import Node, build, substitute
+from distml.workflow.executor import StepProcesses, Task, stop_group
+from distml.workflow.target import Target, load_target
+from distml.workflow.values import artifacts_in, canonical, decode, fingerprint
+from distml.workspace import HOME_ENV, Workspace
+
+FINAL_OK = ("succeeded", "cached", "skipped")
+FINAL_BAD = ("failed", "upstream_failed", "cancelled")
+TERMINATE_GRACE_S = 10.0
+ADOPT_POLL_S = 0.5
+
+
+@dataclass
+class RunOptions:
+    refresh: bool | frozenset[str] = False  # True: every step; a set: those step names
+    fail_fast: bool = True
+    cpus: float | None = None  # cpu slots of the admission pool [default: this machine's cores]
+
+    def to_json(self) -> dict[str, Any]:
+        refresh = self.refresh if isinstance(self.refresh, bool) else sorted(self.refresh)
+        return {"refresh": refresh, "fail_fast": self.fail_fast, "cpus": self.cpus}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunOptions:
+        refresh = data.get("refresh", False)
+        return cls(
+            refresh if isinstance(refresh, bool) else frozenset(refresh), data.get("fail_fast", True), data.get("cpus")
+        )
+
+
+@dataclass
+class NodeState:
+    node: Node
+    status: str = "waiting"  # + queued, running, retrying and the final states
+    value: Any = None  # the stored (JSON) result
+    has_result: bool = False
+    final: bool = False
+    consumed: str | None = None  # fingerprint of the inputs of the latest execution
+    generation: int = 0  # executions started so far in this run
+    attempt: int = 0
+    execution_id: int | None = None
+    process: Any = None
+    conn: Any = None
+    pid: int | None = None
+    adopted: bool = False  # running in a process this orchestrator did not start (resume)
+    lease: Lease | None = None
+    started: float | None = None  # wall clock
+    ended: float | None = None
+    deadline: float | None = None  # monotonic
+    retry_at: float | None = None  # monotonic
+    error: str | None = None
+    cache: str | None = None
+    cache_reason: str | None = None
+    progress: tuple[float, float | None, str] | None = None
+    history: list[str] = field(default_factory=list)
+    decided: str | None = None  # inputs fingerprint the condition and memo lookup were decided for
+    memo_parts: dict[str, Any] | None = None
+    memo_key: str | None = None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    states: dict[str, NodeState]
+    result: Any
+
+    def value(self, node_id: str) -> Any:
+        return self.states[node_id].value
+
+
+def new_run_id(name: str) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{name[:40]}-{stamp}-{secrets.token_hex(2)}"
+
+
+def _type_names(classes: tuple[type, ...]) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in classes}
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        workspace: Workspace,
+        target: Target,
+        params: dict[str, Any],
+        run_id: str,
+        options: RunOptions,
+        on_change: Callable[[Orchestrator], None] | None = None,
+    ):
+        self.ws = workspace
+        self.engine = workspace.engine
+        self.target = target
+        self.params = params
+        self.run_id = run_id
+        self.options = options
+        self.on_change = on_change
+        self.graph, self.returned = build(target.function, params)
+        self._check_importable()
+        self.states = {node_id: NodeState(node) for node_id, node in self.graph.nodes.items()}
+        self.downstream = self.graph.downstream()
+        self.pool = LocalPool(cpus=options.cpus) if options.cpus is not None else LocalPool()
+        for state in self.states.values():
+            if state.node.step is not None:
+                self.pool.check(state.node.id, state.node.step.policy.resources)
+        self.processes = StepProcesses()
+        self.code_cache: dict[int, Any] = {}
+        self.logs_dir = Path(workspace.root) / "workflows" / run_id / "logs"
+        # Conditions and data fingerprints run here and open `Workspace()` as steps do.
+        os.environ[HOME_ENV] = str(Path(workspace.root).resolve())
+        os.environ["DISTML_DB_URL"] = workspace.db_url
+        self.stopping = False
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _check_importable(self) -> None:
+        import sys
+
+        for node in self.graph.nodes.values():
+            if node.step is None:
+                continue
+            fn = node.step.fn
+            module = sys.modules.get(fn.__module__)
+            obj: Any = module
+            for part in fn.__qualname__.split("."):
+                obj = getattr(obj, part, None)
+            if getattr(obj, "__wrapped_step_fn__", obj) is not fn:
+                raise DistmlError(
+                    f"step {node.step.name} ({fn.__qualname__}) must be defined at the top level of its module, "
+                    "so that its step process can import it"
+                )
+
+    def start_new(self) -> None:
+        metadata.create_workflow_run(
+            self.engine,
+            self.run_id,
+            self.target.spec,
+            self.params,
+            self.options.to_json(),
+            os.getpid(),
+            socket.gethostname(),
+        )
+        rows = [
+            {
+                "node_id": s.node.id,
+                "generation": 0,
+                "step_name": s.node.step.name if s.node.step else s.node.id,
+                "status": "pending",
+                "resources_json": _resources_json(s.node),
+                "upstream_json": json.dumps([u.id for u in s.node.upstream]),
+            }
+            for s in self.states.values()
+        ]
+        metadata.add_step_executions(self.engine, self.run_id, rows)
+
+    def load_existing(self) -> None:
+        """Resume: take over finished outputs, adopt live step processes, re-run the rest."""
+        by_node: dict[str, list[dict[str, Any]]] = {}
+        for row in metadata.list_step_executions(self.engine, self.run_id):
+            if row["node_id"] in self.states:
+                by_node.setdefault(row["node_id"], []).append(row)
+        for node_id, rows in by_node.items():
+            state = self.states[node_id]
+            rows.sort(key=lambda r: r["generation"])
+            last = rows[-1]
+            done = [r for r in rows if r["status"] in ("succeeded", "cached")]
+            if done:
+                row = done[-1]
+                state.value = json.loads(row["output_json"]) if row["output_json"] is not None else None
+                state.has_result, state.status = True, row["status"]
+                state.consumed = json.loads(row["inputs_json"])["fingerprint"] if row["inputs_json"] else None
+                state.cache, state.cache_reason = row["cache"], row["cache_reason"]
+            if last["status"] in ("succeeded", "cached"):
+                state.generation = last["generation"] + 1
+                continue
+            state.generation = last["generation"]  # the unfinished execution's row is reused
+            if last["status"] == "running" and state.node.step is not None:
+                state.execution_id = last["id"]
+                if last["pid"] and process_identity(last["pid"]) == last["pid_started"]:
+                    state.status, state.adopted, state.pid = "running", True, last["pid"]
+                    state.attempt, state.started = last["attempt"], time.time()
+                    state.consumed = json.loads(last["inputs_json"])["fingerprint"] if last["inputs_json"] else None
+                    state.lease = self.pool.try_acquire(node_id, state.node.step.policy.resources)
+                    state.history.append("adopted its running process after the orchestrator restarted")
+                else:
+                    state.history.append("its process was gone when the run resumed: re-run")
+                    state.cache_reason = "re-run: its process was gone when the run resumed"
+            # failed, cancelled, upstream_failed, skipped or pending: decided again by the loop
+        metadata.update_workflow_run(
+            self.engine, self.run_id, status="running", pid=os.getpid(), host=socket.gethostname(), error=None
+        )
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            while not all(s.final for s in self.states.values()):
+                changed = self._schedule()
+                if changed:
+                    self._notify()
+                if all(s.final for s in self.states.values()):
+                    break
+                self._wait()
+        except BaseException:
+            self._cancel_all("the orchestrator was stopped")
+            metadata.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        ok = all(s.status in FINAL_OK for s in self.states.values())
+        failed = [s for s in self.states.values() if s.status == "failed"]
+        error = "; ".join(f"{s.node.id}: {s.error}" for s in failed)[:2000] or None
+        metadata.update_workflow_run(
+            self.engine, self.run_id, status="succeeded" if ok else "failed", error=error, pid=None
+        )
+        self._notify()
+        result = substitute(self.returned, lambda n: self.states[n.id].value)
+        return RunResult(self.run_id, "succeeded" if ok else "failed", self.states, result)
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _schedule(self) -> bool:
+        changed = False
+        for state in self.states.values():
+            if state.final or state.status == "running" or self.stopping:
+                continue
+            node = state.node
+            ups = [self.states[u.id] for u in node.upstream]
+            if node.streaming:
+                changed |= self._update_best(state, ups)
+                continue
+            if any(u.status in FINAL_BAD and not u.has_result for u in ups):
+                self._finish_without_running(state, "upstream_failed", "an upstream step failed")
+                changed = True
+                continue
+            if any(u.status == "skipped" for u in ups):
+                self._finish_without_running(state, "skipped", "an upstream step was skipped")
+                changed = True
+                continue
+            if not all(u.has_result for u in ups):
+                continue
+            args = substitute(list(node.args), lambda n: self.states[n.id].value)
+            kwargs = substitute(dict(node.kwargs), lambda n: self.states[n.id].value)
+            inputs = fingerprint([args, kwargs])
+            if state.has_result and state.consumed == inputs:
+                if all(u.final for u in ups):
+                    state.final = True
+                    changed = True
+                continue
+            if state.retry_at is not None and time.monotonic() < state.retry_at:
+                continue
+            changed |= self._start(state, args, kwargs, inputs)
+        return changed
+
+    def _update_best(self, state: NodeState, ups: list[NodeState]) -> bool:
+        node = state.node
+        assert node.best_key is not None
+        candidates = [u for u in ups if u.has_result]
+        changed = False
+        if candidates:
+            sign = -1 if node.minimize else 1
+            scored = [(sign * node.best_key(decode(self.ws, u.value)), -i, u) for i, u in enumerate(candidates)]
+            score, _, pick = max(scored, key=lambda t: (t[0], t[1]))  # the earliest of equals
+            current = sign * node.best_key(decode(self.ws, state.value)) if state.has_result else None
+            if current is None or score > current:
+                state.value, state.has_result, state.status = pick.value, True, "succeeded"
+                state.history.append(f"best so far: {pick.node.id}")
+                metadata.save_step_execution(
+                    self.engine,
+                    self.run_id,
+                    node.id,
+                    state.generation,
+                    step_name=node.id,
+                    status="succeeded",
+                    output_json=canonical(pick.value),
+                    cache_reason=f"best so far: {pick.node.id}",
+                    started_at=_now(),
+                    finished_at=_now(),
+                )
+                state.generation += 1
+                changed = True
+        if all(u.final for u in ups):
+            if not candidates:
+                self._finish_without_running(state, "upstream_failed", "no input succeeded")
+            else:
+                state.final = True
+            changed = True
+        return changed
+
+    def _finish_without_running(self, state: NodeState, status: str, reason: str) -> None:
+        state.status, state.final, state.error = status, True, reason if status != "skipped" else None
+        state.cache_reason = reason if status == "skipped" else state.cache_reason
+        metadata.save_step_execution(
+            self.engine,
+            self.run_id,
+            state.node.id,
+            max(state.generation - 1, 0) if state.has_result else state.generation,
+            step_name=_step_name(state.node),
+            status=status,
+            error=reason if status != "skipped" else None,
+            cache_reason=reason if status == "skipped" else None,
+            finished_at=_now(),
+        )
+
+    def _refreshed(self, name: str) -> bool:
+        refresh = self.options.refresh
+        return refresh is True or (not isinstance(refresh, bool) and name in refresh)
+
+    def _start(self, state: NodeState, args: list, kwargs: dict, inputs: str) -> bool:
+        node = state.node
+        step = node.step
+        assert step is not None
+        policy = step.policy
+        if state.decided != inputs:  # condition and memo lookup: once per set of inputs, not per retry
+            if not self._decide(state, args, kwargs, inputs):
+                return True
+            state.decided = inputs
+        lease = self.pool.try_acquire(node.id, policy.resources)
+        if lease is None:
+            if state.status != "queued":
+                state.status = "queued"
+                return True
+            return False
+        state.lease = lease
+        log_path = self.logs_dir / (f"{node.id}.log" if state.generation == 0 else f"{node.id}.{state.generation}.log")
+        values = dict(
+            step_name=step.name,
+            status="running",
+            attempt=state.attempt,
+            memo_key=state.memo_key,
+            memo_parts_json=canonical(state.memo_parts) if state.memo_parts is not None else None,
+            cache=state.cache,
+            cache_reason=state.cache_reason,
+            inputs_json=json.dumps({"fingerprint": inputs}),
+            log_path=str(log_path),
+            resources_json=_resources_json(node),
+            started_at=_now(),
+            finished_at=None,
+            error=None,
+            output_json=None,
+            pid=None,
+        )
+        state.execution_id = metadata.save_step_execution(self.engine, self.run_id, node.id, state.generation, **values)
+        task = Task(
+            run_id=self.run_id,
+            node_id=node.id,
+            generation=state.generation,
+            execution_id=state.execution_id,
+            attempt=state.attempt,
+            module=step.fn.__module__,
+            module_file=self.target.module_file if step.fn.__module__ == self.target.module else None,
+            path=[str(Path(self.target.module_file).parent)] if self.target.module_file else [],
+            qualname=step.fn.__qualname__,
+            args=args,
+            kwargs=kwargs,
+            workspace=str(Path(self.ws.root).resolve()),
+            db_url=self.ws.db_url,
+            log_path=str(log_path),
+        )
+        state.process, state.conn = self.processes.start(task)
+        state.pid = state.process.pid
+        metadata.save_step_execution(
+            self.engine,
+            self.run_id,
+            node.id,
+            state.generation,
+            pid=state.pid,
+            pid_started=process_identity(state.pid),
+        )
+        state.status, state.consumed, state.retry_at, state.progress = "running", inputs, None, None
+        state.started, state.ended = time.time(), None
+        state.deadline = time.monotonic() + policy.timeout if policy.timeout else None
+        return True
+
+    def _decide(self, state: NodeState, args: list, kwargs: dict, inputs: str) -> bool:
+        """Evaluate the step's condition and memo key; False when it finished without running."""
+        node = state.node
+        step = node.step
+        assert step is not None
+        policy = step.policy
+        decoded_args, decoded_kwargs = [], {}
+        if policy.when is not None or policy.fingerprint is not None:
+            decoded_args, decoded_kwargs = decode(self.ws, args), decode(self.ws, kwargs)
+        if policy.when is not None and not policy.when(*decoded_args, **decoded_kwargs):
+            self._finish_without_running(state, "skipped", "its condition (when=) was false")
+            return False
+        state.memo_parts = state.memo_key = None
+        if not policy.memoize:
+            state.cache, state.cache_reason = "off", None
+            return True
+        data = policy.fingerprint(*decoded_args, **decoded_kwargs) if policy.fingerprint else None
+        parts = memo.key_parts(node, memo.bind(step, tuple(args), kwargs), data, self.code_cache)
+        key = memo.memo_key(parts)
+        state.memo_parts, state.memo_key = parts, key
+        if self._refreshed(step.name):
+            state.cache, state.cache_reason = "miss", "--refresh"
+            return True
+        hit = self._memo_hit(step.name, key, policy.max_age)
+        if hit is not None:
+            self._take_hit(state, hit, parts, key, inputs)
+            return False
+        previous = metadata.last_memoized_execution(self.engine, step.name, self.run_id)
+        state.cache, state.cache_reason = "miss", memo.explain_miss(parts, previous, policy.max_age)
+        return True
+
+    def _memo_hit(self, name: str, key: str, max_age: float | None) -> dict[str, Any] | None:
+        not_before = _now() - dt.timedelta(seconds=max_age) if max_age is not None else None
+        hit = metadata.find_memo_hit(self.engine, name, key, not_before)
+        if hit is None:
+            return None
+        output = json.loads(hit["output_json"]) if hit["output_json"] is not None else None
+        if not all(self.ws.artifacts.exists(d) for d in artifacts_in(output)):
+            return None  # its artifacts were removed: run again
+        return hit
+
+    def _take_hit(self, state: NodeState, hit: dict[str, Any], parts: dict, key: str, inputs: str) -> None:
+        reason = f"same key as {hit['run_id']} {hit['node_id']}"
+        metadata.save_step_execution(
+            self.engine,
+            self.run_id,
+            state.node.id,
+            state.generation,
+            step_name=state.node.step.name,
+            status="cached",
+            memo_key=key,
+            memo_parts_json=canonical(parts),
+            cache="hit",
+            cache_reason=reason,
+            cached_from=hit["id"],
+            inputs_json=json.dumps({"fingerprint": inputs}),
+            output_json=hit["output_json"],
+            log_path=hit["log_path"],
+            started_at=_now(),
+            finished_at=_now(),
+        )
+        state.generation += 1
+        state.value = json.loads(hit["output_json"]) if hit["output_json"] is not None else None
+        state.has_result, state.status, state.consumed = True, "cached", inputs
+        state.cache, state.cache_reason = "hit", reason
+
+    # -- waiting and outcomes ------------------------------------------------------------
+
+    def _wait(self) -> None:
+        now = time.monotonic()
+        running = [s for s in self.states.values() if s.status == "running"]
+        timeouts = [s.deadline - now for s in running if s.deadline is not None]
+        retries = [s.retry_at - now for s in self.states.values() if s.retry_at is not None and not s.final]
+        limit = min([1.0, *timeouts, *retries])
+        if any(s.adopted for s in running):
+            limit = min(limit, ADOPT_POLL_S)
+        conns = {s.conn: s for s in running if s.conn is not None}
+        if not conns and not running and not retries:
+            queued = [s.node.id for s in self.states.values() if s.status == "queued"]
+            if not queued:
+                raise DistmlError("the workflow cannot make progress (no step is running or ready); this is a bug")
+        ready = wait_connections(list(conns), timeout=max(limit, 0.0)) if conns else time.sleep(max(limit, 0.0))
+        for conn in ready or []:
+            self._receive(conns[conn])
+        now = time.monotonic()
+        for state in running:
+            if state.status == "running" and state.deadline is not None and now >= state.deadline:
+                timeout = state.node.step.policy.timeout
+                self._terminate(state)
+                self._failed(state, f"timed out after {timeout:g} s", ["builtins.TimeoutError", "builtins.Exception"])
+            elif state.status == "running" and state.adopted:
+                self._poll_adopted(state)
+
+    def _receive(self, state: NodeState) -> None:
+        try:
+            kind, payload = state.conn.recv()
+        except (EOFError, OSError):
+            state.process.join(5)
+            code = state.process.exitcode
+            self._failed(state, f"the step process exited with code {code} before reporting a result", [])
+            return
+        if kind == "progress":
+            state.progress = tuple(payload)
+            self._notify()
+        elif kind == "succeeded":
+            self._succeeded(state, payload)
+        else:
+            self._failed(state, payload["error"], payload["types"])
+
+    def _release(self, state: NodeState) -> None:
+        if state.lease is not None:
+            self.pool.release(state.lease)
+            state.lease = None
+        if state.conn is not None:
+            state.conn.close()
+            state.conn = None
+        if state.process is not None:
+            state.process.join(TERMINATE_GRACE_S)
+            state.process = None
+        state.ended = time.time()
+
+    def _succeeded(self, state: NodeState, output: Any) -> None:
+        self._release(state)
+        state.value, state.has_result, state.status, state.error = output, True, "succeeded", None
+        state.generation += 1
+        state.attempt = 0
+        self._notify()
+
+    def _failed(self, state: NodeState, error: str, types: list[str]) -> None:
+        """Apply the step's retry policy to a failed attempt (`types`: the error's class names)."""
+        self._release(state)
+        policy = state.node.step.policy
+        retryable = not self.stopping and (not types or bool(_type_names(policy.retry_on) & set(types)))
+        state.error = error
+        state.history.append(f"attempt {state.attempt + 1}: {error}")
+        if retryable and state.attempt < policy.retries:
+            delay = min(policy.retry_backoff * 2**state.attempt, policy.retry_backoff_max)
+            state.attempt += 1
+            state.status, state.retry_at = "retrying", time.monotonic() + delay
+            state.consumed = None
+            metadata.save_step_execution(
+                self.engine,
+                self.run_id,
+                state.node.id,
+                state.generation,
+                status="pending",
+                attempt=state.attempt,
+                error=f"attempt {state.attempt} failed: {error}",
+            )
+            self._notify()
+            return
+        state.status, state.final = "failed", True
+        metadata.save_step_execution(
+            self.engine, self.run_id, state.node.id, state.generation, status="failed", error=error, finished_at=_now()
+        )
+        state.generation += 1
+        self._notify()
+        if self.options.fail_fast:
+            self._cancel_all(f"cancelled: {state.node.id} failed (fail-fast)")
+
+    def _poll_adopted(self, state: NodeState) -> None:
+        rows = [
+            r
+            for r in metadata.list_step_executions(self.engine, self.run_id)
+            if r["node_id"] == state.node.id and r["id"] == state.execution_id
+        ]
+        row = rows[0] if rows else None
+        if row is not None and row["status"] == "succeeded":
+            state.adopted = False
+            self._succeeded(state, json.loads(row["output_json"]) if row["output_json"] is not None else None)
+        elif row is not None and row["status"] == "failed":
+            state.adopted = False
+            self._failed(state, row["error"] or "failed", [])
+        elif process_identity(state.pid) is None:
+            state.adopted = False
+            self._failed(state, "its process ended without recording a result", [])
+
+    def _terminate(self, state: NodeState) -> None:
+        pid = state.pid
+        if pid is None:
+            return
+        stop_group(pid, signal.SIGTERM)
+        if state.process is not None:
+            state.process.join(TERMINATE_GRACE_S)
+            if state.process.exitcode is None:
+                stop_group(pid, signal.SIGKILL)
+                state.process.join(5)
+        else:  # adopted: not our child, poll for its end
+            deadline = time.monotonic() + TERMINATE_GRACE_S
+            while process_identity(pid) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop_group(pid, signal.SIGKILL)
+
+    def _cancel_all(self, reason: str) -> None:
+        self.stopping = True
+        for state in self.states.values():
+            if state.final:
+                continue
+            if state.status == "running":
+                self._terminate(state)
+                self._release(state)
+            state.status, state.final, state.error = "cancelled", True, reason
+            metadata.save_step_execution(
+                self.engine,
+                self.run_id,
+                state.node.id,
+                state.generation,
+                step_name=_step_name(state.node),
+                status="cancelled",
+                error=reason,
+                finished_at=_now(),
+            )
+
+
+def _step_name(node: Node) -> str:
+    return node.step.name if node.step is not None else node.id
+
+
+def _resources_json(node: Node) -> str | None:
+    if node.step is None:
+        return None
+    r = node.step.policy.resources
+    return json.dumps({"cpus": r.cpus, "gpus": r.gpus, "workers": r.workers})
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def run_pipeline(
+    workspace: Workspace,
+    target: Target | str,
+    params: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
+    run_id: str | None = None,
+    on_start: Callable[[Orchestrator], None] | None = None,
+    on_change: Callable[[Orchestrator], None] | None = None,
+) -> RunResult:
+    """Run a pipeline to the end in this process; return its states and result."""
+    target = load_target(target) if isinstance(target, str) else target
+    options = options or RunOptions()
+    run_id = run_id or new_run_id(target.name)
+    orchestrator = Orchestrator(workspace, target, dict(params or {}), run_id, options, on_change)
+    orchestrator.start_new()
+    if on_start is not None:
+        on_start(orchestrator)
+    return orchestrator.run()
+
+
+def resume_run(
+    workspace: Workspace,
+    run_id: str,
+    on_start: Callable[[Orchestrator], None] | None = None,
+    on_change: Callable[[Orchestrator], None] | None = None,
+) -> RunResult:
+    """Continue run `run_id` after its orchestrator died or was stopped."""
+    run = metadata.get_workflow_run(workspace.engine, run_id)
+    if run is None:
+        raise DistmlError(f"no workflow run {run_id!r} in {workspace.root}; `distml runs` lists them")
+    still = run["status"] == "running" and run["pid"] and run["pid"] != os.getpid() and pid_alive(run["pid"])
+    if still and run["host"] == socket.gethostname():
+        raise DistmlError(f"run {run_id} is still running (orchestrator pid {run['pid']}); stop it first")
+    target = load_target(run["target"])
+    orchestrator = Orchestrator(workspace, target, run["params"], run_id, RunOptions.from_json(run["options"]))
+    orchestrator.on_change = on_change
+    orchestrator.load_existing()
+    if on_start is not None:
+        on_start(orchestrator)
+    return orchestrator.run()
