@@ -22,9 +22,8 @@ CANDIDATES = ("cnn", "dropout", "batch_norm")
 def data_fingerprint(dataset: str, data_dir: str | None = None) -> str:
     """Content fingerprint of the data set's source files (part of ingest's memo key)."""
     from distml.data.datasets import get_dataset
-    from distml.workspace import Workspace
 
-    ds = get_dataset(dataset, Workspace(), data_dir, progress=False)
+    ds = get_dataset(dataset, current().workspace, data_dir, progress=False)
     return ",".join(f"{split}={source.fingerprint()}" for split, source in sorted(ds.splits.items()))
 
 
@@ -175,14 +174,13 @@ def pipeline(
     return {"selected": chosen, "served": served}
 
 
-def client_images(dataset: str, data_dir: str | None, n: int) -> tuple[Any, list[int], list[str]]:
+def client_images(ws: Any, dataset: str, data_dir: str | None, n: int) -> tuple[Any, list[int], list[str]]:
     """`n` test images as a client sends them (28x28 pixels of 0..255), their labels and the class names."""
     import numpy as np
 
     from distml.data.datasets import get_dataset
-    from distml.workspace import Workspace
 
-    ds = get_dataset(dataset, Workspace(), data_dir, progress=False)
+    ds = get_dataset(dataset, ws, data_dir, progress=False)
     test = ds.splits["test"]
     columns = test.read_chunk(0)
     images, labels = np.asarray(columns["image"][:n]), [int(x) for x in columns["label"][:n]]
@@ -212,7 +210,7 @@ def example_request(ws: Any, name: str) -> tuple[str, str]:
     from distml.workspace import atomic_write
 
     record = resolve_model(ws, f"{name}@production")
-    images, labels, classes = client_images(record.manifest["preprocessing"]["dataset"], None, 1)
+    images, labels, classes = client_images(ws, record.manifest["preprocessing"]["dataset"], None, 1)
     path = Path(ws.root).resolve() / "services" / name / "example-request.json"
     with atomic_write(path, "w") as handle:
         json.dump(v2_request(images), handle)

@@ -10,6 +10,7 @@ pipe. concurrent.futures' pool was considered; it reuses processes and cannot st
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import importlib
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,8 @@ class Task:
 class StepContext:
     """What a running step can ask for: `distml.workflow.current()` inside the step function."""
 
-    def __init__(self, task: Task, workspace: Workspace, conn: Connection | None):
-        self.run_id, self.node_id, self.attempt = task.run_id, task.node_id, task.attempt
+    def __init__(self, run_id: str, node_id: str, attempt: int, workspace: Workspace, conn: Connection | None):
+        self.run_id, self.node_id, self.attempt = run_id, node_id, attempt
         self.workspace = workspace
         self._conn = conn
         self._lock = threading.Lock()
@@ -77,6 +79,16 @@ class StepContext:
                 self._conn.send(("progress", (done, total, note)))
             except OSError:
                 pass  # the orchestrator is gone; the step goes on and records its result
+
+
+@contextlib.contextmanager
+def using_context(ctx: StepContext) -> Iterator[StepContext]:
+    """Make `ctx` what `current()` returns inside the block (the orchestrator's conditions and fingerprints)."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
 
 
 def current() -> StepContext:
@@ -137,7 +149,7 @@ def run_task(task: Task, conn: Connection | None) -> None:
     os.environ[HOME_ENV] = task.workspace
     os.environ["DISTML_DB_URL"] = task.db_url
     ws = Workspace(task.workspace, task.db_url)
-    ctx = StepContext(task, ws, conn)
+    ctx = StepContext(task.run_id, task.node_id, task.attempt, ws, conn)
     _current.set(ctx)
     print(f"[distml] step {task.node_id} attempt {task.attempt + 1} (pid {os.getpid()})", flush=True)
     for folder in task.path:
@@ -158,7 +170,14 @@ def run_task(task: Task, conn: Connection | None) -> None:
             if conn is not None:
                 conn.send(("failed", {"error": message, "types": _error_types(exc), "traceback": trace[-4000:]}))
         return
-    metadata.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="succeeded", output_json=text)
+    try:
+        metadata.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="succeeded", output_json=text)
+    except Exception as exc:  # the result could not be recorded: the step did not succeed
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        if conn is not None:
+            message = f"recording the result failed: {type(exc).__name__}: {exc}"
+            conn.send(("failed", {"error": message, "types": _error_types(exc), "traceback": ""}))
+        return
     if conn is not None:
         with ctx._lock:
             conn.send(("succeeded", output))

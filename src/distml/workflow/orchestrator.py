@@ -30,10 +30,10 @@ from distml.ops.admission import Lease, LocalPool
 from distml.ops.liveness import pid_alive, process_identity
 from distml.workflow import memo
 from distml.workflow.dag import Node, build, substitute
-from distml.workflow.executor import StepProcesses, Task, stop_group
+from distml.workflow.executor import StepContext, StepProcesses, Task, stop_group, using_context
 from distml.workflow.target import Target, load_target
 from distml.workflow.values import artifacts_in, canonical, decode, fingerprint
-from distml.workspace import HOME_ENV, Workspace
+from distml.workspace import Workspace
 
 FINAL_OK = ("succeeded", "cached", "skipped")
 FINAL_BAD = ("failed", "upstream_failed", "cancelled")
@@ -137,9 +137,6 @@ class Orchestrator:
         self.processes = StepProcesses()
         self.code_cache: dict[int, Any] = {}
         self.logs_dir = Path(workspace.root) / "workflows" / run_id / "logs"
-        # Conditions and data fingerprints run here and open `Workspace()` as steps do.
-        os.environ[HOME_ENV] = str(Path(workspace.root).resolve())
-        os.environ["DISTML_DB_URL"] = workspace.db_url
         self.stopping = False
 
     # -- set-up ------------------------------------------------------------------------
@@ -415,14 +412,22 @@ class Orchestrator:
         decoded_args, decoded_kwargs = [], {}
         if policy.when is not None or policy.fingerprint is not None:
             decoded_args, decoded_kwargs = decode(self.ws, args), decode(self.ws, kwargs)
-        if policy.when is not None and not policy.when(*decoded_args, **decoded_kwargs):
-            self._finish_without_running(state, "skipped", "its condition (when=) was false")
-            return False
+        # Conditions and data fingerprints run here, with `current()` giving the run's workspace.
+        context = StepContext(self.run_id, node.id, state.attempt, self.ws, None)
+        if policy.when is not None:
+            with using_context(context):
+                run_it = policy.when(*decoded_args, **decoded_kwargs)
+            if not run_it:
+                self._finish_without_running(state, "skipped", "its condition (when=) was false")
+                return False
         state.memo_parts = state.memo_key = None
         if not policy.memoize:
             state.cache, state.cache_reason = "off", None
             return True
-        data = policy.fingerprint(*decoded_args, **decoded_kwargs) if policy.fingerprint else None
+        data = None
+        if policy.fingerprint is not None:
+            with using_context(context):
+                data = policy.fingerprint(*decoded_args, **decoded_kwargs)
         parts = memo.key_parts(node, memo.bind(step, tuple(args), kwargs), data, self.code_cache)
         key = memo.memo_key(parts)
         state.memo_parts, state.memo_key = parts, key

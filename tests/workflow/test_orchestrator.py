@@ -1,0 +1,518 @@
+"""The orchestrator with real step processes: fan-out/fan-in, retries, timeouts, fail-fast,
+conditions, asynchronous fan-in, gang admission, kill -9 and resume, and the errors users see.
+
+Each test writes a small pipeline file and runs it in a fresh workspace; waits are on files
+and metadata rows, never on elapsed time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distml.cli import main
+from distml.ops import metadata
+from distml.ops.liveness import pid_alive
+from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
+from distml.workspace import Workspace
+
+DISTML = str(Path(sys.executable).with_name("distml"))
+
+
+def write(tmp_path: Path, code: str, name: str = "pipe.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return str(path)
+
+
+def rows_by_node(ws: Workspace, run_id: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for row in metadata.list_step_executions(ws.engine, run_id):
+        out.setdefault(row["node_id"], []).append(row)
+    return out
+
+
+def wait_for(predicate, what: str, limit: float = 120.0, log: Path | None = None):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"; log:\n{log.read_text()[-3000:]}" if log else ""))
+
+
+def test_fan_out_fan_in_logs_and_metrics(tmp_path, workspace):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step, current, Resources
+
+        @step(resources=Resources(cpus=0.5))
+        def square(x: int) -> int:
+            print(f"squaring {x}")
+            current().log_metric("x", x)
+            return x * x
+
+        @step
+        def total(values: list) -> dict:
+            return {"sum": sum(values), "n": len(values)}
+
+        def pipeline(n: int = 4):
+            return total(square.map(range(n)))
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {"n": 5})
+    assert result.status == "succeeded"
+    assert result.result == {"sum": 0 + 1 + 4 + 9 + 16, "n": 5}
+    rows = rows_by_node(workspace, result.run_id)
+    assert sorted(rows) == ["square[0]", "square[1]", "square[2]", "square[3]", "square[4]", "total"]
+    assert {r[0]["status"] for r in rows.values()} == {"succeeded"}
+    assert json.loads(rows["total"][0]["upstream_json"]) == [f"square[{i}]" for i in range(5)]
+    metrics = metadata.list_step_metrics(workspace.engine, result.run_id)
+    assert sorted((m["node_id"], m["value"]) for m in metrics) == [(f"square[{i}]", float(i)) for i in range(5)]
+    out = CliRunner().invoke(main, ["--workspace", str(workspace.root), "logs", result.run_id, "square[3]"])
+    assert out.exit_code == 0, out.output
+    assert "squaring 3" in out.output
+    shown = CliRunner().invoke(main, ["--workspace", str(workspace.root), "runs", "show", result.run_id])
+    assert shown.exit_code == 0 and "total" in shown.output and "square[4]" in shown.output
+
+
+RETRIES = """
+from pathlib import Path
+from distml.workflow import step
+
+COUNTER = Path({counter!r})
+
+@step(retries=2, retry_backoff=0.05, retry_on=(ValueError,))
+def flaky(fail_times: int, error: str) -> int:
+    n = int(COUNTER.read_text()) if COUNTER.exists() else 0
+    COUNTER.write_text(str(n + 1))
+    if n < fail_times:
+        raise {{"value": ValueError, "type": TypeError}}[error](f"attempt {{n + 1}} fails")
+    return n + 1
+
+def pipeline(fail_times: int = 2, error: str = "value"):
+    return flaky(fail_times, error)
+"""
+
+
+def test_retries_until_success_and_only_on_listed_errors(tmp_path, workspace):
+    counter = tmp_path / "count"
+    path = write(tmp_path, RETRIES.format(counter=str(counter)))
+    result = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 2})
+    assert result.status == "succeeded" and result.result == 3
+    row = rows_by_node(workspace, result.run_id)["flaky"][0]
+    assert row["status"] == "succeeded" and row["attempt"] == 2
+    assert len(result.states["flaky"].history) == 2
+
+    counter.unlink()
+    failed = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 5})  # more failures than retries
+    assert failed.status == "failed" and counter.read_text() == "3"
+    assert "attempt 3 fails" in rows_by_node(workspace, failed.run_id)["flaky"][0]["error"]
+
+    counter.unlink()
+    other = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 1, "error": "type"})  # not in retry_on
+    assert other.status == "failed" and counter.read_text() == "1"
+    assert "TypeError: attempt 1 fails" in rows_by_node(workspace, other.run_id)["flaky"][0]["error"]
+
+
+def test_timeout_stops_the_step_and_everything_it_started(tmp_path, workspace):
+    pidfile = tmp_path / "child.pid"
+    path = write(
+        tmp_path,
+        f"""
+        import subprocess, time
+        from pathlib import Path
+        from distml.workflow import step
+
+        @step(timeout=1.5)
+        def slow() -> int:
+            child = subprocess.Popen(["sleep", "300"])
+            Path({str(pidfile)!r}).write_text(str(child.pid))
+            time.sleep(300)
+            return 1
+
+        def pipeline():
+            return slow()
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {})
+    assert result.status == "failed"
+    row = rows_by_node(workspace, result.run_id)["slow"][0]
+    assert row["status"] == "failed" and "timed out after 1.5 s" in row["error"]
+    child = int(pidfile.read_text())
+    wait_for(lambda: not pid_alive(child), "the step's own child process to be stopped", 30)
+
+
+FAILING = """
+import time
+from pathlib import Path
+from distml.workflow import step
+
+DONE = Path({done!r})
+
+@step
+def broken() -> int:
+    raise RuntimeError("broken on purpose")
+
+@step
+def after_broken(x: int) -> int:
+    return x
+
+@step
+def independent() -> str:
+    Path({started!r}).write_text("1")
+    deadline = time.monotonic() + 30  # bounded, so a broken fail-fast shows as a failure, not a hang
+    while not Path({release!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    DONE.write_text("done")
+    return "ok"
+
+@step
+def gate() -> int:
+    while not Path({started!r}).exists():
+        time.sleep(0.02)
+    return 0
+
+def pipeline():
+    g = gate()
+    b = broken().after(g)
+    return {{"a": after_broken(b), "i": independent()}}
+"""
+
+
+@pytest.mark.parametrize("fail_fast", [True, False])
+def test_fail_fast_cancels_running_steps_continue_runs_the_independent_ones(tmp_path, workspace, fail_fast):
+    started, release, done = tmp_path / "started", tmp_path / "release", tmp_path / "done"
+    path = write(tmp_path, FAILING.format(started=str(started), release=str(release), done=str(done)))
+    if not fail_fast:
+        release.write_text("1")
+    result = run_pipeline(workspace, f"{path}:pipeline", {}, RunOptions(fail_fast=fail_fast, cpus=4))
+    assert result.status == "failed"
+    states = {k: s.status for k, s in result.states.items()}
+    assert states["broken"] == "failed" and states["after_broken"] in ("upstream_failed", "cancelled")
+    if fail_fast:
+        assert states["independent"] == "cancelled" and not done.exists()
+    else:
+        assert states["independent"] == "succeeded" and done.read_text() == "done"
+        assert states["after_broken"] == "upstream_failed"
+    shown = CliRunner().invoke(main, ["--workspace", str(workspace.root), "runs", "show", result.run_id])
+    assert "broken on purpose" in shown.output  # the error and the log tail
+
+
+def test_condition_skips_the_step_and_its_downstream(tmp_path, workspace):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def score(x: float) -> float:
+            return x
+
+        @step(when=lambda s: s >= 0.9)
+        def deploy(s: float) -> str:
+            return "deployed"
+
+        @step
+        def announce(message: str) -> str:
+            return message + "!"
+
+        def pipeline(x: float = 0.5):
+            return announce(deploy(score(x)))
+        """,
+    )
+    low = run_pipeline(workspace, f"{path}:pipeline", {"x": 0.5})
+    assert low.status == "succeeded" and low.result is None
+    assert {k: s.status for k, s in low.states.items()} == {
+        "score": "succeeded",
+        "deploy": "skipped",
+        "announce": "skipped",
+    }
+    high = run_pipeline(workspace, f"{path}:pipeline", {"x": 0.95})
+    assert high.result == "deployed!"
+
+
+def test_async_fan_in_runs_downstream_on_first_result_and_on_each_better_one(tmp_path, workspace):
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    path = write(
+        tmp_path,
+        f"""
+        import time
+        from pathlib import Path
+        from distml.workflow import best_of, step, Resources
+
+        SEEN = Path({str(seen)!r})
+
+        @step(resources=Resources(cpus=0.25))
+        def candidate(name: str, score: float, wait_for: str) -> dict:
+            while wait_for and not (SEEN / wait_for).exists():  # finish only after that one was deployed
+                time.sleep(0.02)
+            return {{"name": name, "score": score}}
+
+        @step
+        def deploy(best: dict) -> str:
+            (SEEN / best["name"]).write_text(str(best["score"]))
+            with open(SEEN / "order", "a") as f:
+                f.write(best["name"] + "\\n")
+            return best["name"]
+
+        def pipeline():
+            a = candidate("a", 0.5, "")
+            b = candidate("b", 0.9, "a")
+            c = candidate("c", 0.7, "b")
+            return deploy(best_of([a, b, c], key=lambda r: r["score"]))
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {}, RunOptions(cpus=2))
+    assert result.status == "succeeded" and result.result == "b"
+    assert (seen / "order").read_text().split() == ["a", "b"]  # c arrived later and was worse: no re-run
+    generations = [r["generation"] for r in rows_by_node(workspace, result.run_id)["deploy"]]
+    assert sorted(generations) == [0, 1]
+
+
+def test_gangs_that_do_not_fit_together_run_one_after_the_other(tmp_path, workspace):
+    spans = tmp_path / "spans"
+    spans.mkdir()
+    path = write(
+        tmp_path,
+        f"""
+        import os, time
+        from pathlib import Path
+        from distml.workflow import step, Resources
+
+        @step(resources=Resources(cpus=1, workers=2))
+        def gang(i: int) -> int:
+            Path({str(spans)!r}, f"{{i}}.start").write_text(str(time.time_ns()))
+            time.sleep(0.3)
+            Path({str(spans)!r}, f"{{i}}.end").write_text(str(time.time_ns()))
+            return i
+
+        def pipeline():
+            return gang.map(range(3))
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {}, RunOptions(cpus=2))
+    assert result.status == "succeeded"
+    intervals = sorted(
+        (int((spans / f"{i}.start").read_text()), int((spans / f"{i}.end").read_text())) for i in range(3)
+    )
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert end <= start  # never two gangs of 2 on 2 slots at once
+
+    too_big = CliRunner().invoke(main, ["--workspace", str(workspace.root), "run", f"{path}:pipeline", "--cpus", "1"])
+    assert too_big.exit_code == 2
+    assert "gang of 2 x 1 cpu" in too_big.output and "pool has 1 cpu slots" in too_big.output
+
+
+RESUMABLE = """
+import os, time
+from pathlib import Path
+from distml.workflow import step
+
+DIR = Path({folder!r})
+
+def count(name):
+    with open(DIR / name, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+
+@step
+def first() -> int:
+    count("first")
+    return 1
+
+@step
+def second(x: int) -> int:
+    count("second")
+    while not (DIR / "go").exists():
+        time.sleep(0.02)
+    return x + 1
+
+@step
+def third(y: int) -> int:
+    count("third")
+    return y * 10
+
+def pipeline():
+    return third(second(first()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step_survives", [False, True])
+def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
+    """Killed with the step it was running: resume re-runs that step and reuses `first`. Killed
+    alone: the step process lives on, resume adopts it and it runs once."""
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    path = write(tmp_path, RESUMABLE.format(folder=str(folder)))
+    ws_root = tmp_path / "ws"
+    ws = Workspace(ws_root)
+    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
+    log = open(tmp_path / "orchestrator.log", "w")
+    orchestrator = subprocess.Popen(
+        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        runs = wait_for(lambda: metadata.list_workflow_runs(ws.engine), "the run to be recorded")
+        run_id = runs[0]["run_id"]
+
+        def second_running():
+            rows = rows_by_node(ws, run_id).get("second", [])
+            return rows and rows[-1]["status"] == "running" and rows[-1]["pid"] and (folder / "second").exists()
+
+        wait_for(second_running, "step `second` to run", log=tmp_path / "orchestrator.log")
+        step_pid = rows_by_node(ws, run_id)["second"][-1]["pid"]
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait()
+        if not step_survives:
+            os.killpg(step_pid, signal.SIGKILL)
+            wait_for(lambda: not pid_alive(step_pid), "the step process to die")
+        assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "running"  # nobody recorded an end
+        (folder / "go").write_text("1")
+        result = resume_run(ws, run_id)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    assert result.status == "succeeded" and result.result == 20
+    assert len((folder / "first").read_text().split()) == 1  # finished before the kill: reused
+    assert len((folder / "second").read_text().split()) == (1 if step_survives else 2)
+    assert len((folder / "third").read_text().split()) == 1
+    history = " ".join(result.states["second"].history)
+    assert ("adopted" in history) if step_survives else ("gone" in history)
+    assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "succeeded"
+
+
+def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    path = write(tmp_path, RESUMABLE.format(folder=str(folder)))
+    ws_root = tmp_path / "ws"
+    ws = Workspace(ws_root)
+    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
+    orchestrator = subprocess.Popen(
+        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: (folder / "second").exists(), "step `second` to start")
+    orchestrator.send_signal(signal.SIGTERM)
+    _, err = orchestrator.communicate(timeout=60)
+    assert orchestrator.returncode == 130
+    run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
+    assert f"distml run --resume {run_id}" in err
+    assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "stopped"
+    assert rows_by_node(ws, run_id)["second"][-1]["status"] == "cancelled"
+    (folder / "go").write_text("1")
+    resumed = CliRunner().invoke(main, ["--workspace", str(ws_root), "run", "--resume", run_id])
+    assert resumed.exit_code == 0, resumed.output
+    assert len((folder / "first").read_text().split()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{path}:pipeline", "--param", "n=abc"], "pipeline parameter n='abc'"),
+        (["{path}:pipeline", "--param", "m=1"], "unknown pipeline parameter(s) m; pipeline accepts: n"),
+        (["{path}:pipeline", "--param", "novalue"], "--param expects KEY=VALUE"),
+        (["{path}:nothing"], "has no function 'nothing'"),
+        (["{tmp}/missing.py:pipeline"], "pipeline file {tmp}/missing.py does not exist"),
+        (["nocolon"], "must be path/to/file.py:function"),
+        (["--resume", "nope-123"], "no workflow run 'nope-123'"),
+        (["{path}:nested"], "must be defined at the top level of its module"),
+        (["{path}:empty"], "called no steps"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(tmp_path, args, message):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def add(n: int) -> int:
+            return n + 1
+
+        def pipeline(n: int = 1):
+            return add(n)
+
+        def nested():
+            @step
+            def inner() -> int:
+                return 1
+            return inner()
+
+        def empty():
+            return 1
+        """,
+    )
+    argv = [a.format(path=path, tmp=tmp_path) for a in args]
+    out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", *argv])
+    assert out.exit_code == 2, out.output
+    assert message.format(tmp=tmp_path) in out.output
+    assert out.output.count("error:") == 1
+
+
+def test_a_result_that_is_not_json_fails_the_step_with_a_clear_error(tmp_path, workspace):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def bad() -> object:
+            return object()
+
+        def pipeline():
+            return bad()
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {})
+    assert result.status == "failed"
+    error = rows_by_node(workspace, result.run_id)["bad"][0]["error"]
+    assert "the result of step bad is a object" in error and "Artifact" in error
+
+
+def test_artifacts_flow_between_steps_by_content(tmp_path, workspace):
+    path = write(
+        tmp_path,
+        """
+        from pathlib import Path
+        from distml.workflow import Artifact, step
+
+        @step
+        def produce(text: str) -> Artifact:
+            folder = Path("out-" + text)
+            folder.mkdir(exist_ok=True)
+            (folder / "a.txt").write_text(text)
+            (folder / "sub").mkdir(exist_ok=True)
+            (folder / "sub" / "b.txt").write_text(text * 2)
+            return Artifact(folder)
+
+        @step
+        def consume(data: Artifact) -> dict:
+            return {"a": (data.path / "a.txt").read_text(), "b": (data.path / "sub" / "b.txt").read_text(),
+                    "digest": data.digest}
+
+        def pipeline(text: str = "x"):
+            return consume(produce(text))
+        """,
+    )
+    os.chdir(tmp_path)
+    result = run_pipeline(workspace, f"{path}:pipeline", {"text": "hi"})
+    assert result.status == "succeeded"
+    assert result.result["a"] == "hi" and result.result["b"] == "hihi"
+    assert workspace.artifacts.exists(result.result["digest"])
