@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format setup postgres bench clean
+.PHONY: demo test lint format setup postgres bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: ingest digits, train three CNNs on two workers each, select, serve, ask it, stop it.
+# `make demo DEMO_FLAGS=--keep-serving` leaves the service up.
 demo: $(STAMP)
-	$(BIN)/distml data prepare --dataset digits
-	$(BIN)/distml data inspect --dataset digits
+	$(BIN)/distml demo $(DEMO_FLAGS)
+
+# Peers the benchmarks measure side by side, in their own environment (.venv-peers).
+bench-peers:
+	bash scripts/bench-peers.sh
 
 # The PostgreSQL tests start a private server from Debian's packages; install them when missing.
 postgres:
@@ -38,4 +43,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick | tail -n 1; done
 
 clean:
-	rm -rf $(VENV) .distml .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) .venv-peers .distml .pytest_cache build src/*.egg-info

@@ -345,25 +345,12 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
 @click.pass_context
 def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
     """Run a pipeline (default: ingest, train three CNNs, select, serve); PATH.py:FUNCTION runs yours."""
-    from rich.console import Console
+    from distml.workflow.orchestrator import RunOptions
 
-    from distml.workflow.orchestrator import RunOptions, new_run_id, resume_run, run_pipeline
-    from distml.workflow.target import DEFAULT_TARGET, load_target
-    from distml.workflow.view import LiveView
-
-    ws = _workspace(ctx)
-    console = Console()
     if options["resume_id"]:
         if target or options["params"]:
             raise DistmlError("--resume continues a run with its own pipeline and parameters; pass only the run id")
-        run_id = options["resume_id"]
-        with LiveView(console, "resuming run") as view:
-            try:
-                result = resume_run(ws, run_id, on_change=view)
-            except KeyboardInterrupt:
-                view.__exit__(None, None, None)
-                click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
-                ctx.exit(130)
+        result = _run_pipeline(ctx, resume_id=options["resume_id"])
     else:
         params = _parse_params(options["params"])
         for flag, key in (("dataset", "dataset"), ("data_dir", "data_dir"), ("epochs", "epochs")):
@@ -379,25 +366,13 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             fail_fast=not options["continue_on_failure"],
             cpus=options["cpus"],
         )
-        pipeline = load_target(target or DEFAULT_TARGET)
-        run_id = new_run_id(pipeline.name)
-        with LiveView(console, "run") as view:
-            try:
-                result = run_pipeline(ws, pipeline, params, run_options, run_id=run_id, on_change=view)
-            except KeyboardInterrupt:
-                view.__exit__(None, None, None)
-                click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
-                ctx.exit(130)
-    if result.status != "succeeded":
-        click.echo(f"run {result.run_id} failed; see: distml runs show {result.run_id}", err=True)
-        ctx.exit(1)
-    click.echo(f"run {result.run_id} succeeded")
+        result = _run_pipeline(ctx, target, params, run_options)
     served = result.result.get("served") if isinstance(result.result, dict) else None
     if isinstance(served, dict) and "url" in served:
         from distml.pipelines.end_to_end import example_request
 
         name = served["model"].split(":")[0]
-        body_path, label = example_request(ws, name)
+        body_path, label = example_request(_workspace(ctx), name)
         click.echo(f"serving {served['model']} at {served['url']} ({served['action']})")
         click.echo(
             f"try it (a test image of class {label!r}):\n  curl -s {served['url']}/v2/models/{name}/infer "
@@ -405,6 +380,71 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
         )
     elif result.result is not None:
         click.echo(json.dumps(result.result, indent=1, default=str))
+
+
+def _run_pipeline(
+    ctx: click.Context,
+    target: str | None = None,
+    params: dict[str, Any] | None = None,
+    options: Any = None,
+    resume_id: str | None = None,
+) -> Any:
+    """Run (or resume) a pipeline with the live view; exit 1 if it fails, 130 if stopped."""
+    from rich.console import Console
+
+    from distml.workflow.orchestrator import new_run_id, resume_run, run_pipeline
+    from distml.workflow.target import DEFAULT_TARGET, load_target
+    from distml.workflow.view import LiveView
+
+    ws = _workspace(ctx)
+    if resume_id is None:
+        pipeline = load_target(target or DEFAULT_TARGET)
+        run_id = new_run_id(pipeline.name)
+    else:
+        run_id = resume_id
+    with LiveView(Console(), "run") as view:
+        try:
+            if resume_id is None:
+                result = run_pipeline(ws, pipeline, params, options, run_id=run_id, on_change=view)
+            else:
+                result = resume_run(ws, run_id, on_change=view)
+        except KeyboardInterrupt:
+            view.__exit__(None, None, None)
+            click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
+            ctx.exit(130)
+    if result.status != "succeeded":
+        click.echo(f"run {result.run_id} failed; see: distml runs show {result.run_id}", err=True)
+        ctx.exit(1)
+    click.echo(f"run {result.run_id} succeeded")
+    return result
+
+
+@main.command("demo")
+@click.option("--dataset", default="digits", show_default=True, help="digits (offline) or fashion-mnist.")
+@DATA_DIR_OPTION
+@click.option("--epochs", default=5, show_default=True, type=int, help="Epochs per candidate.")
+@click.option("--requests", "count", default=8, show_default=True, type=int, help="Test images to send.")
+@click.option("--keep-serving", is_flag=True, help="Leave the service running at the end.")
+@click.pass_context
+def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs: int, count: int, keep_serving: bool):
+    """The main job end to end: run the pipeline, ask the served model about test images, stop it."""
+    from rich.console import Console
+
+    from distml.pipelines.demo import answer_table
+    from distml.serve.service import stop_service
+
+    params = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs}
+    result = _run_pipeline(ctx, None, params)
+    served = result.result["served"]
+    ws = _workspace(ctx)
+    try:
+        Console().print(answer_table(ws, served["url"], served["model"], dataset, data_dir, count))
+    finally:
+        if keep_serving:
+            click.echo(f"still serving {served['model']} at {served['url']}; stop it with kill {served.get('pid', '')}")
+        else:
+            stop_service(ws, served["service"])
+            click.echo(f"stopped the service {served['service']} (pass --keep-serving to leave it up)")
 
 
 @main.group("runs", invoke_without_command=True)

@@ -127,7 +127,9 @@ def select(candidates: list, data: dict, name: str, alias: str = "production") -
     }
 
 
-@step
+# A control step: it starts or swaps a detached service and returns, so it holds no cpu slot and
+# can swap in a better model while the next candidate's gang holds the machine.
+@step(resources=Resources(cpus=0))
 def serve(best: dict, name: str, service: str, replicas: int = 1, port: int = 0) -> dict:
     """Serve the chosen model as SERVICE: start it, leave it as it is, or hot-swap its model."""
     from distml.models.artifact import register_as
@@ -188,7 +190,10 @@ def client_images(ws: Any, dataset: str, data_dir: str | None, n: int) -> tuple[
         from PIL import Image
 
         images = np.stack(
-            [np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((28, 28))) for im in images]
+            [
+                np.asarray(Image.fromarray((im.astype(np.float32) * 255 / 16).astype(np.uint8)).resize((28, 28)))
+                for im in images
+            ]
         )
     return images.astype(np.float32), labels, list(ds.class_names)
 

@@ -224,11 +224,9 @@ class Orchestrator:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             while not all(s.final for s in self.states.values()):
-                changed = self._schedule()
-                if changed:
+                if self._schedule():
                     self._notify()
-                if all(s.final for s in self.states.values()):
-                    break
+                    continue  # decide again until nothing changes (cache hits finish at once)
                 self._wait()
         except BaseException:
             self._cancel_all("the orchestrator was stopped")
