@@ -516,3 +516,19 @@ def test_artifacts_flow_between_steps_by_content(tmp_path, workspace):
     assert result.status == "succeeded"
     assert result.result["a"] == "hi" and result.result["b"] == "hihi"
     assert workspace.artifacts.exists(result.result["digest"])
+
+
+def test_the_example_user_pipeline_runs_and_its_memoized_step_hits_the_cache_again(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "word_lengths.py"
+    argv = ["--workspace", str(tmp_path / "ws"), "run", f"{example}:pipeline", "--param", 'words=["Data", "ml "]']
+    first = CliRunner().invoke(main, argv)
+    assert first.exit_code == 0, first.output
+    assert '"letters": 6' in first.output and '"report": "2 words, 6 letters"' in first.output
+    second = CliRunner().invoke(main, argv)
+    assert second.exit_code == 0, second.output
+    ws = Workspace(tmp_path / "ws")
+    latest = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
+    states = {k: rows[-1]["status"] for k, rows in rows_by_node(ws, latest).items()}
+    assert states == {"measure[Data]": "cached", "measure[1]": "cached", "total": "succeeded", "report": "succeeded"}
+    short = CliRunner().invoke(main, [*argv[:-1], 'words=["a"]'])
+    assert short.exit_code == 0 and '"report": null' in short.output  # fewer letters than at_least: skipped
