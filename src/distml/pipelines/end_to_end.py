@@ -36,11 +36,10 @@ def ingest(dataset: str, data_dir: str | None = None) -> dict:
     return {"dataset": dataset, "data_dir": data_dir, "splits": {row["split"]: row for row in rows}}
 
 
-def _report_training(run_id: str, total: int, stop: threading.Event) -> None:
+def _report_training(ctx: Any, run_id: str, total: int, stop: threading.Event) -> None:
     """Forward the training run's recorded step to the live view until `stop` is set."""
     from distml.ops import metadata
 
-    ctx = current()
     while not stop.wait(1.0):
         try:
             history = metadata.train_history(ctx.workspace.engine, run_id)
@@ -78,7 +77,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
     config = config.model_copy(update={"run_id": run_id})
     total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
     stop = threading.Event()
-    reporter = threading.Thread(target=_report_training, args=(run_id, total, stop), daemon=True)
+    reporter = threading.Thread(target=_report_training, args=(ctx, run_id, total, stop), daemon=True)
     reporter.start()
     try:
         result = launch(config)

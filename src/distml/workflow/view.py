@@ -86,6 +86,14 @@ def _label(row: dict[str, Any], now: float) -> Text:
     started, ended = row.get("started"), row.get("ended")
     if started is not None:
         text.append(f"  {_duration((ended or now) - started)}")
+    progress = row.get("progress")
+    if progress and row["status"] == "running":
+        done, total, note = progress
+        if total:
+            filled = int(20 * min(done / total, 1.0))
+            text.append(f"  {'█' * filled}{'░' * (20 - filled)} {done:g}/{total:g}", style="yellow")
+        if note:
+            text.append(f" {note}", style="yellow")
     if row.get("attempt"):
         text.append(f"  attempt {row['attempt'] + 1}", style="yellow")
     if row.get("cache") == "hit":
@@ -99,14 +107,6 @@ def _label(row: dict[str, Any], now: float) -> Text:
         text.append(f"  [{resources}]", style="bright_black")
     if len(row["upstream"]) > 1:
         text.append("  ← " + ", ".join(row["upstream"]), style="bright_black")
-    progress = row.get("progress")
-    if progress and row["status"] == "running":
-        done, total, note = progress
-        if total:
-            filled = int(20 * min(done / total, 1.0))
-            text.append(f"  {'█' * filled}{'░' * (20 - filled)} {done:g}/{total:g}", style="yellow")
-        if note:
-            text.append(f" {note}", style="yellow")
     if row.get("error") and row["status"] in ("failed", "retrying"):
         text.append(f"\n    {row['error'][:300]}", style="red")
     return text
@@ -226,12 +226,15 @@ class LiveView:
         self.title = title
         self.live: Any = None
         self.seen: dict[str, str] = {}
+        self.orchestrator: Any = None
 
     def __enter__(self) -> LiveView:
         if self.console.is_terminal:
             from rich.live import Live
 
-            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live = Live(
+                console=self.console, refresh_per_second=4, transient=False, get_renderable=self._renderable
+            )
             self.live.__enter__()
         return self
 
@@ -239,13 +242,21 @@ class LiveView:
         if self.live is not None:
             self.live.__exit__(*exc)
 
+    def _renderable(self) -> Any:
+        import time
+
+        if self.orchestrator is None:
+            return Text("")
+        return render(f"{self.title} {self.orchestrator.run_id}", live_rows(self.orchestrator), time.time())
+
     def __call__(self, orchestrator: Any) -> None:
         import time
 
-        rows = live_rows(orchestrator)
+        self.orchestrator = orchestrator
         if self.live is not None:
-            self.live.update(render(f"{self.title} {orchestrator.run_id}", rows, time.time()))
+            self.live.refresh()
             return
+        rows = live_rows(orchestrator)
         for row in rows:
             if self.seen.get(row["node_id"]) != row["status"]:
                 self.seen[row["node_id"]] = row["status"]
