@@ -27,6 +27,30 @@ from typing import Any
 _CONSTANT_TYPES = (int, float, str, bytes, bool, type(None), complex)
 
 
+def _constant_text(value: Any, depth: int = 0) -> str | None:
+    """A rendering of a constant, the same in every process; None when `value` is not one.
+
+    Tuples, lists, dicts, sets and frozensets of constants count (module-level settings
+    tables). Set elements are sorted: `repr` of a set of strings follows their hashes, which
+    differ from process to process (PYTHONHASHSEED), and would make every run a cache miss.
+    """
+    if isinstance(value, _CONSTANT_TYPES):
+        return repr(value)
+    if depth > 20 or not isinstance(value, (tuple, list, dict, set, frozenset)):
+        return None
+    if isinstance(value, dict):
+        pairs = [(_constant_text(k, depth + 1), _constant_text(v, depth + 1)) for k, v in value.items()]
+        if any(k is None or v is None for k, v in pairs):
+            return None
+        return "dict(" + ", ".join(f"{k}: {v}" for k, v in pairs) + ")"
+    items = [text for text in (_constant_text(v, depth + 1) for v in value) if text is not None]
+    if len(items) != len(value):
+        return None
+    if isinstance(value, (set, frozenset)):
+        items.sort()
+    return f"{type(value).__name__}(" + ", ".join(items) + ")"
+
+
 @functools.cache
 def _library_roots() -> tuple[str, ...]:
     paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
@@ -71,15 +95,23 @@ def _code_object_text(code: types.CodeType) -> str:
 
 
 def _referenced_names(tree: ast.AST) -> set[str]:
-    """Dotted names the code reads (`helper`, `module.func`, `pkg.mod.CONSTANT`)."""
+    """Dotted names the code reads (`helper`, `module.func`, `pkg.mod.CONSTANT`).
+
+    Only the whole chain counts: `helpers.transform` names the function, not the module
+    `helpers` as well (that would hash all of helpers.py and everything it uses).
+    """
     names: set[str] = set()
+    inner: set[int] = set()  # the `a.b` and `a` inside `a.b.c`; ast.walk yields parents first
     for node in ast.walk(tree):
+        if id(node) in inner:
+            continue
         if isinstance(node, ast.Attribute):
             parts: list[str] = []
             current: ast.AST = node
             while isinstance(current, ast.Attribute):
                 parts.append(current.attr)
                 current = current.value
+                inner.add(id(current))
             if isinstance(current, ast.Name):
                 names.add(".".join([current.id, *reversed(parts)]))
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
@@ -155,11 +187,10 @@ class _Walker:
                 if not isinstance(obj, (types.ModuleType, type)) or not hasattr(obj, attr):
                     break
                 obj = getattr(obj, attr)
-            if isinstance(obj, _CONSTANT_TYPES) or (
-                isinstance(obj, (tuple, frozenset)) and all(isinstance(v, _CONSTANT_TYPES) for v in obj)
-            ):
+            text = _constant_text(obj)
+            if text is not None:
                 if local_globals or rest:
-                    self.parts[f"{owner}:{dotted}"] = _digest(repr(obj))
+                    self.parts[f"{owner}:{dotted}"] = _digest(text)
                 continue
             self.add_object(obj)
 
