@@ -384,6 +384,7 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
         (folder / "go").write_text("1")
         result = resume_run(ws, run_id)
     finally:
+        (folder / "go").write_text("1")  # whatever happened, no step process waits forever
         if orchestrator.poll() is None:
             orchestrator.kill()
     assert result.status == "succeeded" and result.result == 20
@@ -408,9 +409,15 @@ def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: (folder / "second").exists(), "step `second` to start")
-    orchestrator.send_signal(signal.SIGTERM)
-    _, err = orchestrator.communicate(timeout=60)
+    try:
+        wait_for(lambda: (folder / "second").exists(), "step `second` to start")
+        orchestrator.send_signal(signal.SIGTERM)
+        _, err = orchestrator.communicate(timeout=60)
+    finally:
+        (folder / "go").write_text("1")  # whatever happened, no step process waits forever
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+            (folder / "go").write_text("1")  # no step process waits forever
     assert orchestrator.returncode == 130
     run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
     assert f"distml run --resume {run_id}" in err

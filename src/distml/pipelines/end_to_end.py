@@ -92,6 +92,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
         "test_accuracy": result["test_accuracy"],
         "steps": result["steps"],
         "train_run": run_id,
+        "data_snapshots": sorted(split["snapshot_id"] for split in data["splits"].values()),
     }
 
 
@@ -112,7 +113,7 @@ def select(candidates: list, data: dict, name: str, alias: str = "production") -
         ctx.log_metric(f"{candidate['model']}.test_accuracy", scores[candidate["model"]])
         print(f"{candidate['model']}: test accuracy {scores[candidate['model']]:.4f}", flush=True)
     best = max(candidates, key=lambda c: scores[c["model"]])  # the first of equals wins
-    snapshots = [split["snapshot_id"] for split in data["splits"].values()]
+    snapshots = sorted(split["snapshot_id"] for split in data["splits"].values())
     record = register_as(
         ws, best["model"], name, {"workflow_run": ctx.run_id, "step": ctx.node_id, "data_snapshots": snapshots}
     )
@@ -123,6 +124,7 @@ def select(candidates: list, data: dict, name: str, alias: str = "production") -
         "test_accuracy": scores[best["model"]],
         "alias": f"{name}@{alias}",
         "scores": scores,
+        "data_snapshots": snapshots,
     }
 
 
@@ -135,7 +137,8 @@ def serve(best: dict, name: str, service: str, replicas: int = 1, port: int = 0)
     from distml.serve.service import ensure_serving
 
     ctx = current()
-    record = register_as(ctx.workspace, best["model"], name, {"workflow_run": ctx.run_id, "step": ctx.node_id})
+    lineage = {"workflow_run": ctx.run_id, "step": ctx.node_id, "data_snapshots": best["data_snapshots"]}
+    record = register_as(ctx.workspace, best["model"], name, lineage)
     served = ensure_serving(ctx.workspace, service, record.ref, {"replicas": replicas, "port": port})
     print(f"{served['action']}: {record.ref} at {served['url']}", flush=True)
     return {"url": served["url"], "model": record.ref, "service": service, "action": served["action"]}
