@@ -88,7 +88,7 @@ class ArtifactStore:
 class Workspace:
     """Root folder, metadata store and artifact store of one distml installation."""
 
-    def __init__(self, root: str | os.PathLike | None = None, db_url: str | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, db_url: str | None = None, migrate: bool = True):
         self.root = Path(root) if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise DistmlError(f"workspace path {self.root} exists and is not a folder; pass a folder path")
@@ -98,6 +98,7 @@ class Workspace:
         self.artifacts = ArtifactStore(self.root / "artifacts")
         self.db_url = db_url or os.environ.get("DISTML_DB_URL") or f"sqlite:///{(self.root / 'distml.db').resolve()}"
         self._engine: sa.Engine | None = None
+        self._migrate = migrate  # False where a parent process has migrated the store (step processes)
 
     @property
     def engine(self) -> sa.Engine:
@@ -112,7 +113,8 @@ class Workspace:
                 ) from exc
             if engine.dialect.name == "sqlite":
                 sa.event.listen(engine, "connect", _sqlite_pragmas)
-            metadata.migrate(engine)
+            if self._migrate:
+                metadata.migrate(engine)
             self._engine = engine
         return self._engine
 

@@ -512,16 +512,18 @@ def list_workflow_runs(engine: sa.Engine, limit: int = 50) -> list[dict[str, Any
 
 
 def save_step_execution(engine: sa.Engine, run_id: str, node_id: str, generation: int, **values: Any) -> int:
-    """Create or update the execution row of (run, node, generation); return its id."""
+    """Create or update the execution row of (run, node, generation); return its id (one statement
+    when the row exists, as it does for every step from the start of its run)."""
     key = (
         step_executions.c.run_id == run_id,
         step_executions.c.node_id == node_id,
         step_executions.c.generation == generation,
     )
     with engine.begin() as conn:
-        row = conn.execute(sa.select(step_executions.c.id).where(*key)).first()
+        row = conn.execute(
+            step_executions.update().where(*key).values(**values).returning(step_executions.c.id)
+        ).first()
         if row is not None:
-            conn.execute(step_executions.update().where(step_executions.c.id == row.id).values(**values))
             return int(row.id)
         values.setdefault("attempt", 0)
         result = conn.execute(

@@ -20,11 +20,10 @@ CANDIDATES = ("cnn", "dropout", "batch_norm")
 
 
 def data_fingerprint(dataset: str, data_dir: str | None = None) -> str:
-    """Content fingerprint of the data set's source files (part of ingest's memo key)."""
-    from distml.data.datasets import get_dataset
+    """Content fingerprint of the data set's source data (part of ingest's memo key)."""
+    from distml.data.datasets import dataset_fingerprint
 
-    ds = get_dataset(dataset, current().workspace, data_dir, progress=False)
-    return ",".join(f"{split}={source.fingerprint()}" for split, source in sorted(ds.splits.items()))
+    return dataset_fingerprint(dataset, current().workspace, data_dir)
 
 
 @step(memoize=True, max_age=3600, fingerprint=data_fingerprint)

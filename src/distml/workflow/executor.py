@@ -28,6 +28,7 @@ from typing import Any
 
 from distml.errors import DistmlError
 from distml.ops import metadata
+from distml.workflow.values import canonical, decode, encode
 from distml.workspace import HOME_ENV, Workspace
 
 _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("distml_step_context", default=None)
@@ -144,11 +145,10 @@ def _error_types(exc: BaseException) -> list[str]:
 
 def run_task(task: Task, conn: Connection | None) -> None:
     """The body of a step process (also callable in-process for debugging)."""
-    from distml.workflow.values import canonical, decode, encode
 
     os.environ[HOME_ENV] = task.workspace
     os.environ["DISTML_DB_URL"] = task.db_url
-    ws = Workspace(task.workspace, task.db_url)
+    ws = Workspace(task.workspace, task.db_url, migrate=False)  # the orchestrator migrated it
     ctx = StepContext(task.run_id, task.node_id, task.attempt, ws, conn)
     _current.set(ctx)
     print(f"[distml] step {task.node_id} attempt {task.attempt + 1} (pid {os.getpid()})", flush=True)
@@ -205,7 +205,10 @@ class StepProcesses:
     def _ctx(self) -> Any:
         if self._context is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["distml.workflow.executor", "distml.workflow.values"])
+            # Imported once in the server instead of in every step process: the main module (which
+            # each child would otherwise run again, e.g. distml's CLI), distml's workflow code and
+            # SQLAlchemy's SQLite dialect.
+            ctx.set_forkserver_preload(["__main__", "distml.workflow.executor", "sqlalchemy.dialects.sqlite"])
             self._context = ctx
         return self._context
 

@@ -87,6 +87,8 @@ class NodeState:
     decided: str | None = None  # inputs fingerprint the condition and memo lookup were decided for
     memo_parts: dict[str, Any] | None = None
     memo_key: str | None = None
+    inputs_seen: tuple | None = None  # upstream (generation, has_result) the cached inputs were resolved for
+    inputs: tuple = ()  # (args, kwargs, fingerprint) as stored values
 
 
 @dataclass
@@ -268,9 +270,12 @@ class Orchestrator:
                 continue
             if not all(u.has_result for u in ups):
                 continue
-            args = substitute(list(node.args), lambda n: self.states[n.id].value)
-            kwargs = substitute(dict(node.kwargs), lambda n: self.states[n.id].value)
-            inputs = fingerprint([args, kwargs])
+            seen = tuple((u.generation, u.has_result) for u in ups)
+            if state.inputs_seen != seen:  # resolve and hash the inputs only when an upstream changed
+                args = substitute(list(node.args), lambda n: self.states[n.id].value)
+                kwargs = substitute(dict(node.kwargs), lambda n: self.states[n.id].value)
+                state.inputs_seen, state.inputs = seen, (args, kwargs, fingerprint([args, kwargs]))
+            args, kwargs, inputs = state.inputs
             if state.has_result and state.consumed == inputs:
                 if all(u.final for u in ups):
                     state.final = True
