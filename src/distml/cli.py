@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 import click
-import numpy as np
 
 from distml import __version__
 from distml.errors import DistmlError
@@ -95,6 +94,7 @@ def data_prepare(ctx: click.Context, dataset: str, data_dir: str | None) -> None
 @click.pass_context
 def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None:
     """Counts per split, shape, dtype, class balance and fingerprint."""
+    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
@@ -108,7 +108,7 @@ def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None
         summary.add_column(column)
     balance = Table(title="class balance")
     balance.add_column("class")
-    counts_by_split: dict[str, np.ndarray] = {}
+    counts_by_split: dict[str, Any] = {}
     for split, source in ds.splits.items():
         labels, first = [], None
         for chunk in source.iter_chunks(0):

@@ -205,10 +205,12 @@ class StepProcesses:
     def _ctx(self) -> Any:
         if self._context is None:
             ctx = multiprocessing.get_context("forkserver")
-            # Imported once in the server instead of in every step process: the main module (which
-            # each child would otherwise run again, e.g. distml's CLI), distml's workflow code and
-            # SQLAlchemy's SQLite dialect.
-            ctx.set_forkserver_preload(["__main__", "distml.workflow.executor", "sqlalchemy.dialects.sqlite"])
+            # Imported once in the server instead of in every step process: distml's workflow code,
+            # SQLAlchemy's SQLite dialect and distml's CLI. Each child runs the main script again
+            # (multiprocessing's rule), and preloading "__main__" itself does nothing in Python
+            # 3.11 (the forkserver looks for a key the preparation data does not have), so the
+            # modules `distml run`'s script imports are preloaded instead.
+            ctx.set_forkserver_preload(["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "distml.cli"])
             self._context = ctx
         return self._context
 
