@@ -328,7 +328,7 @@ class Orchestrator:
             self.engine,
             self.run_id,
             state.node.id,
-            max(state.generation - 1, 0) if state.has_result else state.generation,
+            state.generation,  # a new row when earlier generations succeeded: they stay as they were
             step_name=_step_name(state.node),
             status=status,
             error=reason if status != "skipped" else None,
