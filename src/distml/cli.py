@@ -435,7 +435,9 @@ def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs:
 
     params = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs}
     result = _run_pipeline(ctx, None, params)
-    served = result.result["served"]
+    served, selected = result.result["served"], result.result["selected"]
+    scores = ", ".join(f"{ref} {acc:.3f}" for ref, acc in sorted(selected["scores"].items(), key=lambda kv: -kv[1]))
+    click.echo(f"test accuracy of the candidates: {scores}; {selected['candidate']} is {selected['alias']}")
     ws = _workspace(ctx)
     try:
         Console().print(answer_table(ws, served["url"], served["model"], dataset, data_dir, count))

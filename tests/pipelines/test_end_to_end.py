@@ -17,6 +17,7 @@ import pytest
 
 from distml.models.artifact import resolve_model
 from distml.ops import metadata
+from distml.pipelines.demo import answer_table
 from distml.pipelines.end_to_end import client_images, v2_request
 from distml.serve.service import stop_service
 from distml.workspace import Workspace
@@ -128,6 +129,9 @@ def test_async_selection_serves_the_first_model_and_swaps_to_a_better_one_under_
         final = json.loads(next(r for r in rows if r["node_id"] == "serve")["output_json"])
         assert final["action"] == "unchanged"
         check_selection_and_lineage(ws, run_id)
+        table = answer_table(ws, final["url"], final["model"], "digits", None, 4)  # what `distml demo` prints
+        assert table.row_count == 4 and table.caption.endswith("/4 right")
+        assert table.title.startswith("digits-classifier version 2 at http://127.0.0.1:")
 
         rerun = distml(
             ws_root, "run", "--dataset", "digits", "--epochs", "1", "--param", 'models=["batch_norm", "cnn"]'

@@ -26,7 +26,7 @@ def answer_table(ws: Any, url: str, model: str, dataset: str, data_dir: str | No
     predicted = outputs["label"]["data"]
     probabilities = outputs["probabilities"]["data"]
     width = len(classes)
-    table = Table(title=f"{model} (version {body.get('model_version')}) at {url}")
+    table = Table(title=f"{name} version {body.get('model_version')} at {url}")
     for column in ("image", "true label", "answer", "confidence", ""):
         table.add_column(column)
     right = 0
