@@ -539,3 +539,28 @@ def test_the_example_user_pipeline_runs_and_its_memoized_step_hits_the_cache_aga
     assert states == {"measure[Data]": "cached", "measure[1]": "cached", "total": "succeeded", "report": "succeeded"}
     short = CliRunner().invoke(main, [*argv[:-1], 'words=["a"]'])
     assert short.exit_code == 0 and '"report": null' in short.output  # fewer letters than at_least: skipped
+
+
+def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        from distml.errors import DistmlError
+        from distml.workflow import step
+
+        def missing(path: str) -> str:
+            raise DistmlError(f"data file {path} is missing; put it there or pass another path")
+
+        @step(memoize=True, fingerprint=missing)
+        def load(path: str) -> int:
+            return 1
+
+        def pipeline():
+            return load("nowhere.csv")
+        """,
+    )
+    out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", f"{path}:pipeline"])
+    assert out.exit_code == 2 and "error: data file nowhere.csv is missing" in out.output
+    ws = Workspace(tmp_path / "ws")
+    run = metadata.list_workflow_runs(ws.engine)[0]
+    assert run["status"] == "failed" and "nowhere.csv is missing" in run["error"]

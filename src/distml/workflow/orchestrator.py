@@ -230,9 +230,13 @@ class Orchestrator:
                     self._notify()
                     continue  # decide again until nothing changes (cache hits finish at once)
                 self._wait()
-        except BaseException:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: resumable
             self._cancel_all("the orchestrator was stopped")
             metadata.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
+            raise
+        except Exception as exc:  # e.g. a data fingerprint that cannot be computed
+            self._cancel_all(f"the orchestrator failed: {exc}")
+            metadata.update_workflow_run(self.engine, self.run_id, status="failed", error=str(exc)[:2000], pid=None)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
