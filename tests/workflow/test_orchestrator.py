@@ -564,3 +564,35 @@ def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(t
     ws = Workspace(tmp_path / "ws")
     run = metadata.list_workflow_runs(ws.engine)[0]
     assert run["status"] == "failed" and "nowhere.csv is missing" in run["error"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry_on": "ValueError"}, "retry_on takes exception classes (one or a tuple), got 'ValueError'"),
+        ({"timeout": 0}, "timeout must be a positive number of seconds, got 0"),
+        ({"retries": -1}, "retries and retry_backoff must be >= 0"),
+        ({"max_age": -5}, "max_age must be a positive number of seconds, got -5"),
+        ({"resources": {"cpus": 2}}, "resources must be a distml.workflow.Resources"),
+        ({"memoise": True}, "@step got unknown option(s) memoise; it takes name, memoize, max_age"),
+    ],
+)
+def test_bad_step_options_are_refused_where_the_step_is_declared(options, message):
+    from distml.errors import DistmlError
+    from distml.workflow import step
+
+    def work(x: int) -> int:
+        return x
+
+    with pytest.raises(DistmlError) as info:
+        step(**options)(work)
+    assert message in str(info.value)
+
+
+def test_retry_on_accepts_one_exception_class():
+    from distml.workflow import step
+
+    def work(x: int) -> int:
+        return x
+
+    assert step(retry_on=KeyError)(work).policy.retry_on == (KeyError,)

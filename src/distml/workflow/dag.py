@@ -49,6 +49,10 @@ class Policy:
             raise DistmlError(f"timeout must be a positive number of seconds, got {self.timeout}")
         if self.max_age is not None and self.max_age <= 0:
             raise DistmlError(f"max_age must be a positive number of seconds, got {self.max_age}")
+        retry_on = self.retry_on if isinstance(self.retry_on, tuple) else (self.retry_on,)
+        if not retry_on or not all(isinstance(c, type) and issubclass(c, BaseException) for c in retry_on):
+            raise DistmlError(f"retry_on takes exception classes (one or a tuple), got {self.retry_on!r}")
+        object.__setattr__(self, "retry_on", retry_on)
         if not isinstance(self.resources, Resources):
             raise DistmlError(f"resources must be a distml.workflow.Resources, got {self.resources!r}")
 
@@ -64,6 +68,10 @@ class Step:
         self.name = name or fn.__name__
         if not _NAME.match(self.name):
             raise DistmlError(f"step name {self.name!r} must be letters, digits, '_', '-' or '.'")
+        known = [f.name for f in dataclasses.fields(Policy)]
+        unknown = sorted(set(policy) - set(known))
+        if unknown:
+            raise DistmlError(f"@step got unknown option(s) {', '.join(unknown)}; it takes name, {', '.join(known)}")
         self.policy = Policy(**policy)
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
