@@ -515,9 +515,12 @@ def logs_command(ctx: click.Context, run_id: str, step: str) -> None:
     if not rows:
         nodes = sorted({r["node_id"] for r in list_step_executions(engine, run_id)})
         raise DistmlError(f"run {run_id} has no step {step!r}; its steps are: {', '.join(nodes)}")
-    paths = [r["log_path"] for r in sorted(rows, key=lambda r: r["generation"]) if r["log_path"]]
+    rows = sorted(rows, key=lambda r: r["generation"])
+    paths = [r["log_path"] for r in rows if r["log_path"]]
     if not paths:
         raise DistmlError(f"step {step} of run {run_id} has no log: it did not run a process ({rows[-1]['status']})")
+    if rows[-1]["status"] == "cached":
+        click.echo(f"# {step} was a cache hit in {run_id}; this is the log of the execution it reused", err=True)
     for path in dict.fromkeys(paths):
         try:
             click.echo(Path(path).read_text(errors="replace"), nl=False)

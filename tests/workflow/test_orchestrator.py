@@ -537,6 +537,8 @@ def test_the_example_user_pipeline_runs_and_its_memoized_step_hits_the_cache_aga
     latest = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
     states = {k: rows[-1]["status"] for k, rows in rows_by_node(ws, latest).items()}
     assert states == {"measure[Data]": "cached", "measure[1]": "cached", "total": "succeeded", "report": "succeeded"}
+    log = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "logs", latest, "measure[Data]"])
+    assert log.exit_code == 0 and "was a cache hit" in log.output and "step measure[Data] attempt 1" in log.output
     short = CliRunner().invoke(main, [*argv[:-1], 'words=["a"]'])
     assert short.exit_code == 0 and '"report": null' in short.output  # fewer letters than at_least: skipped
 
