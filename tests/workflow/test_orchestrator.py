@@ -598,3 +598,28 @@ def test_retry_on_accepts_one_exception_class():
         return x
 
     assert step(retry_on=KeyError)(work).policy.retry_on == (KeyError,)
+
+
+def test_a_condition_that_raises_is_one_clear_error_and_a_failed_run(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def score() -> float:
+            return 0.5
+
+        @step(when=lambda s: s["missing"] > 1)
+        def deploy(s: float) -> str:
+            return "deployed"
+
+        def pipeline():
+            return deploy(score())
+        """,
+    )
+    out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", f"{path}:pipeline"])
+    assert out.exit_code == 2 and out.output.count("error:") == 1, out.output
+    assert "TypeError: 'float' object is not subscriptable" in out.output and "Traceback" not in out.output
+    run = metadata.list_workflow_runs(Workspace(tmp_path / "ws").engine)[0]
+    assert run["status"] == "failed" and "not subscriptable" in run["error"]

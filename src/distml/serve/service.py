@@ -9,6 +9,7 @@ model through the gateway's admin API (rolling replicas: no request fails).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 
 from distml.errors import DistmlError
-from distml.ops.liveness import pid_alive
+from distml.ops.liveness import pid_alive, process_identity
 from distml.serve.config import ServeConfig, parse_serve_config
 from distml.workspace import Workspace, atomic_write
 
@@ -131,17 +132,27 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
             env=env,
         )
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_file.exists():
-        if process.poll() is not None:
-            tail = (folder / "gateway.log").read_text(errors="replace")[-1500:]
-            raise DistmlError(f"the gateway for {pinned} exited with code {process.returncode}: {tail}")
-        if time.monotonic() > deadline:
-            process.terminate()
-            raise DistmlError(f"the gateway for {pinned} was not ready after {START_TIMEOUT_S:g} s")
-        time.sleep(0.1)
+    try:
+        while not port_file.exists():
+            if process.poll() is not None:
+                tail = (folder / "gateway.log").read_text(errors="replace")[-1500:]
+                raise DistmlError(f"the gateway for {pinned} exited with code {process.returncode}: {tail}")
+            if time.monotonic() > deadline:
+                raise DistmlError(f"the gateway for {pinned} was not ready after {START_TIMEOUT_S:g} s")
+            time.sleep(0.1)
+    except BaseException:  # not ready, timed out, or this step was stopped: leave no untracked gateway
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        raise
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     url = f"http://{host}:{int(port_file.read_text().strip())}"
-    record = {"pid": process.pid, "url": url, "model": pinned, "name": name}
+    record = {"pid": process.pid, "started": process_identity(process.pid), "url": url, "model": pinned, "name": name}
     with atomic_write(folder / "service.json", "w") as handle:
         json.dump(record, handle)
     return {**record, "action": "started"}
@@ -155,14 +166,17 @@ def stop_service(ws: Workspace, name: str, timeout: float = 60.0) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     pid = record.get("pid", 0)
-    if not pid or not pid_alive(pid):
+    # The same process, not a later one that reused its pid (a stale record after a reboot).
+    if not pid or not pid_alive(pid) or process_identity(pid) != record.get("started", process_identity(pid)):
         path.unlink(missing_ok=True)
         return False
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
     return True

@@ -128,7 +128,12 @@ class Orchestrator:
         self.run_id = run_id
         self.options = options
         self.on_change = on_change
-        self.graph, self.returned = build(target.function, params)
+        try:
+            self.graph, self.returned = build(target.function, params)
+        except DistmlError:
+            raise
+        except Exception as exc:  # the user's pipeline function itself raised
+            raise DistmlError(f"building pipeline {target.spec} failed: {type(exc).__name__}: {exc}") from exc
         self._check_importable()
         self.states = {node_id: NodeState(node) for node_id, node in self.graph.nodes.items()}
         self.downstream = self.graph.downstream()
@@ -213,6 +218,8 @@ class Orchestrator:
                     state.lease = self.pool.try_acquire(node_id, state.node.step.policy.resources)
                     state.history.append("adopted its running process after the orchestrator restarted")
                 else:
+                    # A later attempt number: a stray copy of the old attempt can no longer record its result.
+                    state.attempt = last["attempt"] + 1
                     state.history.append("its process was gone when the run resumed: re-run")
                     state.cache_reason = "re-run: its process was gone when the run resumed"
             # failed, cancelled, upstream_failed, skipped or pending: decided again by the loop
@@ -234,10 +241,13 @@ class Orchestrator:
             self._cancel_all("the orchestrator was stopped")
             metadata.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
             raise
-        except Exception as exc:  # e.g. a data fingerprint that cannot be computed
-            self._cancel_all(f"the orchestrator failed: {exc}")
-            metadata.update_workflow_run(self.engine, self.run_id, status="failed", error=str(exc)[:2000], pid=None)
-            raise
+        except Exception as exc:  # e.g. a data fingerprint or a condition that raised
+            message = str(exc) if isinstance(exc, DistmlError) else f"{type(exc).__name__}: {exc}"
+            self._cancel_all(f"the orchestrator failed: {message}")
+            metadata.update_workflow_run(self.engine, self.run_id, status="failed", error=message[:2000], pid=None)
+            if isinstance(exc, DistmlError):
+                raise
+            raise DistmlError(f"run {self.run_id} failed: {message}") from exc
         finally:
             signal.signal(signal.SIGTERM, previous)
         ok = all(s.status in FINAL_OK for s in self.states.values())
@@ -536,6 +546,9 @@ class Orchestrator:
             state.conn = None
         if state.process is not None:
             state.process.join(TERMINATE_GRACE_S)
+            if state.process.exitcode is None:  # reported, but something keeps it alive: stop its group
+                stop_group(state.process.pid, signal.SIGKILL)
+                state.process.join(5)
             state.process = None
         state.ended = time.time()
 
@@ -579,19 +592,17 @@ class Orchestrator:
             self._cancel_all(f"cancelled: {state.node.id} failed (fail-fast)")
 
     def _poll_adopted(self, state: NodeState) -> None:
-        rows = [
-            r
-            for r in metadata.list_step_executions(self.engine, self.run_id)
-            if r["node_id"] == state.node.id and r["id"] == state.execution_id
-        ]
-        row = rows[0] if rows else None
+        gone = process_identity(state.pid) is None  # checked before the row: a result written meanwhile counts
+        row = next(
+            (r for r in metadata.list_step_executions(self.engine, self.run_id) if r["id"] == state.execution_id), None
+        )
         if row is not None and row["status"] == "succeeded":
             state.adopted = False
             self._succeeded(state, json.loads(row["output_json"]) if row["output_json"] is not None else None)
         elif row is not None and row["status"] == "failed":
             state.adopted = False
             self._failed(state, row["error"] or "failed", [])
-        elif process_identity(state.pid) is None:
+        elif gone:
             state.adopted = False
             self._failed(state, "its process ended without recording a result", [])
 
