@@ -623,3 +623,52 @@ def test_a_condition_that_raises_is_one_clear_error_and_a_failed_run(tmp_path):
     assert "TypeError: 'float' object is not subscriptable" in out.output and "Traceback" not in out.output
     run = metadata.list_workflow_runs(Workspace(tmp_path / "ws").engine)[0]
     assert run["status"] == "failed" and "not subscriptable" in run["error"]
+
+
+@pytest.mark.slow
+def test_an_adopted_step_keeps_its_timeout_after_resume(tmp_path):
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    path = write(
+        tmp_path,
+        f"""
+        import time
+        from pathlib import Path
+        from distml.workflow import step
+
+        @step(timeout=4)
+        def hang() -> int:
+            Path({str(folder)!r}, "started").write_text("1")
+            deadline = time.monotonic() + 40  # bounded: without the timeout the run succeeds, and fails the test
+            while not Path({str(folder)!r}, "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return 1
+
+        def pipeline():
+            return hang()
+        """,
+    )
+    ws_root = tmp_path / "ws"
+    ws = Workspace(ws_root)
+    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
+    orchestrator = subprocess.Popen(
+        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: (folder / "started").exists(), "the step to start")
+        run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
+        wait_for(lambda: rows_by_node(ws, run_id)["hang"][-1]["pid"], "the step's pid to be recorded")
+        pid = rows_by_node(ws, run_id)["hang"][-1]["pid"]
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait()
+        result = resume_run(ws, run_id)  # adopts the live step; its 4 s still run out
+        assert result.status == "failed"
+        assert "adopted" in " ".join(result.states["hang"].history)
+        assert "timed out after 4 s" in rows_by_node(ws, run_id)["hang"][-1]["error"]
+        wait_for(lambda: not pid_alive(pid), "the adopted step to be stopped", 30)
+    finally:
+        (folder / "go").write_text("1")
+        if orchestrator.poll() is None:
+            orchestrator.kill()

@@ -215,7 +215,14 @@ class Orchestrator:
                     state.status, state.adopted, state.pid = "running", True, last["pid"]
                     state.attempt, state.started = last["attempt"], time.time()
                     state.consumed = json.loads(last["inputs_json"])["fingerprint"] if last["inputs_json"] else None
+                    # Adopted before anything else is scheduled, so the pool has room for its lease.
                     state.lease = self.pool.try_acquire(node_id, state.node.step.policy.resources)
+                    timeout = state.node.step.policy.timeout
+                    if timeout is not None and last["started_at"] is not None:
+                        began = last["started_at"]
+                        began = began if began.tzinfo else began.replace(tzinfo=dt.UTC)
+                        left = timeout - (_now() - began).total_seconds()
+                        state.deadline = time.monotonic() + max(left, 0.0)  # its timeout still holds
                     state.history.append("adopted its running process after the orchestrator restarted")
                 else:
                     # A later attempt number: a stray copy of the old attempt can no longer record its result.
