@@ -39,6 +39,20 @@ def main(ctx: click.Context, workspace_path: str | None) -> None:
     ctx.obj = {"workspace_path": workspace_path}
 
 
+def _key_values(items: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """KEY=VALUE options: a value that parses as JSON is taken as JSON, anything else as a string."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DistmlError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
 def _workspace(ctx: click.Context):
     from distml.workspace import Workspace
 
@@ -170,15 +184,7 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     from distml.train.config import parse_config
     from distml.train.launcher import Stopped, launch
 
-    model_args: dict[str, Any] = {}
-    for item in options.pop("model_args"):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DistmlError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            model_args[key] = json.loads(value)
-        except json.JSONDecodeError:
-            model_args[key] = value
+    model_args = _key_values(options.pop("model_args"), "--model-arg")
     config = parse_config({**options, "model_args": model_args, "workspace": str(_workspace(ctx).root)})
     try:
         result = launch(config)
@@ -310,19 +316,6 @@ def deploy_command(
         click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
 
 
-def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DistmlError(f"--param expects KEY=VALUE, got {item!r}")
-        try:
-            params[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.replace("-", "_")] = value
-    return params
-
-
 @main.command("run")
 @click.argument("target", required=False)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
@@ -352,7 +345,7 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             raise DistmlError("--resume continues a run with its own pipeline and parameters; pass only the run id")
         result = _run_pipeline(ctx, resume_id=options["resume_id"])
     else:
-        params = _parse_params(options["params"])
+        params = {k.replace("-", "_"): v for k, v in _key_values(options["params"], "--param").items()}
         for flag, key in (("dataset", "dataset"), ("data_dir", "data_dir"), ("epochs", "epochs")):
             if options[flag] is not None:
                 params[key] = options[flag]

@@ -52,6 +52,14 @@ def wait_for(predicate, what: str, limit: float = 120.0, log: Path | None = None
     raise AssertionError(f"timed out waiting for {what}" + (f"; log:\n{log.read_text()[-3000:]}" if log else ""))
 
 
+def start_orchestrator(tmp_path: Path, path: str, **popen: object) -> tuple[Workspace, subprocess.Popen]:
+    """`distml run PATH:pipeline` as its own process, on a store migrated first."""
+    ws = Workspace(tmp_path / "ws")
+    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
+    command = [DISTML, "--workspace", str(ws.root), "run", f"{path}:pipeline"]
+    return ws, subprocess.Popen(command, **popen)
+
+
 def test_fan_out_fan_in_logs_and_metrics(tmp_path, workspace):
     path = write(
         tmp_path,
@@ -358,13 +366,8 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
     folder = tmp_path / "marks"
     folder.mkdir()
     path = write(tmp_path, RESUMABLE.format(folder=str(folder)))
-    ws_root = tmp_path / "ws"
-    ws = Workspace(ws_root)
-    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
     log = open(tmp_path / "orchestrator.log", "w")
-    orchestrator = subprocess.Popen(
-        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"], stdout=log, stderr=subprocess.STDOUT
-    )
+    ws, orchestrator = start_orchestrator(tmp_path, path, stdout=log, stderr=subprocess.STDOUT)
     try:
         runs = wait_for(lambda: metadata.list_workflow_runs(ws.engine), "the run to be recorded")
         run_id = runs[0]["run_id"]
@@ -400,15 +403,7 @@ def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
     folder = tmp_path / "marks"
     folder.mkdir()
     path = write(tmp_path, RESUMABLE.format(folder=str(folder)))
-    ws_root = tmp_path / "ws"
-    ws = Workspace(ws_root)
-    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
-    orchestrator = subprocess.Popen(
-        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    ws, orchestrator = start_orchestrator(tmp_path, path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (folder / "second").exists(), "step `second` to start")
         orchestrator.send_signal(signal.SIGTERM)
@@ -424,7 +419,7 @@ def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
     assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "stopped"
     assert rows_by_node(ws, run_id)["second"][-1]["status"] == "cancelled"
     (folder / "go").write_text("1")
-    resumed = CliRunner().invoke(main, ["--workspace", str(ws_root), "run", "--resume", run_id])
+    resumed = CliRunner().invoke(main, ["--workspace", str(ws.root), "run", "--resume", run_id])
     assert resumed.exit_code == 0, resumed.output
     assert len((folder / "first").read_text().split()) == 1
 
@@ -648,14 +643,7 @@ def test_an_adopted_step_keeps_its_timeout_after_resume(tmp_path):
             return hang()
         """,
     )
-    ws_root = tmp_path / "ws"
-    ws = Workspace(ws_root)
-    ws.engine  # noqa: B018 - migrate before the orchestrator opens the store
-    orchestrator = subprocess.Popen(
-        [DISTML, "--workspace", str(ws_root), "run", f"{path}:pipeline"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    ws, orchestrator = start_orchestrator(tmp_path, path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (folder / "started").exists(), "the step to start")
         run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
