@@ -1,49 +1,50 @@
 """Admission of gangs onto a pool of resources: every task of a job starts together, or none does.
 
 The one small interface every job runner uses: `try_acquire(job, request)` returns a `Lease`
-for the whole gang or None, `release(lease)` gives it back. `LocalPool` admits against this
-machine's cpu slots and gpus inside one process (the workflow orchestrator); the scheduler of
-the operations layer implements the same two calls across processes.
+for the whole gang or None, `release(lease)` gives it back. `LocalPool` caps one process's jobs
+(a workflow run's `--cpus`); `SharedPool` admits across every process of a workspace through the
+metadata store, with `distml.ops.scheduler` deciding, and `acquire` is its blocking form with
+a heartbeat that notices preemption. A holder that dies frees its resources: on its own host by
+its pid and the pid's start time, elsewhere when its lease expires.
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import json
+import logging
 import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
 
 from distml.errors import DistmlError
+from distml.ops import metadata as md
+from distml.ops.liveness import process_identity
+from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler, parse_priority, priority_name
 
+__all__ = ["Lease", "LocalPool", "Resources", "SharedPool", "count_gpus", "schedule_pass"]
 
-@dataclass(frozen=True)
-class Resources:
-    """What one job asks for: `workers` tasks (its gang), each needing `cpus` slots and `gpus`."""
+log = logging.getLogger(__name__)
 
-    cpus: float = 1.0
-    gpus: int = 0
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if not (self.cpus >= 0 and self.gpus >= 0 and self.workers >= 1):
-            raise DistmlError(f"resources need cpus >= 0, gpus >= 0 and workers >= 1, got {self}")
-
-    @property
-    def total_cpus(self) -> float:
-        return self.cpus * self.workers
-
-    @property
-    def total_gpus(self) -> int:
-        return self.gpus * self.workers
-
-    def describe(self) -> str:
-        each = f"{self.cpus:g} cpu" + (f" + {self.gpus} gpu" if self.gpus else "")
-        return each if self.workers == 1 else f"gang of {self.workers} x {each}"
+#: Environment variable naming the scheduler job a process runs inside: a `distml train` started
+#: by a workflow step runs in the step's gang instead of asking for a second one.
+JOB_ENV = "DISTML_SCHED_JOB"
+LEASE_SECONDS = 20.0  # a holder on another host that stops renewing this long loses its resources
+HEARTBEAT_SECONDS = 1.0
+POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
 class Lease:
-    id: int
+    id: int | str
     job: str
     resources: Resources
 
@@ -95,3 +96,386 @@ class LocalPool:
     @property
     def free_cpus(self) -> float:
         return self.cpus - self._used_cpus
+
+
+# -- the workspace's pool, shared by every process -------------------------------------------
+
+
+def machine_node() -> Node:
+    """This machine as a pool node: its cores as cpu slots, its gpus, its memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        memory = 0.0
+    return Node(socket.gethostname(), cpus=float(os.cpu_count() or 1), gpus=count_gpus(), memory_gb=round(memory, 1))
+
+
+def ensure_node(engine: sa.Engine, node: Node | None = None) -> Node:
+    """This host's node row: created from the machine on first use, then as the store says."""
+    node = node or machine_node()
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(md.sched_nodes).where(md.sched_nodes.c.name == node.name)).first()
+        if row is None:
+            conn.execute(
+                md.sched_nodes.insert().values(
+                    name=node.name, cpus=node.cpus, gpus=node.gpus, memory_gb=node.memory_gb, updated_at=time.time()
+                )
+            )
+            return node
+    return Node(row.name, cpus=row.cpus, gpus=row.gpus, memory_gb=row.memory_gb)
+
+
+def set_node(
+    engine: sa.Engine, *, cpus: float | None = None, gpus: int | None = None, memory_gb: float | None = None
+) -> Node:
+    """Change what this host offers the pool (`distml queue pool --cpus N`)."""
+    node = ensure_node(engine)
+    values = {k: v for k, v in {"cpus": cpus, "gpus": gpus, "memory_gb": memory_gb}.items() if v is not None}
+    if any(v < 0 for v in values.values()) or values.get("cpus", 1) <= 0:
+        raise DistmlError(f"a pool needs cpus > 0, gpus >= 0 and memory_gb >= 0, got {values}")
+    with engine.begin() as conn:
+        conn.execute(
+            md.sched_nodes.update().where(md.sched_nodes.c.name == node.name).values(updated_at=time.time(), **values)
+        )
+    return ensure_node(engine)
+
+
+def set_queue(engine: sa.Engine, name: str, weight: float) -> None:
+    """Create a queue or change its weight (its nominal share is weight / sum of weights)."""
+    if not name or len(name) > 100 or not name.replace("-", "").replace("_", "").isalnum():
+        raise DistmlError(f"a queue name is letters, digits, '-' and '_' (at most 100), got {name!r}")
+    if not weight > 0:
+        raise DistmlError(f"queue {name!r} needs a weight > 0, got {weight}")
+    with engine.begin() as conn:
+        updated = conn.execute(
+            md.sched_queues.update().where(md.sched_queues.c.name == name).values(weight=weight, updated_at=time.time())
+        ).rowcount
+        if not updated:
+            conn.execute(md.sched_queues.insert().values(name=name, weight=weight, updated_at=time.time()))
+
+
+def queue_weights(conn: sa.Connection) -> dict[str, float]:
+    return {row.name: row.weight for row in conn.execute(sa.select(md.sched_queues))}
+
+
+def _gone(row: Any, host: str, now: float) -> bool:
+    """Has the job's holder died? On this host by pid and start time; elsewhere by its lease."""
+    if row.node == host:
+        return process_identity(row.pid) != row.pid_started
+    return row.lease_expires < now
+
+
+def schedule_pass(engine: sa.Engine, now: float | None = None, policy: Policy | None = None) -> dict[str, str]:
+    """One scheduling decision for this host's node, in one transaction: reclaim the resources of
+    dead holders, admit what may start, mark victims for preemption, record why the others wait.
+    Returns {job id: new state} for the jobs it changed."""
+    now = time.time() if now is None else now
+    node = ensure_node(engine)
+    changed: dict[str, str] = {}
+    with engine.begin() as conn:
+        conn.execute(md.sched_lock.update().where(md.sched_lock.c.id == 1).values(passes=md.sched_lock.c.passes + 1))
+        rows = conn.execute(
+            sa.select(md.sched_jobs).where(md.sched_jobs.c.state != "done", md.sched_jobs.c.node == node.name)
+        ).all()
+        scheduler = Scheduler([node], queue_weights(conn), policy)
+        alive = []
+        for row in rows:
+            if _gone(row, node.name, now):
+                conn.execute(
+                    md.sched_jobs.update()
+                    .where(md.sched_jobs.c.id == row.id)
+                    .values(state="done", outcome="lost", ended_at=now, reason="its process died; resources reclaimed")
+                )
+                changed[row.id] = "lost"
+                continue
+            alive.append(row)
+        jobs = {}
+        for row in alive:
+            job = Job(
+                row.id,
+                Resources(cpus=row.cpus, gpus=row.gpus, workers=row.tasks, memory_gb=row.memory_gb),
+                queue=row.queue,
+                priority=row.priority,
+                submitted=row.submitted_at,
+                estimate=row.estimate_s,
+                preemptible=row.preemptible,
+            )
+            jobs[row.id] = (job, row)
+            if row.state in ("running", "preempting"):
+                scheduler.restore(job, [0] * row.tasks, row.started_at, preempting=row.state == "preempting")
+            else:
+                try:
+                    scheduler.submit(job)
+                except DistmlError as exc:  # the pool shrank or the queue went away under it
+                    conn.execute(
+                        md.sched_jobs.update()
+                        .where(md.sched_jobs.c.id == row.id)
+                        .values(state="done", outcome="failed", ended_at=now, reason=str(exc))
+                    )
+                    changed[row.id] = "failed"
+                    del jobs[row.id]
+        decision = scheduler.schedule(now)
+        for job in decision.started:
+            conn.execute(
+                md.sched_jobs.update()
+                .where(md.sched_jobs.c.id == job.id)
+                .values(
+                    state="running",
+                    started_at=now,
+                    placement_json=json.dumps([node.name] * len(job.placement)),
+                    reason=None,
+                )
+            )
+            changed[job.id] = "running"
+        for job in decision.preempt:
+            conn.execute(
+                md.sched_jobs.update()
+                .where(md.sched_jobs.c.id == job.id)
+                .values(state="preempting", reason=job.reason, preemptions=md.sched_jobs.c.preemptions + 1)
+            )
+            changed[job.id] = "preempting"
+        for job_id, (job, row) in jobs.items():
+            if job.running:
+                continue
+            reason = scheduler.explain(job_id)
+            if reason != row.reason:
+                conn.execute(md.sched_jobs.update().where(md.sched_jobs.c.id == job_id).values(reason=reason))
+    return changed
+
+
+class SharedPool:
+    """The workspace's pool across processes: `try_acquire`/`release` like `LocalPool`, and
+    `acquire` that blocks. Jobs go to `queue` with `priority`; a background heartbeat renews
+    this process's leases and calls `on_preempt(lease)` when a pass chose one of them as a victim."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        queue: str = "default",
+        priority: str | int = "normal",
+        kind: str = "job",
+        preemptible: bool = False,
+        on_preempt: Callable[[Lease], None] | None = None,
+    ):
+        self.engine = engine
+        self.queue = queue
+        self.priority = parse_priority(priority)
+        self.kind = kind
+        self.preemptible = preemptible
+        self.on_preempt = on_preempt
+        self.node = ensure_node(engine)
+        with engine.connect() as conn:
+            queues = queue_weights(conn)
+        if queue not in queues:
+            raise DistmlError(
+                f"unknown queue {queue!r}; queues: {', '.join(sorted(queues))} "
+                f"(create one with: distml queue set {queue} --weight W)"
+            )
+        self._pending: dict[str, tuple[str, Resources]] = {}  # job name -> (job id, request)
+        self._held: dict[str, Lease] = {}  # job id -> lease
+        self._preempted: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the LocalPool interface ------------------------------------------------------------
+
+    def check(self, job: str, request: Resources) -> None:
+        Scheduler([self.node], {"default": 1.0}).submit(Job(job, request))
+
+    def try_acquire(self, job: str, request: Resources, *, estimate: float | None = None) -> Lease | None:
+        """Submit `job` once, run a pass, and return its lease if it was admitted."""
+        if request.total_cpus == 0 and request.total_gpus == 0 and request.memory_gb == 0:
+            return Lease(f"free-{uuid.uuid4().hex[:8]}", job, request)  # nothing to hold
+        if job not in self._pending:
+            self.check(job, request)
+            self._pending[job] = (self._submit(job, request, estimate), request)
+            self._start_heartbeat()
+        job_id, _ = self._pending[job]
+        schedule_pass(self.engine)
+        state = self._state(job_id)
+        if state.state == "running":
+            del self._pending[job]
+            lease = Lease(job_id, job, request)
+            with self._lock:
+                self._held[job_id] = lease
+            return lease
+        if state.state == "done":
+            del self._pending[job]
+            raise DistmlError(f"{job} was not admitted: {state.reason}")
+        return None
+
+    def release(self, lease: Lease, outcome: str = "finished") -> None:
+        if not isinstance(lease.id, str) or lease.id.startswith("free-"):
+            return
+        with self._lock:
+            self._held.pop(lease.id, None)
+            self._preempted.discard(lease.id)
+        with self.engine.begin() as conn:
+            conn.execute(
+                md.sched_jobs.update()
+                .where(md.sched_jobs.c.id == lease.id, md.sched_jobs.c.state != "done")
+                .values(state="done", outcome=outcome, ended_at=time.time())
+            )
+        schedule_pass(self.engine)  # the next in line starts now, not at its next poll
+
+    # -- blocking form, and what a preempted holder does ---------------------------------------
+
+    def acquire(
+        self,
+        job: str,
+        request: Resources,
+        *,
+        estimate: float | None = None,
+        waiting: Callable[[str], None] | None = None,
+    ) -> Lease:
+        """Block until `job`'s gang is admitted; `waiting(reason)` is told each new reason."""
+        said = None
+        while True:
+            lease = self.try_acquire(job, request, estimate=estimate)
+            if lease is not None:
+                return lease
+            reason = self._state(self._pending[job][0]).reason or "waiting"
+            if waiting is not None and reason != said:
+                waiting(reason)
+                said = reason
+            time.sleep(POLL_SECONDS)
+
+    def requeue(self, lease: Lease) -> None:
+        """A preempted holder stopped: give the resources back and wait in line again (same age)."""
+        with self._lock:
+            self._held.pop(lease.id, None)
+            self._preempted.discard(lease.id)
+        with self.engine.begin() as conn:
+            conn.execute(
+                md.sched_jobs.update()
+                .where(md.sched_jobs.c.id == lease.id)
+                .values(
+                    state="waiting", placement_json=None, started_at=None, lease_expires=time.time() + LEASE_SECONDS
+                )
+            )
+        self._pending[lease.job] = (str(lease.id), lease.resources)
+        schedule_pass(self.engine)
+
+    def preempted(self, lease: Lease) -> bool:
+        return lease.id in self._preempted
+
+    def bind(self, lease: Lease, pid: int) -> None:
+        """Hand the lease to process `pid` (a step process): it stays held while that process
+        lives, even when this one dies."""
+        if isinstance(lease.id, str) and not lease.id.startswith("free-"):
+            with self.engine.begin() as conn:
+                conn.execute(
+                    md.sched_jobs.update()
+                    .where(md.sched_jobs.c.id == lease.id)
+                    .values(pid=pid, pid_started=process_identity(pid))
+                )
+
+    def close(self) -> None:
+        """Stop the heartbeat and withdraw jobs still waiting (held leases stay with their holders)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for job_id, _ in self._pending.values():
+            with self.engine.begin() as conn:
+                conn.execute(
+                    md.sched_jobs.update()
+                    .where(md.sched_jobs.c.id == job_id, md.sched_jobs.c.state == "waiting")
+                    .values(state="done", outcome="cancelled", ended_at=time.time())
+                )
+        self._pending.clear()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _submit(self, name: str, request: Resources, estimate: float | None) -> str:
+        job_id = f"{name[:90]}~{uuid.uuid4().hex[:6]}"  # readable in the reasons other jobs show
+        now = time.time()
+        pid = os.getpid()
+        with self.engine.begin() as conn:
+            conn.execute(
+                md.sched_jobs.insert().values(
+                    id=job_id,
+                    name=name,
+                    kind=self.kind,
+                    queue=self.queue,
+                    priority=self.priority,
+                    preemptible=self.preemptible,
+                    tasks=request.workers,
+                    cpus=request.cpus,
+                    gpus=request.gpus,
+                    memory_gb=request.memory_gb,
+                    estimate_s=estimate,
+                    state="waiting",
+                    node=self.node.name,
+                    pid=pid,
+                    pid_started=process_identity(pid),
+                    lease_expires=now + LEASE_SECONDS,
+                    submitted_at=now,
+                    preemptions=0,
+                )
+            )
+        return job_id
+
+    def _state(self, job_id: str) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(md.sched_jobs).where(md.sched_jobs.c.id == job_id)).one()
+
+    def _start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="distml-scheduler-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with self._lock:
+                held = dict(self._held)
+            ids = list(held) + [job_id for job_id, _ in self._pending.values()]
+            if not ids:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        md.sched_jobs.update()
+                        .where(md.sched_jobs.c.id.in_(ids), md.sched_jobs.c.state != "done")
+                        .values(lease_expires=time.time() + LEASE_SECONDS)
+                    )
+                    stopping = {
+                        row.id
+                        for row in conn.execute(
+                            sa.select(md.sched_jobs.c.id).where(
+                                md.sched_jobs.c.id.in_(list(held)), md.sched_jobs.c.state == "preempting"
+                            )
+                        )
+                    }
+            except sa.exc.OperationalError as exc:  # a busy store: try again at the next beat
+                log.debug("scheduler heartbeat skipped: %s", exc)
+                continue
+            for job_id in stopping - self._preempted:
+                self._preempted.add(job_id)
+                if self.on_preempt is not None:
+                    self.on_preempt(held[job_id])
+
+
+def list_jobs(engine: sa.Engine, *, include_done: int = 0) -> list[dict[str, Any]]:
+    """The pool's jobs not done (and the last `include_done` done ones), oldest first."""
+    with engine.connect() as conn:
+        rows = [
+            dict(r._mapping)
+            for r in conn.execute(
+                sa.select(md.sched_jobs).where(md.sched_jobs.c.state != "done").order_by(md.sched_jobs.c.submitted_at)
+            )
+        ]
+        if include_done:
+            rows += [
+                dict(r._mapping)
+                for r in conn.execute(
+                    sa.select(md.sched_jobs)
+                    .where(md.sched_jobs.c.state == "done")
+                    .order_by(md.sched_jobs.c.ended_at.desc())
+                    .limit(include_done)
+                )
+            ]
+    for row in rows:
+        row["priority_class"] = priority_name(row["priority"])
+    return rows
