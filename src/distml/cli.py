@@ -141,6 +141,72 @@ def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None
     console.print(balance)
 
 
+QUEUE_OPTION = click.option(
+    "--queue", default="default", show_default=True, help="Scheduler queue to wait in (see `distml queue`)."
+)
+PRIORITY_OPTION = click.option(
+    "--priority", default="normal", show_default=True, help="low, normal, high or an integer; higher may preempt lower."
+)
+
+
+@main.group("queue", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click.pass_context
+def queue_group(ctx: click.Context, as_json: bool) -> None:
+    """Queues, shares, running and waiting jobs of this machine's pool, and why each waits."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from distml.ops.admission import schedule_pass, snapshot
+
+    engine = _workspace(ctx).engine
+    schedule_pass(engine)  # reclaims dead holders' gangs and brings every reason up to date
+    state = snapshot(engine)
+    if as_json:
+        click.echo(json.dumps(state, indent=1, default=str))
+        return
+    _print_queue(state)
+
+
+def _print_queue(state: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    from distml.ops.top import queue_view
+
+    console = Console()
+    for part in queue_view(state):
+        console.print(part)
+
+
+@queue_group.command("set")
+@click.argument("name")
+@click.option("--weight", required=True, type=float, help="Its nominal share is weight / sum of all weights.")
+@click.pass_context
+def queue_set(ctx: click.Context, name: str, weight: float) -> None:
+    """Create queue NAME or change its weight."""
+    from distml.ops.admission import set_queue
+
+    set_queue(_workspace(ctx).engine, name, weight)
+    click.echo(f"queue {name}: weight {weight:g}")
+
+
+@queue_group.command("pool")
+@click.option("--cpus", type=float, default=None, help="Cpu slots this machine offers [default: its cores].")
+@click.option("--gpus", type=int, default=None, help="Gpus this machine offers [default: those visible].")
+@click.option("--memory", "memory_gb", type=float, default=None, help="GiB of memory this machine offers.")
+@click.pass_context
+def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_gb: float | None) -> None:
+    """Show or change what this machine offers the scheduler."""
+    from distml.ops.admission import ensure_node, set_node
+
+    engine = _workspace(ctx).engine
+    node = (
+        ensure_node(engine)
+        if cpus is gpus is memory_gb is None
+        else set_node(engine, cpus=cpus, gpus=gpus, memory_gb=memory_gb)
+    )
+    click.echo(f"pool {node.name}: {node.cpus:g} cpu slots, {node.gpus} gpus, {node.memory_gb:g} GiB")
+
+
 @main.command("train")
 @click.option(
     "--model", default="cnn", show_default=True, help="cnn, dropout, batch_norm, mlp or package.module:factory"
@@ -178,6 +244,8 @@ def data_inspect(ctx: click.Context, dataset: str, data_dir: str | None) -> None
 @click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics (0 = a free port).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads per worker [default: cores / workers].")
 @click.option("--log-samples", is_flag=True, hidden=True, help="Log the sample ids of every step (tests).")
+@QUEUE_OPTION
+@PRIORITY_OPTION
 @click.pass_context
 def train_command(ctx: click.Context, **options: Any) -> None:
     """Train a model on several workers through PyTorch's elastic launcher."""
@@ -246,6 +314,13 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     help="Seconds a request waits for a ready replica (cold start) before a 503 [default: 60].",
 )
 @click.option("--name", default=None, help="Service name; its folder is WORKSPACE/services/NAME [default: MODEL-PID].")
+@click.option(
+    "--replica-cpus",
+    default=None,
+    type=float,
+    help="Cpu slots the scheduler reserves per replica (priority class serving) [default: 0, registered only].",
+)
+@click.option("--queue", default=None, help="Scheduler queue the replicas ask in [default: default].")
 @click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token for all but health routes.")
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
@@ -258,7 +333,45 @@ def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     path = config.service_dir() / "config.json"
     with atomic_write(path, "w") as handle:
         handle.write(config.model_dump_json(indent=1))
-    run_gateway(config, on_ready=lambda url: click.echo(f"serving {pinned} at {url}"))
+    record = config.service_dir() / "service.json"  # where `distml top` finds running services
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {pinned} at {url}")
+        _record_service(record, config.name, pinned, url)
+
+    try:
+        run_gateway(config, on_ready=ready)
+    finally:
+        _forget_service(record)
+
+
+def _record_service(path: Any, name: str, model: str, url: str) -> None:
+    """Record this foreground gateway as service.json does for detached ones (unless another lives there)."""
+    import os
+
+    from distml.ops.liveness import process_identity
+    from distml.ops.metrics import read_endpoint
+    from distml.workspace import atomic_write
+
+    other = read_endpoint(path)
+    if other is not None and other.get("pid") != os.getpid():
+        return
+    url = url.replace("://0.0.0.0:", "://127.0.0.1:")
+    record = {"pid": os.getpid(), "started": process_identity(os.getpid()), "url": url, "model": model, "name": name}
+    with atomic_write(path, "w") as handle:
+        json.dump(record, handle)
+
+
+def _forget_service(path: Any) -> None:
+    import contextlib
+    import os
+
+    from distml.ops.metrics import read_endpoint
+
+    record = read_endpoint(path, alive=False)
+    if record is not None and record.get("pid") == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @main.command("deploy")
@@ -334,7 +447,9 @@ def deploy_command(
     help="Run memoized steps again (all of them, or the named step; repeatable).",
 )
 @click.option("--continue-on-failure", is_flag=True, help="Run what does not depend on a failed step.")
-@click.option("--cpus", default=None, type=float, help="CPU slots steps may use at once [default: cores].")
+@click.option("--cpus", default=None, type=float, help="At most this many cpu slots for this run's steps at once.")
+@QUEUE_OPTION
+@PRIORITY_OPTION
 @click.pass_context
 def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
     """Run a pipeline (default: ingest, train three CNNs, select, serve); PATH.py:FUNCTION runs yours."""
@@ -358,6 +473,8 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             refresh=True if "*" in refresh else frozenset(refresh),
             fail_fast=not options["continue_on_failure"],
             cpus=options["cpus"],
+            queue=options["queue"],
+            priority=options["priority"],
         )
         result = _run_pipeline(ctx, target, params, run_options)
     served = result.result.get("served") if isinstance(result.result, dict) else None
@@ -611,6 +728,44 @@ def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> Non
     set_alias(ws, name, alias, version)
     moved = f" (moved from {name}:{previous})" if previous is not None and previous != version else ""
     click.echo(f"{name}@{alias} -> {name}:{version}{moved}")
+
+
+@main.command("top")
+@click.option("--once", is_flag=True, help="Print one frame (after one interval, so rates are known) and exit.")
+@click.option(
+    "--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds between refreshes."
+)
+@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token of the services' gateways.")
+@click.pass_context
+def top_command(ctx: click.Context, once: bool, interval: float, token: str | None) -> None:
+    """Live view of queues, training runs, pipeline runs and services (Ctrl-C quits)."""
+    from distml.ops.top import run_top
+
+    run_top(_workspace(ctx), once=once, interval=interval, token=token)
+
+
+@main.command("lineage")
+@click.argument("model", required=False, metavar="MODEL[:VERSION|@ALIAS]")
+@click.option("--data", "fingerprint", default=None, metavar="FINGERPRINT", help="A data snapshot (unique prefix ok).")
+@click.option("--json", "as_json", is_flag=True, help="Print the lineage as JSON.")
+@click.pass_context
+def lineage_command(ctx: click.Context, model: str | None, fingerprint: str | None, as_json: bool) -> None:
+    """Where MODEL came from (data snapshots, training run, parameters, code, workflow steps) and
+    where it went (deployments, what serves it now); with --data, everything trained from a snapshot."""
+    from distml.ops import lineage
+
+    if model is not None and fingerprint is not None:
+        raise DistmlError("give either a model or --data FINGERPRINT, not both")
+    if model is None and fingerprint is None:
+        raise DistmlError("give a model (MODEL, MODEL:VERSION or MODEL@ALIAS) or --data FINGERPRINT")
+    engine = _workspace(ctx).engine
+    view = lineage.model_lineage(engine, model) if model is not None else lineage.data_lineage(engine, fingerprint)
+    if as_json:
+        click.echo(json.dumps(view, indent=1, default=str))
+        return
+    from rich.console import Console
+
+    Console().print(lineage.render_model(view) if model is not None else lineage.render_data(view))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -43,25 +42,6 @@ PIPELINE = textwrap.dedent(
         return total(writer.map(range({WIDTH})))
     """
 )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A metadata store of its own for each test: the workspace's SQLite file or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield None
-        return
-    server_url = sa.engine.make_url(request.getfixturevalue("postgres_url"))
-    name = f"writers_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.mark.slow

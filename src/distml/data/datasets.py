@@ -175,6 +175,7 @@ def prepare_dataset(name: str, workspace: Any, data_dir: str | Path | None = Non
     """Locate or download `name`, fill the preprocessed cache of each split and record each as a
     data set snapshot; return one row per split (records, fingerprint, cache key, snapshot id)."""
     from distml.data.loader import Loader
+    from distml.ops import lineage
     from distml.ops.metadata import record_dataset
 
     ds = get_dataset(name, workspace, data_dir, progress=True)
@@ -192,6 +193,15 @@ def prepare_dataset(name: str, workspace: Any, data_dir: str | Path | None = Non
             num_records=len(source),
             uri=ds.uri,
             schema={"image_shape": list(ds.image_shape), "classes": list(ds.class_names)},
+        )
+        lineage.record_data_snapshot(  # an artifact in the lineage graph; inside a step (ingest), its output
+            workspace.engine,
+            name=ds.name,
+            split=split,
+            fingerprint=source.fingerprint(),
+            uri=ds.uri,
+            num_records=len(source),
+            dataset_id=snapshot,
         )
         rows.append(
             {

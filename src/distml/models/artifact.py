@@ -30,6 +30,7 @@ import distml
 from distml.errors import DistmlError
 from distml.models import zoo
 from distml.models.datatypes import DATATYPES
+from distml.ops import lineage as lineage_graph
 from distml.ops import metadata
 from distml.workspace import Workspace
 
@@ -273,8 +274,9 @@ def save_model(
     return _register(workspace, manifest)
 
 
-def _register(workspace: Workspace, manifest: dict[str, Any]) -> ModelRecord:
-    """Store a manifest and register it as the next version of its name."""
+def _register(workspace: Workspace, manifest: dict[str, Any], derived_from: str | None = None) -> ModelRecord:
+    """Store a manifest and register it as the next version of its name (a `model` artifact in the
+    lineage graph; `derived_from`: the manifest digest of the model it was registered from)."""
     manifest_digest = workspace.artifacts.put_bytes(
         json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False).encode("utf-8")
     )
@@ -285,6 +287,15 @@ def _register(workspace: Workspace, manifest: dict[str, Any]) -> ModelRecord:
         manifest_digest=manifest_digest,
         weights_digest=weights_digest,
         metrics=manifest["metrics"],
+    )
+    lineage_graph.record_model(
+        workspace.engine,
+        name=name,
+        version=version,
+        manifest_digest=manifest_digest,
+        weights_digest=weights_digest,
+        properties={"architecture": manifest["architecture"], "data_fingerprint": manifest["data_fingerprint"]},
+        derived_from=derived_from,
     )
     return ModelRecord(name, version, manifest_digest, weights_digest, manifest)
 
@@ -454,7 +465,7 @@ def register_as(workspace: Workspace, ref: str, name: str, lineage: dict[str, An
         "lineage": {**record.manifest["lineage"], **_plain_json("lineage", lineage or {}), "candidate": record.ref},
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
-    return _register(workspace, manifest)
+    return _register(workspace, manifest, derived_from=record.manifest_digest)
 
 
 def set_alias(workspace: Workspace, name: str, alias: str, version: int) -> None:

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from distml.errors import DistmlError
 from distml.ops import metadata as md
+from distml.ops import metrics
 from distml.ops.liveness import process_identity
 from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler, parse_priority, priority_name
 
@@ -113,15 +114,21 @@ def machine_node() -> Node:
 def ensure_node(engine: sa.Engine, node: Node | None = None) -> Node:
     """This host's node row: created from the machine on first use, then as the store says."""
     node = node or machine_node()
-    with engine.begin() as conn:
-        row = conn.execute(sa.select(md.sched_nodes).where(md.sched_nodes.c.name == node.name)).first()
-        if row is None:
-            conn.execute(
-                md.sched_nodes.insert().values(
-                    name=node.name, cpus=node.cpus, gpus=node.gpus, memory_gb=node.memory_gb, updated_at=time.time()
+    query = sa.select(md.sched_nodes).where(md.sched_nodes.c.name == node.name)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    if row is None:
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    md.sched_nodes.insert().values(
+                        name=node.name, cpus=node.cpus, gpus=node.gpus, memory_gb=node.memory_gb, updated_at=time.time()
+                    )
                 )
-            )
             return node
+        except sa.exc.IntegrityError:  # another process registered this host first: use its row
+            with engine.connect() as conn:
+                row = conn.execute(query).one()
     return Node(row.name, cpus=row.cpus, gpus=row.gpus, memory_gb=row.memory_gb)
 
 
@@ -158,6 +165,17 @@ def queue_weights(conn: sa.Connection) -> dict[str, float]:
     return {row.name: row.weight for row in conn.execute(sa.select(md.sched_queues))}
 
 
+def check_queue(engine: sa.Engine, queue: str) -> None:
+    """Refuse a queue that does not exist, naming those that do."""
+    with engine.connect() as conn:
+        queues = queue_weights(conn)
+    if queue not in queues:
+        raise DistmlError(
+            f"unknown queue {queue!r}; queues: {', '.join(sorted(queues))} "
+            f"(create one with: distml queue set {queue} --weight W)"
+        )
+
+
 def _gone(row: Any, host: str, now: float) -> bool:
     """Has the job's holder died? On this host by pid and start time; elsewhere by its lease."""
     if row.node == host:
@@ -165,15 +183,28 @@ def _gone(row: Any, host: str, now: float) -> bool:
     return row.lease_expires < now
 
 
-def schedule_pass(engine: sa.Engine, now: float | None = None, policy: Policy | None = None) -> dict[str, str]:
+def schedule_pass(
+    engine: sa.Engine,
+    now: float | None = None,
+    policy: Policy | None = None,
+    *,
+    node: Node | None = None,
+    first: Callable[[sa.Connection, float], None] | None = None,
+) -> dict[str, str]:
     """One scheduling decision for this host's node, in one transaction: reclaim the resources of
     dead holders, admit what may start, mark victims for preemption, record why the others wait.
-    Returns {job id: new state} for the jobs it changed."""
-    now = time.time() if now is None else now
-    node = ensure_node(engine)
-    changed: dict[str, str] = {}
+    `first(conn, now)` runs inside the transaction before the decision (a submission or a release, so
+    it costs no transaction of its own). Returns {job id: state after the pass} for every job
+    the pass looked at: waiting, running, preempting, or lost/failed for those it ended."""
+    node = node or ensure_node(engine)
+    started = time.perf_counter()
+    changed: dict[str, str] = {}  # what this pass did: running, preempting, lost, failed
+    states: dict[str, str] = {}
     with engine.begin() as conn:
         conn.execute(md.sched_lock.update().where(md.sched_lock.c.id == 1).values(passes=md.sched_lock.c.passes + 1))
+        now = time.time() if now is None else now  # read under the lock: passes' times never go back
+        if first is not None:
+            first(conn, now)
         rows = conn.execute(
             sa.select(md.sched_jobs).where(md.sched_jobs.c.state != "done", md.sched_jobs.c.node == node.name)
         ).all()
@@ -236,11 +267,14 @@ def schedule_pass(engine: sa.Engine, now: float | None = None, policy: Policy | 
             changed[job.id] = "preempting"
         for job_id, (job, row) in jobs.items():
             if job.running:
+                states[job_id] = "preempting" if job.preempting else "running"
                 continue
+            states[job_id] = "waiting"
             reason = scheduler.explain(job_id)
             if reason != row.reason:
                 conn.execute(md.sched_jobs.update().where(md.sched_jobs.c.id == job_id).values(reason=reason))
-    return changed
+    metrics.observe_pass(time.perf_counter() - started, changed)
+    return {**states, **changed}
 
 
 class SharedPool:
@@ -265,16 +299,12 @@ class SharedPool:
         self.preemptible = preemptible
         self.on_preempt = on_preempt
         self.node = ensure_node(engine)
-        with engine.connect() as conn:
-            queues = queue_weights(conn)
-        if queue not in queues:
-            raise DistmlError(
-                f"unknown queue {queue!r}; queues: {', '.join(sorted(queues))} "
-                f"(create one with: distml queue set {queue} --weight W)"
-            )
+        check_queue(engine, queue)
         self._pending: dict[str, tuple[str, Resources]] = {}  # job name -> (job id, request)
         self._held: dict[str, Lease] = {}  # job id -> lease
         self._preempted: set[str] = set()
+        self._states: dict[str, str] = {}  # the last pass's decision, and when it ran
+        self._passed_at = -1e9
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -286,39 +316,43 @@ class SharedPool:
 
     def try_acquire(self, job: str, request: Resources, *, estimate: float | None = None) -> Lease | None:
         """Submit `job` once, run a pass, and return its lease if it was admitted."""
-        if request.total_cpus == 0 and request.total_gpus == 0 and request.memory_gb == 0:
-            return Lease(f"free-{uuid.uuid4().hex[:8]}", job, request)  # nothing to hold
+        first = None
         if job not in self._pending:
             self.check(job, request)
-            self._pending[job] = (self._submit(job, request, estimate), request)
+            job_id, first = self._submission(job, request, estimate)
+            self._pending[job] = (job_id, request)
             self._start_heartbeat()
         job_id, _ = self._pending[job]
-        schedule_pass(self.engine)
-        state = self._state(job_id)
-        if state.state == "running":
+        if first is None and time.monotonic() - self._passed_at < POLL_SECONDS and job_id in self._states:
+            state = self._states[job_id]  # a pass this process just ran decided for every job at once
+        else:
+            state = self._pass(first).get(job_id, "done")
+        if state in ("running", "preempting"):
             del self._pending[job]
             lease = Lease(job_id, job, request)
             with self._lock:
                 self._held[job_id] = lease
             return lease
-        if state.state == "done":
+        if state != "waiting":
             del self._pending[job]
-            raise DistmlError(f"{job} was not admitted: {state.reason}")
+            raise DistmlError(f"{job} was not admitted: {self._state(job_id).reason}")
         return None
 
     def release(self, lease: Lease, outcome: str = "finished") -> None:
-        if not isinstance(lease.id, str) or lease.id.startswith("free-"):
+        if not isinstance(lease.id, str):
             return
         with self._lock:
             self._held.pop(lease.id, None)
             self._preempted.discard(lease.id)
-        with self.engine.begin() as conn:
+
+        def finish(conn: sa.Connection, now: float) -> None:
             conn.execute(
                 md.sched_jobs.update()
                 .where(md.sched_jobs.c.id == lease.id, md.sched_jobs.c.state != "done")
-                .values(state="done", outcome=outcome, ended_at=time.time())
+                .values(state="done", outcome=outcome, ended_at=now)
             )
-        schedule_pass(self.engine)  # the next in line starts now, not at its next poll
+
+        self._pass(finish)  # the next in line starts now
 
     # -- blocking form, and what a preempted holder does ---------------------------------------
 
@@ -336,10 +370,11 @@ class SharedPool:
             lease = self.try_acquire(job, request, estimate=estimate)
             if lease is not None:
                 return lease
-            reason = self._state(self._pending[job][0]).reason or "waiting"
-            if waiting is not None and reason != said:
-                waiting(reason)
-                said = reason
+            if waiting is not None:
+                reason = self._state(self._pending[job][0]).reason or "waiting"
+                if reason != said:
+                    waiting(reason)
+                    said = reason
             time.sleep(POLL_SECONDS)
 
     def requeue(self, lease: Lease) -> None:
@@ -356,7 +391,25 @@ class SharedPool:
                 )
             )
         self._pending[lease.job] = (str(lease.id), lease.resources)
-        schedule_pass(self.engine)
+
+    def adopt(self, job: str, request: Resources) -> Lease | None:
+        """Take over the running gang named `job` that a previous holder bound to a process
+        still alive (a workflow step after `distml run --resume`); submit it anew if it is gone."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(md.sched_jobs.c.id).where(
+                    md.sched_jobs.c.name == job,
+                    md.sched_jobs.c.node == self.node.name,
+                    md.sched_jobs.c.state.in_(["running", "preempting"]),
+                )
+            ).first()
+        if row is None:
+            return self.try_acquire(job, request)
+        lease = Lease(row.id, job, request)
+        with self._lock:
+            self._held[row.id] = lease
+        self._start_heartbeat()
+        return lease
 
     def preempted(self, lease: Lease) -> bool:
         return lease.id in self._preempted
@@ -364,7 +417,7 @@ class SharedPool:
     def bind(self, lease: Lease, pid: int) -> None:
         """Hand the lease to process `pid` (a step process): it stays held while that process
         lives, even when this one dies."""
-        if isinstance(lease.id, str) and not lease.id.startswith("free-"):
+        if isinstance(lease.id, str):
             with self.engine.begin() as conn:
                 conn.execute(
                     md.sched_jobs.update()
@@ -388,11 +441,14 @@ class SharedPool:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _submit(self, name: str, request: Resources, estimate: float | None) -> str:
+    def _submission(
+        self, name: str, request: Resources, estimate: float | None
+    ) -> tuple[str, Callable[[sa.Connection, float], None]]:
+        """A new job's id, and the insert of its row for the pass that first considers it."""
         job_id = f"{name[:90]}~{uuid.uuid4().hex[:6]}"  # readable in the reasons other jobs show
-        now = time.time()
         pid = os.getpid()
-        with self.engine.begin() as conn:
+
+        def insert(conn: sa.Connection, now: float) -> None:
             conn.execute(
                 md.sched_jobs.insert().values(
                     id=job_id,
@@ -415,7 +471,13 @@ class SharedPool:
                     preemptions=0,
                 )
             )
-        return job_id
+
+        return job_id, insert
+
+    def _pass(self, first: Callable[[sa.Connection, float], None] | None = None) -> dict[str, str]:
+        self._states = schedule_pass(self.engine, node=self.node, first=first)
+        self._passed_at = time.monotonic()
+        return self._states
 
     def _state(self, job_id: str) -> Any:
         with self.engine.connect() as conn:
@@ -479,3 +541,36 @@ def list_jobs(engine: sa.Engine, *, include_done: int = 0) -> list[dict[str, Any
     for row in rows:
         row["priority_class"] = priority_name(row["priority"])
     return rows
+
+
+def snapshot(engine: sa.Engine) -> dict[str, Any]:
+    """The pool as `distml queue` and `distml top` show it: this host's node with what is used,
+    each queue's weight, nominal share, current share and jobs, and every job not done."""
+    node = ensure_node(engine)
+    jobs = [job for job in list_jobs(engine) if job["node"] == node.name]
+    with engine.connect() as conn:
+        weights = queue_weights(conn)
+    scheduler = Scheduler([node], {**weights, **{j["queue"]: 1.0 for j in jobs if j["queue"] not in weights}})
+    for job in jobs:
+        if job["state"] in ("running", "preempting"):
+            request = Resources(cpus=job["cpus"], gpus=job["gpus"], workers=job["tasks"], memory_gb=job["memory_gb"])
+            scheduler.restore(Job(job["id"], request, queue=job["queue"]), [0] * job["tasks"], job["started_at"] or 0.0)
+    shares = scheduler.shares()
+    used = [sum(q[d] for q in scheduler.used.values()) for d in range(3)]
+    queues = [
+        {
+            "name": name,
+            "weight": weights.get(name, 1.0),
+            "nominal_share": scheduler.quota[name],
+            "share": shares[name],
+            "running": sum(1 for j in jobs if j["queue"] == name and j["state"] != "waiting"),
+            "waiting": sum(1 for j in jobs if j["queue"] == name and j["state"] == "waiting"),
+        }
+        for name in sorted(scheduler.weights)
+    ]
+    return {
+        "node": {"name": node.name, "cpus": node.cpus, "gpus": node.gpus, "memory_gb": node.memory_gb},
+        "used": {"cpus": used[0], "gpus": used[1], "memory_gb": used[2]},
+        "queues": queues,
+        "jobs": jobs,
+    }

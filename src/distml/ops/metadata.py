@@ -692,3 +692,219 @@ def _m6_scheduler(conn: sa.Connection) -> None:
 
 
 MIGRATIONS.append((6, _m6_scheduler))
+
+
+# -- ML Metadata: artifacts, executions, contexts and the events that link them (migration 7) ----
+# The model of ML Metadata (MLMD): an artifact is a thing that exists (a data snapshot, a checkpoint,
+# a model), an execution something that ran (a training run, a pipeline step, a deployment), an
+# event says an execution read (input) or wrote (output) an artifact, and a context groups
+# executions and artifacts (a pipeline run, a service) through associations and attributions.
+# Artifacts and executions carry a `key` unique within their type, so a producer records what it
+# knows whenever it knows it, any number of times, from any process: recording is idempotent.
+# The registry (model_versions, model_aliases) lives on top: a version's manifest digest is the
+# key of its `model` artifact. `distml.ops.lineage` records the producers' facts and walks the graph.
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("type", sa.String(50), nullable=False),  # dataset_snapshot, checkpoint, model
+    sa.Column("key", sa.String(500), nullable=False),
+    sa.Column("name", sa.String(300), nullable=True),
+    sa.Column("uri", sa.Text, nullable=True),
+    sa.Column("fingerprint", sa.String(200), nullable=True, index=True),  # content digest
+    sa.Column("properties_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("type", "key", name="uq_artifact_key"),
+)
+
+executions = sa.Table(
+    "executions",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("type", sa.String(50), nullable=False),  # training_run, step_execution, registration, deployment
+    sa.Column("key", sa.String(500), nullable=False),
+    sa.Column("name", sa.String(300), nullable=True),
+    sa.Column("state", sa.String(20), nullable=False),  # running, complete, failed, stopped, ended
+    sa.Column("properties_json", sa.Text, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("type", "key", name="uq_execution_key"),
+)
+
+contexts = sa.Table(
+    "contexts",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("type", sa.String(50), nullable=False),  # pipeline_run, service
+    sa.Column("name", sa.String(300), nullable=False),
+    sa.Column("properties_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("type", "name", name="uq_context_name"),
+)
+
+events = sa.Table(
+    "events",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("execution_id", sa.Integer, sa.ForeignKey("executions.id"), nullable=False),
+    sa.Column("artifact_id", sa.Integer, sa.ForeignKey("artifacts.id"), nullable=False, index=True),
+    sa.Column("kind", sa.String(10), nullable=False),  # input, output
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("execution_id", "artifact_id", "kind", name="uq_event"),
+)
+
+attributions = sa.Table(
+    "attributions",
+    metadata_obj,
+    sa.Column("context_id", sa.Integer, sa.ForeignKey("contexts.id"), primary_key=True),
+    sa.Column("artifact_id", sa.Integer, sa.ForeignKey("artifacts.id"), primary_key=True, index=True),
+)
+
+associations = sa.Table(
+    "associations",
+    metadata_obj,
+    sa.Column("context_id", sa.Integer, sa.ForeignKey("contexts.id"), primary_key=True),
+    sa.Column("execution_id", sa.Integer, sa.ForeignKey("executions.id"), primary_key=True, index=True),
+)
+
+EVENT_KINDS = ("input", "output")
+
+
+def _m7_lineage(conn: sa.Connection) -> None:
+    for table in (artifacts, executions, contexts, events, attributions, associations):
+        table.create(conn)
+
+
+MIGRATIONS.append((7, _m7_lineage))
+
+
+def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], Any], attempts: int = 20) -> Any:
+    """Run `work(conn)` in one transaction and return its result. On SQLite and PostgreSQL the
+    functions below never collide on a unique key (`INSERT ... ON CONFLICT DO NOTHING`); on other
+    databases a collision runs `work` again from the start, and the next try finds the other's row."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except sa.exc.IntegrityError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _insert_once(conn: sa.Connection, table: sa.Table, values: dict[str, Any], unique: tuple[str, ...]) -> bool:
+    """Insert the row unless one with the same `unique` columns exists (a concurrent writer's
+    included); True if this call inserted it."""
+    if conn.dialect.name in ("sqlite", "postgresql"):
+        if conn.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        statement = insert(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        return conn.execute(statement).first() is not None  # (rowcount is -1 on PostgreSQL)
+    where = [table.c[column] == values[column] for column in unique]
+    if conn.execute(sa.select(*[table.c[c] for c in unique]).where(*where)).first() is not None:
+        return False
+    conn.execute(table.insert().values(**values))
+    return True
+
+
+def _merged(old_json: str | None, new: dict[str, Any] | None) -> str:
+    properties = json.loads(old_json) if old_json else {}
+    properties.update(new or {})
+    return json.dumps(properties, sort_keys=True, default=str)
+
+
+def record_artifact(
+    conn: sa.Connection,
+    type: str,
+    key: str,
+    *,
+    name: str | None = None,
+    uri: str | None = None,
+    fingerprint: str | None = None,
+    properties: dict[str, Any] | None = None,
+) -> int:
+    """The id of artifact (`type`, `key`), created on first record; later records add the
+    properties and fields they give. Run inside `in_transaction`."""
+    given = {k: v for k, v in {"name": name, "uri": uri, "fingerprint": fingerprint}.items() if v is not None}
+    where = (artifacts.c.type == type, artifacts.c.key == key)
+    row = conn.execute(sa.select(artifacts).where(*where)).first()
+    if row is None:
+        values = dict(type=type, key=key, properties_json=_merged(None, properties), created_at=_now(), **given)
+        if _insert_once(conn, artifacts, values, ("type", "key")):
+            return int(conn.execute(sa.select(artifacts.c.id).where(*where)).scalar_one())
+        row = conn.execute(sa.select(artifacts).where(*where)).one()
+    merged = _merged(row.properties_json, properties)
+    if merged != row.properties_json or any(getattr(row, k) != v for k, v in given.items()):
+        conn.execute(artifacts.update().where(artifacts.c.id == row.id).values(properties_json=merged, **given))
+    return int(row.id)
+
+
+def record_execution(
+    conn: sa.Connection,
+    type: str,
+    key: str,
+    *,
+    state: str,
+    name: str | None = None,
+    properties: dict[str, Any] | None = None,
+) -> int:
+    """The id of execution (`type`, `key`), created on first record with `state`; a later record
+    moves it to `state` (ended_at is set once it is no longer running) and adds its properties.
+    One process writes each execution (its producer). Run inside `in_transaction`."""
+    now = _now()
+    where = (executions.c.type == type, executions.c.key == key)
+    values: dict[str, Any] = {"state": state, "updated_at": now, "ended_at": None if state == "running" else now}
+    if name is not None:
+        values["name"] = name
+    if properties is None:  # a change of state: one statement when the execution exists
+        row = conn.execute(executions.update().where(*where).values(**values).returning(executions.c.id)).first()
+        if row is not None:
+            return int(row.id)
+    first = dict(type=type, key=key, started_at=now, properties_json=_merged(None, properties), **values)
+    inserted = _insert_once(conn, executions, first, ("type", "key"))
+    row = conn.execute(sa.select(executions.c.id, executions.c.properties_json).where(*where)).one()
+    if not inserted:
+        conn.execute(
+            executions.update()
+            .where(executions.c.id == row.id)
+            .values(properties_json=_merged(row.properties_json, properties), **values)
+        )
+    return int(row.id)
+
+
+def record_context(conn: sa.Connection, type: str, name: str, properties: dict[str, Any] | None = None) -> int:
+    """The id of context (`type`, `name`), created on first record. Run inside `in_transaction`."""
+    where = (contexts.c.type == type, contexts.c.name == name)
+    found = conn.execute(sa.select(contexts.c.id).where(*where)).scalar()
+    if found is None:
+        values = dict(type=type, name=name, properties_json=_merged(None, properties), created_at=_now())
+        _insert_once(conn, contexts, values, ("type", "name"))
+        found = conn.execute(sa.select(contexts.c.id).where(*where)).scalar_one()
+    return int(found)
+
+
+def link(conn: sa.Connection, execution_id: int, artifact_id: int, kind: str) -> None:
+    """Record the event: execution `execution_id` read (`input`) or wrote (`output`) the artifact
+    (once, however often it is recorded). Run inside `in_transaction`."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"event kind must be one of {EVENT_KINDS}, got {kind!r}")
+    values = dict(execution_id=execution_id, artifact_id=artifact_id, kind=kind, created_at=_now())
+    _insert_once(conn, events, values, ("execution_id", "artifact_id", "kind"))
+
+
+def associate(
+    conn: sa.Connection, context_id: int, *, execution_id: int | None = None, artifact_id: int | None = None
+) -> None:
+    """Put an execution (association) or an artifact (attribution) in a context, once."""
+    if execution_id is not None:
+        _insert_once(
+            conn, associations, {"context_id": context_id, "execution_id": execution_id}, ("context_id", "execution_id")
+        )
+    if artifact_id is not None:
+        _insert_once(
+            conn, attributions, {"context_id": context_id, "artifact_id": artifact_id}, ("context_id", "artifact_id")
+        )

@@ -1,47 +1,390 @@
-"""Prometheus metrics for long-running distml processes, each on its own registry.
+"""Prometheus metrics of every long-running distml process, and where each process serves them.
 
-prometheus-client's collectors in a per-process `CollectorRegistry` (no global state), served
-over HTTP at `/metrics` on a given or free port.
+prometheus-client's collectors, each process on its own `CollectorRegistry`, served over HTTP at
+`/metrics` on a free port (`serve`), which the process records in an endpoint file in the
+workspace (`WORKSPACE/runs/RUN/metrics/rank-N.json`, `WORKSPACE/workflows/RUN/metrics.json`,
+`WORKSPACE/services/NAME/service.json`) so that `distml top` and scrapers find it. Names follow
+`distml_<area>_<thing>_<unit>`; the README's Monitoring section lists every one.
+
+Scheduling passes happen in free functions of many processes, so the scheduler's counters are
+process-wide (`observe_pass`), and its queue and pool gauges are read from the metadata store
+when scraped (`PoolCollector`), never cached.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# -- serving a registry and saying where ---------------------------------------------------------
+
+
+class MetricsEndpoint:
+    """A running `/metrics` server and the endpoint file that points at it (removed on close)."""
+
+    def __init__(self, server: Any, thread: threading.Thread, port: int, url: str, file: Path | None):
+        self.server, self.thread, self.port, self.url, self.file = server, thread, port, url, file
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        record = read_endpoint(self.file, alive=False) if self.file is not None else None
+        if record is not None and record.get("pid") == os.getpid():  # not a later process's file
+            with contextlib.suppress(FileNotFoundError):
+                self.file.unlink()
+
+
+def serve(
+    registry: CollectorRegistry,
+    port: int = 0,
+    addr: str = "127.0.0.1",
+    endpoint_file: str | os.PathLike | None = None,
+    **info: Any,
+) -> MetricsEndpoint:
+    """Serve `registry` at /metrics (a free port when `port` is 0); when `endpoint_file` is given,
+    write {url, port, pid, started, host, **info} there atomically once the port is bound."""
+    from distml.ops.liveness import process_identity
+    from distml.workspace import atomic_write
+
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    bound = int(server.server_port)
+    host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
+    url = f"http://{host}:{bound}/metrics"
+    path = Path(endpoint_file) if endpoint_file is not None else None
+    if path is not None:
+        pid = os.getpid()
+        record = {"url": url, "port": bound, "pid": pid, "started": process_identity(pid), "host": socket.gethostname()}
+        with atomic_write(path, "w") as handle:
+            json.dump({**record, **info}, handle)
+    return MetricsEndpoint(server, thread, bound, url, path)
+
+
+def read_endpoint(path: str | os.PathLike, alive: bool = True) -> dict[str, Any] | None:
+    """An endpoint file's record; with `alive`, None unless its process still runs (on this host,
+    the same pid and start time; on another host it cannot be told, so it counts as running)."""
+    from distml.ops.liveness import process_identity
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if alive and record.get("host", socket.gethostname()) == socket.gethostname():
+        pid = record.get("pid")
+        identity = process_identity(pid) if isinstance(pid, int) else None
+        if identity is None or record.get("started") not in (None, identity):
+            return None
+    return record
+
+
+# -- training ------------------------------------------------------------------------------------
 
 
 class TrainingMetrics:
-    def __init__(self, run_id: str):
-        self.registry = CollectorRegistry()
-        labels = {"run": run_id}
-        self.step = Gauge("distml_train_step", "Optimizer steps done", ["run"], registry=self.registry).labels(**labels)
+    """Metrics of one training rank (a worker, or a parameter server), labelled run and rank.
+
+    Counters and throughput are this rank's own: sum over `rank` for the run's."""
+
+    STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+    def __init__(self, run_id: str, rank: int = 0, registry: CollectorRegistry | None = None):
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        names, labels = ["run", "rank"], {"run": run_id, "rank": str(rank)}
+        self.run_id, self.rank = run_id, rank
+        self.step = Gauge("distml_train_step", "Optimizer steps done", names, registry=registry).labels(**labels)
         self.loss = Gauge(
-            "distml_train_loss", "Training loss of the last step", ["run"], registry=self.registry
+            "distml_train_loss", "Training loss of this rank's last step", names, registry=registry
         ).labels(**labels)
         self.samples_per_second = Gauge(
-            "distml_train_samples_per_second", "Global training throughput", ["run"], registry=self.registry
+            "distml_train_samples_per_second",
+            "This rank's training throughput (moving average; sum over ranks for the run's)",
+            names,
+            registry=registry,
         ).labels(**labels)
         self.samples = Counter(
-            "distml_train_samples", "Training samples processed (global)", ["run"], registry=self.registry
+            "distml_train_samples", "Training samples this rank processed", names, registry=registry
         ).labels(**labels)
         self.step_seconds = Histogram(
             "distml_train_step_seconds",
-            "Wall time of one optimizer step",
-            ["run"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            "Wall time of one optimizer step (compute and communication, not the data wait)",
+            names,
+            registry=registry,
+            buckets=self.STEP_BUCKETS,
         ).labels(**labels)
         self.world_size = Gauge(
-            "distml_train_world_size", "Workers in the current rendezvous round", ["run"], registry=self.registry
+            "distml_train_world_size", "Training workers in the current rendezvous round", names, registry=registry
         ).labels(**labels)
         self.restarts = Gauge(
-            "distml_train_restarts", "Restarts of this run's workers so far", ["run"], registry=self.registry
+            "distml_train_restarts", "Restarts of this run's workers so far", names, registry=registry
         ).labels(**labels)
+        self._last: float | None = None
+        self._speed = 0.0
+        self._loss: Any = float("nan")
+        self.loss.set_function(self._loss_value)
 
-    def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics; return the bound port (a free one when `port` is 0)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_port)
+    def _loss_value(self) -> float:
+        return float(self._loss)  # a tensor is read only when scraped: no device sync per step
 
+    def observe_step(self, step: int, loss: Any, seconds: float, samples: int) -> None:
+        """Record one optimizer step of `samples` samples; `loss` may be a tensor (read on scrape)."""
+        now = time.perf_counter()
+        wall = now - self._last if self._last is not None else seconds
+        self._last = now
+        instant = samples / max(wall, 1e-9)
+        self._speed = instant if self._speed == 0 else 0.9 * self._speed + 0.1 * instant
+        self._loss = loss
+        self.step.set(step)
+        self.samples.inc(samples)
+        self.step_seconds.observe(seconds)
+        self.samples_per_second.set(self._speed)
+
+    def serve(
+        self, port: int = 0, addr: str = "127.0.0.1", endpoint_file: str | os.PathLike | None = None
+    ) -> MetricsEndpoint:
+        """Serve /metrics (a free port when `port` is 0), recorded in `endpoint_file` when given."""
+        return serve(self.registry, port, addr, endpoint_file, run=self.run_id, rank=self.rank)
+
+
+# -- workflows -----------------------------------------------------------------------------------
+
+#: Every state a workflow step can be in; each is exported, at 0 when no step is in it.
+STEP_STATES = (
+    "waiting",
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "cached",
+    "skipped",
+    "failed",
+    "upstream_failed",
+    "cancelled",
+)
+
+
+class _StepStates(Collector):
+    def __init__(self, run_id: str, states: Callable[[], Iterable[str]]):
+        self.run_id, self.states = run_id, states
+
+    def describe(self):
+        return [GaugeMetricFamily("distml_workflow_steps", "Steps of the run by state", labels=["run", "state"])]
+
+    def collect(self):
+        counts = dict.fromkeys(STEP_STATES, 0)
+        for state in list(self.states()):
+            counts[state] = counts.get(state, 0) + 1
+        family = GaugeMetricFamily("distml_workflow_steps", "Steps of the run by state", labels=["run", "state"])
+        for state, count in counts.items():
+            family.add_metric([self.run_id, state], count)
+        yield family
+
+
+class WorkflowMetrics:
+    """Metrics of one `distml run` orchestrator: steps by state (read from `states()` when
+    scraped), step durations by outcome, memo-cache lookups and retries, labelled run and step."""
+
+    STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+    def __init__(self, run_id: str, states: Callable[[], Iterable[str]], registry: CollectorRegistry | None = None):
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        self.run_id = run_id
+        registry.register(_StepStates(run_id, states))
+        self.step_seconds = Histogram(
+            "distml_workflow_step_seconds",
+            "Wall time of one step attempt, start of its process to its result",
+            ["run", "step", "outcome"],
+            registry=registry,
+            buckets=self.STEP_BUCKETS,
+        )
+        self.cache = Counter(
+            "distml_workflow_cache_lookups",
+            "Memo-cache lookups of memoized steps (result: hit or miss)",
+            ["run", "step", "result"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "distml_workflow_retries", "Failed step attempts that were retried", ["run", "step"], registry=registry
+        )
+
+    def step_finished(self, step: str, outcome: str, seconds: float) -> None:
+        self.step_seconds.labels(self.run_id, step, outcome).observe(max(seconds, 0.0))
+
+    def cache_lookup(self, step: str, hit: bool) -> None:
+        self.cache.labels(self.run_id, step, "hit" if hit else "miss").inc()
+
+    def retried(self, step: str) -> None:
+        self.retries.labels(self.run_id, step).inc()
+
+    def serve(self, endpoint_file: str | os.PathLike | None = None, port: int = 0) -> MetricsEndpoint:
+        return serve(self.registry, port, endpoint_file=endpoint_file, run=self.run_id)
+
+
+# -- scheduling ----------------------------------------------------------------------------------
+
+
+class SchedulerMetrics:
+    """The scheduling passes this process ran: their duration and what they decided. One per
+    process (`scheduler_metrics()`); `expose_scheduler` adds it to a process's registry."""
+
+    PASS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+    def __init__(self) -> None:
+        self.pass_seconds = Histogram(
+            "distml_scheduler_pass_seconds",
+            "Wall time of one scheduling pass run by this process (one store transaction)",
+            registry=None,
+            buckets=self.PASS_BUCKETS,
+        )
+        self.admitted = Counter("distml_scheduler_jobs_admitted", "Jobs a pass of this process started", registry=None)
+        self.preempted = Counter(
+            "distml_scheduler_jobs_preempted", "Running jobs a pass of this process chose to preempt", registry=None
+        )
+        self.reclaimed = Counter(
+            "distml_scheduler_jobs_reclaimed",
+            "Jobs whose holder died; a pass of this process took their resources back",
+            registry=None,
+        )
+        self.rejected = Counter(
+            "distml_scheduler_jobs_rejected", "Waiting jobs a pass of this process found could never fit", registry=None
+        )
+        self.collectors = (self.pass_seconds, self.admitted, self.preempted, self.reclaimed, self.rejected)
+        self._by_state = {
+            "running": self.admitted,
+            "preempting": self.preempted,
+            "lost": self.reclaimed,
+            "failed": self.rejected,
+        }
+
+    def observe_pass(self, seconds: float, changed: dict[str, str] | None = None) -> None:
+        self.pass_seconds.observe(seconds)
+        for state in (changed or {}).values():
+            counter = self._by_state.get(state)
+            if counter is not None:
+                counter.inc()
+
+
+_scheduler: SchedulerMetrics | None = None
+_scheduler_lock = threading.Lock()
+
+
+def scheduler_metrics() -> SchedulerMetrics:
+    """This process's scheduler metrics (created on first use)."""
+    global _scheduler
+    if _scheduler is None:
+        with _scheduler_lock:
+            if _scheduler is None:
+                _scheduler = SchedulerMetrics()
+    return _scheduler
+
+
+def observe_pass(seconds: float, changed: dict[str, str] | None = None) -> None:
+    """Record one scheduling pass: how long it took and its {job id: new state} changes
+    (running: admitted, preempting: preempted, lost: reclaimed, failed: rejected)."""
+    scheduler_metrics().observe_pass(seconds, changed)
+
+
+JOB_STATES = ("waiting", "running", "preempting")
+RESOURCES = ("cpus", "gpus", "memory_gb")
+
+
+def scheduler_passes(engine: Any) -> int:
+    """Scheduling passes run in this workspace so far, by every process."""
+    import sqlalchemy as sa
+
+    from distml.ops import metadata as md
+
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(md.sched_lock.c.passes).where(md.sched_lock.c.id == 1)).scalar() or 0)
+
+
+class PoolCollector(Collector):
+    """The workspace pool's queues, jobs and capacity, read from the metadata store at each scrape."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def describe(self):
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple:
+        return (
+            GaugeMetricFamily("distml_scheduler_jobs", "Jobs not done, by queue and state", labels=["queue", "state"]),
+            GaugeMetricFamily("distml_scheduler_queue_weight", "Each queue's weight", labels=["queue"]),
+            GaugeMetricFamily(
+                "distml_scheduler_queue_share",
+                "Each queue's dominant share of the pool over its nominal share (1 = its fair share)",
+                labels=["queue"],
+            ),
+            GaugeMetricFamily(
+                "distml_scheduler_pool_capacity",
+                "What each node offers the pool (resource: cpus slots, gpus, memory_gb GiB)",
+                labels=["node", "resource"],
+            ),
+            GaugeMetricFamily(
+                "distml_scheduler_pool_used",
+                "What running jobs hold on each node (resource: cpus slots, gpus, memory_gb GiB)",
+                labels=["node", "resource"],
+            ),
+            CounterMetricFamily("distml_scheduler_passes", "Scheduling passes in this workspace, all processes"),
+            GaugeMetricFamily("distml_scheduler_store_up", "1 when the last scrape could read the metadata store"),
+        )
+
+    def collect(self):
+        from distml.ops.admission import snapshot
+
+        jobs, weight, share, capacity, used, passes, up = self._families()
+        try:
+            pool = snapshot(self.engine)
+            passes.add_metric([], scheduler_passes(self.engine))
+        except Exception:  # the store is busy or gone: say so instead of failing the whole scrape
+            up.add_metric([], 0)
+            yield up
+            return
+        for queue in pool["queues"]:
+            counts = dict.fromkeys(JOB_STATES, 0)
+            for job in pool["jobs"]:
+                if job["queue"] == queue["name"]:
+                    counts[job["state"]] = counts.get(job["state"], 0) + 1
+            for state, count in counts.items():
+                jobs.add_metric([queue["name"], state], count)
+            weight.add_metric([queue["name"]], queue["weight"])
+            share.add_metric([queue["name"]], queue["share"])
+        node = pool["node"]
+        for dim in RESOURCES:
+            capacity.add_metric([node["name"], dim], float(node[dim]))
+            used.add_metric([node["name"], dim], float(pool["used"][dim]))
+        up.add_metric([], 1)
+        yield from (jobs, weight, share, capacity, used, passes, up)
+
+
+def expose_scheduler(registry: CollectorRegistry, engine: Any) -> CollectorRegistry:
+    """Add this process's scheduler metrics and the workspace pool's state to `registry`."""
+    for collector in scheduler_metrics().collectors:
+        registry.register(collector)
+    registry.register(PoolCollector(engine))
+    return registry
+
+
+def serve_scheduler(engine: Any, endpoint_file: str | os.PathLike | None = None, **info: Any) -> MetricsEndpoint:
+    """Serve the scheduler metrics alone on a free port (a process that schedules but has no
+    registry of its own, such as `distml train`'s launcher); close() it when done."""
+    return serve(expose_scheduler(CollectorRegistry(), engine), endpoint_file=endpoint_file, **info)
+
+
+# -- serving -----------------------------------------------------------------------------------------
 
 #: Request latency buckets (seconds) of every serving process, so replica and gateway histograms line up.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

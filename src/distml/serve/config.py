@@ -65,6 +65,13 @@ class ReplicaConfig(_Strict):
     job_concurrency: int = Field(4, ge=1, le=256, description="asynchronous jobs run at once")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: LogLevel = "info"
+    cpus: float = Field(
+        0.0,
+        ge=0,
+        description="cpu slots the workspace's scheduler reserves for the replica before it starts; 0 registers "
+        "it (visible in `distml queue`, freed when it dies) without reserving, as a replica mostly waits",
+    )
+    queue: str = Field("default", description="scheduler queue the replica asks in (priority class: serving)")
 
 
 class ScalingPolicy(_Strict):

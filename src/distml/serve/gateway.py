@@ -70,6 +70,54 @@ class Upstream:
         return None
 
 
+class Deployments:
+    """What this gateway serves, in the lineage graph of its workspace's metadata store: a deployment
+    per model version, from when its replicas serve it until a roll drops it or the gateway stops.
+    Best effort: serving never fails for the store (a problem is logged). Nothing is recorded for
+    a workspace without a metadata store (fake replicas); real ones load registered models from it."""
+
+    def __init__(self, config: ServeConfig, url: str):
+        self.config, self.url = config, url
+        self.serving: dict[str, str | None] = {}  # model ref as configured -> NAME:VERSION recorded
+        self._workspace: Any = None
+
+    def update(self, models: Sequence[str]) -> None:
+        """Record the move from what was served to `models`: new ones start, dropped ones end."""
+        import os
+        import socket
+        from pathlib import Path
+
+        from distml.ops import lineage
+        from distml.ops.liveness import process_identity
+
+        pid, before = os.getpid(), self.serving
+        self.serving = {ref: before.get(ref) for ref in models}
+        changes = [(ref, before[ref] or ref, "ended") for ref in before if ref not in self.serving]
+        changes += [(ref, ref, "running") for ref in self.serving if ref not in before]
+        root = Path(self.config.replica.workspace)
+        try:
+            if self._workspace is None and (os.environ.get("DISTML_DB_URL") or (root / "distml.db").exists()):
+                from distml.workspace import Workspace
+
+                self._workspace = Workspace(root)
+            if self._workspace is None:
+                return
+            engine, host, started = self._workspace.engine, socket.gethostname(), process_identity(pid)
+            origin = {"started_by": lineage.enclosing_step()} if not before else {}  # e.g. a pipeline's serve step
+            for ref, recorded, state in changes:
+                pinned = lineage.record_deployment(
+                    engine, service=self.config.name, ref=recorded, state=state, url=self.url,
+                    pid=pid, host=host, pid_started=started, properties=origin,
+                )  # fmt: skip
+                if state == "running":
+                    self.serving[ref] = pinned
+        except Exception as exc:
+            log.warning("the lineage graph misses what %s serves (%s): %s", self.config.name, list(models), exc)
+        if not self.serving and self._workspace is not None:
+            self._workspace.close()
+            self._workspace = None
+
+
 def _error(status: int, message: str) -> Upstream:
     return Upstream(status, [("content-type", "application/json")], http.error_body(message))
 
@@ -110,6 +158,7 @@ class Gateway:
         self._rr = 0
         self._session: aiohttp.ClientSession | None = None
         self.started = False
+        self.deployments: Deployments | None = None  # set by `serve_gateway` once it serves
 
     # ------------------------------------------------------------ lifecycle
 
@@ -361,6 +410,8 @@ class Gateway:
         if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
             raise DistmlError('expected {"models": ["<ref>", ...]} with at least one model reference')
         await asyncio.gather(*(rs.roll(models) for rs in self.groups))
+        if self.deployments is not None:
+            await asyncio.to_thread(self.deployments.update, self.groups[0].models)
 
     def snapshot(self) -> dict:
         out: dict[str, Any] = {"groups": [rs.snapshot() for rs in self.groups], "traffic": self.traffic}
@@ -535,6 +586,10 @@ async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | N
             raise DistmlError(f"gateway did not start: {exc}") from None
         raise
 
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    gateway.deployments = Deployments(config, f"http://{host}:{sock.getsockname()[1]}")
+    await asyncio.to_thread(gateway.deployments.update, gateway.groups[0].models)  # before the port file
+
     def ready(port: int) -> None:
         url = f"http://{config.host}:{port}"
         log.warning("gateway ready on %s", url)
@@ -552,6 +607,7 @@ async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | N
         )
     finally:
         await gateway.close()
+        await asyncio.to_thread(gateway.deployments.update, ())
 
 
 def run_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:

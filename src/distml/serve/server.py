@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 import distml
 from distml.errors import DistmlError
+from distml.ops.admission import Lease, Resources, SharedPool
 from distml.ops.metrics import ServingMetrics
 from distml.serve import http, protocol
 from distml.serve.config import TOKEN_ENV, ReplicaConfig, load_replica_config
@@ -365,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m distml.serve.server REPLICA_CONFIG.json (written by `distml serve`)", file=sys.stderr)
         return 2
     workspace: Workspace | None = None
+    pool: SharedPool | None = None
+    lease: Lease | None = None
     try:
         config = load_replica_config(args[0])
         logging.basicConfig(
@@ -375,10 +379,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback POST is noise
         http.clear_port_file(config.port_file)
         workspace = Workspace(config.workspace)
+        # The replica's own place in the workspace's scheduler, held by this process (freed if it dies).
+        pool = SharedPool(workspace.engine, queue=config.queue, priority="serving", kind="serve")
+        lease = pool.acquire(
+            f"replica {Path(args[0]).stem}",
+            Resources(cpus=config.cpus),
+            waiting=lambda why: log.info("event=waiting reason=%r", why),
+        )
         app = create_app(config, token=os.environ.get(TOKEN_ENV) or None, workspace=workspace)
         sock = http.bind(config.host, config.port)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if lease is not None:
+            pool.release(lease, "failed")
         return 2
     server: ModelServer = app.state.server
 
@@ -403,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     finally:
+        if pool is not None:
+            if lease is not None:
+                pool.release(lease)
+            pool.close()
         workspace.close()
 
 

@@ -41,9 +41,15 @@ def build_serve_config(ws: Workspace, model: str, options: dict[str, Any]) -> tu
     ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
     given = {key: value for key, value in options.items() if value is not None}
     replica: dict[str, Any] = {"workspace": str(Path(ws.root).resolve()), "models": [pinned]}
-    for key in ("max_batch_size", "max_batch_delay_ms"):
+    for key in ("max_batch_size", "max_batch_delay_ms", "queue"):
         if key in given:
             replica[key] = given.pop(key)
+    if "replica_cpus" in given:
+        replica["cpus"] = given.pop("replica_cpus")
+    if "queue" in replica:
+        from distml.ops.admission import check_queue
+
+        check_queue(ws.engine, replica["queue"])
     autoscale = given.pop("autoscale", None)
     policy = {
         key: given.pop(key)

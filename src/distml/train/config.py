@@ -47,6 +47,16 @@ class TrainConfig(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     log_samples: bool = False
     threads: int | None = Field(None, ge=1)
+    queue: str = Field("default", description="scheduler queue the run's gang waits in")
+    priority: str = Field("normal", description="priority class (low, normal, high) or an integer")
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: str) -> str:
+        from distml.ops.scheduler import parse_priority
+
+        parse_priority(value)
+        return value
 
     @field_validator("nnodes")
     @classmethod
@@ -110,6 +120,8 @@ class TrainConfig(BaseModel):
                 "rdzv_last_call_timeout",
                 "log_samples",
                 "threads",
+                "queue",
+                "priority",
                 "nnodes",
                 "workers",
             }

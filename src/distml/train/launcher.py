@@ -5,6 +5,9 @@
 c10d rendezvous (`--nnodes MIN:MAX --rdzv-endpoint HOST:PORT`) across machines, `--max-restarts`
 for fault tolerance. The agent restarts all workers when one fails; they resume from the run's
 latest checkpoint. Returns the run's result, or None when the run was stopped by a signal.
+On one machine the run's gang (a cpu slot, and a gpu on CUDA, per process) is admitted by the
+workspace's scheduler first; when it is preempted, the workers checkpoint on SIGTERM, the gang
+waits in its queue again and the run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 from distml.errors import DistmlError
+from distml.ops.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus
+from distml.ops.metrics import serve_scheduler
 from distml.train.config import TrainConfig
 from distml.workspace import Workspace, atomic_write
 
@@ -48,10 +55,6 @@ def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
 
 
 def launch(config: TrainConfig) -> dict[str, Any] | None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     from distml.data.datasets import get_dataset
 
     config = config.model_copy(update={"workspace": str(Path(config.workspace).resolve())})
@@ -70,6 +73,99 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     # restarted workers can read the previous round's gloo/NCCL keys and hang in
     # init_process_group (pytorch/pytorch#135712); each round gets a fresh store without it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if config.rdzv_endpoint is not None or os.environ.get(JOB_ENV):
+        # Multi-node: the rendezvous gathers the gang across machines (a cluster's scheduler, Kueue,
+        # admits it there). Inside a workflow step: the step's gang is already held.
+        return _run(config, config_path, result_path)
+    return _run_admitted(ws, config, config_path, result_path)
+
+
+def gang_request(config: TrainConfig, pool_cpus: float) -> Resources:
+    """What a run holds while it trains: a task per process (workers, plus the parameter servers),
+    each with the cpu slots of its threads (`threads`; by default the run's processes share the
+    pool's slots, as they share the cores), and a gpu per process on CUDA when there is one for
+    each (fewer gpus than processes are shared, which the scheduler cannot count per task)."""
+    cpus = float(config.threads) if config.threads else pool_cpus / config.procs_per_node
+    cuda = config.device == "cuda" or (config.device == "auto" and count_gpus() > 0)
+    gpus = 1 if cuda and count_gpus() >= config.procs_per_node else 0
+    return Resources(cpus=cpus, gpus=gpus, workers=config.procs_per_node)
+
+
+def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_path: Path) -> dict[str, Any] | None:
+    """Run under a lease of the workspace's scheduler; on preemption, requeue and resume."""
+    log = logging.getLogger("distml.train")
+    training = threading.Event()  # SIGTERM is only ours to send while torchrun's handlers are in place
+
+    def stop_for_preemption(lease: Lease) -> None:
+        if training.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    pool = SharedPool(
+        ws.engine,
+        queue=config.queue,
+        priority=config.priority,
+        kind="train",
+        preemptible=True,
+        on_preempt=stop_for_preemption,
+    )
+    run_id = config.resolved_run_id()
+    endpoint = serve_scheduler(ws.engine, config.run_dir() / "metrics" / "launcher.json", run=run_id)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+
+    def stop_waiting(signum: int, _frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    def waiting_handlers() -> None:  # torchrun leaves its own handlers installed after a round
+        if main_thread:
+            signal.signal(signal.SIGTERM, stop_waiting)
+
+    waiting_handlers()
+    try:
+        while True:
+            lease = pool.acquire(
+                run_id, gang_request(config, pool.node.cpus), waiting=lambda why: _say(f"{run_id} waits: {why}")
+            )
+            try:
+                if pool.preempted(lease):  # chosen as a victim before it even started
+                    pool.requeue(lease)
+                    continue
+                training.set()
+                result = _run(config, config_path, result_path)
+            except Stopped:
+                training.clear()
+                waiting_handlers()
+                if pool.preempted(lease):
+                    _say(f"{run_id} was preempted: checkpoint written, waiting in queue {config.queue} to resume")
+                    pool.requeue(lease)
+                    continue
+                pool.release(lease, "cancelled")
+                raise
+            except BaseException:
+                training.clear()
+                pool.release(lease, "failed")
+                raise
+            training.clear()
+            waiting_handlers()
+            pool.release(lease, "finished")
+            log.debug("run %s released its gang", run_id)
+            return result
+    finally:
+        pool.close()
+        endpoint.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _say(message: str) -> None:
+    print(f"[distml] {message}", flush=True)
+
+
+def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str, Any] | None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     try:
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:

@@ -1,7 +1,8 @@
-"""What the lead worker reports while training: a progress line, Prometheus, the metadata store.
+"""What the lead worker reports while training: a progress line and the metadata store.
 
 A rich progress bar (loss, samples/s) on a terminal, one log line per ~5% otherwise; per-step
 metrics are buffered and written to the metadata store at each checkpoint, in one transaction.
+(Prometheus metrics are each rank's own, served by the worker.)
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from distml.ops import metadata
 
 
 class Reporter:
-    def __init__(self, workspace: Any, config: Any, total: int, start_step: int, global_batch: int, metrics: Any):
+    def __init__(self, workspace: Any, config: Any, total: int, start_step: int, global_batch: int):
         self.workspace, self.config, self.total, self.global_batch = workspace, config, total, global_batch
-        self.metrics = metrics
         self.run_id = config.resolved_run_id()
         self.rows: list[dict[str, Any]] = []
         self.last: float | None = None
@@ -50,12 +50,6 @@ class Reporter:
         self.rows.append(
             {"step": step, "epoch": epoch, "loss": loss, "step_seconds": seconds, "samples_per_s": instant}
         )
-        if self.metrics is not None:
-            self.metrics.step.set(step)
-            self.metrics.loss.set(loss)
-            self.metrics.samples.inc(self.global_batch)
-            self.metrics.step_seconds.observe(seconds)
-            self.metrics.samples_per_second.set(self.samples_per_s)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=loss, speed=self.samples_per_s)
         elif step % self.every == 0 or step == self.total:

@@ -63,6 +63,7 @@ class Context:
         self.is_server = self.rank < self.servers
         self.is_lead = self.rank == self.servers  # the first worker: checkpoints, evaluates, reports
         self.device = resolve_device(config.device, self.local_rank) if not self.is_server else torch.device("cpu")
+        self.metrics: Any = None  # this rank's TrainingMetrics, served from main()
 
     def log(self, message: str) -> None:
         print(f"[distml rank {self.rank}/{self.world} attempt {self.restart}] {message}", file=sys.stderr, flush=True)
@@ -87,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.rank == 0:
         ctx.log(f"process group {backend}, device {ctx.device}, {threads} threads per rank")
     stop = StopFlag()
-    if ctx.is_server:
-        serve(ctx, stop)
-    else:
-        train(ctx, stop)
+    ctx.metrics, endpoint = start_metrics(ctx)
+    try:
+        if ctx.is_server:
+            serve(ctx, stop)
+        else:
+            train(ctx, stop)
+    finally:
+        endpoint.close()
     # Leave together: a rank that exits while the lead still evaluates can make gloo abort peers.
     dist.barrier()
     dist.destroy_process_group()
@@ -98,6 +103,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- shared pieces ----------------------------------------------------------------------------
+
+
+def start_metrics(ctx: Context):
+    """Every rank serves its Prometheus metrics on a free port (the lead on `metrics_port` when
+    set) and records where in RUN/metrics/rank-N.json."""
+    from distml.ops.metrics import TrainingMetrics
+
+    metrics = TrainingMetrics(ctx.config.resolved_run_id(), ctx.rank)
+    metrics.world_size.set(ctx.num_workers)
+    metrics.restarts.set(ctx.restart)
+    port = ctx.config.metrics_port if ctx.is_lead and ctx.config.metrics_port is not None else 0
+    endpoint = metrics.serve(port, endpoint_file=ctx.run_dir / "metrics" / f"rank-{ctx.rank}.json")
+    if ctx.is_lead and ctx.config.metrics_port is not None:
+        ctx.log(f"Prometheus metrics at {endpoint.url}")
+        (ctx.run_dir / "metrics_port").write_text(str(endpoint.port))
+    return metrics, endpoint
 
 
 def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader:
@@ -164,6 +185,7 @@ def serve(ctx: Context, stop: StopFlag) -> None:
         server.load_state_dict(checkpoint.load_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}"))
         loader.load_state_dict(checkpoint.load_part(ctx.run_dir, step, "trainer")["loader"])
     total = planned_steps(config, loader, step)
+    ctx.metrics.step.set(step)
     ctx.log(
         f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
         f"{config.ps_mode}, from step {step} of {total}"
@@ -178,6 +200,7 @@ def serve(ctx: Context, stop: StopFlag) -> None:
             clocks = {rank: step for rank in worker_ranks}
             server.serve_async(len(worker_ranks) * (boundary - step), clocks, boundary)
         step = boundary
+        ctx.metrics.step.set(step)
         checkpoint.save_part(ctx.run_dir, step, f"ps-shard-{ctx.rank}", server.state_dict())
         if agree_stop(stop.requested, torch.device("cpu")):
             ctx.log(f"stopping at step {step} (SIGTERM), checkpoint written")
@@ -194,7 +217,6 @@ def _workspace(config: TrainConfig):
 
 
 def train(ctx: Context, stop: StopFlag) -> None:
-    from distml.ops.metrics import TrainingMetrics
     from distml.train.progress import Reporter
 
     config = ctx.config
@@ -224,16 +246,12 @@ def train(ctx: Context, stop: StopFlag) -> None:
         trainer.pull()
     total = planned_steps(config, loader, step)
 
-    metrics = reporter = None
-    if ctx.is_lead:
-        metrics = TrainingMetrics(config.resolved_run_id())
-        metrics.world_size.set(ctx.num_workers)
-        metrics.restarts.set(ctx.restart)
-        if config.metrics_port is not None:
-            port = metrics.serve(config.metrics_port)
-            ctx.log(f"Prometheus metrics at http://127.0.0.1:{port}/metrics")
-            (ctx.run_dir / "metrics_port").write_text(str(port))
-        reporter = Reporter(ws, config, total, step, ctx.num_workers * config.batch_size, metrics)
+    metrics = ctx.metrics
+    metrics.step.set(step)
+    reporter = None
+    if ctx.is_lead:  # every rank updates its own metrics below, the reporter only the store and the bar
+        reporter = Reporter(ws, config, total, step, ctx.num_workers * config.batch_size)
+        record_lineage(ctx, ws, dataset, "running")
     sample_log = _sample_log(ctx) if config.log_samples else None
 
     stopped = False
@@ -247,8 +265,10 @@ def train(ctx: Context, stop: StopFlag) -> None:
             if sample_log is not None:
                 sample_log.write(f"{step} {','.join(map(str, batch['index'].tolist()))}\n")
                 sample_log.flush()
+            seconds = time.perf_counter() - started
+            metrics.observe_step(step, loss, seconds, len(y))
             if reporter is not None:
-                reporter.step(step, float(loss), time.perf_counter() - started, loader.epoch)
+                reporter.step(step, float(loss), seconds, loader.epoch)
             boundary = step % config.checkpoint_every == 0 or step >= total
             if config.strategy == "allreduce":
                 # ranks agree on a SIGTERM every few steps (and at checkpoints): one collective per
@@ -313,6 +333,28 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, workspace) -
     return correct / max(seen, 1)
 
 
+def record_lineage(ctx: Context, ws: Any, dataset: Any, state: str, model_digest: str | None = None) -> None:
+    """The run in the lineage graph: its parameters, code and data snapshots (train and test splits)
+    as it starts, and its last checkpoint and saved model as it completes."""
+    from distml.ops import lineage
+
+    config = ctx.config
+    data = [
+        dict(name=dataset.name, split=split, fingerprint=source.fingerprint(), uri=dataset.uri, num_records=len(source))
+        for split, source in dataset.splits.items()
+    ]
+    last = checkpoint.latest_step(ctx.run_dir) if model_digest is not None else None
+    lineage.record_training(
+        ws.engine,
+        config.resolved_run_id(),
+        state=state,
+        parameters=config.model_dump(),
+        data=data,
+        checkpoint={"uri": str(checkpoint.step_dir(ctx.run_dir, last)), "step": last} if last else None,
+        model_digest=model_digest,
+    )
+
+
 def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: int, reporter: Any) -> None:
     from distml.models.artifact import save_model
 
@@ -339,6 +381,7 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
         data_fingerprint=source.fingerprint(),
         lineage={"run_id": config.resolved_run_id()},
     )
+    record_lineage(ctx, ws, dataset, "complete", record.manifest_digest)
     if reporter is not None:
         reporter.finish(accuracy, f"{record.name}:{record.version}")
     result = {

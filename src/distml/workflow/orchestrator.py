@@ -26,7 +26,7 @@ from typing import Any
 
 from distml.errors import DistmlError
 from distml.ops import metadata
-from distml.ops.admission import Lease, LocalPool
+from distml.ops.admission import Lease, LocalPool, SharedPool
 from distml.ops.liveness import pid_alive, process_identity
 from distml.workflow import memo
 from distml.workflow.dag import Node, build, substitute
@@ -39,23 +39,36 @@ FINAL_OK = ("succeeded", "cached", "skipped")
 FINAL_BAD = ("failed", "upstream_failed", "cancelled")
 TERMINATE_GRACE_S = 10.0
 ADOPT_POLL_S = 0.5
+POLL_QUEUED_S = 0.25  # queued steps ask the scheduler again this often (others may have freed room)
 
 
 @dataclass
 class RunOptions:
     refresh: bool | frozenset[str] = False  # True: every step; a set: those step names
     fail_fast: bool = True
-    cpus: float | None = None  # cpu slots of the admission pool [default: this machine's cores]
+    cpus: float | None = None  # at most this many cpu slots for this run's steps at once
+    queue: str = "default"  # the scheduler queue its steps wait in
+    priority: str = "normal"
 
     def to_json(self) -> dict[str, Any]:
         refresh = self.refresh if isinstance(self.refresh, bool) else sorted(self.refresh)
-        return {"refresh": refresh, "fail_fast": self.fail_fast, "cpus": self.cpus}
+        return {
+            "refresh": refresh,
+            "fail_fast": self.fail_fast,
+            "cpus": self.cpus,
+            "queue": self.queue,
+            "priority": self.priority,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunOptions:
         refresh = data.get("refresh", False)
         return cls(
-            refresh if isinstance(refresh, bool) else frozenset(refresh), data.get("fail_fast", True), data.get("cpus")
+            refresh if isinstance(refresh, bool) else frozenset(refresh),
+            data.get("fail_fast", True),
+            data.get("cpus"),
+            data.get("queue", "default"),
+            data.get("priority", "normal"),
         )
 
 
@@ -75,6 +88,7 @@ class NodeState:
     pid: int | None = None
     adopted: bool = False  # running in a process this orchestrator did not start (resume)
     lease: Lease | None = None
+    cap_lease: Lease | None = None
     started: float | None = None  # wall clock
     ended: float | None = None
     deadline: float | None = None  # monotonic
@@ -137,14 +151,20 @@ class Orchestrator:
         self._check_importable()
         self.states = {node_id: NodeState(node) for node_id, node in self.graph.nodes.items()}
         self.downstream = self.graph.downstream()
-        self.pool = LocalPool(cpus=options.cpus) if options.cpus is not None else LocalPool()
+        # Steps are admitted by the workspace's scheduler (shared with every other distml process);
+        # --cpus caps this run's share of it on top.
+        self.cap = LocalPool(cpus=options.cpus) if options.cpus is not None else None
+        self.pool = SharedPool(workspace.engine, queue=options.queue, priority=options.priority, kind="step")
         for state in self.states.values():
             if state.node.step is not None:
-                self.pool.check(state.node.id, state.node.step.policy.resources)
+                for pool in (self.cap, self.pool):
+                    if pool is not None:
+                        pool.check(state.node.id, state.node.step.policy.resources)
         self.processes = StepProcesses()
         self.code_cache: dict[int, Any] = {}
         self.logs_dir = Path(workspace.root) / "workflows" / run_id / "logs"
         self.stopping = False
+        self.metrics = _workflow_metrics(self)
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -215,8 +235,10 @@ class Orchestrator:
                     state.status, state.adopted, state.pid = "running", True, last["pid"]
                     state.attempt, state.started = last["attempt"], time.time()
                     state.consumed = json.loads(last["inputs_json"])["fingerprint"] if last["inputs_json"] else None
-                    # Adopted before anything else is scheduled, so the pool has room for its lease.
-                    state.lease = self.pool.try_acquire(node_id, state.node.step.policy.resources)
+                    # Its gang is still held in the scheduler, bound to its process; take it over.
+                    state.lease = self.pool.adopt(self._job_name(node_id), state.node.step.policy.resources)
+                    if self.cap is not None:
+                        state.cap_lease = self.cap.try_acquire(node_id, state.node.step.policy.resources)
                     timeout = state.node.step.policy.timeout
                     if timeout is not None and last["started_at"] is not None:
                         began = last["started_at"]
@@ -238,6 +260,7 @@ class Orchestrator:
 
     def run(self) -> RunResult:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        endpoint = self.metrics.serve(Path(self.ws.root) / "workflows" / self.run_id / "metrics.json")
         try:
             while not all(s.final for s in self.states.values()):
                 if self._schedule():
@@ -257,6 +280,8 @@ class Orchestrator:
             raise DistmlError(f"run {self.run_id} failed: {message}") from exc
         finally:
             signal.signal(signal.SIGTERM, previous)
+            endpoint.close()
+            self.pool.close()  # withdraws steps still waiting; running ones stay with their processes
         ok = all(s.status in FINAL_OK for s in self.states.values())
         failed = [s for s in self.states.values() if s.status == "failed"]
         error = "; ".join(f"{s.node.id}: {s.error}" for s in failed)[:2000] or None
@@ -370,13 +395,11 @@ class Orchestrator:
             if not self._decide(state, args, kwargs, inputs):
                 return True
             state.decided = inputs
-        lease = self.pool.try_acquire(node.id, policy.resources)
-        if lease is None:
+        if not self._acquire(state):
             if state.status != "queued":
                 state.status = "queued"
                 return True
             return False
-        state.lease = lease
         log_path = self.logs_dir / (f"{node.id}.log" if state.generation == 0 else f"{node.id}.{state.generation}.log")
         values = dict(
             step_name=step.name,
@@ -411,9 +434,12 @@ class Orchestrator:
             workspace=str(Path(self.ws.root).resolve()),
             db_url=self.ws.db_url,
             log_path=str(log_path),
+            sched_job=str(state.lease.id) if state.lease is not None else None,
         )
         state.process, state.conn = self.processes.start(task)
         state.pid = state.process.pid
+        if state.lease is not None:
+            self.pool.bind(state.lease, state.pid)  # held while the step runs, even if we die
         metadata.save_step_execution(
             self.engine,
             self.run_id,
@@ -457,8 +483,10 @@ class Orchestrator:
         state.memo_parts, state.memo_key = parts, key
         if self._refreshed(step.name):
             state.cache, state.cache_reason = "miss", "--refresh"
+            self.metrics.cache_lookup(step.name, False)
             return True
         hit = self._memo_hit(step.name, key, policy.max_age)
+        self.metrics.cache_lookup(step.name, hit is not None)
         if hit is not None:
             self._take_hit(state, hit, parts, key, inputs)
             return False
@@ -508,7 +536,8 @@ class Orchestrator:
         running = [s for s in self.states.values() if s.status == "running"]
         timeouts = [s.deadline - now for s in running if s.deadline is not None]
         retries = [s.retry_at - now for s in self.states.values() if s.retry_at is not None and not s.final]
-        limit = min([1.0, *timeouts, *retries])
+        queued = any(s.status == "queued" for s in self.states.values())
+        limit = min([POLL_QUEUED_S if queued else 1.0, *timeouts, *retries])
         if any(s.adopted for s in running):
             limit = min(limit, ADOPT_POLL_S)
         conns = {s.conn: s for s in running if s.conn is not None}
@@ -544,10 +573,29 @@ class Orchestrator:
         else:
             self._failed(state, payload["error"], payload["types"])
 
+    def _job_name(self, node_id: str) -> str:
+        return f"{self.run_id}/{node_id}"
+
+    def _acquire(self, state: NodeState) -> bool:
+        """The step's gang from this run's cap (if any), then from the workspace's scheduler."""
+        resources = state.node.step.policy.resources
+        if self.cap is not None and state.cap_lease is None:
+            state.cap_lease = self.cap.try_acquire(state.node.id, resources)
+            if state.cap_lease is None:
+                return False
+        state.lease = self.pool.try_acquire(self._job_name(state.node.id), resources)
+        if state.lease is None and state.cap_lease is not None:
+            self.cap.release(state.cap_lease)
+            state.cap_lease = None
+        return state.lease is not None
+
     def _release(self, state: NodeState) -> None:
         if state.lease is not None:
             self.pool.release(state.lease)
             state.lease = None
+        if state.cap_lease is not None:
+            self.cap.release(state.cap_lease)
+            state.cap_lease = None
         if state.conn is not None:
             state.conn.close()
             state.conn = None
@@ -561,6 +609,7 @@ class Orchestrator:
 
     def _succeeded(self, state: NodeState, output: Any) -> None:
         self._release(state)
+        self._observe_attempt(state, "succeeded")
         state.value, state.has_result, state.status, state.error = output, True, "succeeded", None
         state.generation += 1
         state.attempt = 0
@@ -573,7 +622,9 @@ class Orchestrator:
         retryable = not self.stopping and (not types or bool(_type_names(policy.retry_on) & set(types)))
         state.error = error
         state.history.append(f"attempt {state.attempt + 1}: {error}")
+        self._observe_attempt(state, "retried" if retryable and state.attempt < policy.retries else "failed")
         if retryable and state.attempt < policy.retries:
+            self.metrics.retried(state.node.step.name)
             delay = min(policy.retry_backoff * 2**state.attempt, policy.retry_backoff_max)
             state.attempt += 1
             state.status, state.retry_at = "retrying", time.monotonic() + delay
@@ -613,6 +664,10 @@ class Orchestrator:
             state.adopted = False
             self._failed(state, "its process ended without recording a result", [])
 
+    def _observe_attempt(self, state: NodeState, outcome: str) -> None:
+        if state.started is not None and state.ended is not None and state.node.step is not None:
+            self.metrics.step_finished(state.node.step.name, outcome, state.ended - state.started)
+
     def _terminate(self, state: NodeState) -> None:
         pid = state.pid
         if pid is None:
@@ -637,6 +692,7 @@ class Orchestrator:
             if state.status == "running":
                 self._terminate(state)
                 self._release(state)
+                self._observe_attempt(state, "cancelled")
             state.status, state.final, state.error = "cancelled", True, reason
             metadata.save_step_execution(
                 self.engine,
@@ -648,6 +704,16 @@ class Orchestrator:
                 error=reason,
                 finished_at=_now(),
             )
+
+
+def _workflow_metrics(orchestrator: Orchestrator) -> Any:
+    """The run's Prometheus metrics (steps by state read at scrape time, durations, cache, retries)
+    and the workspace pool's scheduler metrics, served while `run()` runs."""
+    from distml.ops.metrics import WorkflowMetrics, expose_scheduler
+
+    metrics = WorkflowMetrics(orchestrator.run_id, lambda: [s.status for s in orchestrator.states.values()])
+    expose_scheduler(metrics.registry, orchestrator.engine)
+    return metrics
 
 
 def _step_name(node: Node) -> str:
