@@ -176,11 +176,29 @@ def check_queue(engine: sa.Engine, queue: str) -> None:
         )
 
 
-def _gone(row: Any, host: str, now: float) -> bool:
-    """Has the job's holder died? On this host by pid and start time; elsewhere by its lease."""
-    if row.node == host:
-        return process_identity(row.pid) != row.pid_started
-    return row.lease_expires < now
+LIVENESS_TTL_S = 1.0  # a holder seen alive is not looked up again for this long
+
+
+class Liveness:
+    """Has a job's holder died? On this host by pid and start time (read from /proc, remembered
+    for `LIVENESS_TTL_S` once seen alive, so a pass over many jobs of a few processes stays
+    cheap); on another host, by its lease."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str | None], float] = {}
+
+    def gone(self, row: Any, host: str, now: float) -> bool:
+        if row.node != host:
+            return row.lease_expires < now
+        key = (row.pid, row.pid_started)
+        clock = time.monotonic()
+        if self._seen.get(key, -1.0) > clock:
+            return False
+        if process_identity(row.pid) != row.pid_started:
+            self._seen.pop(key, None)
+            return True
+        self._seen[key] = clock + LIVENESS_TTL_S
+        return False
 
 
 def schedule_pass(
@@ -190,6 +208,7 @@ def schedule_pass(
     *,
     node: Node | None = None,
     first: Callable[[sa.Connection, float], None] | None = None,
+    liveness: Liveness | None = None,
 ) -> dict[str, str]:
     """One scheduling decision for this host's node, in one transaction: reclaim the resources of
     dead holders, admit what may start, mark victims for preemption, record why the others wait.
@@ -197,6 +216,7 @@ def schedule_pass(
     it costs no transaction of its own). Returns {job id: state after the pass} for every job
     the pass looked at: waiting, running, preempting, or lost/failed for those it ended."""
     node = node or ensure_node(engine)
+    liveness = liveness or Liveness()
     started = time.perf_counter()
     changed: dict[str, str] = {}  # what this pass did: running, preempting, lost, failed
     states: dict[str, str] = {}
@@ -211,7 +231,7 @@ def schedule_pass(
         scheduler = Scheduler([node], queue_weights(conn), policy)
         alive = []
         for row in rows:
-            if _gone(row, node.name, now):
+            if liveness.gone(row, node.name, now):
                 conn.execute(
                     md.sched_jobs.update()
                     .where(md.sched_jobs.c.id == row.id)
@@ -270,7 +290,9 @@ def schedule_pass(
                 states[job_id] = "preempting" if job.preempting else "running"
                 continue
             states[job_id] = "waiting"
-            reason = scheduler.explain(job_id)
+            # What this pass decided about the job, if it looked at it; a job merely in line gets
+            # no text (its position is shown when asked), so a pass writes O(decisions), not O(queue).
+            reason = job.reason or None
             if reason != row.reason:
                 conn.execute(md.sched_jobs.update().where(md.sched_jobs.c.id == job_id).values(reason=reason))
     metrics.observe_pass(time.perf_counter() - started, changed)
@@ -305,6 +327,8 @@ class SharedPool:
         self._preempted: set[str] = set()
         self._states: dict[str, str] = {}  # the last pass's decision, and when it ran
         self._passed_at = -1e9
+        self._liveness = Liveness()
+        self._deferred: list[Callable[[sa.Connection, float], None]] = []  # applied by the next pass
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -314,19 +338,25 @@ class SharedPool:
     def check(self, job: str, request: Resources) -> None:
         Scheduler([self.node], {"default": 1.0}).submit(Job(job, request))
 
-    def try_acquire(self, job: str, request: Resources, *, estimate: float | None = None) -> Lease | None:
-        """Submit `job` once, run a pass, and return its lease if it was admitted."""
-        first = None
+    def try_acquire(
+        self, job: str, request: Resources, *, estimate: float | None = None, defer: bool = False
+    ) -> Lease | None:
+        """Submit `job` once, run a pass, and return its lease if it was admitted. With `defer`, a
+        new job is only queued for the next pass this process runs (`flush`, or the next call
+        without `defer`): a caller starting many jobs at once pays one pass for all of them."""
         if job not in self._pending:
             self.check(job, request)
-            job_id, first = self._submission(job, request, estimate)
+            job_id, insert = self._submission(job, request, estimate)
             self._pending[job] = (job_id, request)
+            self._deferred.append(insert)
             self._start_heartbeat()
+            if defer:
+                return None
         job_id, _ = self._pending[job]
-        if first is None and time.monotonic() - self._passed_at < POLL_SECONDS and job_id in self._states:
+        if not self._deferred and time.monotonic() - self._passed_at < POLL_SECONDS and job_id in self._states:
             state = self._states[job_id]  # a pass this process just ran decided for every job at once
         else:
-            state = self._pass(first).get(job_id, "done")
+            state = self._pass().get(job_id, "done")
         if state in ("running", "preempting"):
             del self._pending[job]
             lease = Lease(job_id, job, request)
@@ -338,7 +368,9 @@ class SharedPool:
             raise DistmlError(f"{job} was not admitted: {self._state(job_id).reason}")
         return None
 
-    def release(self, lease: Lease, outcome: str = "finished") -> None:
+    def release(self, lease: Lease, outcome: str = "finished", *, defer: bool = False) -> None:
+        """Give the gang back; the next pass (now, or this process's next with `defer`) starts
+        the next in line."""
         if not isinstance(lease.id, str):
             return
         with self._lock:
@@ -352,7 +384,14 @@ class SharedPool:
                 .values(state="done", outcome=outcome, ended_at=now)
             )
 
-        self._pass(finish)  # the next in line starts now
+        self._deferred.append(finish)
+        if not defer:
+            self._pass()
+
+    def flush(self) -> None:
+        """Run one pass for the submissions and releases deferred so far, if any."""
+        if self._deferred:
+            self._pass()
 
     # -- blocking form, and what a preempted holder does ---------------------------------------
 
@@ -430,6 +469,7 @@ class SharedPool:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.flush()
         for job_id, _ in self._pending.values():
             with self.engine.begin() as conn:
                 conn.execute(
@@ -474,8 +514,15 @@ class SharedPool:
 
         return job_id, insert
 
-    def _pass(self, first: Callable[[sa.Connection, float], None] | None = None) -> dict[str, str]:
-        self._states = schedule_pass(self.engine, node=self.node, first=first)
+    def _pass(self) -> dict[str, str]:
+        """One pass that first applies this process's deferred submissions and releases."""
+        deferred, self._deferred = self._deferred, []
+
+        def first(conn: sa.Connection, now: float) -> None:
+            for change in deferred:
+                change(conn, now)
+
+        self._states = schedule_pass(self.engine, node=self.node, first=first, liveness=self._liveness)
         self._passed_at = time.monotonic()
         return self._states
 
@@ -548,6 +595,13 @@ def snapshot(engine: sa.Engine) -> dict[str, Any]:
     each queue's weight, nominal share, current share and jobs, and every job not done."""
     node = ensure_node(engine)
     jobs = [job for job in list_jobs(engine) if job["node"] == node.name]
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for job in sorted(jobs, key=lambda j: (-j["priority"], j["submitted_at"])):
+        if job["state"] == "waiting":
+            lines.setdefault(job["queue"], []).append(job)
+    for queue, line in lines.items():
+        for position, job in enumerate(line[1:], start=2):
+            job["reason"] = job["reason"] or f"position {position} in queue {queue}, behind {line[0]['name']}"
     with engine.connect() as conn:
         weights = queue_weights(conn)
     scheduler = Scheduler([node], {**weights, **{j["queue"]: 1.0 for j in jobs if j["queue"] not in weights}})

@@ -133,8 +133,8 @@ def enter_step(run_id: str, node_id: str, generation: int, properties: dict[str,
 def end_step(engine: sa.Engine, run_id: str, node_id: str, generation: int, state: str) -> None:
     """The step execution ended in `state` (complete, failed), if it was recorded."""
     where = (md.executions.c.type == STEP, md.executions.c.key == step_key(run_id, node_id, generation))
-    with engine.connect() as conn:
-        if conn.execute(sa.select(md.executions.c.id).where(*where)).first() is None:
+    with engine.connect() as conn:  # a read first: most steps touch no artifact, and a write would
+        if conn.execute(sa.select(md.executions.c.id).where(*where)).first() is None:  # queue for the lock
             return
     now = dt.datetime.now(dt.UTC)
     with engine.begin() as conn:

@@ -160,7 +160,7 @@ def run_task(task: Task, conn: Connection | None) -> None:
         if folder not in sys.path:
             sys.path.insert(0, folder)
     try:
-        _record_lineage(ws, task, "running")
+        _enter_lineage(task)
         fn = load_function(task.module, task.module_file, task.qualname)
         result = fn(*decode(ws, task.args), **decode(ws, task.kwargs))
         output = encode(ws, result, f"the result of step {task.node_id}")
@@ -171,7 +171,6 @@ def run_task(task: Task, conn: Connection | None) -> None:
         message = f"{type(exc).__name__}: {exc}"
         try:
             metadata.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="failed", error=message)
-            _record_lineage(ws, task, "failed")
         finally:
             if conn is not None:
                 conn.send(("failed", {"error": message, "types": _error_types(exc), "traceback": trace[-4000:]}))
@@ -184,24 +183,16 @@ def run_task(task: Task, conn: Connection | None) -> None:
             message = f"recording the result failed: {type(exc).__name__}: {exc}"
             conn.send(("failed", {"error": message, "types": _error_types(exc), "traceback": ""}))
         return
-    _record_lineage(ws, task, "complete")
     if conn is not None:
         with ctx._lock:
             conn.send(("succeeded", output))
 
 
-def _record_lineage(ws: Workspace, task: Task, state: str) -> None:
-    """The step execution in the lineage graph: entered first, before the step's code, so that what
-    this process and its children record is linked to it; its end is best effort (the step's own
-    row already holds its result)."""
-    if state == "running":
-        properties = dict(attempt=task.attempt, pid=os.getpid(), function=f"{task.module}:{task.qualname}")
-        lineage.enter_step(task.run_id, task.node_id, task.generation, properties)
-        return
-    try:
-        lineage.end_step(ws.engine, task.run_id, task.node_id, task.generation, state)
-    except Exception:
-        print(f"[distml] the lineage graph misses this step's end:\n{traceback.format_exc()}", file=sys.stderr)
+def _enter_lineage(task: Task) -> None:
+    """The step execution in the lineage graph, entered before the step's code so that what this
+    process and its children record is linked to it (the orchestrator records its end)."""
+    properties = dict(attempt=task.attempt, pid=os.getpid(), function=f"{task.module}:{task.qualname}")
+    lineage.enter_step(task.run_id, task.node_id, task.generation, properties)
 
 
 def _child_main(task: Task, conn: Connection) -> None:

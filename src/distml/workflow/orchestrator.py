@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distml.errors import DistmlError
-from distml.ops import metadata
+from distml.ops import lineage, metadata
 from distml.ops.admission import Lease, LocalPool, SharedPool
 from distml.ops.liveness import pid_alive, process_identity
 from distml.workflow import memo
@@ -330,6 +330,7 @@ class Orchestrator:
             if state.retry_at is not None and time.monotonic() < state.retry_at:
                 continue
             changed |= self._start(state, args, kwargs, inputs)
+        self.pool.flush()  # one scheduling pass for this round's new steps and released gangs
         return changed
 
     def _update_best(self, state: NodeState, ups: list[NodeState]) -> bool:
@@ -583,7 +584,7 @@ class Orchestrator:
             state.cap_lease = self.cap.try_acquire(state.node.id, resources)
             if state.cap_lease is None:
                 return False
-        state.lease = self.pool.try_acquire(self._job_name(state.node.id), resources)
+        state.lease = self.pool.try_acquire(self._job_name(state.node.id), resources, defer=True)
         if state.lease is None and state.cap_lease is not None:
             self.cap.release(state.cap_lease)
             state.cap_lease = None
@@ -591,7 +592,7 @@ class Orchestrator:
 
     def _release(self, state: NodeState) -> None:
         if state.lease is not None:
-            self.pool.release(state.lease)
+            self.pool.release(state.lease, defer=True)  # flushed with the next decisions, one pass for all
             state.lease = None
         if state.cap_lease is not None:
             self.cap.release(state.cap_lease)
@@ -610,6 +611,7 @@ class Orchestrator:
     def _succeeded(self, state: NodeState, output: Any) -> None:
         self._release(state)
         self._observe_attempt(state, "succeeded")
+        lineage.end_step(self.engine, self.run_id, state.node.id, state.generation, "complete")
         state.value, state.has_result, state.status, state.error = output, True, "succeeded", None
         state.generation += 1
         state.attempt = 0
@@ -618,6 +620,7 @@ class Orchestrator:
     def _failed(self, state: NodeState, error: str, types: list[str]) -> None:
         """Apply the step's retry policy to a failed attempt (`types`: the error's class names)."""
         self._release(state)
+        lineage.end_step(self.engine, self.run_id, state.node.id, state.generation, "failed")
         policy = state.node.step.policy
         retryable = not self.stopping and (not types or bool(_type_names(policy.retry_on) & set(types)))
         state.error = error
