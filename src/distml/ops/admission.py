@@ -453,16 +453,23 @@ class SharedPool:
     def preempted(self, lease: Lease) -> bool:
         return lease.id in self._preempted
 
-    def bind(self, lease: Lease, pid: int) -> None:
+    def bind(self, lease: Lease, pid: int, *, defer: bool = False) -> None:
         """Hand the lease to process `pid` (a step process): it stays held while that process
-        lives, even when this one dies."""
-        if isinstance(lease.id, str):
+        lives, even when this one dies. With `defer`, written by this process's next pass."""
+        if not isinstance(lease.id, str):
+            return
+        started = process_identity(pid)
+
+        def rebind(conn: sa.Connection, _now: float) -> None:
+            conn.execute(
+                md.sched_jobs.update().where(md.sched_jobs.c.id == lease.id).values(pid=pid, pid_started=started)
+            )
+
+        if defer:
+            self._deferred.append(rebind)
+        else:
             with self.engine.begin() as conn:
-                conn.execute(
-                    md.sched_jobs.update()
-                    .where(md.sched_jobs.c.id == lease.id)
-                    .values(pid=pid, pid_started=process_identity(pid))
-                )
+                rebind(conn, time.time())
 
     def close(self) -> None:
         """Stop the heartbeat and withdraw jobs still waiting (held leases stay with their holders)."""

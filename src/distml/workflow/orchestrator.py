@@ -440,7 +440,7 @@ class Orchestrator:
         state.process, state.conn = self.processes.start(task)
         state.pid = state.process.pid
         if state.lease is not None:
-            self.pool.bind(state.lease, state.pid)  # held while the step runs, even if we die
+            self.pool.bind(state.lease, state.pid, defer=True)  # held while it runs, even if we die
         metadata.save_step_execution(
             self.engine,
             self.run_id,
