@@ -13,8 +13,11 @@ sets, EASY backfill); neither runs outside Kubernetes, so the core is written he
 from __future__ import annotations
 
 import bisect
+import functools
+import heapq
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +42,16 @@ class Resources:
     def __post_init__(self) -> None:
         if not (self.cpus >= 0 and self.gpus >= 0 and self.workers >= 1 and self.memory_gb >= 0):
             raise DistmlError(f"resources need cpus >= 0, gpus >= 0, memory_gb >= 0 and workers >= 1, got {self}")
+
+    @functools.cached_property
+    def per_task(self) -> tuple[float, float, float]:
+        """What one task needs: (cpu slots, gpus, GiB)."""
+        return (self.cpus, float(self.gpus), self.memory_gb)
+
+    @functools.cached_property
+    def totals(self) -> tuple[float, float, float]:
+        """What the whole gang needs: (cpu slots, gpus, GiB)."""
+        return tuple(need * self.workers for need in self.per_task)
 
     @property
     def total_cpus(self) -> float:
@@ -116,8 +129,7 @@ class Job:
         return self.started is not None
 
     def demand(self) -> tuple[float, float, float]:
-        r = self.resources
-        return (r.cpus, float(r.gpus), r.memory_gb)
+        return self.resources.per_task
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,47 @@ class Policy:
     preemption: bool = True
     backfill: bool = True
     lookahead: int = 32  # waiting jobs per queue a pass considers for backfill
+
+
+def _cost(victims: list[Job]) -> tuple[int, int]:
+    """What preempting `victims` costs: the highest priority among them, then how many."""
+    return max(v.priority for v in victims), len(victims)
+
+
+@dataclass
+class _Reservation:
+    """EASY backfill's reservation for the job a pass could not start: when it can start
+    (`shadow`), and what of the pool is left over for others at that time once it is placed."""
+
+    head: Job
+    shadow: float
+    extra: list[list[float]]
+    # Backfill shapes (demand, tasks, ends in time) that did not fit: for the rest of the pass the
+    # pool only fills up, so neither they nor any larger shape ever will.
+    failed: set = field(default_factory=set)
+    failed_minimal: list = field(default_factory=list)
+    # What a job running past `shadow` may use (free now and left over then), its totals, and the
+    # pool's free totals; None until needed and again after a job starts.
+    bounded: list[list[float]] | None = None
+    bounded_total: list[float] | None = None
+    free_total: list[float] | None = None
+    # Per line, where its next backfill scan starts: the jobs before it did not fit, and will not.
+    resume: dict[str, int] = field(default_factory=dict)
+
+    def dominated(self, shape: tuple) -> bool:
+        """Whether a shape that failed is no larger (then this one fails too; remembered)."""
+        (cpus, gpus, memory), tasks, in_time = shape
+        for (f_cpus, f_gpus, f_memory), f_tasks, f_in_time in self.failed_minimal:
+            # as large a gang of as large tasks, in no more room (a job ending in time may use
+            # the whole pool, one running past the shadow only what the reservation leaves)
+            if tasks >= f_tasks and cpus >= f_cpus and gpus >= f_gpus and memory >= f_memory and f_in_time >= in_time:
+                self.failed.add(shape)
+                return True
+        return False
+
+    def failing(self, shape: tuple) -> None:
+        self.failed.add(shape)
+        self.failed_minimal.append(shape)
 
 
 @dataclass
@@ -226,24 +279,32 @@ class Scheduler:
             self._schedule_tasks(now, decision)
             return decision
         lines = list(self._waiting) if self.policy.order == "drf" else ["*"]
+        shares = {line: self._share(line) for line in lines if line != "*"}  # kept up to date as jobs start
         exhausted: set[str] = set()
-        reserved: tuple[Job, float, list[list[float]]] | None = None
+        reserved: _Reservation | None = None
+        counted = 0
         while True:
-            line = self._next_line(lines, exhausted)
+            for job in decision.started[counted:]:
+                if job.queue in shares:
+                    shares[job.queue] = self._share(job.queue)
+            counted = len(decision.started)
+            line = self._next_line(lines, exhausted, shares)
             if line is None:
                 break
             if reserved is None:
                 head = self._waiting[line][0][-1]
-                placement = self._place(head.demand(), head.resources.workers, self.free)
+                fits = self._fits_per_node(head.demand(), self.free)
+                placement = self._placement(fits, head.resources.workers)
                 if placement is not None:
                     self._start(head, placement, now, decision)
                     continue
-                preempting = self.policy.preemption and self._preempt_for(head, decision)
+                fits = [f if f > 0 else 0 for f in fits]  # counted once, updated by what follows
+                preempting = self.policy.preemption and self._preempt_for(head, decision, fits)
                 if not preempting:
                     head.reason = self._blocked_reason(head)
                 if not self.policy.backfill:
                     break  # strict order: nothing passes the blocked head
-                reserved = self._reservation(head)
+                reserved = self._reservation(head, fits)
                 continue  # from now on every line, this one included, only backfills
             if not self._backfill_line(line, reserved, now, decision):
                 exhausted.add(line)
@@ -292,46 +353,82 @@ class Scheduler:
         del entries[index]
 
     def _share(self, queue: str) -> float:
-        used = self.used[queue]
-        dominant = max((u / c for u, c in zip(used, self.capacity, strict=True) if c > 0), default=0.0)
-        return dominant / self.quota[queue]
+        return self._share_of(queue, self.used[queue])
 
     def _share_with(self, queue: str, demand: tuple[float, float, float], tasks: int) -> float:
         used = [u + d * tasks for u, d in zip(self.used[queue], demand, strict=True)]
-        dominant = max((u / c for u, c in zip(used, self.capacity, strict=True) if c > 0), default=0.0)
+        return self._share_of(queue, used)
+
+    def _share_of(self, queue: str, used: list[float]) -> float:
+        """The dominant share of the pool `used` amounts to, over the queue's nominal share."""
+        dominant = max([used[d] / c for d, c in enumerate(self.capacity) if c > 0], default=0.0)
         return dominant / self.quota[queue]
 
-    def _next_line(self, lines: list[str], blocked: set[str]) -> str | None:
+    def _next_line(self, lines: list[str], blocked: set[str], shares: dict[str, float]) -> str | None:
         best, best_key = None, None
         for line in lines:
             if line in blocked or not self._waiting.get(line):
                 continue
-            key = (self._share(line), -self.weights[line], line) if line != "*" else (0.0, 0.0, line)
+            key = (shares[line], -self.weights[line], line) if line != "*" else (0.0, 0.0, line)
             if best_key is None or key < best_key:
                 best, best_key = line, key
         return best
 
     @staticmethod
     def _tasks_fitting(demand: tuple[float, float, float], free: list[float]) -> float:
+        """How many tasks of `demand` fit in `free` (inf when it asks for nothing). The three
+        dimensions are unrolled: this is the innermost call of every decision."""
+        cpus, gpus, memory = demand
         fits = math.inf
-        for need, have in zip(demand, free, strict=True):
-            if need > 0:
-                fits = min(fits, math.floor((have + 1e-9) / need))
+        if cpus > 0:
+            fits = math.floor((free[0] + 1e-9) / cpus)
+        if gpus > 0:
+            by_gpus = math.floor((free[1] + 1e-9) / gpus)
+            if by_gpus < fits:
+                fits = by_gpus
+        if memory > 0:
+            by_memory = math.floor((free[2] + 1e-9) / memory)
+            if by_memory < fits:
+                fits = by_memory
         return fits
 
-    def _place(self, demand, tasks: int, free: list[list[float]], exclude: frozenset = frozenset()) -> list[int] | None:
+    def _fits_per_node(self, demand: tuple[float, float, float], free: list[list[float]]) -> list[float]:
+        """`_tasks_fitting` on every node (0 where it is not positive); inlined for the usual demand
+        of all three dimensions, nodes without the gpus for one task skipped first."""
+        cpus, gpus, memory = demand
+        if cpus > 0 and gpus > 0 and memory > 0:
+            floor = math.floor
+            return [
+                0
+                if node[1] + 1e-9 < gpus
+                else min(
+                    floor((node[0] + 1e-9) / cpus), floor((node[1] + 1e-9) / gpus), floor((node[2] + 1e-9) / memory)
+                )
+                for node in free
+            ]
+        return [self._tasks_fitting(demand, node) for node in free]
+
+    def _refit(self, demand, free: list[list[float]], fits: list[float], nodes) -> float:
+        """Recount `fits` (tasks of `demand` per node, none below 0) on `nodes` after `free` changed
+        there; return the change of their total. A placement exists exactly when the total reaches
+        the gang's size. Only for a demand of something (finite counts)."""
+        change = 0
+        for index in set(nodes):
+            now = max(self._tasks_fitting(demand, free[index]), 0)
+            change += now - fits[index]
+            fits[index] = now
+        return change
+
+    def _place(self, demand, tasks: int, free: list[list[float]]) -> list[int] | None:
         """A node per task (best fit: the fullest nodes first, so whole nodes stay free for big
         gangs), or None when the gang does not fit."""
-        total = 0.0
-        counts = []
-        for index, node_free in enumerate(free):
-            if index in exclude:
-                continue
-            fits = self._tasks_fitting(demand, node_free)
-            if fits > 0:
-                counts.append((fits, index))
-                total += fits
-        if total < tasks:
+        return self._placement(self._fits_per_node(demand, free), tasks)
+
+    @staticmethod
+    def _placement(fits_per_node: list[float], tasks: int) -> list[int] | None:
+        """`_place` given the tasks each node holds."""
+        counts = [(fits, index) for index, fits in enumerate(fits_per_node) if fits > 0]
+        if sum(fits for fits, _ in counts) < tasks:
             return None
         counts.sort()
         placement: list[int] = []
@@ -374,93 +471,117 @@ class Scheduler:
         decision.started.append(job)
 
     def _blocked_reason(self, job: Job) -> str:
-        free = [sum(node[d] for node in self.free) for d in range(3)]
-        holders = sorted(self.running.values(), key=lambda j: -len(j.placement))[:3]
+        free = [sum(column) for column in zip(*self.free, strict=True)]
+        running = list(self.running.values())
+        tasks = [len(j.placement) for j in running]  # the 3 largest, the first started among equals
+        holders = [running[i] for i in heapq.nlargest(3, range(len(running)), key=tasks.__getitem__)]
         held = ", ".join(j.id for j in holders)
         return (
             f"needs {job.resources.describe()}; free now: {free[0]:g} cpu slots, {free[1]:g} gpus, "
             f"{free[2]:g} GiB" + (f" (held by {held})" if held else "")
         )
 
-    def _reservation(self, head: Job) -> tuple[Job, float, list[list[float]]]:
+    def _reservation(self, head: Job, fits: list[float]) -> _Reservation:
         """EASY backfill's reservation for a blocked job: the time it can start if running jobs
         end when they expect to (`math.inf` when some end is unknown), and what of the pool is
-        left over for others at that time once the job is placed."""
+        left over for others at that time once the job is placed. `fits`: its tasks per node now."""
         free = [list(node) for node in self.free]
-        ending = sorted(
-            self.running.values(),
-            key=lambda j: (
-                -math.inf if j.preempting else (j.started + j.estimate if j.estimate is not None else math.inf)
-            ),
-        )
+        ending = [
+            (-math.inf if j.preempting else (j.started + j.estimate if j.estimate is not None else math.inf), j)
+            for j in self.running.values()
+        ]
+        ending.sort(key=operator.itemgetter(0))
         shadow = -math.inf
         demand, tasks = head.demand(), head.resources.workers
-        placement = self._place(demand, tasks, free)
-        for job in ending:
-            if placement is not None:
+        fits = list(fits)  # counted again only where jobs end
+        total = sum(fits)
+        for end, job in ending:
+            if total >= tasks:
                 break
-            end = (
-                -math.inf if job.preempting else (job.started + job.estimate if job.estimate is not None else math.inf)
-            )
-            job_demand = job.demand()
-            for index in job.placement:
-                for dim in range(3):
-                    free[index][dim] += job_demand[dim]
+            self._give(free, job)
+            total += self._refit(demand, free, fits, job.placement)
             shadow = max(shadow, end)
-            placement = self._place(demand, tasks, free)
+        placement = self._placement(fits, tasks) if total >= tasks else None
         if placement is None:  # cannot happen for a job submit() accepted
-            return head, math.inf, [[0.0, 0.0, 0.0] for _ in free]
+            return _Reservation(head, math.inf, [[0.0, 0.0, 0.0] for _ in free])
         extra = [list(node) for node in free]
         for index in placement:
             for dim in range(3):
                 extra[index][dim] -= demand[dim]
-        return head, shadow, extra
+        return _Reservation(head, shadow, extra)
 
-    def _backfill_line(self, line: str, reserved, now: float, decision: Decision) -> bool:
+    def _backfill_line(self, line: str, reserved: _Reservation, now: float, decision: Decision) -> bool:
         """Start the first job among the next `lookahead` of `line` that fits now and cannot delay
         the reserved job: it ends before the reservation's start, or it fits in what the
         reservation leaves over. Return whether one started."""
-        head, shadow, extra = reserved
-        total_free = [sum(node[d] for node in self.free) for d in range(3)]
-        for entry in self._waiting[line][: self.policy.lookahead + 1]:
-            job = entry[-1]
+        head, shadow, extra = reserved.head, reserved.shadow, reserved.extra
+        if reserved.free_total is None:
+            reserved.free_total = [sum(column) + 1e-9 for column in zip(*self.free, strict=True)]
+        free_cpus, free_gpus, free_memory = reserved.free_total
+        slack = 1e-9 * len(self.free)  # _place's rounding slack, summed over the nodes
+        entries, failed, blocked = self._waiting[line], reserved.failed, f"backfill would delay {head.id}"
+        for position in range(reserved.resume.get(line, 0), min(len(entries), self.policy.lookahead + 1)):
+            job = entries[position][-1]
             if job is head:
                 continue
-            demand, tasks = job.demand(), job.resources.workers
-            if any(d * tasks > f + 1e-9 for d, f in zip(demand, total_free, strict=True)):
+            resources = job.resources
+            need_cpus, need_gpus, need_memory = resources.totals
+            if need_cpus > free_cpus or need_gpus > free_gpus or need_memory > free_memory:
                 continue
-            ends_in_time = job.estimate is not None and now + job.estimate <= shadow
+            demand, tasks = resources.per_task, resources.workers
+            # An unknown start (some job it waits for gave no estimate) is not a deadline any job
+            # meets: the head would starve while every job with an estimate backfills.
+            ends_in_time = job.estimate is not None and shadow < math.inf and now + job.estimate <= shadow
+            shape = (demand, tasks, ends_in_time)
+            if shape in failed or reserved.dominated(shape):
+                job.reason = blocked
+                continue
+            placement = None
             if ends_in_time:
                 placement = self._place(demand, tasks, self.free)
             else:
-                bounded = [
-                    [min(a, b) for a, b in zip(f, e, strict=True)] for f, e in zip(self.free, extra, strict=True)
-                ]
-                placement = self._place(demand, tasks, bounded)
+                if reserved.bounded is None:
+                    reserved.bounded = [list(map(min, f, e)) for f, e in zip(self.free, extra, strict=True)]
+                if reserved.bounded_total is None:
+                    reserved.bounded_total = [sum(column) + slack for column in zip(*reserved.bounded, strict=True)]
+                b_cpus, b_gpus, b_memory = reserved.bounded_total
+                if need_cpus <= b_cpus and need_gpus <= b_gpus and need_memory <= b_memory:
+                    placement = self._place(demand, tasks, reserved.bounded)
                 if placement is not None:
                     for index in placement:
                         for dim in range(3):
                             extra[index][dim] -= demand[dim]
             if placement is not None:
                 self._start(job, placement, now, decision)
+                reserved.free_total = reserved.bounded_total = None
+                if reserved.bounded is not None:  # only the nodes it took changed
+                    for index in set(placement):
+                        reserved.bounded[index] = list(map(min, self.free[index], extra[index]))
+                reserved.resume[line] = position  # where the next job now stands
                 return True
-            job.reason = f"backfill would delay {head.id}"
+            reserved.failing(shape)
+            job.reason = blocked
         return False
 
-    def _preempt_for(self, job: Job, decision: Decision) -> bool:
+    def _preempt_for(self, job: Job, decision: Decision, fits: list[float]) -> bool:
         """Choose the fewest, lowest-priority running jobs whose stopping lets `job` start: jobs
         of its own queue with a lower priority, and jobs of queues using more than their nominal
-        share while `job`'s queue (with `job`) stays within its own. Marks them preempting;
-        returns whether `job` now waits on preempted jobs."""
+        share (as far as they keep it) while `job`'s queue (with `job`) stays within its own.
+        Marks them preempting; returns whether `job` now waits on preempted jobs. `fits`: its
+        tasks per node now."""
         demand, tasks = job.demand(), job.resources.workers
         free = [list(node) for node in self.free]
+        fits = list(fits)  # once the jobs already preempted have stopped
+        total = sum(fits)
         stopping = [j for j in self.running.values() if j.preempting]
         for victim in stopping:
             self._give(free, victim)
-        if stopping and self._place(demand, tasks, free) is not None:
+            total += self._refit(demand, free, fits, victim.placement)
+        if stopping and total >= tasks:
             job.reason = f"waiting for {len(stopping)} preempted job(s) to stop"
             return True
         reclaim = self._share_with(job.queue, demand, tasks) <= 1.0 + 1e-9
+        borrowing = {q for q in self.weights if q != job.queue and self._share(q) > 1.0 + 1e-9} if reclaim else ()
         candidates = []
         for other in self.running.values():
             if other.preempting or not other.preemptible:
@@ -468,30 +589,25 @@ class Scheduler:
             if other.queue == job.queue:
                 if other.priority < job.priority:
                     candidates.append(other)
-            elif reclaim and self._share(other.queue) > 1.0 + 1e-9:
+            elif other.queue in borrowing:
                 candidates.append(other)
         if not candidates:
             return False
-        candidates.sort(key=lambda j: (j.priority, -(j.started or 0.0)))
-        chosen: list[Job] = []
-        borrowed = {q: self._share(q) for q in self.weights}
-        for victim in candidates:
-            if victim.queue != job.queue and borrowed[victim.queue] <= 1.0 + 1e-9:
-                continue  # that queue has given back what it borrowed
-            chosen.append(victim)
-            self._give(free, victim)
-            if victim.queue != job.queue:
-                borrowed[victim.queue] = self._share_after(victim.queue, chosen)
-            if self._place(demand, tasks, free) is not None:
-                break
-        else:
+        ceiling, touched = [list(node) for node in free], set()  # even stopping all may not make room
+        for other in candidates:
+            self._give(ceiling, other)
+            touched.update(other.placement)
+        if total + self._refit(demand, ceiling, list(fits), touched) < tasks:
             return False
-        for victim in list(reversed(chosen[:-1])):  # drop any victim the others make unnecessary
-            trial = [list(node) for node in free]
-            self._take(trial, victim)
-            if self._place(demand, tasks, trial) is not None:
-                chosen.remove(victim)
-                free = trial
+        # Lowest priority first; inside a priority, the most recently started (the least work lost).
+        chosen = self._victims(job, sorted(candidates, key=lambda j: (j.priority, -(j.started or 0.0))), free, fits)
+        if chosen is None:
+            return False
+        if len(chosen) > 1:  # several small jobs may have been taken where one larger one would do
+            by_size = sorted(candidates, key=lambda j: (j.priority, -self._size(j), -(j.started or 0.0)))
+            fewer = self._victims(job, by_size, free, fits)
+            if fewer is not None and _cost(fewer) < _cost(chosen):
+                chosen = fewer
         for victim in chosen:
             victim.preempting = True
             victim.reason = f"preempted for {job.id} (priority {job.priority}, queue {job.queue})"
@@ -499,39 +615,87 @@ class Scheduler:
         job.reason = f"preempting {', '.join(v.id for v in chosen)}"
         return True
 
-    def _share_after(self, queue: str, removed: list[Job]) -> float:
-        used = list(self.used[queue])
-        for job in removed:
-            if job.queue == queue:
-                for dim, need in enumerate(job.demand()):
-                    used[dim] -= need * len(job.placement)
-        dominant = max((u / c for u, c in zip(used, self.capacity, strict=True) if c > 0), default=0.0)
-        return dominant / self.quota[queue]
+    def _victims(self, job: Job, candidates: list[Job], free: list[list[float]], fits: list[float]) -> list[Job] | None:
+        """Running jobs to stop so that `job` fits: `candidates` taken in order until it does
+        (from another queue only while that queue keeps at least its nominal share), then each one
+        the others make unnecessary dropped again; None if they never make room. `free` and
+        `fits` (its tasks per node there) are left as they are."""
+        demand, tasks = job.demand(), job.resources.workers
+        free, fits = [list(node) for node in free], list(fits)
+        total = sum(fits)
+        chosen: list[Job] = []
+        left = {q: list(used) for q, used in self.used.items()}  # each queue's use once the chosen stop
+        for victim in candidates:
+            if victim.queue != job.queue:
+                used = [u - need * len(victim.placement) for u, need in zip(left[victim.queue], victim.demand())]
+                if self._share_of(victim.queue, used) < 1.0 - 1e-9:
+                    # Below its nominal share its queue would come before `job`'s in the next pass
+                    # and take the room back: each pass would preempt the same job again.
+                    continue
+                left[victim.queue] = used
+            chosen.append(victim)
+            self._give(free, victim)
+            total += self._refit(demand, free, fits, victim.placement)
+            if total >= tasks:
+                break
+        else:
+            return None
+        for victim in list(reversed(chosen[:-1])):  # drop any victim the others make unnecessary
+            trial, trial_fits = [list(node) for node in free], list(fits)
+            self._take(trial, victim)
+            change = self._refit(demand, trial, trial_fits, victim.placement)
+            if total + change >= tasks:
+                chosen.remove(victim)
+                free, fits, total = trial, trial_fits, total + change
+        return chosen
+
+    def _size(self, job: Job) -> float:
+        """The dominant share of the pool a running job holds."""
+        return len(job.placement) * max([d / c for d, c in zip(job.demand(), self.capacity) if c > 0], default=0.0)
 
     @staticmethod
     def _give(free: list[list[float]], job: Job) -> None:
-        demand = job.demand()
+        cpus, gpus, memory = job.demand()
         for index in job.placement:
-            for dim in range(3):
-                free[index][dim] += demand[dim]
+            node = free[index]
+            node[0] += cpus
+            node[1] += gpus
+            node[2] += memory
 
     @staticmethod
     def _take(free: list[list[float]], job: Job) -> None:
-        demand = job.demand()
+        cpus, gpus, memory = job.demand()
         for index in job.placement:
-            for dim in range(3):
-                free[index][dim] -= demand[dim]
+            node = free[index]
+            node[0] -= cpus
+            node[1] -= gpus
+            node[2] -= memory
 
     def _schedule_tasks(self, now: float, decision: Decision) -> None:
         """gang=False: every waiting job, oldest first, takes whatever tasks fit now and holds
         them; it starts when it holds all of them. Jobs holding part of a gang can deadlock."""
         total_free = [sum(node[d] for node in self.free) for d in range(3)]
+        nowhere = set()  # task demands no node held in this pass: as the pool fills, none will
+        took = True  # whether the last job took tasks (then the pool may be full)
         for line in list(self._waiting):
             for entry in list(self._waiting[line]):
-                if all(f <= 1e-9 for f, c in zip(total_free, self.capacity, strict=True) if c > 0):
+                if took and all(f <= 1e-9 for f, c in zip(total_free, self.capacity, strict=True) if c > 0):
                     return
+                took = False
                 job = entry[-1]
                 demand = job.demand()
+                cpus, gpus, memory = demand
+                if (
+                    demand in nowhere
+                    or cpus > total_free[0] + 1e-9
+                    or gpus > total_free[1] + 1e-9
+                    or memory > total_free[2] + 1e-9
+                ):
+                    continue  # not one task fits anywhere
+                if not any(self._tasks_fitting(demand, node) > 0 for node in self.free):
+                    nowhere.add(demand)
+                    continue
+                took = True
                 missing = job.resources.workers - len(job.placement)
                 for index, node in enumerate(self.free):
                     fits = int(min(self._tasks_fitting(demand, node), missing))
