@@ -529,7 +529,11 @@ class SharedPool:
             for change in deferred:
                 change(conn, now)
 
-        self._states = schedule_pass(self.engine, node=self.node, first=first, liveness=self._liveness)
+        try:
+            self._states = schedule_pass(self.engine, node=self.node, first=first, liveness=self._liveness)
+        except BaseException:  # the transaction rolled back: those changes go with the next pass
+            self._deferred = deferred + self._deferred
+            raise
         self._passed_at = time.monotonic()
         return self._states
 
