@@ -201,6 +201,21 @@ class Liveness:
         return False
 
 
+def _pass_query(node: str, window: int) -> sa.Select:
+    """The rows a pass decides on: every job running on `node`, and the first `window` waiting
+    jobs of each queue in queue order (priority, then age): a pass never looks further back."""
+    jobs = md.sched_jobs
+    place = (
+        sa.func.row_number()
+        .over(partition_by=[jobs.c.queue, jobs.c.state], order_by=[jobs.c.priority.desc(), jobs.c.submitted_at])
+        .label("place")
+    )
+    ranked = sa.select(jobs, place).where(jobs.c.state != "done", jobs.c.node == node).subquery()
+    return sa.select(*[ranked.c[c.name] for c in jobs.c]).where(
+        sa.or_(ranked.c.state != "waiting", ranked.c.place <= window)
+    )
+
+
 def schedule_pass(
     engine: sa.Engine,
     now: float | None = None,
@@ -225,9 +240,14 @@ def schedule_pass(
         now = time.time() if now is None else now  # read under the lock: passes' times never go back
         if first is not None:
             first(conn, now)
-        rows = conn.execute(
-            sa.select(md.sched_jobs).where(md.sched_jobs.c.state != "done", md.sched_jobs.c.node == node.name)
-        ).all()
+        rows = conn.execute(_pass_query(node.name, (policy or Policy()).lookahead + 1)).all()
+        # Jobs further back in their queue cannot start in this pass: only their ids are read.
+        loaded = {row.id for row in rows}
+        for (job_id,) in conn.execute(
+            sa.select(md.sched_jobs.c.id).where(md.sched_jobs.c.state == "waiting", md.sched_jobs.c.node == node.name)
+        ):
+            if job_id not in loaded:
+                states[job_id] = "waiting"
         scheduler = Scheduler([node], queue_weights(conn), policy)
         alive = []
         for row in rows:
