@@ -277,16 +277,23 @@ def test_async_fan_in_runs_downstream_on_first_result_and_on_each_better_one(tmp
                 f.write(best["name"] + "\\n")
             return best["name"]
 
+        @step
+        def announce() -> None:  # ordered after deploy: it must see deploy's last run
+            (SEEN / "announced").write_text((SEEN / "order").read_text())
+
         def pipeline():
             a = candidate("a", 0.5, "")
             b = candidate("b", 0.9, "a")
             c = candidate("c", 0.7, "b")
-            return deploy(best_of([a, b, c], key=lambda r: r["score"]))
+            deployed = deploy(best_of([a, b, c], key=lambda r: r["score"]))
+            announce().after(deployed)
+            return deployed
         """,
     )
     result = run_pipeline(workspace, f"{path}:pipeline", {}, RunOptions(cpus=2))
     assert result.status == "succeeded" and result.result == "b"
     assert (seen / "order").read_text().split() == ["a", "b"]  # c arrived later and was worse: no re-run
+    assert (seen / "announced").read_text().split() == ["a", "b"]  # after() waited for every run of deploy
     generations = [r["generation"] for r in rows_by_node(workspace, result.run_id)["deploy"]]
     assert sorted(generations) == [0, 1]
 

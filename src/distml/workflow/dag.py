@@ -128,6 +128,7 @@ class Node:
     upstream: list[Node]
     best_key: Callable[[Any], Any] | None = None  # best_of only
     minimize: bool = False
+    ordering: list[Node] = dataclasses.field(default_factory=list)  # after(): wait until they are final
 
     @property
     def streaming(self) -> bool:
@@ -143,6 +144,8 @@ class Node:
                 raise DistmlError(f"after() takes step results, got {node!r}")
             if node not in self.upstream:
                 self.upstream.append(node)
+            if node not in self.ordering:
+                self.ordering.append(node)
         return self
 
     def __bool__(self) -> bool:

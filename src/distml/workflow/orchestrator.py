@@ -316,6 +316,8 @@ class Orchestrator:
                 continue
             if not all(u.has_result for u in ups):
                 continue
+            if not all(self.states[o.id].final for o in node.ordering):
+                continue  # an ordering edge waits for every run of its node (a best_of's downstream runs again)
             seen = tuple((u.generation, u.has_result) for u in ups)
             if state.inputs_seen != seen:  # resolve and hash the inputs only when an upstream changed
                 args = substitute(list(node.args), lambda n: self.states[n.id].value)
