@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -214,6 +215,14 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
 @click.option("--dataset", default="digits", show_default=True, help="fashion-mnist or digits")
 @DATA_DIR_OPTION
+@click.option(
+    "--train-file",
+    "train_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Train on this .npz (image, label; raw pixels like the data set's) instead of its train split (repeatable).",
+)
+@click.option("--init-from", default=None, metavar="NAME:VERSION", help="Warm start: begin from this model's weights.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Worker processes per node.")
 @click.option(
     "--strategy", default="allreduce", show_default=True, type=click.Choice(["allreduce", "parameter-server"])
@@ -253,7 +262,10 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     from distml.train.launcher import Stopped, launch
 
     model_args = _key_values(options.pop("model_args"), "--model-arg")
-    config = parse_config({**options, "model_args": model_args, "workspace": str(_workspace(ctx).root)})
+    train_files = [str(Path(p).resolve()) for p in options.pop("train_files")] or None
+    config = parse_config(
+        {**options, "model_args": model_args, "train_files": train_files, "workspace": str(_workspace(ctx).root)}
+    )
     try:
         result = launch(config)
     except (Stopped, KeyboardInterrupt) as exc:

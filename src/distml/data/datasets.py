@@ -8,6 +8,7 @@ workspace and verified by size and MD5 either way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from distml.data.download import RemoteFile, fetch_files, locate_files
 from distml.data.preprocess import Compose, Normalize, Resize, Step
-from distml.data.sources import ArraySource, IdxSource, Source
+from distml.data.sources import ArraySource, ConcatSource, IdxSource, NpzSource, Source
 from distml.errors import DistmlError
 
 FASHION_MNIST_FILES = (
@@ -109,16 +110,8 @@ def digits(
     The standard preprocessing scales pixels (0..16) to [0, 1], normalises and resizes them
     to 28x28 so the same models serve both data sets.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = bunch.images.astype(np.uint8)
-    labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
-    )
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    images, labels = _read_bundled_digits()
+    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     splits = {
         "train": ArraySource(
             {"image": images[train_idx], "label": labels[train_idx]}, chunk_rows=512, name="digits/train"
@@ -134,12 +127,53 @@ def digits(
         tuple(str(d) for d in range(10)),
         (28, 28),
         preprocess,
-        "sklearn:load_digits",
+        "sklearn:datasets/data/digits.csv.gz",
         {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction},
         # Served digits are 28x28 images of 0..255 pixels: the 0..16 range maps onto 0..255 and
         # the bilinear resize commutes with the (affine) normalisation.
         serving=pixel_serving((28, 28), DIGITS_MEAN, DIGITS_STD),
     )
+
+
+def _bundled_digits_file() -> Path:
+    """scikit-learn's digits file, found without importing scikit-learn (which costs ~2.5 s of a
+    worker's start-up): `sklearn/datasets/data/digits.csv.gz`, 64 pixels and a label per row."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DistmlError("the digits data set comes with scikit-learn; install it: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DistmlError(f"scikit-learn's digits file is missing: {path}")
+    return path
+
+
+def _read_bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    table = np.loadtxt(_bundled_digits_file(), delimiter=",", dtype=np.uint8)
+    return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices, each class split in the data set's proportions.
+
+    The test set has ceil(n x test_fraction) rows (as scikit-learn's `train_test_split`); each class
+    gets floor(n_c x test_fraction) of them and the rest go, one each, to the classes with the
+    largest remainders (ties to the smaller label). Rows are drawn per class by a seeded permutation.
+    """
+    if not 0 < test_fraction < 1:
+        raise DistmlError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    classes, counts = np.unique(labels, return_counts=True)
+    n_test = int(np.ceil(len(labels) * test_fraction))
+    exact = counts * test_fraction
+    quota = np.floor(exact).astype(np.int64)
+    by_remainder = np.lexsort((classes, -(exact - quota)))  # largest remainder first, then label
+    quota[by_remainder[: n_test - int(quota.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    test = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
+    test_idx = np.sort(np.concatenate(test))
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    return train_idx, test_idx
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {"fashion-mnist": fashion_mnist, "digits": digits}
@@ -151,6 +185,18 @@ def get_dataset(name: str, workspace: Any, data_dir: str | Path | None = None, p
     return DATASETS[name](workspace, data_dir, progress=progress)
 
 
+def with_train_files(ds: Dataset, paths: list[str]) -> Dataset:
+    """`ds` with its train split replaced by the NumPy archives `paths` (columns `image` and
+    `label`, raw pixels as the data set's own files hold them): its test split, classes and
+    preprocessing stay. Continuous training trains on the snapshots of arrived data this way."""
+    if not paths:
+        raise DistmlError("train_files needs at least one .npz file")
+    train = ConcatSource(
+        [NpzSource(p, keys=["image", "label"], chunk_rows=512) for p in paths], name=f"{ds.name}/train"
+    )
+    return dataclasses.replace(ds, splits={**ds.splits, "train": train}, info={**ds.info, "train_files": list(paths)})
+
+
 def dataset_fingerprint(name: str, workspace: Any, data_dir: str | Path | None = None) -> str:
     """A content fingerprint of data set `name`'s source data, cheap enough to check on every run.
 
@@ -158,15 +204,9 @@ def dataset_fingerprint(name: str, workspace: Any, data_dir: str | Path | None =
     with the split's settings. Other data sets: the fingerprints of their split sources.
     """
     if name == "digits":
-        import importlib.util
-
-        spec = importlib.util.find_spec("sklearn")
-        if spec is not None and spec.submodule_search_locations:
-            bundled = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-            if bundled.is_file():
-                settings = inspect.signature(digits).parameters
-                split = f"test_fraction={settings['test_fraction'].default},seed={settings['seed'].default}"
-                return f"digits:{hashlib.sha256(bundled.read_bytes()).hexdigest()}:{split}"
+        settings = inspect.signature(digits).parameters
+        split = f"test_fraction={settings['test_fraction'].default},seed={settings['seed'].default},stratified"
+        return f"digits:{hashlib.sha256(_bundled_digits_file().read_bytes()).hexdigest()}:{split}"
     ds = get_dataset(name, workspace, data_dir, progress=False)
     return ",".join(f"{split}={source.fingerprint()}" for split, source in sorted(ds.splits.items()))
 

@@ -139,6 +139,61 @@ class ArraySource(Source):
         return f"arrays:{self.name}"
 
 
+class ConcatSource(Source):
+    """Several sources one after the other, as one: chunk i of the whole is a chunk of one member.
+
+    Every member must have the same columns. Continuous training reads the data that has arrived
+    so far this way: one snapshot per arrival, never copied into one file.
+    """
+
+    def __init__(self, members: Sequence[Source], name: str = "concat"):
+        if not members:
+            raise DistmlError(f"source {name!r} needs at least one member source")
+        self.members = list(members)
+        self.name = name
+        self.random_access = all(m.random_access for m in self.members)
+        self._where: list[tuple[int, int]] = []  # (member, its chunk index) per chunk
+        self._sizes: list[int] = []
+        for m, member in enumerate(self.members):
+            sizes = member.chunk_sizes()
+            self._where += [(m, i) for i in range(len(sizes))]
+            self._sizes += sizes
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"concat")
+            for member in self.members:
+                h.update(member.fingerprint().encode() + b"\0")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def chunk_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def read_chunk(self, index: int) -> Columns:
+        m, i = self._where[index]
+        return self.members[m].read_chunk(i)
+
+    def iter_chunks(self, start: int = 0) -> Iterator[Columns]:
+        if start >= len(self._where):
+            return
+        first, offset = self._where[start]
+        yield from self.members[first].iter_chunks(offset)
+        for member in self.members[first + 1 :]:
+            yield from member.iter_chunks(0)
+
+    def file_groups(self) -> list[list[int]]:
+        groups, base = [], 0
+        for member in self.members:
+            groups += [[base + i for i in group] for group in member.file_groups()]
+            base += len(member.chunk_sizes())
+        return groups
+
+    def describe(self) -> str:
+        return f"concat:{self.name}(" + ",".join(m.describe() for m in self.members) + ")"
+
+
 class IdxSource(ArraySource):
     """An IDX image file and its IDX label file (MNIST layout): columns `image` and `label`."""
 

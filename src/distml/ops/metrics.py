@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 # -- serving a registry and saying where ---------------------------------------------------------
@@ -45,6 +47,11 @@ class MetricsEndpoint:
                 self.file.unlink()
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
 def serve(
     registry: CollectorRegistry,
     port: int = 0,
@@ -57,7 +64,11 @@ def serve(
     from distml.ops.liveness import process_identity
     from distml.workspace import atomic_write
 
-    server, thread = start_http_server(port, addr=addr, registry=registry)
+    server = make_server(addr, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
+    # prometheus_client's start_http_server polls for shutdown every 0.5 s: every close (the end of
+    # each training rank, launcher and orchestrator) would wait for it
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
     bound = int(server.server_port)
     host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
     url = f"http://{host}:{bound}/metrics"

@@ -26,6 +26,10 @@ class TrainConfig(BaseModel):
     model_args: dict[str, Any] = Field(default_factory=dict)
     dataset: str = "digits"
     data_dir: str | None = None
+    train_files: list[str] | None = Field(
+        None, description="train on these .npz snapshots (image, label) instead of the data set's train split"
+    )
+    init_from: str | None = Field(None, description="start from this model's weights (NAME:VERSION), not at random")
     workers: int = Field(2, ge=1, le=256, description="worker processes per node")
     strategy: Literal["allreduce", "parameter-server"] = "allreduce"
     epochs: int = Field(10, ge=1)

@@ -36,7 +36,7 @@ def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
         "--max-restarts",
         str(config.max_restarts),
         "--monitor-interval",
-        "0.5",
+        "0.1",  # how soon the agent sees a worker exit (or fail): the end of every run waits on it
     ]
     if config.rdzv_endpoint:
         args += [
@@ -55,11 +55,14 @@ def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
 
 
 def launch(config: TrainConfig) -> dict[str, Any] | None:
-    from distml.data.datasets import get_dataset
+    from distml.models.artifact import resolve_model
+    from distml.train.worker import check_init_from, training_data
 
     config = config.model_copy(update={"workspace": str(Path(config.workspace).resolve())})
     ws = Workspace(config.workspace)
-    get_dataset(config.dataset, ws, config.data_dir, progress=True)  # download/verify once, not per worker
+    training_data(config, ws, progress=True)  # download/verify once, not per worker; bad files fail here
+    if config.init_from is not None:  # a wrong warm start fails before any process starts
+        check_init_from(config, resolve_model(ws, config.init_from).manifest)
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
+from distml.errors import DistmlError
 from distml.train import checkpoint
 from distml.train.config import TrainConfig, load_config
 
@@ -147,10 +148,35 @@ def planned_steps(config: TrainConfig, loader: Loader, step: int) -> int:
 
 
 def build(config: TrainConfig) -> torch.nn.Module:
+    """The model at step 0: the same random weights on every rank, or `init_from`'s (warm start)."""
     from distml.models.zoo import build_model
 
     torch.manual_seed(config.seed)  # every rank starts from the same weights
-    return build_model(config.model, **config.model_args)
+    model = build_model(config.model, **config.model_args)
+    if config.init_from is not None:
+        from distml.models.artifact import load_model
+
+        source, manifest = load_model(_workspace(config), config.init_from)
+        check_init_from(config, manifest)
+        model.load_state_dict(source.state_dict())
+    return model
+
+
+def check_init_from(config: TrainConfig, manifest: dict[str, Any]) -> None:
+    """A warm start needs the same architecture and arguments (the weights must fit)."""
+    if manifest["architecture"] != config.model or manifest.get("arch_args", {}) != config.model_args:
+        raise DistmlError(
+            f"init_from {config.init_from} is a {manifest['architecture']} {manifest.get('arch_args', {})}; "
+            f"it cannot start a {config.model} {config.model_args}: use a model of the same architecture"
+        )
+
+
+def training_data(config: TrainConfig, ws: Any, progress: bool = False) -> Any:
+    """The run's data set: the named one, with its train split replaced by `train_files` if given."""
+    from distml.data.datasets import with_train_files
+
+    dataset = get_dataset(config.dataset, ws, config.data_dir, progress=progress)
+    return with_train_files(dataset, config.train_files) if config.train_files else dataset
 
 
 def agree_stop(local: bool, device: torch.device) -> bool:
@@ -166,7 +192,7 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     from distml.train.parameter_server import PSServer, ShardLayout
 
     config = ctx.config
-    dataset = get_dataset(config.dataset, _workspace(config), config.data_dir, progress=False)
+    dataset = training_data(config, _workspace(config))
     loader = make_loader(ctx, dataset)
     model = build(config)
     params = list(model.parameters())
@@ -221,7 +247,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
 
     config = ctx.config
     ws = _workspace(config)
-    dataset = get_dataset(config.dataset, ws, config.data_dir, progress=False)
+    dataset = training_data(config, ws)
     loader = make_loader(ctx, dataset, with_index=config.log_samples)
     loader.fill_cache()
     model = build(config)
