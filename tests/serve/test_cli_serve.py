@@ -382,3 +382,85 @@ def test_bad_flags_fail_at_once_with_one_clear_line_before_any_replica_starts(tr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert not (trained_workspace / "services" / "bad-flags").exists()
+
+
+@pytest.fixture
+def canary_workspace(serve_workspace, tmp_path) -> Path:
+    """A copy of the serving fixtures' workspace (cnn:1, cnn:2 answer alike in speed) where cnn:3 is a
+    degraded candidate: a 54M-parameter mlp registered under the name cnn, many times slower per image."""
+    import shutil
+
+    import torch
+
+    from distml.models.artifact import load_model, register_as, save_model
+    from distml.models.zoo import build_model
+    from distml.workspace import Workspace
+
+    root = tmp_path / "ws"
+    shutil.copytree(serve_workspace, root)
+    workspace = Workspace(root)
+    _, manifest = load_model(workspace, "cnn:1")
+    torch.manual_seed(3)
+    slow = build_model("mlp", width=4096, depth=4)
+    keys = ("input_spec", "preprocessing", "class_names", "training", "data_fingerprint")
+    save_model(workspace, slow, name="slow", architecture="mlp", arch_args={"width": 4096, "depth": 4},
+               metrics={"test_accuracy": 0.1}, **{k: manifest[k] for k in keys})  # fmt: skip
+    assert register_as(workspace, "slow:1", "cnn").version == 3
+    workspace.close()
+    return root
+
+
+def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_under_load(canary_workspace):
+    from distml.serve.service import canary_status, start_canary, wait_canary
+
+    service = Service(canary_workspace, "cnn:1")
+    images = digits_images(8)
+    try:
+        replica = service.group()["replicas"][0]
+        direct = f"http://127.0.0.1:{replica['port']}/v2/repository/models/cnn/load"
+        missing = httpx.post(direct, json={"parameters": {"version": "9"}}, timeout=60)
+        assert missing.status_code == 404 and "cannot load cnn:9" in missing.json()["error"], missing.text
+        assert canary_status(service.url, "cnn")["state"] == "none"
+        bad = service.admin("POST", "/admin/models/cnn/canary", json={"version": "2", "weight": 1.5})
+        assert bad.status_code == 400 and "weight: Input should be less than 1" in bad.json()["error"]
+        assert service.admin("DELETE", "/admin/models/cnn/canary").status_code == 404
+        with Load(service.url, images, clients=3, kind="v2") as load:
+            wait_for(lambda: load.answered() >= 20, "20 answers before the canary")
+            # cnn:2 is as fast as cnn:1: promoted once its window passes (p99 of ~100 samples is noisy: 5x)
+            started = start_canary(service.url, "cnn:2", {"window_s": 3, "max_p99_ratio": 5})
+            assert (started["state"], started["stable"], started["canary"]) == ("running", "1", "2")
+            again = service.admin("POST", "/admin/models/cnn/canary", json={"version": "3"})
+            assert again.status_code == 409 and "is running" in again.json()["error"]
+            promoted = wait_canary(service.url, "cnn", timeout=120)
+            assert promoted["state"] == "promoted", promoted
+            assert promoted["reason"].startswith("no regression"), promoted["reason"]
+            assert promoted["stats"]["2"]["requests"] >= 20 and promoted["stats"]["2"]["errors"] == 0
+            assert service.admin("GET", "/admin/models/cnn/traffic").json()["versions"] == {"2": 100.0}
+            assert service.group()["models"] == ["cnn:2"] and service.group()["replicas"][0]["pid"] == replica["pid"]
+            at_promote = len(load.results)
+            wait_for(lambda: len(load.results) >= at_promote + 30, "30 answers after the promotion")
+            # cnn:3 is many times slower: rolled back on its p99 as soon as both versions have 20 answers
+            # (on 2 shared cores its own load inflates the stable p99 too: judged at 1.5x, not the default 2x)
+            start_canary(service.url, "cnn:3", {"weight": 0.2, "window_s": 60, "max_p99_ratio": 1.5})
+            rolled = wait_canary(service.url, "cnn", timeout=120)
+            assert rolled["state"] == "rolled_back", rolled
+            assert "canary p99 latency" in rolled["reason"] and "stable's" in rolled["reason"], rolled["reason"]
+            assert rolled["stats"]["3"]["p99_s"] > 1.5 * rolled["stats"]["2"]["p99_s"]
+            assert service.admin("GET", "/admin/models/cnn/traffic").json()["versions"] == {"2": 100.0}
+            at_rollback = len(load.results)
+            wait_for(lambda: len(load.results) >= at_rollback + 30, "30 answers after the rollback")
+        statuses = Counter(status for status, _ in load.results)
+        assert set(statuses) == {200}, f"failed requests: {statuses}"
+        assert {"cnn:1", "cnn:2", "cnn:3"} <= {version for _, version in load.results}
+        assert all(version == "cnn:2" for _, version in load.results[at_rollback + 3 :])
+        # the gateway's model-repository routes act on every replica, and refuse what would fail requests
+        refused = service.admin("POST", "/v2/repository/models/cnn/unload", json={"parameters": {"version": "2"}})
+        assert refused.status_code == 409 and "move its traffic away" in refused.json()["error"]
+        unknown = service.admin("POST", "/v2/repository/models/cnn/load", json={"parameters": {"version": "9"}})
+        assert unknown.status_code == 404 and "could not load cnn:9" in unknown.json()["error"], unknown.text
+        assert service.group()["models"] == ["cnn:2"] and service.group()["replicas"][0]["pid"] == replica["pid"]
+        gone = httpx.post(f"{service.url}/v2/models/cnn/versions/3/infer", json=v2_body(images[:1]))
+        assert gone.status_code == 404  # unloaded from the replica
+        assert service.metric('distml_gateway_canary_state{model="cnn",state="rolled_back"}') == 1
+    finally:
+        service.stop()

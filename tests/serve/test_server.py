@@ -765,3 +765,74 @@ def test_batcher_errors_reach_only_their_batch_and_batching_off():
     assert off_sizes == {1: 3}
     with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
         DynamicBatcher(lambda x: x, max_batch_size=0)
+
+
+# --- model repository extension: a version loaded and unloaded in place -----------------------
+
+
+def test_a_version_is_loaded_and_unloaded_in_place_without_a_new_process(launch, make_pixels):
+    replica = launch(["cnn:1"], token="s3cret", max_batch_delay_ms=300)
+    auth = {"Authorization": "Bearer s3cret"}
+    load, unload = f"{replica.url}/v2/repository/models/cnn/load", f"{replica.url}/v2/repository/models/cnn/unload"
+    body = v2_body(make_pixels(1))
+    assert httpx.post(load, json={"parameters": {"version": "2"}}).status_code == 401  # under the token like /v2
+    for bad in ({}, {"parameters": {"version": "two"}}, {"parameters": ["2"]}, {"parameters": {"version": 0}}):
+        answer = httpx.post(load, json=bad, headers=auth)
+        assert answer.status_code == 400, bad
+        assert 'expected {"parameters": {"version": "<version number>"}}' in answer.json()["error"]
+    missing = httpx.post(load, json={"parameters": {"version": "9"}}, headers=auth)
+    assert missing.status_code == 404 and "cannot load cnn:9" in missing.json()["error"]
+    unknown = httpx.post(f"{replica.url}/v2/repository/models/nope/load", json={"parameters": {"version": 1}},
+                         headers=auth)  # fmt: skip
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+
+    loaded = httpx.post(load, json={"parameters": {"version": "2"}}, headers=auth, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json() == {"name": "cnn", "version": "2", "state": "loaded", "versions": ["1", "2"],
+                             "default_version": "2"}  # fmt: skip
+    again = httpx.post(load, json={"parameters": {"version": 2}}, headers=auth)
+    assert again.status_code == 200 and again.json()["state"] == "already_loaded"
+    for path in ("/v2/models/cnn/versions/2/infer", "/v2/models/cnn/infer"):  # the default is the highest: 2
+        answer = httpx.post(replica.url + path, json=body, headers=auth)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == "cnn:2", path
+    v1 = httpx.post(f"{replica.url}/v1/models/cnn/versions/2:predict", json={"instances": [make_pixels(1)[0].tolist()]},
+                    headers=auth)  # fmt: skip
+    assert v1.status_code == 200 and v1.headers["x-model-version"] == "cnn:2"
+    index = httpx.post(f"{replica.url}/v2/repository/index", headers=auth).json()
+    assert index == [{"name": "cnn", "version": v, "state": "READY"} for v in ("1", "2")]
+    # the job runner runs jobs pinned to the new version; its metrics carry the version
+    job = httpx.post(f"{replica.url}/v2/models/cnn/jobs", json=body, headers={**auth, "X-Model-Version": "2"})
+    assert job.status_code == 202, job.text
+    done = wait_for(lambda: (j := httpx.get(f"{replica.url}/v2/jobs/{job.json()['id']}", headers=auth).json())
+                    ["status"] == "succeeded" and j, what="the job on version 2")  # fmt: skip
+    assert done["model_version"] == "2"
+    assert batch_histogram(replica.url, "cnn", "2", auth)["count"] >= 3
+
+    # unloading version 1 waits for its requests in flight (held by the 300 ms batch window)
+    pinned = [v2_body(make_pixels(1, seed=i)) for i in range(4)]
+    results: list = []
+    sender = threading.Thread(
+        target=lambda: results.extend(
+            asyncio.run(_concurrent(f"{replica.url}/v2/models/cnn/versions/1/infer", pinned, auth))
+        )
+    )
+    sender.start()
+    in_flight = "distml_serve_in_flight_requests"
+    wait_for(lambda: _gauge(replica.url, in_flight, auth) >= 5, what="4 requests in flight on version 1")
+    gone = httpx.post(unload, json={"parameters": {"version": "1"}}, headers=auth, timeout=60)
+    sender.join(60)
+    assert gone.status_code == 200 and gone.json()["versions"] == ["2"] and gone.json()["default_version"] == "2"
+    assert [r.status_code for r in results] == [200] * 4
+    after = httpx.post(f"{replica.url}/v2/models/cnn/versions/1/infer", json=body, headers=auth)
+    assert after.status_code == 404 and "loaded versions: 2" in after.json()["error"]
+    last = httpx.post(unload, json={"parameters": {"version": "2"}}, headers=auth)
+    assert last.status_code == 409 and "last loaded version of model 'cnn'" in last.json()["error"]
+    assert httpx.post(unload, json={"parameters": {"version": "1"}}, headers=auth).status_code == 404
+    assert httpx.get(f"{replica.url}/v2/health/ready").status_code == 200
+
+
+def _gauge(url: str, name: str, headers: dict) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=headers).text):
+        if family.name == name:
+            return sum(s.value for s in family.samples)
+    return 0.0

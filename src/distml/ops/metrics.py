@@ -501,6 +501,18 @@ class GatewayMetrics:
         self.panic = Gauge(
             "distml_gateway_autoscaler_panic", "1 while the autoscaler panics", ["group"], registry=registry
         )
+        self.canary_state = Gauge(
+            "distml_gateway_canary_state",
+            "1 for the state of each model's last canary (running, promoted, rolled_back), 0 for the others",
+            ["model", "state"],
+            registry=registry,
+        )
+        self.canary_requests = Counter(
+            "distml_gateway_canary_requests",
+            "Answers judged by a running canary analysis, by model, version and outcome (ok, error: 5xx)",
+            ["model", "version", "outcome"],
+            registry=registry,
+        )
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:

@@ -152,6 +152,7 @@ class ServedModel:
         self.class_names: list[str] = list(manifest["class_names"])
         self.model = None
         self.batcher: DynamicBatcher | None = None
+        self.in_use = 0  # requests that looked this version up and have not answered yet (see unload)
 
     def load(
         self,
@@ -453,7 +454,7 @@ def resolve_refs(
 
 class ModelRepository:
     """The model versions one replica serves, by name and version; the default version of a name
-    is its highest (Triton's "latest" policy)."""
+    is its highest loaded one (Triton's "latest" policy), also after `load_version`/`unload_version`."""
 
     def __init__(self, workspace: Workspace, models: str | Sequence[str] | Mapping[str, Sequence[Any]]):
         self.workspace = workspace
@@ -463,6 +464,8 @@ class ModelRepository:
         self.default_version = {name: max(versions) for name, versions in self.models.items()}
         self.tags = ",".join(m.tag for m in self)
         self.load_error: str | None = None
+        self.listeners: list[Callable[[], None]] = []  # called when a version is loaded or unloaded
+        self._loading: dict[tuple[str, int], asyncio.Task] = {}
 
     def __iter__(self):
         return (m for versions in self.models.values() for m in versions.values())
@@ -510,10 +513,113 @@ class ModelRepository:
             if served.batcher is not None:
                 await served.batcher.aclose()
 
+    # -- loading and unloading a version while serving (the V2 model-repository extension) ------
+
+    async def load_version(
+        self,
+        name: str,
+        version: int,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        on_batch: Callable[[ServedModel], Callable[[int], None]] | None = None,
+    ) -> tuple[ServedModel, bool]:
+        """Load registered version `name:version` beside the others; (its ServedModel, loaded now).
+
+        Resolved as at start (`resolve_refs`: 404 for an unknown one, 400 for a manifest that cannot be
+        served), weights read in a thread; it joins `models` only once it can answer, so nothing is
+        ever routed to a half-loaded version. Already loaded: returned as it is (False). Concurrent
+        loads of one version share one load. The default version of `name` stays its highest loaded
+        version, so loading a higher one changes what unpinned requests get: a gateway pins versions.
+        """
+        served = self.models.get(name, {}).get(version)
+        if served is not None:
+            if not served.ready:
+                raise ProtocolError(503, self.load_error or f"model {served.tag} is still loading; retry shortly")
+            return served, False
+        key = (name, version)
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._load_version(name, version, max_batch_size, max_batch_delay_ms, on_batch)
+            )
+            self._loading[key] = task
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        return await asyncio.shield(task), True
+
+    async def _load_version(
+        self,
+        name: str,
+        version: int,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        on_batch: Callable[[ServedModel], Callable[[int], None]] | None,
+    ) -> ServedModel:
+        tag = f"{name}:{version}"
+        try:
+            [(_, _, manifest)] = await asyncio.to_thread(resolve_refs, self.workspace, [tag])
+        except DistmlError as exc:
+            raise ProtocolError(404, f"cannot load {tag}: {exc}") from None
+        try:
+            served = ServedModel(name, version, manifest)
+        except DistmlError as exc:
+            raise ProtocolError(400, str(exc)) from None
+        callback = on_batch(served) if on_batch is not None else None
+        try:
+            await asyncio.to_thread(served.load, self.workspace, max_batch_size, max_batch_delay_ms, callback)
+        except DistmlError as exc:
+            raise ProtocolError(400, f"cannot load {tag}: {exc}") from None
+        self.models.setdefault(name, {})[version] = served
+        self._changed()
+        log.info("event=model_loaded model=%s default=%s:%d", tag, name, self.default_version[name])
+        return served
+
+    async def unload_version(self, name: str, version: int, timeout: float = 30.0) -> ServedModel:
+        """Stop serving `name:version`: new requests get 404 at once, the ones that already looked it
+        up finish (up to `timeout` s), then its batcher closes. 404 if not loaded; 409 for the last
+        loaded version of `name` (a replica always answers every model it was started with)."""
+        versions = self.models.get(name)
+        if versions is None or version not in versions:
+            loaded = ", ".join(str(v) for v in sorted(versions or ()))
+            where = f"loaded versions: {loaded}" if loaded else f"this server serves {', '.join(sorted(self.models))}"
+            raise ProtocolError(404, f"model {name!r} has no version {version} loaded on this server; {where}")
+        if len(versions) == 1:
+            raise ProtocolError(
+                409,
+                f"version {version} is the last loaded version of model {name!r}; load another version "
+                "first (a model cannot be left with no version)",
+            )
+        served = versions.pop(version)
+        self._changed()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while served.in_use > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if served.batcher is not None:
+            await served.batcher.aclose(max(0.0, deadline - loop.time()))
+        log.info("event=model_unloaded model=%s default=%s:%d", served.tag, name, self.default_version[name])
+        return served
+
+    def _changed(self) -> None:
+        self.default_version = {name: max(versions) for name, versions in self.models.items()}
+        self.tags = ",".join(m.tag for m in self)
+        for listener in self.listeners:
+            listener()
+
+    def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: every version served or loading, with its state."""
+        out = [{"name": m.name, "version": str(m.version), "state": "READY" if m.ready else "LOADING"} for m in self]
+        loaded = {(m.name, m.version) for m in self}
+        out += [{"name": n, "version": str(v), "state": "LOADING"} for n, v in self._loading if (n, v) not in loaded]
+        return out
+
     async def run_job(self, model: str, version: int | None, request: dict) -> tuple[int, dict]:
         """An asynchronous job's V2 request, run like a synchronous one; (version, response JSON)."""
         served = self.lookup(model, None if version is None else str(version))
-        response = await served.infer(protocol.infer_request_from_json(request))
+        served.in_use += 1
+        try:
+            response = await served.infer(protocol.infer_request_from_json(request))
+        finally:
+            served.in_use -= 1
         return served.version, protocol.infer_response_json(response)
 
 

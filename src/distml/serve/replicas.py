@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import ctypes
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -83,6 +84,27 @@ class NoReplicaAvailable(DistmlError):
     def __init__(self, message: str, state: str = ""):
         super().__init__(message)
         self.state = state or message
+
+
+class ReplicaRefused(DistmlError):
+    """A replica refused or failed a model-repository call; `status` is what the gateway answers."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _split_ref(ref: str) -> tuple[str, int]:
+    name, sep, version = ref.rpartition(":")
+    if not sep or not name or not version.isdigit() or int(version) < 1:
+        raise DistmlError(f"model reference {ref!r} is not valid here; expected NAME:VERSION such as cnn:3")
+    return name, int(version)
+
+
+def _serves(models: Iterable[str], name: str, version: int) -> bool:
+    """Is `name:version` among the model references `models`? ('cnn' or 'cnn@champion' cannot be
+    told apart without the registry, so they never match.)"""
+    return f"{name}:{version}" in models
 
 
 @dataclass(eq=False)
@@ -329,6 +351,107 @@ class ReplicaSet:
             finally:
                 self._rolling = False
                 self._wake.set()
+
+    async def load_version(self, ref: str, timeout: float | None = None) -> None:
+        """Make every replica serve `ref` ("name:version") beside its models, without new processes.
+
+        `ref` joins `models` first, so a replica started from now on (autoscaling, replacements) loads
+        it at start; replicas still starting from before wait until ready; then every ready replica
+        loads it in place (`POST /v2/repository/models/{name}/load`, in parallel). On a failure
+        (DistmlError naming the replica, with the replica's status when it answered one) `models` is
+        as before and the replicas that loaded it unload it again. Holds the roll lock.
+        """
+        name, version = _split_ref(ref)
+        ref = f"{name}:{version}"
+        async with self._roll_lock:
+            previous = self.models
+            if not _serves(self.models, name, version):
+                self.models = (*self.models, ref)
+            try:
+                await self._settle_starting(lambda r: not _serves(r.models, name, version), timeout)
+                ready = [r for r in self._replicas if r.state == READY]
+                results = await asyncio.gather(
+                    *(self._repository_call(r, name, version, "load") for r in ready), return_exceptions=True
+                )
+                failed = [
+                    (r, res)
+                    for r, res in zip(ready, results)
+                    if isinstance(res, BaseException) and r.state == READY and r.alive()  # a dead one is replaced
+                ]
+                if failed:
+                    raise failed[0][1]
+                for replica in ready:
+                    if not _serves(replica.models, name, version):
+                        replica.models = (*replica.models, ref)
+            except BaseException:
+                if self.models != previous:
+                    self.models = previous
+                    done = [r for r in self._replicas if r.state == READY]
+                    await asyncio.gather(
+                        *(self._repository_call(r, name, version, "unload") for r in done), return_exceptions=True
+                    )
+                raise
+            log.info("%s: every replica serves %s too", self.name, ref)
+
+    async def unload_version(self, ref: str, timeout: float | None = None) -> None:
+        """Stop serving `ref` ("name:version") on every replica (each answers its in-flight requests
+        for it first) and leave it out of the replicas started later. A replica that does not serve it
+        is fine; one that refuses (its last version of the model: 409) raises DistmlError. Route no
+        traffic to `ref` before calling this. Holds the roll lock."""
+        name, version = _split_ref(ref)
+        ref = f"{name}:{version}"
+        async with self._roll_lock:
+            self.models = tuple(m for m in self.models if m != ref)
+            await self._settle_starting(lambda r: _serves(r.models, name, version), timeout)
+            ready = [r for r in self._replicas if r.state == READY]
+            results = await asyncio.gather(
+                *(self._repository_call(r, name, version, "unload", missing_ok=True) for r in ready),
+                return_exceptions=True,
+            )
+            for replica in ready:
+                replica.models = tuple(m for m in replica.models if m != ref)
+            for replica, res in zip(ready, results):
+                if isinstance(res, BaseException) and replica.state == READY and replica.alive():
+                    raise res
+            log.info("%s: %s unloaded from every replica", self.name, ref)
+
+    async def _settle_starting(self, stale: Callable[[Replica], bool], timeout: float | None) -> None:
+        """Wait until no replica that `stale` picks is still starting (ready, or gone)."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.start_timeout)
+        while any(r.state == STARTING and stale(r) for r in self._replicas):
+            if time.monotonic() > deadline:
+                starting = [r.id for r in self._replicas if r.state == STARTING and stale(r)]
+                raise DistmlError(f"replica(s) {', '.join(starting)} of {self.name} still starting after {timeout} s")
+            await self._wait_change(0.25)
+
+    async def _repository_call(
+        self, replica: Replica, name: str, version: int, action: str, missing_ok: bool = False
+    ) -> None:
+        from urllib.parse import quote
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        url = f"{replica.url}/v2/repository/models/{quote(name, safe='')}/{action}"
+        body = {"parameters": {"version": str(version)}}
+        try:
+            async with self._session.post(
+                url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.start_timeout)
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ReplicaRefused(
+                502, f"replica {replica.id} could not {action} {name}:{version}: {type(exc).__name__}: {exc}"
+            ) from None
+        if status == 200 or (missing_ok and status == 404):
+            return
+        try:
+            message = json.loads(text)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = text[:300]
+        raise ReplicaRefused(
+            status if 400 <= status < 500 else 502,
+            f"replica {replica.id} could not {action} {name}:{version} ({status}): {message}",
+        )
 
     async def wait_ready(self, n: int = 1, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout if timeout is not None else self.start_timeout)

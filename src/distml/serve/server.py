@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 import distml
 from distml.errors import DistmlError
@@ -37,7 +38,7 @@ from distml.workspace import Workspace
 log = logging.getLogger("distml.serve")
 
 VERSION_HEADER = "X-Model-Version"
-EXTENSIONS = ["binary_tensor_data", "async_jobs", "v1_predict"]
+EXTENSIONS = ["binary_tensor_data", "async_jobs", "v1_predict", "model_repository"]
 
 
 class ModelServer:
@@ -58,6 +59,7 @@ class ModelServer:
             concurrency=config.job_concurrency,
         )
         self._jobs_started = False
+        repository.listeners.append(self._versions_changed)
 
     @property
     def load_error(self) -> str | None:
@@ -78,17 +80,22 @@ class ModelServer:
             await self.repository.close()
             log.info("event=stopped models=%s", self.repository.tags)
 
-    async def _load(self) -> None:
-        def on_batch(served: ServedModel):
-            labels = (served.name, str(served.version))
-            self.metrics.queue_depth.labels(*labels).set_function(
-                lambda: served.batcher.queue_depth if served.batcher is not None else 0
-            )
-            return self.metrics.batch_size.labels(*labels).observe
+    def _on_batch(self, served: ServedModel):
+        labels = (served.name, str(served.version))
+        self.metrics.queue_depth.labels(*labels).set_function(
+            lambda: served.batcher.queue_depth if served.batcher is not None else 0
+        )
+        return self.metrics.batch_size.labels(*labels).observe
 
+    def _versions_changed(self) -> None:
+        """A version was loaded or unloaded: the job runner claims jobs of exactly the served ones."""
+        # a new dict, not the old one changed: the runner reads it from a thread while it claims
+        self.jobs.served = {name: set(versions) for name, versions in self.repository.models.items()}
+
+    async def _load(self) -> None:
         started = time.perf_counter()
         try:
-            await self.repository.load(self.config.max_batch_size, self.config.max_batch_delay_ms, on_batch)
+            await self.repository.load(self.config.max_batch_size, self.config.max_batch_delay_ms, self._on_batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -117,6 +124,9 @@ class ModelServer:
         labels["model"], labels["version"] = served.name, str(served.version)
         if need_ready and not served.ready:
             raise ProtocolError(503, self.load_error or f"model {served.tag} is still loading; retry shortly")
+        if "distml.served" not in request.scope:  # in use until ServingMiddleware sees the answer sent
+            served.in_use += 1
+            request.scope["distml.served"] = served
         return served
 
     # -- handlers ---------------------------------------------------------------------------
@@ -226,6 +236,57 @@ class ModelServer:
         predictions = await served.predict(obj.get("instances"))
         return Response(orjson.dumps({"predictions": predictions}), 200, media_type="application/json")
 
+    # -- model repository extension (Triton's): versions loaded and unloaded while serving ----------
+
+    async def _repository_version(self, request: Request, endpoint: str) -> tuple[str, int]:
+        labels = request.scope["distml.labels"]
+        labels["endpoint"] = endpoint
+        name = request.path_params["model"]
+        expected = '{"parameters": {"version": "<version number>"}}'
+        obj = await http.read_json(request, self.config.max_body_bytes, expected)
+        parameters = obj.get("parameters")
+        version = parameters.get("version") if isinstance(parameters, dict) else None
+        text = str(version) if isinstance(version, (str, int)) and not isinstance(version, bool) else ""
+        text = text.split(":", 1)[1] if text.startswith(f"{name}:") else text
+        if not text.isdigit() or int(text) < 1:
+            raise ProtocolError(400, f"request body names no version to {endpoint.split('_')[1]}; expected {expected}")
+        if self.draining or not self.ready:
+            why = "the server is shutting down" if self.draining else self.load_error or "models are still loading"
+            raise ProtocolError(503, f"cannot change the loaded models now: {why}")
+        labels["model"], labels["version"] = name, text
+        return name, int(text)
+
+    def _repository_view(self, name: str, version: int, state: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "version": str(version),
+            "state": state,
+            "versions": self.repository.versions(name) if name in self.repository.models else [],
+            "default_version": str(self.repository.default_version[name]) if name in self.repository.models else None,
+        }
+
+    async def repository_load(self, request: Request) -> Response:
+        """`POST /v2/repository/models/{model}/load` with `{"parameters": {"version": "3"}}`: load that
+        registered version beside the others (200 once it answers; 200 too if it already did)."""
+        name, version = await self._repository_version(request, "repository_load")
+        _, loaded = await self.repository.load_version(
+            name, version, self.config.max_batch_size, self.config.max_batch_delay_ms, self._on_batch
+        )
+        return JSONResponse(self._repository_view(name, version, "loaded" if loaded else "already_loaded"))
+
+    async def repository_unload(self, request: Request) -> Response:
+        """`POST /v2/repository/models/{model}/unload` with `{"parameters": {"version": "3"}}`: stop serving
+        that version once its in-flight requests are answered (409 for a model's last version)."""
+        name, version = await self._repository_version(request, "repository_unload")
+        await self.repository.unload_version(name, version, timeout=self.config.graceful_timeout)
+        with contextlib.suppress(KeyError):
+            self.metrics.queue_depth.remove(name, str(version))
+        return JSONResponse(self._repository_view(name, version, "unloaded"))
+
+    async def repository_index(self, request: Request) -> Response:
+        request.scope["distml.labels"]["endpoint"] = "repository_index"
+        return JSONResponse(self.repository.index())
+
     async def metrics_endpoint(self, request: Request) -> Response:
         request.scope["distml.labels"]["endpoint"] = "metrics"
         body, content_type = self.metrics.exposition()
@@ -288,10 +349,27 @@ class ServingMiddleware:
             response = http.error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
             await response(scope, receive, send_with_headers)
         finally:
+            served = scope.get("distml.served")
+            if served is not None:
+                served.in_use -= 1
             server.metrics.in_flight.dec()
             server.metrics.observe_request(
                 labels["model"], labels["version"], labels["endpoint"], state["status"], time.perf_counter() - started
             )
+
+
+class RepositoryRequestBody(protocol._Doc):
+    """Model-repository extension: which version of the path's model to load or unload."""
+
+    parameters: dict[str, str | int] = Field(examples=[{"version": "3"}])
+
+
+class RepositoryBody(protocol._Doc):
+    name: str
+    version: str
+    state: str = Field(description="loaded, already_loaded or unloaded")
+    versions: list[str] = Field(description="the versions of the model this replica serves now")
+    default_version: str | None = Field(description="what a request that names no version gets: the highest")
 
 
 def _documented(model: type, status: int = 200) -> dict[int | str, dict[str, Any]]:
@@ -336,11 +414,16 @@ def create_app(config: ReplicaConfig, token: str | None = None, workspace: Works
          {"responses": _documented(p.PredictResponseBody), "openapi_extra": http.request_body(p.PredictRequestBody)}),
         ("POST", "/v1/models/{model}/versions/{version}:predict", server.v1_predict,
          {"responses": _documented(p.PredictResponseBody), "openapi_extra": http.request_body(p.PredictRequestBody)}),
+        ("POST", "/v2/repository/index", server.repository_index, {}),
+        ("POST", "/v2/repository/models/{model}/load", server.repository_load,
+         {"responses": _documented(RepositoryBody), "openapi_extra": http.request_body(RepositoryRequestBody)}),
+        ("POST", "/v2/repository/models/{model}/unload", server.repository_unload,
+         {"responses": _documented(RepositoryBody), "openapi_extra": http.request_body(RepositoryRequestBody)}),
         ("GET", "/metrics", server.metrics_endpoint, {}),
     ]  # fmt: skip
     for method, path, endpoint, docs in routes:
         app.add_api_route(path, endpoint, methods=[method], **docs)
-    http.document_bodies(app, [p.InferRequestBody, p.PredictRequestBody])
+    http.document_bodies(app, [p.InferRequestBody, p.PredictRequestBody, RepositoryRequestBody])
     app.front = [
         (ServingMiddleware, {"server": server}),  # outermost: 401s are counted and named too
         (http.BearerAuth, {"token": token}),

@@ -103,6 +103,35 @@ def swap_model(url: str, ref: str, token: str | None = None) -> None:
     _admin(url, "POST", f"/admin/models/{name}/promote", {"version": version}, token)
 
 
+def start_canary(url: str, ref: str, policy: dict[str, Any] | None = None, token: str | None = None) -> dict:
+    """Start a canary of `ref` ("name:version") on the service at `url`: the gateway loads it into every
+    replica, sends it `policy["weight"]` of the traffic and promotes or rolls it back by itself
+    (policy fields: see `distml.serve.canary.CanaryPolicy`). Returns the canary's state."""
+    name, sep, version = ref.rpartition(":")
+    if not sep or not name or not version:
+        raise DistmlError(f"canary reference {ref!r} is not valid; expected NAME:VERSION such as cnn:3")
+    return _admin(url, "POST", f"/admin/models/{name}/canary", {**(policy or {}), "version": version}, token)
+
+
+def canary_status(url: str, model: str, token: str | None = None) -> dict:
+    """The last canary of `model`: {state: running|promoted|rolled_back|none, stable, canary, reason, stats, ...}."""
+    return _admin(url, "GET", f"/admin/models/{model}/canary", token=token)
+
+
+def wait_canary(url: str, model: str, timeout: float, token: str | None = None, interval: float = 0.2) -> dict:
+    """Poll the canary of `model` until it is promoted or rolled back; its final state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = canary_status(url, model, token)
+        if status["state"] in ("promoted", "rolled_back"):
+            return status
+        if status["state"] == "none":
+            raise DistmlError(f"no canary of {model!r} on the service at {url}")
+        if time.monotonic() > deadline:
+            raise DistmlError(f"the canary of {model}:{status['canary']} was not decided after {timeout:g} s: {status}")
+        time.sleep(interval)
+
+
 def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]) -> dict[str, Any]:
     """Serve `model` as service `name`: a no-op if it already does, a hot swap if it serves
     another model, a detached start otherwise. Returns {url, model, pid, action}."""

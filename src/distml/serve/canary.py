@@ -1,0 +1,256 @@
+"""Canary analysis: judge a new model version on live traffic beside the stable one, then promote or roll back.
+
+`CanaryAnalysis` is the pure decision (Flagger's / Argo Rollouts' analysis reduced to two checks over
+a sliding window: the error-rate increase and the p99-latency ratio; `failure_threshold` failed checks
+in a row roll back, a window without one promotes); the gateway feeds it every answer and applies its
+verdicts (`Gateway.start_canary`). Flagger and Argo Rollouts need Kubernetes and a Prometheus to
+query; no in-process library judges a canary, so this one is small and written here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distml.errors import DistmlError
+
+MAX_SAMPLES = 100_000  # per version and window: memory stays bounded whatever the request rate
+
+Action = Literal["wait", "promote", "rollback"]
+CANARY_STATES = ("running", "promoted", "rolled_back")
+
+
+class CanaryPolicy(BaseModel):
+    """How a canary is run and judged (the names of Flagger's `analysis` where they exist)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(0.2, gt=0, lt=1, description="the canary's share of traffic while it is analysed")
+    window_s: float = Field(10.0, gt=0, le=86_400, description="seconds of analysis before it is promoted")
+    interval_s: float = Field(0.25, gt=0, le=60, description="seconds between two checks (Flagger's interval)")
+    min_requests: int = Field(20, ge=1, description="requests each version needs before it is judged")
+    max_error_rate_increase: float = Field(
+        0.05, ge=0, le=1, description="canary error rate minus stable error rate above which it rolls back"
+    )
+    max_p99_ratio: float = Field(2.0, ge=1, description="canary p99 / stable p99 latency above which it rolls back")
+    failure_threshold: int = Field(
+        1, ge=1, le=100, description="failed checks in a row that roll back (Flagger's threshold, Argo's failureLimit)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CanaryPolicy:
+        if self.interval_s > self.window_s:
+            raise ValueError(
+                f"interval_s ({self.interval_s:g} s) must not be longer than window_s ({self.window_s:g} s)"
+            )
+        return self
+
+
+def parse_canary_policy(values: dict[str, Any]) -> CanaryPolicy:
+    """A CanaryPolicy, or one DistmlError naming every bad field and what it expects."""
+    try:
+        return CanaryPolicy(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "policy"
+            given = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" else ""
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}{given}")
+        fields = ", ".join(CanaryPolicy.model_fields)
+        raise DistmlError(f"invalid canary policy: {'; '.join(problems)} (policy fields: {fields})") from None
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """One version's answers in the window; latencies (seconds) are those of its successful answers."""
+
+    requests: int
+    errors: int
+    error_rate: float
+    p50: float | None
+    p99: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "p50_s": self.p50,
+            "p99_s": self.p99,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    stats: dict[str, VersionStats]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "stats": {v: s.as_dict() for v, s in self.stats.items()},
+        }
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+class CanaryAnalysis:
+    """The judgement of version `canary` against version `stable` from `now` on (any clock, in seconds).
+
+    `observe` records one answer: `ok` False for an error, which is a 5xx answer or a failed or timed
+    out upstream (what the gateway answers 502/503/504); a 4xx is the client's error and is recorded
+    as ok. Statistics are over a sliding window of the last `window_s` seconds (older observations are
+    discarded); as the analysis promotes `window_s` after it starts, that is all of it until then.
+    `decide` rolls back as soon as both versions have `min_requests` and `failure_threshold` checks in
+    a row found the canary worse than the thresholds, promotes once `window_s` has passed without a
+    failed check (judged or not: the reason says which), and waits otherwise. A final verdict sticks.
+    """
+
+    def __init__(self, stable: str, canary: str, policy: CanaryPolicy, now: float):
+        if stable == canary:
+            raise DistmlError(f"the canary version {canary} is the stable version; pick another version")
+        self.stable, self.canary, self.policy = stable, canary, policy
+        self.started = now
+        self.failed_checks = 0
+        self.final: Verdict | None = None
+        self._samples: dict[str, deque[tuple[float, bool, float]]] = {
+            stable: deque(maxlen=MAX_SAMPLES),
+            canary: deque(maxlen=MAX_SAMPLES),
+        }
+
+    def observe(self, version: str, ok: bool, latency_s: float, now: float) -> None:
+        """Record one answer of `version` (other versions are ignored)."""
+        samples = self._samples.get(version)
+        if samples is not None and self.final is None:
+            samples.append((now, bool(ok), max(0.0, float(latency_s))))
+
+    def stats(self, now: float) -> dict[str, VersionStats]:
+        horizon = now - self.policy.window_s
+        out = {}
+        for version, samples in self._samples.items():
+            while samples and samples[0][0] < horizon:
+                samples.popleft()
+            n = len(samples)
+            errors = sum(1 for _, ok, _ in samples if not ok)
+            latencies = np.fromiter((lat for _, ok, lat in samples if ok), dtype=np.float64)
+            p50, p99 = (float(q) for q in np.percentile(latencies, [50, 99])) if latencies.size else (None, None)
+            out[version] = VersionStats(n, errors, errors / n if n else 0.0, p50, p99)
+        return out
+
+    def decide(self, now: float) -> Verdict:
+        if self.final is not None:
+            return self.final
+        p = self.policy
+        stats = self.stats(now)
+        stable, canary = stats[self.stable], stats[self.canary]
+        judged = stable.requests >= p.min_requests and canary.requests >= p.min_requests
+        problems = []
+        if judged:
+            increase = canary.error_rate - stable.error_rate
+            if increase > p.max_error_rate_increase + 1e-12:
+                problems.append(
+                    f"canary error rate {canary.error_rate:.1%} ({canary.errors} of {canary.requests}) is "
+                    f"{increase:.1%} above stable's {stable.error_rate:.1%} (max increase "
+                    f"{p.max_error_rate_increase:.1%})"
+                )
+            if canary.p99 is not None and stable.p99 is not None and canary.p99 > p.max_p99_ratio * stable.p99:
+                ratio = canary.p99 / max(stable.p99, 1e-12)
+                problems.append(
+                    f"canary p99 latency {_ms(canary.p99)} is {ratio:.1f}x stable's {_ms(stable.p99)} "
+                    f"(max {p.max_p99_ratio:g}x)"
+                )
+        if problems:
+            self.failed_checks += 1
+            what = "; ".join(problems)
+            if self.failed_checks >= p.failure_threshold:
+                checks = f" ({self.failed_checks} failed checks in a row)" if p.failure_threshold > 1 else ""
+                self.final = Verdict("rollback", f"{what}{checks}", stats)
+                return self.final
+            return Verdict("wait", f"check {self.failed_checks} of {p.failure_threshold} failed: {what}", stats)
+        self.failed_checks = 0
+        elapsed = now - self.started
+        if elapsed >= p.window_s:
+            if judged:
+                reason = (
+                    f"no regression in {p.window_s:g} s: canary error rate {canary.error_rate:.1%} vs "
+                    f"{stable.error_rate:.1%}, p99 {_ms(canary.p99)} vs {_ms(stable.p99)} over {canary.requests} "
+                    f"canary and {stable.requests} stable requests"
+                )
+            else:
+                short, n = ("canary", canary.requests)
+                if canary.requests >= p.min_requests:
+                    short, n = ("stable", stable.requests)
+                reason = (
+                    f"not judged: only {n} {short} requests in {p.window_s:g} s (min_requests {p.min_requests}); "
+                    "promoted as nothing showed it worse"
+                )
+            self.final = Verdict("promote", reason, stats)
+            return self.final
+        return Verdict(
+            "wait",
+            f"analysing: {canary.requests} canary and {stable.requests} stable requests "
+            f"(min_requests {p.min_requests}), {p.window_s - elapsed:.1f} s of {p.window_s:g} s left",
+            stats,
+        )
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
+
+
+@dataclass
+class CanaryRun:
+    """One canary of a model as the gateway runs it: what `GET /admin/models/{model}/canary` shows.
+
+    `state` is "running" from the request on (loading the version into the replicas, then analysing),
+    then "promoted" or "rolled_back" once traffic has moved and the losing version is unloaded."""
+
+    model: str
+    stable: str
+    canary: str
+    policy: CanaryPolicy
+    started_at: float  # wall clock (time.time())
+    state: str = "running"
+    reason: str = "loading the canary version into every replica"
+    analysis: CanaryAnalysis | None = None
+    verdict: Verdict | None = None
+    decided_at: float | None = None
+    task: Any = field(default=None, repr=False)
+
+    @property
+    def versions(self) -> tuple[str, str]:
+        return (self.stable, self.canary)
+
+    def view(self) -> dict[str, Any]:
+        stats = self.verdict.stats if self.verdict is not None else {}
+        return {
+            "model": self.model,
+            "state": self.state,
+            "stable": self.stable,
+            "canary": self.canary,
+            "reason": self.reason,
+            "stats": {v: s.as_dict() for v, s in stats.items()},
+            "policy": self.policy.model_dump(),
+            "started_at": _iso(self.started_at),
+            "decided_at": _iso(self.decided_at),
+        }
+
+
+__all__ = [
+    "CANARY_STATES",
+    "CanaryAnalysis",
+    "CanaryPolicy",
+    "CanaryRun",
+    "Verdict",
+    "VersionStats",
+    "parse_canary_policy",
+]
