@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format setup postgres bench bench-peers clean
+.PHONY: demo demo-continuous test lint format setup postgres bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ setup: $(STAMP)
 # `make demo DEMO_FLAGS=--keep-serving` leaves the service up.
 demo: $(STAMP)
 	$(BIN)/distml demo $(DEMO_FLAGS)
+
+# Continuous training: the training data arrives in three waves while a service answers a steady
+# load; prints per wave the model, its accuracy, promoted or not and why, requests answered/failed.
+demo-continuous: $(STAMP)
+	$(BIN)/distml demo-continuous $(DEMO_FLAGS)
 
 # Peers the benchmarks measure side by side, in their own environment (.venv-peers).
 bench-peers:

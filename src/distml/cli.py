@@ -571,6 +571,109 @@ def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs:
             click.echo(f"stopped the service {served['service']} (pass --keep-serving to leave it up)")
 
 
+@main.command("watch")
+@click.option("--source", required=True, help="A folder new files arrive in, or a SQLAlchemy URL (with --table).")
+@click.option("--table", default=None, help="SQL source: the table new rows arrive in.")
+@click.option("--order-column", default=None, help="SQL source: an increasing id or timestamp column.")
+@click.option("--name", default=None, help="Watch and registered model name [default: <dataset>-continuous].")
+@click.option("--dataset", default="digits", show_default=True, help="Schema, preprocessing and holdout of the data.")
+@DATA_DIR_OPTION
+@click.option("--model", default="cnn", show_default=True)
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="Training workers per candidate.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--warm-start/--cold-start", default=False, show_default=True, help="Start from production's weights.")
+@click.option("--margin", default=0.0, show_default=True, type=float, help="Holdout accuracy a candidate must gain.")
+@click.option("--service", default=None, help="Service name [default: the watch name].")
+@click.option("--replicas", default=1, show_default=True, type=int)
+@click.option("--port", default=0, show_default=True, type=int, help="Gateway port (0: a free one).")
+@click.option("--canary-weight", default=0.2, show_default=True, type=float, help="Canary's share of requests.")
+@click.option("--canary-window", default=10.0, show_default=True, type=float, help="Seconds before promotion.")
+@click.option("--canary-min-requests", default=20, show_default=True, type=int)
+@click.option("--max-error-rate-increase", default=0.05, show_default=True, type=float)
+@click.option("--max-p99-ratio", default=2.0, show_default=True, type=float)
+@click.option("--poll", "poll_s", default=0.2, show_default=True, type=float, help="Seconds between polls.")
+@click.option("--max-cycles", default=None, type=int, help="Stop after this many cycles.")
+@click.pass_context
+def watch_command(ctx: click.Context, **options: Any) -> None:
+    """Train and serve continuously: each arrival of new data triggers a cycle (train, evaluate,
+    promote through a canary); data arriving during a cycle waits for the next one."""
+    import signal
+    import threading
+
+    from distml.pipelines.continuous import Watcher, parse_watch_config
+
+    canary = {
+        "weight": options.pop("canary_weight"),
+        "window_s": options.pop("canary_window"),
+        "min_requests": options.pop("canary_min_requests"),
+        "max_error_rate_increase": options.pop("max_error_rate_increase"),
+        "max_p99_ratio": options.pop("max_p99_ratio"),
+    }
+    options["model_args"] = _key_values(options.pop("model_args"), "--model-arg")
+    options["name"] = options["name"] or f"{options['dataset']}-continuous"
+    ws = _workspace(ctx)
+    config = parse_watch_config({**options, "canary": canary, "workspace": str(ws.root)})
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Watcher(ws, config, say=lambda line: click.echo(f"[watch] {line}")).run(stop)
+
+
+@main.command("cycles")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def cycles_command(ctx: click.Context, name: str, as_json: bool) -> None:
+    """The cycles of watch NAME: new data, candidate, holdout accuracy, decision and why, freshness."""
+    from rich.console import Console
+
+    from distml.ops import metadata
+    from distml.pipelines.continuous import cycle_rows, cycles_table
+
+    engine = _workspace(ctx).engine
+    if metadata.get_watch(engine, name) is None:
+        raise DistmlError(f"no watch {name!r} in this workspace; start one with distml watch --name {name}")
+    rows = cycle_rows(engine, name)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, default=str))
+    else:
+        Console().print(cycles_table(rows, f"watch {name}"))
+
+
+@main.command("demo-continuous")
+@click.option(
+    "--dataset",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "digits", "fashion-mnist"]),
+    help="auto: Fashion-MNIST when its files are in the workspace or --data-dir, else digits (offline).",
+)
+@DATA_DIR_OPTION
+@click.option("--waves", default=3, show_default=True, type=int, help="Arrival waves the training data is cut into.")
+@click.option("--epochs", default=2, show_default=True, type=int, help="Epochs per cycle (warm-started).")
+@click.pass_context
+def demo_continuous_command(ctx: click.Context, dataset: str, data_dir: str | None, waves: int, epochs: int) -> None:
+    """Continuous training end to end: data arrives in waves under a steady request load."""
+    from rich.console import Console
+
+    from distml.data.datasets import FASHION_MNIST_FILES
+    from distml.data.download import locate_files
+    from distml.pipelines.demo_continuous import run_demo
+
+    ws = _workspace(ctx)
+    if dataset == "auto":
+        try:
+            locate_files(FASHION_MNIST_FILES, Path(data_dir) if data_dir else Path(ws.datasets_dir) / "fashion-mnist")
+            dataset = "fashion-mnist"
+        except DistmlError:
+            dataset = "digits"
+    if waves < 2:
+        raise DistmlError(f"--waves must be at least 2 (one to start the service, one to swap), got {waves}")
+    Console().print(run_demo(ws, dataset, data_dir, waves, epochs, echo=click.echo))
+
+
 @main.group("runs", invoke_without_command=True)
 @click.pass_context
 def runs_group(ctx: click.Context) -> None:

@@ -94,7 +94,8 @@ def fashion_mnist(
     preprocess = Normalize("image", mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, scale=1 / 255)
     serving = pixel_serving((28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     splits = {"train": train, "test": test}
-    return Dataset("fashion-mnist", splits, FASHION_MNIST_CLASSES, (28, 28), preprocess, uri, serving=serving)
+    info = {"pixel_range": (0, 255)}
+    return Dataset("fashion-mnist", splits, FASHION_MNIST_CLASSES, (28, 28), preprocess, uri, info, serving=serving)
 
 
 def digits(
@@ -128,7 +129,7 @@ def digits(
         (28, 28),
         preprocess,
         "sklearn:datasets/data/digits.csv.gz",
-        {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction},
+        {"original_shape": (8, 8), "seed": seed, "test_fraction": test_fraction, "pixel_range": (0, 16)},
         # Served digits are 28x28 images of 0..255 pixels: the 0..16 range maps onto 0..255 and
         # the bilinear resize commutes with the (affine) normalisation.
         serving=pixel_serving((28, 28), DIGITS_MEAN, DIGITS_STD),

@@ -908,3 +908,176 @@ def associate(
         _insert_once(
             conn, attributions, {"context_id": context_id, "artifact_id": artifact_id}, ("context_id", "artifact_id")
         )
+
+
+# -- continuous training: watches, arrivals and cycles (migration 8) ---------------------------
+# A watch follows one source. Each arrival (a new file or partition, or a range of new rows) is
+# ingested once into a snapshot and recorded `pending` (or `rejected`, with why); a cycle claims
+# every pending arrival in one transaction, so data that arrives while a cycle runs waits for
+# the next one, and an arrival is new in exactly one cycle even across a `kill -9`.
+
+watches = sa.Table(
+    "watches",
+    metadata_obj,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("settings_json", sa.Text, nullable=False),
+    sa.Column("watermark", sa.Text, nullable=True),  # SQL sources: the last order-column value ingested
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("pid_started", sa.String(40), nullable=True),
+    sa.Column("host", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+watch_arrivals = sa.Table(
+    "watch_arrivals",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("watch", sa.String(200), nullable=False),
+    sa.Column("key", sa.String(1000), nullable=False),  # a file or partition path, or a row range
+    sa.Column("fingerprint", sa.String(200), nullable=True),
+    sa.Column("num_records", sa.Integer, nullable=True),
+    sa.Column("snapshot", sa.Text, nullable=True),  # the ingested .npz (accepted arrivals)
+    sa.Column("status", sa.String(20), nullable=False),  # pending, rejected, claimed, trained
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("cycle", sa.Integer, nullable=True),  # the cycle it was new in
+    sa.Column("arrived_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("detected_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("watch", "key", name="uq_watch_arrival"),
+)
+
+watch_cycles = sa.Table(
+    "watch_cycles",
+    metadata_obj,
+    sa.Column("watch", sa.String(200), primary_key=True),
+    sa.Column("cycle", sa.Integer, primary_key=True),
+    sa.Column("status", sa.String(20), nullable=False),  # running, promoted, kept, rolled_back, failed
+    sa.Column("run_id", sa.String(64), nullable=True),  # its workflow run
+    sa.Column("production", sa.String(300), nullable=True),  # what served before it
+    sa.Column("candidate", sa.String(300), nullable=True),
+    sa.Column("decision_json", sa.Text, nullable=True),
+    sa.Column("timings_json", sa.Text, nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+def _m8_continuous(conn: sa.Connection) -> None:
+    for table in (watches, watch_arrivals, watch_cycles):
+        table.create(conn)
+
+
+MIGRATIONS.append((8, _m8_continuous))
+
+
+def get_watch(engine: sa.Engine, name: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(watches).where(watches.c.name == name)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def save_watch(engine: sa.Engine, name: str, **values: Any) -> None:
+    """Create watch `name` or update the given columns."""
+
+    def work(conn: sa.Connection) -> None:
+        now = _now()
+        if conn.execute(sa.select(watches.c.name).where(watches.c.name == name)).first() is None:
+            conn.execute(
+                watches.insert().values(
+                    name=name, settings_json=values.pop("settings_json", "{}"), created_at=now, updated_at=now, **values
+                )
+            )
+        else:
+            conn.execute(watches.update().where(watches.c.name == name).values(updated_at=now, **values))
+
+    in_transaction(engine, work)
+
+
+def record_arrival(engine: sa.Engine, watch: str, key: str, watermark: str | None = None, **values: Any) -> bool:
+    """Record an ingested (or rejected) arrival; with `watermark`, move the watch's watermark in the
+    same transaction. False when `key` was already recorded (a restart redoing its last arrival)."""
+
+    def work(conn: sa.Connection) -> bool:
+        now = _now()
+        row = {"watch": watch, "key": key, "detected_at": now, "ingested_at": now, "arrived_at": now, **values}
+        inserted = _insert_once(conn, watch_arrivals, row, ("watch", "key"))
+        if watermark is not None:
+            conn.execute(watches.update().where(watches.c.name == watch).values(watermark=watermark, updated_at=now))
+        return inserted
+
+    return in_transaction(engine, work)
+
+
+def known_arrival_keys(engine: sa.Engine, watch: str) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(watch_arrivals.c.key).where(watch_arrivals.c.watch == watch)).scalars())
+
+
+def list_arrivals(engine: sa.Engine, watch: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(watch_arrivals).where(watch_arrivals.c.watch == watch).order_by(watch_arrivals.c.id)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def claim_cycle(engine: sa.Engine, watch: str, production: str | None) -> tuple[int, list[dict[str, Any]]] | None:
+    """Start the next cycle with every pending arrival (one transaction); None when none is pending."""
+
+    def work(conn: sa.Connection) -> tuple[int, list[dict[str, Any]]] | None:
+        pending = [
+            dict(r)
+            for r in conn.execute(
+                sa.select(watch_arrivals)
+                .where(watch_arrivals.c.watch == watch, watch_arrivals.c.status == "pending")
+                .order_by(watch_arrivals.c.id)
+            ).mappings()
+        ]
+        if not pending:
+            return None
+        last = conn.execute(sa.select(sa.func.max(watch_cycles.c.cycle)).where(watch_cycles.c.watch == watch)).scalar()
+        cycle = (last or 0) + 1
+        conn.execute(
+            watch_cycles.insert().values(
+                watch=watch, cycle=cycle, status="running", production=production, started_at=_now()
+            )
+        )
+        conn.execute(
+            watch_arrivals.update()
+            .where(watch_arrivals.c.id.in_([a["id"] for a in pending]))
+            .values(status="claimed", cycle=cycle)
+        )
+        return cycle, pending
+
+    return in_transaction(engine, work)
+
+
+def update_cycle(engine: sa.Engine, watch: str, cycle: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            watch_cycles.update().where(watch_cycles.c.watch == watch, watch_cycles.c.cycle == cycle).values(**values)
+        )
+
+
+def finish_cycle(engine: sa.Engine, watch: str, cycle: int, status: str, **values: Any) -> None:
+    """End a cycle and mark its arrivals trained (whether or not its model was promoted)."""
+    with engine.begin() as conn:
+        conn.execute(
+            watch_cycles.update()
+            .where(watch_cycles.c.watch == watch, watch_cycles.c.cycle == cycle)
+            .values(status=status, finished_at=_now(), **values)
+        )
+        conn.execute(
+            watch_arrivals.update()
+            .where(watch_arrivals.c.watch == watch, watch_arrivals.c.cycle == cycle)
+            .values(status="trained")
+        )
+
+
+def list_cycles(engine: sa.Engine, watch: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(watch_cycles).where(watch_cycles.c.watch == watch).order_by(watch_cycles.c.cycle)
+        ).mappings()
+        return [dict(r) for r in rows]

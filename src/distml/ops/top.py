@@ -153,6 +153,7 @@ class Top:
             ("Queues", self.queues),
             ("Training", self.training),
             ("Pipeline runs", self.pipelines),
+            ("Watches", self.watches),
             ("Services", self.services),
         ):
             try:
@@ -386,6 +387,47 @@ class Top:
                 f"{p99 * 1000:.1f}" if p99 is not None else "-",
                 f"{errors:.0f}/{requests:.0f}",
                 url,
+            )
+        return [table]
+
+    # -- continuous training ---------------------------------------------------------------
+
+    def watches(self) -> list[RenderableType]:
+        import sqlalchemy as sa
+
+        from distml.ops import metadata as md
+        from distml.ops.liveness import pid_alive
+
+        with self.ws.engine.connect() as conn:
+            watches = [dict(r) for r in conn.execute(sa.select(md.watches).order_by(md.watches.c.name)).mappings()]
+        live = [w for w in watches if w["pid"] and pid_alive(w["pid"])]
+        if not live:
+            return [Text("Watches: none running", style="dim")]
+        table = Table(
+            "watch", "source", "pending", "cycle", "production", "last decision", title="Watches", title_justify="left"
+        )
+        for w in live[:MAX_ROWS]:
+            arrivals = md.list_arrivals(self.ws.engine, w["name"])
+            cycles = md.list_cycles(self.ws.engine, w["name"])
+            pending = sum(a["status"] == "pending" for a in arrivals)
+            rejected = sum(a["status"] == "rejected" for a in arrivals)
+            production = md.get_model_alias(self.ws.engine, w["name"], "production")
+            now = cycles[-1] if cycles else None
+            done = next((c for c in reversed(cycles) if c["status"] != "running"), None)
+            last = ""
+            if done is not None:
+                decision = json.loads(done["decision_json"] or "{}")
+                fresh = json.loads(done["timings_json"]) if done["timings_json"] else {}
+                last = f"{done['cycle']}: {done['status']} {decision.get('model') or ''}"
+                last += f", fresh after {fresh['total']:.1f} s" if "total" in fresh else ""
+            settings = json.loads(w["settings_json"])
+            table.add_row(
+                w["name"],
+                str(settings.get("source", "")),
+                f"{pending}" + (f" ({rejected} rejected)" if rejected else ""),
+                f"{now['cycle']} {now['status']}" if now is not None else "-",
+                f"{w['name']}:{production}" if production is not None else "-",
+                last,
             )
         return [table]
 

@@ -365,10 +365,29 @@ def record_lineage(ctx: Context, ws: Any, dataset: Any, state: str, model_digest
     from distml.ops import lineage
 
     config = ctx.config
-    data = [
-        dict(name=dataset.name, split=split, fingerprint=source.fingerprint(), uri=dataset.uri, num_records=len(source))
-        for split, source in dataset.splits.items()
-    ]
+    data = []
+    for split, source in dataset.splits.items():
+        if split == "train" and config.train_files:  # one snapshot per file (continuous training's arrivals)
+            for path, member in zip(config.train_files, source.members, strict=True):
+                data.append(
+                    dict(
+                        name=dataset.name,
+                        split=split,
+                        fingerprint=member.fingerprint(),
+                        uri=f"file:{path}",
+                        num_records=len(member),
+                    )
+                )
+            continue
+        data.append(
+            dict(
+                name=dataset.name,
+                split=split,
+                fingerprint=source.fingerprint(),
+                uri=dataset.uri,
+                num_records=len(source),
+            )
+        )
     last = checkpoint.latest_step(ctx.run_dir) if model_digest is not None else None
     lineage.record_training(
         ws.engine,

@@ -211,8 +211,9 @@ def _child_main(task: Task, conn: Connection) -> None:
 class StepProcesses:
     """Starts step processes from a warm forkserver (started on first use)."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
         self._context: Any = None
+        self.preload = preload
 
     def _ctx(self) -> Any:
         if self._context is None:
@@ -222,7 +223,10 @@ class StepProcesses:
             # (multiprocessing's rule), and preloading "__main__" itself does nothing in Python
             # 3.11 (the forkserver looks for a key the preparation data does not have), so the
             # modules `distml run`'s script imports are preloaded instead.
-            ctx.set_forkserver_preload(["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "distml.cli"])
+            # The forkserver is one per process: `preload` counts only when this call starts it.
+            ctx.set_forkserver_preload(
+                ["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "distml.cli", *self.preload]
+            )
             self._context = ctx
         return self._context
 

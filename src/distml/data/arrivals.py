@@ -1,0 +1,250 @@
+"""Arriving data: new files or partitions in a folder, new rows in a SQL table, each checked and
+ingested once into an immutable snapshot.
+
+A folder source sees `*.parquet` and `*.npz` files and partition folders (`wave=3/`, complete once
+they hold a `_SUCCESS` marker, as Spark and Hive write them); names starting with `.` or `_` are
+in progress and ignored, and a file counts only once its size and mtime held still for one poll.
+A table source reads the rows whose order column (an increasing id or timestamp) is above the
+last one ingested. `validate` turns a batch into (image, label) arrays or says why it cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distml.data.sources import Columns, NpzSource, ParquetSource, SqlSource, digest_arrays
+from distml.errors import DistmlError
+
+SUFFIXES = (".parquet", ".npz")
+MARKER = "_SUCCESS"
+
+
+class BadBatch(DistmlError):
+    """An arrival that cannot be trained on; the message says what is wrong and what is expected."""
+
+
+@dataclasses.dataclass
+class Arrival:
+    key: str  # what it is, unique within the source: a file or partition name, a row range
+    arrived_at: float  # seconds since the epoch: the file's mtime, or when the rows were seen
+    read: Callable[[], Columns]  # its records (raises BadBatch when they cannot be read)
+    watermark: str | None = None  # table sources: the order value to resume after, JSON-encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """What a batch must hold: raw images of `image_shape` with pixels in `pixel_range`, and
+    integer labels in [0, num_classes)."""
+
+    image_shape: tuple[int, ...]
+    pixel_range: tuple[float, float]
+    num_classes: int
+
+    @classmethod
+    def of_dataset(cls, dataset: Any) -> Schema:
+        first = dataset.splits["test"].read_chunk(0)["image"]
+        low, high = dataset.info.get("pixel_range", (0, 255))
+        return cls(tuple(int(d) for d in first.shape[1:]), (float(low), float(high)), len(dataset.class_names))
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def validate(columns: Columns, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """(images as uint8 of shape (n, *image_shape), labels as int64) or BadBatch saying why."""
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise BadBatch(f"no column {' or '.join(map(repr, missing))}; expected columns 'image' and 'label'")
+    images, labels = columns["image"], np.asarray(columns["label"])
+    n = len(labels)
+    if n == 0:
+        raise BadBatch("no records; expected at least one (image, label) row")
+    if len(images) != n:
+        raise BadBatch(f"{len(images)} images but {n} labels; expected one label per image")
+    pixels = int(np.prod(schema.image_shape))
+    if images.dtype == object:  # bytes per record (SQL blobs, Parquet binary)
+        sizes = {len(b) if isinstance(b, (bytes, bytearray)) else -1 for b in images}
+        if sizes != {pixels}:
+            raise BadBatch(
+                f"image values of {sorted(sizes)[:3]} bytes; expected {pixels} bytes (an "
+                f"{'x'.join(map(str, schema.image_shape))} image of 8-bit pixels) per record"
+            )
+        images = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(n, pixels)
+    shape = tuple(images.shape[1:])
+    if shape != schema.image_shape and int(np.prod(shape)) != pixels:
+        raise BadBatch(
+            f"images of shape {'x'.join(map(str, shape)) or 'scalar'}; expected "
+            f"{'x'.join(map(str, schema.image_shape))} ({pixels} pixels per image)"
+        )
+    if not np.issubdtype(images.dtype, np.number):
+        raise BadBatch(f"image pixels of type {images.dtype}; expected numbers")
+    values = images.astype(np.float64, copy=False)
+    low, high = schema.pixel_range
+    if not np.isfinite(values).all() or (values != np.round(values)).any():
+        raise BadBatch(f"image pixels that are not whole numbers; expected integers in [{low:g}, {high:g}]")
+    if values.min() < low or values.max() > high:
+        raise BadBatch(f"pixels from {values.min():g} to {values.max():g}; expected [{low:g}, {high:g}]")
+    if labels.dtype == object or not np.issubdtype(labels.dtype, np.number):
+        raise BadBatch(f"labels of type {labels.dtype}; expected integers in [0, {schema.num_classes})")
+    if not np.isfinite(labels.astype(np.float64)).all() or (labels != np.round(labels)).any():
+        raise BadBatch(f"labels that are not whole numbers; expected integers in [0, {schema.num_classes})")
+    bad = (labels < 0) | (labels >= schema.num_classes)
+    if bad.any():
+        raise BadBatch(
+            f"{int(bad.sum())} label(s) out of range (e.g. {labels[bad][0]:g} at row {int(np.flatnonzero(bad)[0])}); "
+            f"expected integers in [0, {schema.num_classes})"
+        )
+    return images.reshape(n, *schema.image_shape).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_snapshot(folder: Path, image: np.ndarray, label: np.ndarray) -> tuple[Path, str]:
+    """Store a validated batch as an uncompressed .npz named by its content (written atomically,
+    a second write of the same batch is a no-op); returns (path, fingerprint)."""
+    from distml.workspace import atomic_write
+
+    digest = digest_arrays({"image": image, "label": label})
+    path = Path(folder) / f"{digest[:32]}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as handle:
+            np.savez(handle, image=image, label=label)
+    return path, NpzSource(path).fingerprint()
+
+
+# -- sources -----------------------------------------------------------------------------------
+
+
+def _read_files(paths: Sequence[Path]) -> Columns:
+    parts: list[Columns] = []
+    for path in paths:
+        try:
+            source = NpzSource(path) if path.suffix == ".npz" else ParquetSource(path)
+            parts += list(source.iter_chunks())
+        except DistmlError as exc:
+            raise BadBatch(f"cannot read {path.name}: {exc}") from None
+        except Exception as exc:  # a damaged file raises whatever its reader raises
+            raise BadBatch(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from None
+    names = set(parts[0]) if parts else set()
+    if any(set(p) != names for p in parts):
+        raise BadBatch(f"files with different columns ({[sorted(p) for p in parts]}); expected the same in each")
+    try:
+        return {name: np.concatenate([p[name] for p in parts]) for name in names}
+    except ValueError as exc:
+        raise BadBatch(f"files whose columns do not stack: {exc}") from None
+
+
+class FolderArrivals:
+    """New files and complete partitions in `folder` (see the module docstring)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DistmlError(f"--source {self.folder} is not a folder; expected a folder new data files arrive in")
+        self._seen_at: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) at the last poll
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "folder", "path": str(self.folder.resolve())}
+
+    def poll(self, known: set[str]) -> list[Arrival]:
+        """Arrivals not in `known` whose files held still since the last poll, oldest first."""
+        found: list[tuple[float, str, list[Path]]] = []
+        for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
+            if entry.name.startswith((".", "_")):
+                continue
+            if entry.is_dir():
+                key, marker = entry.name + "/", Path(entry.path) / MARKER
+                if key in known or not marker.exists():
+                    continue
+                files = sorted(p for p in Path(entry.path).rglob("*") if p.suffix in SUFFIXES and p.is_file())
+                found.append((marker.stat().st_mtime, key, files))
+            elif entry.name.endswith(SUFFIXES) and entry.name not in known:
+                stat = entry.stat()
+                state = (stat.st_size, stat.st_mtime_ns)
+                previous, self._seen_at[entry.name] = self._seen_at.get(entry.name), state
+                if previous == state:
+                    found.append((stat.st_mtime, entry.name, [Path(entry.path)]))
+        found.sort()
+        return [Arrival(key, mtime, lambda files=files: _read_files(files)) for mtime, key, files in found]
+
+
+class TableArrivals:
+    """Rows of `table` whose `order_column` is above the watermark (the last value ingested).
+
+    Rows are read as one arrival per poll, up to the largest value seen at that poll. A row that
+    commits later with a smaller value than the watermark is not seen: use a column that grows
+    in commit order (an insert timestamp or a sequence written at commit)."""
+
+    def __init__(self, url: str, table: str, order_column: str):
+        import sqlalchemy as sa
+
+        self.url, self.table, self.column = url, table, order_column
+        try:
+            self.engine = sa.create_engine(url)
+            reflected = sa.Table(table, sa.MetaData(), autoload_with=self.engine)
+        except sa.exc.NoSuchTableError:
+            raise DistmlError(f"table {table!r} does not exist in {self._where()}") from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as exc:
+            raise DistmlError(f"cannot open {url!r}: {str(exc).splitlines()[0]}") from None
+        if order_column not in reflected.columns:
+            names = [c.name for c in reflected.columns]
+            raise DistmlError(f"table {table!r} has no column {order_column!r}; it has {names}")
+        self._table = reflected
+
+    def _where(self) -> str:
+        import sqlalchemy as sa
+
+        return sa.make_url(self.url).render_as_string(hide_password=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "table", "url": self._where(), "table": self.table, "order_column": self.column}
+
+    def poll(self, watermark: str | None) -> list[Arrival]:
+        import sqlalchemy as sa
+
+        t, col = self._table, self._table.c[self.column]
+        after = json.loads(watermark) if watermark is not None else None
+        newer = [col > after] if after is not None else []
+        with self.engine.connect() as conn:
+            upto = conn.execute(sa.select(sa.func.max(col)).where(*newer)).scalar()
+        if upto is None:
+            return []
+        query = sa.select(t.c.image, t.c.label).where(*newer, col <= upto).order_by(col)
+        sql = str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
+        key = f"{self.table}.{self.column} in ({after if after is not None else '-inf'}, {upto}]"
+
+        def read() -> Columns:
+            source = SqlSource(self.engine, sql)
+            chunks = list(source.iter_chunks())
+            return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]} if chunks else {}
+
+        return [Arrival(key, time.time(), read, watermark=json.dumps(_plain(upto)))]
+
+
+def _plain(value: Any) -> Any:
+    """An order value as JSON keeps it: numbers stay numbers, timestamps become ISO text."""
+    if isinstance(value, (int, float, str)):
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def open_source(source: str, table: str | None, order_column: str | None) -> FolderArrivals | TableArrivals:
+    """`--source DIR`, or `--source SQL-URL --table T --order-column C`."""
+    if "://" in source:
+        if not table or not order_column:
+            raise DistmlError("a SQL --source needs --table T and --order-column C (an increasing id or timestamp)")
+        return TableArrivals(source, table, order_column)
+    if table or order_column:
+        raise DistmlError(
+            "--table and --order-column apply to a SQL --source (a SQLAlchemy URL such as sqlite:///f.db)"
+        )
+    return FolderArrivals(source)

@@ -1,0 +1,477 @@
+"""Continuous training: new data in, a better model served, every decision recorded.
+
+`Watcher` (`distml watch`) follows a folder or a table (`distml.data.arrivals`): each arrival is
+checked and ingested once into a snapshot and recorded `pending`, or `rejected` with why. A cycle
+claims everything pending in one transaction (data arriving meanwhile waits for the next cycle:
+never a pile-up of runs) and runs the workflow `cycle`: train a candidate on every accepted
+snapshot so far (optionally from production's weights), evaluate it and production on the fixed
+holdout and on the newest data, and promote it only if it beats production by the margin, as a
+canary that the gateway judges and rolls back by itself. A restarted watch resumes its cycle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distml.errors import DistmlError
+from distml.ops import metadata
+from distml.ops.admission import Resources
+from distml.serve.canary import CanaryPolicy
+from distml.workflow import current, step
+
+CYCLE_MODULE = "distml.pipelines.continuous"
+CYCLE_TARGET = f"{CYCLE_MODULE}:cycle"
+
+
+class WatchConfig(BaseModel):
+    """Everything one watch needs, validated before anything starts (`distml watch`'s flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    source: str
+    table: str | None = None
+    order_column: str | None = None
+    dataset: Literal["digits", "fashion-mnist"] = "digits"
+    data_dir: str | None = None
+    model: str = "cnn"
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(3, ge=1)
+    workers: int = Field(1, ge=1, le=64)
+    batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0)
+    warm_start: bool = False
+    margin: float = Field(0.0, ge=0, le=1, description="holdout accuracy a candidate must gain over production")
+    service: str | None = None
+    replicas: int = Field(1, ge=1, le=64)
+    port: int = Field(0, ge=0, le=65535)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    poll_s: float = Field(0.2, gt=0, le=60)
+    max_cycles: int | None = Field(None, ge=1, description="stop after this many cycles (demos, benchmarks)")
+    workspace: str
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.name
+
+
+def parse_watch_config(values: dict[str, Any]) -> WatchConfig:
+    try:
+        return WatchConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise DistmlError(f"invalid watch settings: {problems}") from None
+
+
+# -- the cycle: a workflow run ------------------------------------------------------------------
+
+
+def _workspace():
+    return current().workspace
+
+
+@step(memoize=True)
+def train_candidate(watch: dict, train_files: list[str], init_from: str | None = None) -> dict:
+    """Train the watch's model on `train_files` (from `init_from`'s weights when given)."""
+    from distml.train.config import parse_config
+    from distml.train.launcher import launch
+
+    started = time.time()
+    config = parse_config(
+        {
+            "model": watch["model"],
+            "model_args": watch["model_args"],
+            "dataset": watch["dataset"],
+            "data_dir": watch["data_dir"],
+            "train_files": train_files,
+            "init_from": init_from,
+            "epochs": watch["epochs"],
+            "workers": watch["workers"],
+            "batch_size": watch["batch_size"],
+            "lr": watch["lr"],
+            "workspace": str(_workspace().root),
+        }
+    )
+    result = launch(config)
+    if result is None:
+        raise DistmlError(f"training run {config.resolved_run_id()} stopped before the end")
+    return {**{k: result[k] for k in ("model", "run_id", "test_accuracy", "steps")}, "started": started}
+
+
+def accuracy_on(ws: Any, ref: str, watch: dict, newest_files: list[str], holdout: bool = True) -> dict[str, float]:
+    """`ref`'s accuracy on the data set's fixed test split (the holdout) and on the newest snapshots."""
+    import dataclasses
+
+    import torch
+
+    from distml.data.datasets import get_dataset, with_train_files
+    from distml.models.artifact import load_model
+    from distml.train.worker import evaluate
+
+    dataset = get_dataset(watch["dataset"], ws, watch["data_dir"], progress=False)
+    model, _ = load_model(ws, ref)
+    out = {"holdout": evaluate(model, dataset, torch.device("cpu"), ws)} if holdout else {}
+    if newest_files:
+        newest = with_train_files(dataset, newest_files).splits["train"]
+        out["newest"] = evaluate(model, dataclasses.replace(dataset, splits={"test": newest}), torch.device("cpu"), ws)
+    return out
+
+
+@step(memoize=True)
+def evaluate_candidate(watch: dict, candidate: dict, production: str | None, newest_files: list[str]) -> dict:
+    """Candidate and production side by side on the holdout and on the newest data. The candidate's
+    holdout accuracy is its training run's own, measured on the same test split as it finished."""
+    started = time.time()
+    ws = _workspace()
+    measured = accuracy_on(ws, candidate["model"], watch, newest_files, holdout=False)
+    result = {"candidate": {"holdout": candidate["test_accuracy"], **measured}, "production": None}
+    if production is not None:
+        result["production"] = accuracy_on(ws, production, watch, newest_files)
+    for who in ("candidate", "production"):
+        for split, value in (result[who] or {}).items():
+            current().log_metric(f"{who}.{split}_accuracy", value)
+    return {**result, "started": started, "finished": time.time()}
+
+
+def decide(evaluation: dict, margin: float) -> tuple[bool, str]:
+    """Promote when there is no production model, or the candidate's holdout accuracy is above
+    production's by more than `margin`; the reason gives the numbers either way."""
+    cand = evaluation["candidate"]["holdout"]
+    if evaluation["production"] is None:
+        return True, f"first model: holdout {cand:.4f}"
+    prod = evaluation["production"]["holdout"]
+    if cand > prod + margin:
+        return True, f"holdout {cand:.4f} > production {prod:.4f} + margin {margin:g}"
+    return False, f"holdout {cand:.4f} is not above production {prod:.4f} + margin {margin:g}"
+
+
+@step(resources=Resources(cpus=0))
+def promote(watch: dict, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
+    """Register the candidate and, if it is better, serve it: start the service (first model) or
+    try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
+    from distml.models.artifact import register_as, set_alias
+    from distml.serve.service import ensure_serving, service_record, start_canary, wait_canary
+    from distml.workspace import atomic_write
+
+    ws, ctx = _workspace(), current()
+    name, service = watch["name"], watch["service"] or watch["name"]
+    accept, reason = decide(evaluation, watch["margin"])
+    lineage = {"workflow_run": ctx.run_id, "step": ctx.node_id, "watch": name, "cycle": cycle}
+    record = register_as(ws, candidate["model"], name, lineage)
+    out = {"version": record.version, "model": record.ref, "reason": reason, "evaluation": evaluation}
+    if not accept:
+        return {**out, "action": "kept"}
+    started = time.time()
+    running = service_record(ws, service)
+    if running is None:
+        served = ensure_serving(ws, service, record.ref, {"replicas": watch["replicas"], "port": watch["port"]})
+        set_alias(ws, name, "production", record.version)
+        return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": time.time()}
+    token = os.environ.get("DISTML_SERVE_TOKEN")
+    policy = watch["canary"]
+    start_canary(running["url"], record.ref, policy, token)  # returns once loaded everywhere and sent its share
+    answering = time.time()
+    final = wait_canary(running["url"], name, policy["window_s"] * 4 + 120, token)
+    out.update(url=running["url"], swap_started=started, answering=answering, canary=final)
+    if final["state"] == "promoted" and str(final.get("canary")) == str(record.version):
+        set_alias(ws, name, "production", record.version)
+        with atomic_write(Path(ws.root) / "services" / service / "service.json", "w") as handle:
+            json.dump({**running, "model": record.ref}, handle)  # what the service now serves
+        return {**out, "action": "promoted", "reason": f"{reason}; canary: {final.get('reason', '')}"}
+    return {**out, "action": "rolled_back", "reason": f"{reason}; canary rolled back: {final.get('reason', '')}"}
+
+
+def cycle(watch: dict, cycle: int, train_files: list[str], newest_files: list[str], production: str | None = None):
+    """One cycle of a watch: train a candidate on all data so far, evaluate it against production,
+    promote it if it is better."""
+    trainer = train_candidate.options(resources=Resources(cpus=1, workers=watch["workers"]))
+    candidate = trainer(watch, train_files, production if watch["warm_start"] else None)
+    evaluation = evaluate_candidate(watch, candidate, production, newest_files)
+    return promote(watch, candidate, evaluation, production, cycle)
+
+
+# -- the watch ----------------------------------------------------------------------------------
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+def _seconds(value: dt.datetime | None) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite returns naive UTC
+        value = value.replace(tzinfo=dt.UTC)
+    return value.timestamp()
+
+
+def freshness(arrivals: list[dict[str, Any]], cycle_started: float, decision: dict) -> dict[str, float] | None:
+    """Seconds from the first new arrival to the new model answering, in parts that add up:
+    detect, ingest, wait (for the previous cycle), start (of the training step), train, evaluate
+    (with the hand-over to promotion) and swap (loading it everywhere and sending it traffic)."""
+    if "answering" not in decision or not arrivals:
+        return None
+    first = min(arrivals, key=lambda a: _seconds(a["arrived_at"]))
+    arrived, detected, ingested = (_seconds(first[k]) for k in ("arrived_at", "detected_at", "ingested_at"))
+    train_started = decision["train"]["started"]
+    train_finished = decision["evaluation"]["started"]
+    parts = {
+        "detect": detected - arrived,
+        "ingest": ingested - detected,
+        "wait": max(0.0, cycle_started - ingested),
+        "start": train_started - max(cycle_started, ingested),
+        "train": train_finished - train_started,
+        "evaluate": decision["swap_started"] - train_finished,
+        "swap": decision["answering"] - decision["swap_started"],
+    }
+    parts = {k: round(v, 3) for k, v in parts.items()}
+    total = decision["answering"] - arrived
+    return {**parts, "total": round(total, 3), "overhead": round(total - parts["train"], 3)}
+
+
+class Watcher:
+    """Follows one source for one watch (see the module docstring). `run(stop)` returns when
+    `stop` is set or `max_cycles` cycles have finished; `say` receives one line per event."""
+
+    def __init__(self, workspace: Any, config: WatchConfig, say: Callable[[str], None] = print):
+        from distml.data.arrivals import Schema, open_source
+        from distml.data.datasets import get_dataset
+
+        self.ws, self.config, self.say = workspace, config, say
+        self.engine = workspace.engine
+        self.source = open_source(config.source, config.table, config.order_column)
+        self.dataset = get_dataset(config.dataset, workspace, config.data_dir, progress=True)
+        self.schema = Schema.of_dataset(self.dataset)
+        self.snapshots = Path(workspace.root) / "continuous" / config.name / "snapshots"
+        self.arrived = threading.Event()
+        self.cycles_done = 0
+
+    # ------------------------------------------------------------ ingestion
+
+    def _claim_watch(self) -> None:
+        from distml.ops.liveness import pid_alive, process_identity
+
+        row = metadata.get_watch(self.engine, self.config.name)
+        other = row is not None and row["pid"] and row["pid"] != os.getpid() and row["host"] == socket.gethostname()
+        if other and pid_alive(row["pid"]) and process_identity(row["pid"]) == row["pid_started"]:
+            raise DistmlError(f"watch {self.config.name!r} is already running (pid {row['pid']}); stop it first")
+        settings = self.config.model_dump(exclude={"max_cycles"})
+        settings["source_detail"] = self.source.describe()
+        metadata.save_watch(
+            self.engine,
+            self.config.name,
+            settings_json=json.dumps(settings, sort_keys=True),
+            pid=os.getpid(),
+            pid_started=process_identity(os.getpid()),
+            host=socket.gethostname(),
+        )
+
+    def ingest_once(self) -> int:
+        """Poll the source once; check, snapshot and record every new arrival. Returns how many."""
+        from distml.data.arrivals import BadBatch, TableArrivals, validate, write_snapshot
+        from distml.ops import lineage
+
+        if isinstance(self.source, TableArrivals):
+            arrivals = self.source.poll((metadata.get_watch(self.engine, self.config.name) or {}).get("watermark"))
+        else:
+            arrivals = self.source.poll(metadata.known_arrival_keys(self.engine, self.config.name))
+        for arrival in arrivals:
+            detected = time.time()
+            values: dict[str, Any] = {"arrived_at": _utc(arrival.arrived_at), "detected_at": _utc(detected)}
+            try:
+                image, label = validate(arrival.read(), self.schema)
+                path, fingerprint = write_snapshot(self.snapshots, image, label)
+                same = [
+                    a
+                    for a in metadata.list_arrivals(self.engine, self.config.name)
+                    if a["fingerprint"] == fingerprint and a["status"] != "rejected"
+                ]
+                if same:
+                    raise BadBatch(f"the same records as {same[0]['key']} (fingerprint {fingerprint[:12]})")
+                values.update(status="pending", snapshot=str(path), fingerprint=fingerprint, num_records=len(label))
+            except BadBatch as exc:
+                values.update(status="rejected", reason=str(exc))
+            values["ingested_at"] = _utc(time.time())
+            if not metadata.record_arrival(self.engine, self.config.name, arrival.key, arrival.watermark, **values):
+                continue
+            if values["status"] == "pending":
+                lineage.record_data_snapshot(
+                    self.engine,
+                    name=self.dataset.name,
+                    split="train",
+                    fingerprint=values["fingerprint"],
+                    uri=f"file:{values['snapshot']}",
+                    num_records=values["num_records"],
+                )
+                self.say(f"arrived {arrival.key}: {values['num_records']} records")
+            else:
+                self.say(f"rejected {arrival.key}: {values['reason']}")
+            self.arrived.set()
+        return len(arrivals)
+
+    def _ingest_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.ingest_once()
+            except DistmlError as exc:  # e.g. the database is briefly unreachable: say so, poll again
+                self.say(f"polling {self.config.source} failed: {exc}")
+            stop.wait(self.config.poll_s)
+
+    # ------------------------------------------------------------ cycles
+
+    def production(self) -> str | None:
+        version = metadata.get_model_alias(self.engine, self.config.name, "production")
+        return f"{self.config.name}:{version}" if version is not None else None
+
+    def _run_cycle(self, number: int, resume_run: str | None = None) -> dict[str, Any]:
+        from distml.workflow.orchestrator import RunOptions, new_run_id, run_pipeline
+        from distml.workflow.orchestrator import resume_run as resume
+
+        arrivals = metadata.list_arrivals(self.engine, self.config.name)
+        used = [a for a in arrivals if a["snapshot"] and a["cycle"] is not None and a["cycle"] <= number]
+        new = [a for a in used if a["cycle"] == number]
+        row = next(c for c in metadata.list_cycles(self.engine, self.config.name) if c["cycle"] == number)
+        production = row["production"]
+        keys = ", ".join(a["key"] for a in new) or "nothing new"
+        self.say(f"cycle {number}: {keys}; training on {sum(a['num_records'] for a in used)} records")
+        try:
+            if not new:
+                raise DistmlError("every arrival of this cycle was rejected")
+            if resume_run:
+                result = resume(self.ws, resume_run)
+            else:
+                params = {
+                    "watch": self.config.model_dump(exclude={"max_cycles", "workspace"}),
+                    "cycle": number,
+                    "train_files": [a["snapshot"] for a in used],
+                    "newest_files": [a["snapshot"] for a in new],
+                    "production": production,
+                }
+                run_id = new_run_id(f"watch-{self.config.name}")
+                metadata.update_cycle(self.engine, self.config.name, number, run_id=run_id)
+                # every step needs torch and distml's training code: imported once, in the forkserver
+                options = RunOptions(preload=("torch", "distml.train.worker", "distml.models.artifact", CYCLE_MODULE))
+                result = run_pipeline(self.ws, CYCLE_TARGET, params, options, run_id=run_id)
+            if result.status != "succeeded":
+                failed = [f"{s.node.id}: {s.error}" for s in result.states.values() if s.status == "failed"]
+                raise DistmlError("; ".join(failed) or f"workflow run {result.run_id} {result.status}")
+        except DistmlError as exc:
+            metadata.finish_cycle(
+                self.engine, self.config.name, number, "failed", decision_json=json.dumps({"error": str(exc)})
+            )
+            self.say(f"cycle {number} failed: {exc}")
+            return {"status": "failed", "error": str(exc)}
+        decision = dict(result.result)
+        decision["train"] = _node_value(result, "train_candidate")
+        timings = freshness(new, _seconds(row["started_at"]), decision)
+        status = {"started": "promoted"}.get(decision["action"], decision["action"])
+        metadata.finish_cycle(
+            self.engine,
+            self.config.name,
+            number,
+            status,
+            candidate=decision["model"],
+            decision_json=json.dumps(decision, default=str),
+            timings_json=json.dumps(timings) if timings else None,
+        )
+        ev = decision["evaluation"]
+        prod = ev["production"]["holdout"] if ev["production"] else None
+        self.say(
+            f"cycle {number}: {decision['model']} holdout {ev['candidate']['holdout']:.4f}"
+            + (f" vs production {prod:.4f}" if prod is not None else "")
+            + f": {decision['action']} ({decision['reason']})"
+            + (f"; fresh after {timings['total']:.2f} s" if timings else "")
+        )
+        return {"status": status, **decision, "timings": timings}
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self._claim_watch()
+        self.say(f"watching {self.config.source} as {self.config.name!r} (service {self.config.service_name})")
+        for row in metadata.list_cycles(self.engine, self.config.name):
+            if row["status"] == "running":  # this watch was stopped or killed inside it
+                self.say(f"resuming cycle {row['cycle']}")
+                self._run_cycle(row["cycle"], resume_run=row["run_id"])
+                self.cycles_done += 1
+        self.ingest_once()
+        poller = threading.Thread(target=self._ingest_loop, args=(stop,), name="distml-watch-poll", daemon=True)
+        poller.start()
+        try:
+            while not stop.is_set():
+                if self.config.max_cycles is not None and self.cycles_done >= self.config.max_cycles:
+                    break
+                claimed = metadata.claim_cycle(self.engine, self.config.name, self.production())
+                if claimed is None:
+                    self.arrived.wait(self.config.poll_s)
+                    self.arrived.clear()
+                    continue
+                self._run_cycle(claimed[0])
+                self.cycles_done += 1
+        finally:
+            stop.set()
+            poller.join(timeout=30)
+            metadata.save_watch(self.engine, self.config.name, pid=None, pid_started=None)
+
+
+def _node_value(result: Any, node_id: str) -> Any:
+    state = result.states.get(node_id)
+    return state.value if state is not None else None
+
+
+def cycle_rows(engine: Any, name: str) -> list[dict[str, Any]]:
+    """One row per cycle of watch `name`: its new arrivals, decision, accuracies and freshness,
+    plus one row per rejected arrival (cycle None)."""
+    arrivals = metadata.list_arrivals(engine, name)
+    rows = []
+    for c in metadata.list_cycles(engine, name):
+        decision = json.loads(c["decision_json"]) if c["decision_json"] else {}
+        evaluation = decision.get("evaluation") or {}
+        rows.append(
+            {
+                "cycle": c["cycle"],
+                "status": c["status"],
+                "arrivals": [a["key"] for a in arrivals if a["cycle"] == c["cycle"]],
+                "records": sum(a["num_records"] or 0 for a in arrivals if a["cycle"] == c["cycle"]),
+                "model": decision.get("model"),
+                "candidate": evaluation.get("candidate"),
+                "production": evaluation.get("production"),
+                "reason": decision.get("reason") or decision.get("error"),
+                "freshness": json.loads(c["timings_json"]) if c["timings_json"] else None,
+                "run_id": c["run_id"],
+            }
+        )
+    for a in arrivals:
+        if a["status"] == "rejected":
+            rows.append({"cycle": None, "status": "rejected", "arrivals": [a["key"]], "reason": a["reason"]})
+    return rows
+
+
+def cycles_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("cycle", "new data", "model", "holdout", "production", "decision", "why", "fresh after"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        cand, prod, fresh = r.get("candidate") or {}, r.get("production") or {}, r.get("freshness") or {}
+        table.add_row(
+            str(r["cycle"]) if r["cycle"] is not None else "-",
+            ", ".join(r["arrivals"]) + (f" ({r['records']} rows)" if r.get("records") else ""),
+            r.get("model") or "",
+            f"{cand['holdout']:.4f}" if "holdout" in cand else "",
+            f"{prod['holdout']:.4f}" if "holdout" in prod else "",
+            r["status"],
+            r.get("reason") or "",
+            f"{fresh['total']:.1f} s" if "total" in fresh else "",
+        )
+    return table
