@@ -44,8 +44,9 @@ format: $(STAMP)
 test: $(STAMP) lint postgres
 	$(BIN)/python -m pytest -q --durations=15
 
+# Every benchmark (--quick; BENCH_FLAGS= for the full runs), then one table of ratios against targets.
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b --quick | tail -n 1; done
+	$(BIN)/python scripts/bench_table.py
 
 clean:
 	rm -rf $(VENV) .venv-peers .distml .pytest_cache build src/*.egg-info
