@@ -883,5 +883,34 @@ def lineage_command(ctx: click.Context, model: str | None, fingerprint: str | No
     Console().print(lineage.render_model(view) if model is not None else lineage.render_data(view))
 
 
+@main.group("export")
+def export_group() -> None:
+    """Hand the pipeline to a cluster's engines (Kubernetes manifests)."""
+
+
+@export_group.command("k8s")
+@click.argument("target", required=False)
+@click.option("--image", required=True, help="The image built from the generated Dockerfile.")
+@click.option("--namespace", required=True, help="Namespace of the pipeline's objects.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="The kustomize folder to write.")
+@click.option("--queue", default="default", show_default=True, help="Kueue LocalQueue the training jobs wait in.")
+@click.option("--trainer", type=click.Choice(["pytorchjob", "trainjob"]), default="pytorchjob", show_default=True)
+@click.option("--storage", default="pvc://distml-workspace", show_default=True, help="Workspace: pvc://NAME/PATH.")
+@click.option("--nnodes", default=None, metavar="N|MIN:MAX", help="Pods per training job [default: its workers].")
+@click.option("--priority", default="normal", show_default=True, help="low, normal or high (a Kueue priority class).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
+def export_k8s_command(target: str | None, out: str, params: tuple[str, ...], **options: Any) -> None:
+    """Write a kustomize folder that runs TARGET (default: the end-to-end pipeline) on Kubernetes:
+    an Argo WorkflowTemplate and Workflow, Kubeflow training jobs, a KServe InferenceService,
+    Kueue queues, a PVC, the metadata store's Secret and Dockerfiles. Render it: kubectl kustomize OUT."""
+    from distml.export.k8s import ExportOptions, export_k8s, write_folder
+    from distml.workflow.target import DEFAULT_TARGET
+
+    values = {k.replace("-", "_"): v for k, v in _key_values(params, "--param").items()}
+    export = export_k8s(ExportOptions(target=target or DEFAULT_TARGET, params=values, **options))
+    for path in write_folder(export, out):
+        click.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

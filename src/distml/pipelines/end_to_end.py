@@ -49,15 +49,14 @@ def _report_training(ctx: Any, run_id: str, total: int, stop: threading.Event) -
             ctx.progress(last["step"], total, f"loss {last['loss']:.3f}")
 
 
-@step(memoize=True, retries=1)
-def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> dict:
-    """Train one candidate with allreduce on `workers` processes (PyTorch's elastic launcher)."""
-    from distml.errors import DistmlError
-    from distml.train.config import parse_config
-    from distml.train.launcher import launch
+def train_config(
+    model: str, data: dict, workspace: str, epochs: int, workers: int, batch_size: int, seed: int, **extra: Any
+) -> Any:
+    """The TrainConfig of one candidate's run (also what `distml export k8s` writes for a cluster's job).
 
-    ctx = current()
-    train_split = data["splits"]["train"]
+    One training run per data snapshot: a re-run after a crash resumes its checkpoint."""
+    from distml.train.config import parse_config
+
     config = parse_config(
         {
             "model": model,
@@ -68,12 +67,36 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
             "batch_size": batch_size,
             "seed": seed,
             "checkpoint_every": 10,
-            "workspace": str(ctx.workspace.root),
+            "workspace": workspace,
+            **extra,
         }
     )
-    # One training run per data snapshot: a re-run of this step after a crash resumes its checkpoint.
-    run_id = f"{config.resolved_run_id()}-{train_split['fingerprint'][:10]}"
-    config = config.model_copy(update={"run_id": run_id})
+    run_id = f"{config.resolved_run_id()}-{data['splits']['train']['fingerprint'][:10]}"
+    return config.model_copy(update={"run_id": run_id})
+
+
+def train_output(model: str, data: dict, run_id: str, result: dict) -> dict:
+    """What the train step returns for a finished run's `result`."""
+    return {
+        "candidate": model,
+        "model": result["model"],
+        "test_accuracy": result["test_accuracy"],
+        "steps": result["steps"],
+        "train_run": run_id,
+        "data_snapshots": sorted(split["snapshot_id"] for split in data["splits"].values()),
+    }
+
+
+@step(memoize=True, retries=1)
+def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> dict:
+    """Train one candidate with allreduce on `workers` processes (PyTorch's elastic launcher)."""
+    from distml.errors import DistmlError
+    from distml.train.launcher import launch
+
+    ctx = current()
+    train_split = data["splits"]["train"]
+    config = train_config(model, data, str(ctx.workspace.root), epochs, workers, batch_size, seed)
+    run_id = config.run_id
     total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
     stop = threading.Event()
     reporter = threading.Thread(target=_report_training, args=(ctx, run_id, total, stop), daemon=True)
@@ -85,14 +108,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
     if result is None:
         raise DistmlError(f"training run {run_id} stopped before the end")
     ctx.progress(result["steps"], total, f"test accuracy {result['test_accuracy']:.4f}")
-    return {
-        "candidate": model,
-        "model": result["model"],
-        "test_accuracy": result["test_accuracy"],
-        "steps": result["steps"],
-        "train_run": run_id,
-        "data_snapshots": sorted(split["snapshot_id"] for split in data["splits"].values()),
-    }
+    return train_output(model, data, run_id, result)
 
 
 @step(memoize=True)

@@ -1,0 +1,850 @@
+"""`distml export k8s`: the Kubernetes manifests that run a distml pipeline on a cluster's engines.
+
+The pipeline's graph is built (not run) from the same Python function `distml run` runs, and each
+node becomes an Argo Workflows DAG task (generated with hera): memoized steps get the local memo
+key, computed in the cluster by the same code; training steps create a Kubeflow PyTorchJob or
+TrainJob (torchrun running `distml.train.worker`); the serving step applies a KServe
+InferenceService running the distml replica. Kueue queues admit the training gangs. The result
+is a kustomize folder. Objects are plain dicts (Argo's through hera's models); no other library
+writes Kubeflow, KServe or Kueue objects without a cluster, so those are written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distml.errors import DistmlError
+from distml.export.steprunner import OUT_DIR, PipelineSpec
+
+#: The releases the generated objects target (the README's "On Kubernetes" repeats them).
+TARGETS = {
+    "Argo Workflows": "v4.0 (hera 7.1.0, whose models are generated from Argo v4.0.5)",
+    "Kubeflow Training Operator (PyTorchJob)": "v1.9",
+    "Kubeflow Trainer (TrainJob)": "v2.1+ (API v1alpha1, runtimePatches as in kubeflow-trainer-api 2.3.0)",
+    "KServe": "v0.15+ (serving.kserve.io/v1beta1)",
+    "Kueue": "v0.13+ (kueue.x-k8s.io/v1beta1)",
+}
+
+WORKSPACE_MOUNT = "/workspace"
+PIPELINE_CONFIG = "/etc/distml/pipeline/pipeline.json"
+REPLICA_CONFIG = "/etc/distml/replica/replica.json"
+DB_SECRET = "distml-db"
+MEMO_CACHE = "distml-memo"
+SERVICE_ACCOUNT = "distml-workflow"
+REPLICA_PORT = 8080
+TRAINING_RUNTIME = "torch-distributed"
+PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}  # distml.ops.scheduler's classes
+_DNS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    claim: str
+    path: str  # sub-path inside the claim ("" = its root)
+
+
+def parse_storage(url: str) -> Storage:
+    """`pvc://NAME/PATH` -> the claim and sub-path the workspace lives in."""
+    match = re.fullmatch(r"pvc://([^/]+)(?:/(.*))?", url)
+    if not match or not _DNS.match(match.group(1)) or len(match.group(1)) > 63:
+        raise DistmlError(f"--storage must be pvc://NAME/PATH with NAME a Kubernetes name (a-z, 0-9, '-'), got {url!r}")
+    path = (match.group(2) or "").strip("/")
+    if any(part in ("", ".", "..") for part in path.split("/")) and path:
+        raise DistmlError(f"--storage path must be a relative path without '.' or '..' parts, got {url!r}")
+    return Storage(match.group(1), path)
+
+
+def parse_nnodes(value: str | None) -> tuple[int, int] | None:
+    """`--nnodes N` or `MIN:MAX` (elastic) -> (MIN, MAX); None keeps one pod per worker."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise DistmlError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}")
+    low, high = int(parts[0]), int(parts[-1])
+    if low > high:
+        raise DistmlError(f"--nnodes MIN:MAX needs MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def k8s_name(text: str) -> str:
+    """A DNS-1123 label from a node id or a model name (`train[batch_norm]` -> `train-batch-norm`)."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63].strip("-")
+    if not name:
+        raise DistmlError(f"cannot make a Kubernetes name from {text!r}")
+    return name
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    target: str
+    image: str
+    namespace: str
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    queue: str = "default"
+    trainer: str = "pytorchjob"  # or "trainjob"
+    storage: str = "pvc://distml-workspace"
+    nnodes: str | None = None
+    priority: str = "normal"
+    canary_percent: int = 10
+    storage_size: str = "20Gi"
+
+    def check(self) -> None:
+        for what, value in (("--namespace", self.namespace), ("--queue", self.queue)):
+            if not _DNS.match(value) or len(value) > 63:
+                raise DistmlError(f"{what} must be a Kubernetes name (a-z, 0-9, '-'), got {value!r}")
+        if self.trainer not in ("pytorchjob", "trainjob"):
+            raise DistmlError(f"--trainer must be pytorchjob or trainjob, got {self.trainer!r}")
+        if self.priority not in PRIORITY_CLASSES or self.priority == "serving":
+            raise DistmlError(f"--priority must be low, normal or high, got {self.priority!r}")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise DistmlError(f"--image must be an image reference, got {self.image!r}")
+        if not 0 <= self.canary_percent <= 100:
+            raise DistmlError(f"--canary-percent must be 0..100, got {self.canary_percent}")
+        parse_storage(self.storage)
+        parse_nnodes(self.nnodes)
+
+
+# -- the pipeline's graph -------------------------------------------------------------------
+
+
+def _is(node: Any, fn_name: str) -> bool:
+    from distml.pipelines import end_to_end
+
+    step = getattr(end_to_end, fn_name)
+    return node.step is not None and node.step.fn is step.fn
+
+
+def pipeline_graph(options: ExportOptions) -> tuple[Any, Any]:
+    """The target's pipeline graph, built without running anything, and the target."""
+    from distml.workflow.dag import build
+    from distml.workflow.target import load_target
+
+    target = load_target(options.target)
+    graph, _ = build(target.function, dict(options.params))
+    for node in graph.nodes.values():
+        if node.step is None:
+            raise DistmlError(
+                f"node {node.id} is an asynchronous fan-in (best_of); Argo has no equivalent, "
+                "export the pipeline without it (e.g. --param async_selection=false)"
+            )
+    return graph, target
+
+
+def task_names(graph: Any) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for node_id in graph.nodes:
+        name = k8s_name(node_id)
+        if name in names.values():
+            raise DistmlError(f"nodes {node_id} and another both map to the Argo task name {name}; rename a step")
+        names[node_id] = name
+    return names
+
+
+# -- pod pieces shared by every container ------------------------------------------------------
+
+
+def _env() -> list[dict[str, Any]]:
+    return [
+        {"name": "DISTML_HOME", "value": WORKSPACE_MOUNT},
+        {"name": "DISTML_DB_URL", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "DISTML_DB_URL"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _workspace_volume(storage: Storage) -> dict[str, Any]:
+    return {"name": "workspace", "persistentVolumeClaim": {"claimName": storage.claim}}
+
+
+def _workspace_mount(storage: Storage) -> dict[str, Any]:
+    mount = {"name": "workspace", "mountPath": WORKSPACE_MOUNT}
+    if storage.path:
+        mount["subPath"] = storage.path
+    return mount
+
+
+def _resources(cpus: float, gpus: int = 0, memory_gb: float = 0.0) -> dict[str, Any]:
+    """Requests (Kueue admits nothing without them) and limits; a step asking for 0 cpus gets 100m."""
+    cpu = f"{round(cpus * 1000)}m" if cpus > 0 else "100m"
+    memory = f"{max(1, round(memory_gb * 1024))}Mi" if memory_gb > 0 else "2Gi"
+    requests: dict[str, str] = {"cpu": cpu, "memory": memory}
+    limits: dict[str, str] = {"memory": memory}
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _labels(options: ExportOptions, priority: str | None = None) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/part-of": "distml",
+        "kueue.x-k8s.io/queue-name": options.queue,
+        "kueue.x-k8s.io/priority-class": f"distml-{priority or options.priority}",
+    }
+
+
+# -- training jobs ---------------------------------------------------------------------------
+
+
+def worker_command(config_path: str) -> list[str]:
+    """What each training pod runs: torchrun (the same launcher `distml train` calls) with one
+    `distml.train.worker` process; the operator's environment gives the node rank and master."""
+    return ["torchrun", "--nproc-per-node=1", "-m", "distml.train.worker", config_path]
+
+
+def _train_pod_spec(options: ExportOptions, storage: Storage, args: list[str], resources: dict, env: list) -> dict:
+    return {
+        "restartPolicy": "OnFailure",
+        "containers": [
+            {
+                "name": "pytorch",
+                "image": options.image,
+                "command": args[:1],
+                "args": args[1:],
+                "env": _env() + env,
+                "resources": resources,
+                "volumeMounts": [_workspace_mount(storage)],
+            }
+        ],
+        "volumes": [_workspace_volume(storage)],
+    }
+
+
+def training_job(options: ExportOptions, node: Any, name: str, run_id: str) -> dict[str, Any]:
+    """The Kubeflow job that trains one candidate: `workers` pods (one worker each) admitted as a gang.
+
+    `run_id` may be an Argo parameter reference; the config at runs/RUN_ID/config.json was written
+    onto the workspace volume by the step's `prepare` task."""
+    from distml.workflow import memo
+
+    storage = parse_storage(options.storage)
+    bound = memo.bind(node.step, node.args, node.kwargs)
+    workers = int(bound["workers"])
+    low, high = parse_nnodes(options.nnodes) or (workers, workers)
+    per_pod = node.step.policy.resources
+    resources = _resources(per_pod.cpus, per_pod.gpus, per_pod.memory_gb)
+    config_path = f"$(DISTML_HOME)/runs/{run_id}/config.json"
+    command = worker_command(config_path)
+    elastic = low != high
+    if options.trainer == "trainjob":
+        return {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": name, "namespace": options.namespace, "labels": _labels(options)},
+            "spec": {
+                "runtimeRef": {
+                    "name": TRAINING_RUNTIME,
+                    "apiGroup": "trainer.kubeflow.org",
+                    "kind": "ClusterTrainingRuntime",
+                },
+                "trainer": {
+                    "image": options.image,
+                    "command": command,
+                    "numNodes": high,
+                    "numProcPerNode": 1,
+                    "resourcesPerNode": resources,
+                    "env": _env(),
+                },
+                "runtimePatches": [
+                    {
+                        "manager": "distml.io/export",
+                        "trainingRuntimeSpec": {
+                            "template": {
+                                "spec": {
+                                    "replicatedJobs": [
+                                        {
+                                            "name": "node",
+                                            "template": {
+                                                "spec": {
+                                                    "template": {
+                                                        "spec": {
+                                                            "volumes": [_workspace_volume(storage)],
+                                                            "containers": [
+                                                                {
+                                                                    "name": "node",
+                                                                    "volumeMounts": [_workspace_mount(storage)],
+                                                                }
+                                                            ],
+                                                        }
+                                                    }
+                                                }
+                                            },
+                                        }
+                                    ]
+                                }
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+    if elastic:  # elastic: every pod a Worker, membership through the c10d rendezvous the operator sets up
+        command = [*command[:1], f"--nnodes={low}:{high}", "--rdzv-backend=c10d", *command[1:]]
+        replica_specs = {"Worker": {"replicas": low, "restartPolicy": "OnFailure"}}
+    else:  # static: the operator's MASTER_ADDR/MASTER_PORT, PET_NODE_RANK give the rendezvous
+        command = [
+            *command[:1],
+            f"--nnodes={low}",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+            *command[1:],
+        ]
+        replica_specs = {"Master": {"replicas": 1, "restartPolicy": "OnFailure"}}
+        if low > 1:
+            replica_specs["Worker"] = {"replicas": low - 1, "restartPolicy": "OnFailure"}
+    for spec in replica_specs.values():
+        spec["template"] = {
+            "metadata": {"labels": {"app.kubernetes.io/part-of": "distml"}},
+            "spec": _train_pod_spec(options, storage, command, resources, []),
+        }
+    job: dict[str, Any] = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": options.namespace, "labels": _labels(options)},
+        "spec": {
+            "nprocPerNode": "1",
+            "runPolicy": {
+                "cleanPodPolicy": "None",
+                "backoffLimit": 3,
+                "schedulingPolicy": {
+                    "minAvailable": low,
+                    "queue": options.queue,
+                    "priorityClass": f"distml-{options.priority}",
+                },
+            },
+            "pytorchReplicaSpecs": replica_specs,
+        },
+    }
+    if elastic:
+        job["spec"]["elasticPolicy"] = {
+            "minReplicas": low,
+            "maxReplicas": high,
+            "rdzvBackend": "c10d",
+            "maxRestarts": 3,
+        }
+    return job
+
+
+def job_conditions(trainer: str) -> tuple[str, str]:
+    """successCondition / failureCondition of the resource template that waits for the job."""
+    if trainer == "trainjob":
+        return 'status.conditions.#(type=="Complete").status == True', (
+            'status.conditions.#(type=="Failed").status == True'
+        )
+    return "status.replicaStatuses.Master.succeeded > 0", "status.replicaStatuses.Master.failed > 0"
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def replica_config(name: str) -> dict[str, Any]:
+    """The replica's config (a ConfigMap): the model NAME@production from the workspace, on port 8080."""
+    from distml.serve.config import ReplicaConfig
+
+    config = ReplicaConfig(workspace=WORKSPACE_MOUNT, models=[f"{name}@production"], host="0.0.0.0", port=REPLICA_PORT)
+    return config.model_dump(mode="json")
+
+
+def replica_command() -> list[str]:
+    return ["python", "-m", "distml.serve.server", REPLICA_CONFIG]
+
+
+def inference_service(options: ExportOptions, node: Any, model_annotation: str) -> dict[str, Any]:
+    """The KServe InferenceService for a serve node: the distml replica as a custom V2 predictor."""
+    from distml.serve.config import ScalingPolicy
+    from distml.workflow import memo
+
+    bound = memo.bind(node.step, node.args, node.kwargs)
+    scaling = ScalingPolicy()
+    replicas = int(bound["replicas"])
+    storage = parse_storage(options.storage)
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": k8s_name(bound["service"]),
+            "namespace": options.namespace,
+            "labels": {"app.kubernetes.io/part-of": "distml"},
+            "annotations": {"distml.io/model": model_annotation},
+        },
+        "spec": {
+            "predictor": {
+                "minReplicas": replicas,
+                "maxReplicas": max(replicas, scaling.max_replicas),
+                "scaleMetric": "concurrency",
+                "scaleTarget": max(1, round(scaling.target_concurrency)),
+                "canaryTrafficPercent": options.canary_percent,
+                "containers": [
+                    {
+                        "name": "kserve-container",
+                        "image": options.image,
+                        "command": replica_command(),
+                        "env": [*_env(), {"name": "PROTOCOL", "value": "v2"}],
+                        "ports": [{"containerPort": REPLICA_PORT, "protocol": "TCP"}],
+                        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": REPLICA_PORT}},
+                        "resources": _resources(1.0, 0, 2.0),
+                        "volumeMounts": [
+                            _workspace_mount(storage),
+                            {"name": "replica-config", "mountPath": str(Path(REPLICA_CONFIG).parent), "readOnly": True},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    _workspace_volume(storage),
+                    {"name": "replica-config", "configMap": {"name": "distml-replica"}},
+                ],
+            }
+        },
+    }
+
+
+# -- the Argo workflow (hera) ------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    return "" if seconds is None else f"{round(seconds)}s"  # Argo: an empty maxAge never expires
+
+
+def workflow_template(options: ExportOptions, graph: Any, name: str) -> Any:
+    """The pipeline as an Argo WorkflowTemplate (a hera object): one DAG task per local node."""
+    from hera.workflows import DAG, Container, Parameter, Resource, Task, WorkflowTemplate
+    from hera.workflows import models as m
+
+    storage = parse_storage(options.storage)
+    names = task_names(graph)
+    volumes = [
+        m.Volume(
+            name="workspace", persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=storage.claim)
+        ),
+        m.Volume(name="pipeline-config", config_map=m.ConfigMapVolumeSource(name="distml-pipeline")),
+    ]
+    mounts = [
+        m.VolumeMount(name="workspace", mount_path=WORKSPACE_MOUNT, sub_path=storage.path or None),
+        m.VolumeMount(name="pipeline-config", mount_path=str(Path(PIPELINE_CONFIG).parent), read_only=True),
+    ]
+    env = [m.EnvVar(**_camel_to_model(e)) for e in _env()]
+
+    def runner(tname: str, command: str, node: Any, outputs: list[str], resources: dict | None = None, **extra: Any):
+        ups = [up.id for up in node.upstream if up not in node.ordering]
+        args = [PIPELINE_CONFIG, command, node.id, "--run-id", "{{workflow.name}}", "--out", OUT_DIR]
+        for up in ups:
+            args += ["--input", f"{up}={{{{inputs.parameters.in-{names[up]}}}}}"]
+        return Container(
+            name=tname,
+            image=options.image,
+            command=["python", "-m", "distml.export.steprunner"],
+            args=args,
+            env=env,
+            volume_mounts=mounts,
+            resources=m.ResourceRequirements(**(resources or _resources(0.25, 0, 1.0))),
+            inputs=[Parameter(name=f"in-{names[up]}") for up in ups] + list(extra.pop("inputs", [])),
+            outputs=[Parameter(name=o, value_from=m.ValueFrom(path=f"{OUT_DIR}/{o}")) for o in outputs],
+            **extra,
+        )
+
+    def policy_fields(node: Any) -> dict[str, Any]:
+        policy = node.step.policy
+        fields: dict[str, Any] = {}
+        if policy.retries:
+            fields["retry_strategy"] = m.RetryStrategy(
+                limit=str(policy.retries),
+                retry_policy="Always",
+                backoff=m.Backoff(
+                    duration=_duration(policy.retry_backoff),
+                    factor="2",
+                    max_duration=_duration(policy.retry_backoff_max),
+                ),
+            )
+        if policy.timeout is not None:
+            fields["timeout"] = _duration(policy.timeout)
+        return fields
+
+    def memoize(node: Any) -> m.Memoize:
+        return m.Memoize(
+            key="{{inputs.parameters.memo-key}}",
+            max_age=_duration(node.step.policy.max_age),
+            cache=m.Cache(config_map=m.LocalObjectReference(name=MEMO_CACHE)),
+        )
+
+    in_params = {
+        nid: [Parameter(name=f"in-{names[u.id]}") for u in n.upstream if u not in n.ordering]
+        for nid, n in graph.nodes.items()
+    }
+
+    def pass_inputs(node: Any) -> list[Parameter]:
+        return [Parameter(name=p.name, value=f"{{{{inputs.parameters.{p.name}}}}}") for p in in_params[node.id]]
+
+    with WorkflowTemplate(
+        name=name,
+        namespace=options.namespace,
+        entrypoint="pipeline",
+        service_account_name=SERVICE_ACCOUNT,
+        volumes=volumes,
+        labels={"app.kubernetes.io/part-of": "distml"},
+    ) as wt:
+        node_templates: dict[str, Any] = {}
+        for node_id, node in graph.nodes.items():
+            tname = names[node_id]
+            policy = node.step.policy
+            res = policy.resources
+            step_resources = _resources(res.cpus, res.gpus, res.memory_gb)
+            if _is(node, "train"):
+                job_name = f"{{{{workflow.name}}}}-{tname}"[:63]
+                success, failure = job_conditions(options.trainer)
+                prepare = runner(f"{tname}-prepare", "prepare", node, ["key", "run-id"])
+                job = training_job(options, node, job_name, "{{inputs.parameters.run-id}}")
+                create = Resource(
+                    name=f"{tname}-job",
+                    action="create",
+                    set_owner_reference=True,
+                    success_condition=success,
+                    failure_condition=failure,
+                    manifest=to_yaml(job),
+                    inputs=[Parameter(name="memo-key"), Parameter(name="run-id")],
+                    outputs=[Parameter(name="job", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
+                    memoize=memoize(node) if policy.memoize else None,
+                    **policy_fields(node),
+                )
+                collect = runner(f"{tname}-collect", "collect", node, ["result"])
+                with DAG(
+                    name=tname,
+                    inputs=in_params[node_id],
+                    outputs=[
+                        Parameter(
+                            name="result",
+                            value_from=m.ValueFrom(parameter="{{tasks.collect.outputs.parameters.result}}"),
+                        )
+                    ],
+                ) as tmpl:
+                    t_prep = Task(name="prepare", template=prepare, arguments=pass_inputs(node))
+                    t_job = Task(
+                        name="job",
+                        template=create,
+                        arguments=[
+                            Parameter(name="memo-key", value="{{tasks.prepare.outputs.parameters.key}}"),
+                            Parameter(name="run-id", value="{{tasks.prepare.outputs.parameters.run-id}}"),
+                        ],
+                    )
+                    t_col = Task(name="collect", template=collect, arguments=pass_inputs(node))
+                    t_prep >> t_job >> t_col
+            elif _is(node, "serve"):
+                isvc = inference_service(
+                    options, node, f"{{{{=jsonpath(inputs.parameters['in-{names[node.upstream[0].id]}'], '$.model')}}}}"
+                )
+                tmpl = Resource(
+                    name=tname,
+                    action="apply",
+                    success_condition='status.conditions.#(type=="Ready").status == True',
+                    manifest=to_yaml(isvc),
+                    inputs=in_params[node_id],
+                    outputs=[Parameter(name="result", value_from=m.ValueFrom(json_path="{.status.url}"))],
+                    **policy_fields(node),
+                )
+            elif policy.memoize:
+                key = runner(f"{tname}-key", "key", node, ["key"])
+                run = runner(
+                    f"{tname}-run",
+                    "run",
+                    node,
+                    ["result"],
+                    step_resources,
+                    inputs=[Parameter(name="memo-key")],
+                    memoize=memoize(node),
+                    **policy_fields(node),
+                )
+                with DAG(
+                    name=tname,
+                    inputs=in_params[node_id],
+                    outputs=[
+                        Parameter(
+                            name="result", value_from=m.ValueFrom(parameter="{{tasks.run.outputs.parameters.result}}")
+                        )
+                    ],
+                ) as tmpl:
+                    t_key = Task(name="key", template=key, arguments=pass_inputs(node))
+                    t_run = Task(
+                        name="run",
+                        template=run,
+                        arguments=[
+                            *pass_inputs(node),
+                            Parameter(name="memo-key", value="{{tasks.key.outputs.parameters.key}}"),
+                        ],
+                    )
+                    t_key >> t_run
+            else:
+                tmpl = runner(tname, "run", node, ["result"], step_resources, **policy_fields(node))
+            node_templates[node_id] = tmpl
+        with DAG(name="pipeline"):
+            for node_id, node in graph.nodes.items():
+                Task(
+                    name=names[node_id],
+                    template=node_templates[node_id],
+                    dependencies=[names[up.id] for up in node.upstream] or None,
+                    arguments=[
+                        Parameter(
+                            name=f"in-{names[up.id]}", value=f"{{{{tasks.{names[up.id]}.outputs.parameters.result}}}}"
+                        )
+                        for up in node.upstream
+                        if up not in node.ordering
+                    ],
+                )
+    return wt
+
+
+def _camel_to_model(value: dict[str, Any]) -> dict[str, Any]:
+    """A plain EnvVar dict in hera's field names (its models take the API's camelCase by alias)."""
+    from hera.workflows import models as m
+
+    return m.EnvVar.model_validate(value).model_dump(exclude_none=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML without anchors: objects that share a dict are written out in full."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False)
+
+
+# -- the folder --------------------------------------------------------------------------------
+
+
+def _core_objects(options: ExportOptions, spec: PipelineSpec, serve_names: list[str]) -> dict[str, list[dict]]:
+    storage = parse_storage(options.storage)
+    meta = {"namespace": options.namespace, "labels": {"app.kubernetes.io/part-of": "distml"}}
+    files: dict[str, list[dict]] = {}
+    files["storage.yaml"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": storage.claim, **meta},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": options.storage_size}}},
+        }
+    ]
+    files["metadata-db.yaml"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": DB_SECRET, **meta},
+            "type": "Opaque",
+            # Replace before applying: the PostgreSQL database every step, worker and replica records into.
+            "stringData": {"DISTML_DB_URL": "postgresql+psycopg://distml:CHANGE-ME@postgres:5432/distml"},
+        }
+    ]
+    configs = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "distml-pipeline", **meta},
+            "data": {Path(PIPELINE_CONFIG).name: spec.model_dump_json(indent=1)},
+        },
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": MEMO_CACHE, **meta}},
+    ]
+    for name in serve_names[:1]:
+        configs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "distml-replica", **meta},
+                "data": {Path(REPLICA_CONFIG).name: json.dumps(replica_config(name), indent=1)},
+            }
+        )
+    files["configs.yaml"] = configs
+    rules = [
+        {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+        {
+            "apiGroups": ["kubeflow.org"],
+            "resources": ["pytorchjobs"],
+            "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+        },
+        {
+            "apiGroups": ["trainer.kubeflow.org"],
+            "resources": ["trainjobs"],
+            "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+        },
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices"],
+            "verbs": ["create", "get", "list", "watch", "patch", "update"],
+        },
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "update", "patch"]},
+    ]
+    files["rbac.yaml"] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT, **meta}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": SERVICE_ACCOUNT, **meta},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": SERVICE_ACCOUNT, **meta},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVICE_ACCOUNT},
+            "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": options.namespace}],
+        },
+    ]
+    return files
+
+
+def kueue_objects(options: ExportOptions) -> list[dict[str, Any]]:
+    """distml's queue and priority classes as Kueue objects: one ClusterQueue with a flavor, the
+    namespace's LocalQueue, and a WorkloadPriorityClass per distml priority class."""
+    api = "kueue.x-k8s.io/v1beta1"
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": api, "kind": "ResourceFlavor", "metadata": {"name": "distml-default"}},
+        {
+            "apiVersion": api,
+            "kind": "ClusterQueue",
+            "metadata": {"name": "distml"},
+            "spec": {
+                "namespaceSelector": {},
+                "queueingStrategy": "BestEffortFIFO",
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "fairSharing": {"weight": "1"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": "distml-default",
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": "16"},
+                                    {"name": "memory", "nominalQuota": "64Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": "0"},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": api,
+            "kind": "LocalQueue",
+            "metadata": {"name": options.queue, "namespace": options.namespace},
+            "spec": {"clusterQueue": "distml"},
+        },
+    ]
+    for name, value in PRIORITY_CLASSES.items():
+        objects.append(
+            {
+                "apiVersion": api,
+                "kind": "WorkloadPriorityClass",
+                "metadata": {"name": f"distml-{name}"},
+                "value": value,
+                "description": f"distml priority class {name}",
+            }
+        )
+    return objects
+
+
+DOCKERFILE = """\
+# The image every exported object runs: Argo steps (python -m distml.export.steprunner), training
+# workers (torchrun -m distml.train.worker) and replicas (python -m distml.serve.server).
+# Build it from the repository's root: docker build -f {path} -t IMAGE .
+FROM {base}
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+WORKDIR /opt/distml
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN {install}
+WORKDIR /workspace
+ENV DISTML_HOME=/workspace
+"""
+
+
+def dockerfiles() -> dict[str, str]:
+    return {
+        "Dockerfile": DOCKERFILE.format(
+            path="DIR/Dockerfile",
+            base="python:3.11-slim",
+            install="pip install torch --index-url ${TORCH_INDEX:-https://download.pytorch.org/whl/cpu} "
+            "&& pip install .",
+        ).replace("FROM python:3.11-slim", "FROM python:3.11-slim\nARG TORCH_INDEX"),
+        "Dockerfile.cuda": DOCKERFILE.format(
+            path="DIR/Dockerfile.cuda", base="pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime", install="pip install ."
+        ),
+    }
+
+
+@dataclasses.dataclass
+class Export:
+    """Everything `distml export k8s` writes, as objects (the tests validate these)."""
+
+    files: dict[str, list[dict[str, Any]]]  # kustomize resources: file name -> objects
+    jobs: dict[str, dict[str, Any]]  # node id -> its training job (inside the Workflow's resource template)
+    services: dict[str, dict[str, Any]]  # node id -> its InferenceService (inside the Workflow)
+    graph: Any
+    task_names: dict[str, str]
+    extra_files: dict[str, str]
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [obj for objs in self.files.values() for obj in objs]
+
+
+def export_k8s(options: ExportOptions) -> Export:
+    """Build every object for the pipeline `options.target` names."""
+    from distml.workflow import memo
+
+    options.check()
+    graph, target = pipeline_graph(options)
+    from distml.workflow.dag import coerce_params
+
+    params = coerce_params(target.function, dict(options.params))
+    spec = PipelineSpec(target=options.target, params=params, workspace=WORKSPACE_MOUNT, nnodes=options.nnodes or "1")
+    name = k8s_name(f"distml-{target.name}")
+    wt = workflow_template(options, graph, name)
+    names = task_names(graph)
+    jobs = {
+        nid: training_job(options, n, f"{name}-{names[nid]}", "RUN-ID")
+        for nid, n in graph.nodes.items()
+        if _is(n, "train")
+    }
+    services = {nid: inference_service(options, n, "MODEL") for nid, n in graph.nodes.items() if _is(n, "serve")}
+    serve_names = [memo.bind(n.step, n.args, n.kwargs)["name"] for n in graph.nodes.values() if _is(n, "serve")]
+    files = _core_objects(options, spec, serve_names)
+    files["kueue.yaml"] = kueue_objects(options)
+    workflow = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": options.namespace,
+            "labels": {"app.kubernetes.io/part-of": "distml"},
+        },
+        "spec": {"workflowTemplateRef": {"name": name}},
+    }
+    files["workflow.yaml"] = [wt.to_dict(), workflow]
+    return Export(files, jobs, services, graph, names, dockerfiles())
+
+
+def write_folder(export: Export, out: str | Path) -> list[Path]:
+    """Write the kustomize folder; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, objects in export.files.items():
+        path = out / file
+        path.write_text(yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False))
+        written.append(path)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": list(export.files),
+    }
+    (out / "kustomization.yaml").write_text(to_yaml(kustomization))
+    written.append(out / "kustomization.yaml")
+    for file, text in export.extra_files.items():
+        (out / file).write_text(text.replace("DIR/", f"{out}/"))
+        written.append(out / file)
+    return written
