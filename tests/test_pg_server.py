@@ -13,7 +13,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pg_server import PostgresServer, find_pg_bin
 
-pytestmark = pytest.mark.skipif(
+needs_postgres = pytest.mark.skipif(
     find_pg_bin() is None and not os.environ.get("DISTML_REQUIRE_POSTGRES"),
     reason="PostgreSQL server binaries not installed (see scripts/ensure-postgres.sh)",
 )
@@ -27,6 +27,7 @@ def _accepts_connections(port: int) -> bool:
         return False
 
 
+@needs_postgres
 def test_server_roundtrip_and_teardown() -> None:
     with PostgresServer() as server:
         port = server.port
@@ -55,6 +56,7 @@ def test_server_roundtrip_and_teardown() -> None:
     assert server.tmpdir is None
 
 
-def test_url_requires_running_server() -> None:
-    with pytest.raises(RuntimeError):
-        _ = PostgresServer().url
+def test_url_requires_running_server(tmp_path: Path) -> None:
+    # needs no PostgreSQL: a server that was never started (given any bin_dir) has no URL yet
+    with pytest.raises(RuntimeError, match="PostgresServer is not running"):
+        _ = PostgresServer(bin_dir=tmp_path).url

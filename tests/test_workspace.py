@@ -29,11 +29,16 @@ def test_record_dataset_is_idempotent(workspace):
 
 def test_newer_schema_is_refused_without_damage(workspace):
     engine = workspace.engine
+    kw = dict(name="digits", split="train", fingerprint="f" * 64, num_records=10, uri="x", schema={"a": 1})
+    metadata.record_dataset(engine, **kw)
     with engine.begin() as conn:
         conn.execute(metadata.schema_version.insert().values(version=999, applied_at=metadata._now()))
-    assert metadata.record_dataset  # the store stays readable
     with pytest.raises(DistmlError, match="schema version 999, newer than this distml"):
         metadata.migrate(engine)
+    # nothing stored was lost: the record and the newer version are still there, readable
+    assert [row["fingerprint"] for row in metadata.list_datasets(engine, "digits")] == ["f" * 64]
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.max(metadata.schema_version.c.version))).scalar() == 999
 
 
 def test_metadata_store_on_postgresql(postgres_url, tmp_path, monkeypatch):

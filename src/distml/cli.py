@@ -236,6 +236,13 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
     type=float,
     help="Learning rate for the global batch [default: 1e-3 x sqrt(global batch / 64)].",
 )
+@click.option(
+    "--optimizer",
+    default="adam",
+    show_default=True,
+    type=click.Choice(["adam", "sgd"]),
+    help="adam (fused) or plain sgd (needs --lr).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--checkpoint-every", default=50, show_default=True, type=int, help="Optimizer steps.")

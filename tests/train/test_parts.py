@@ -79,3 +79,31 @@ def test_learning_rate_rule_and_run_id():
     assert parse_config({"lr": 0.01}).learning_rate(8) == 0.01
     assert parse_config({"workers": 1}).resolved_run_id() == parse_config({"workers": 4}).resolved_run_id()
     assert parse_config({"seed": 1}).resolved_run_id() != parse_config({"seed": 2}).resolved_run_id()
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_async_gate_bounds_the_staleness_of_every_gradient(staleness):
+    """Worker 1 pushes whenever it holds parameters, worker 2 only when worker 1 is held back: the
+    gradients of worker 1 are computed on parameters missing at most `staleness` of worker 2's
+    steps, the bound is reached, and nobody's own last update is ever missing."""
+    from distml.train.parameter_server import StalenessGate
+
+    workers, done_at = [1, 2], 12
+    gate = StalenessGate(workers, staleness)
+    gate.start(dict.fromkeys(workers, 0), done_at)
+    holds = dict.fromkeys(workers, True)  # has the parameters to compute its next gradient on
+    clock = dict.fromkeys(workers, 0)
+    records = []
+    while any(clock[w] < done_at for w in workers):
+        src = next(w for w in workers if holds[w] and clock[w] < done_at)  # there is always one
+        clock[src] += 1
+        holds[src] = False
+        based_on, ready = gate.push(src, clock[src])
+        records.append((src, clock[src], based_on))
+        for rank in ready:
+            holds[rank] = True
+    assert sorted(gate.release_all() + [w for w in workers if holds[w]]) == workers
+    assert len(records) == len(workers) * done_at
+    assert all(based_on[src] == step - 1 for src, step, based_on in records), "own last update included"
+    stale = [step - 1 - min(based_on.values()) for _, step, based_on in records]
+    assert max(stale) == staleness, stale

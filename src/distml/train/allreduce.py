@@ -1,7 +1,8 @@
 """Data-parallel training with allreduce: every worker holds the whole model.
 
 DistributedDataParallel averages gradients in buckets while backward still runs (gloo on
-CPU, NCCL on CUDA), then each worker applies the same Adam step, so replicas stay identical.
+CPU, NCCL on CUDA), then each worker applies the same optimizer step (fused Adam, or plain SGD), so replicas stay
+identical.
 With one worker the model is used unwrapped (DDP's per-step hooks buy nothing there).
 """
 
@@ -13,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from distml.train.optimizer import make_optimizer
+
 
 class AllReduceTrainer:
-    def __init__(self, model: torch.nn.Module, lr: float, device: torch.device, world_size: int):
+    def __init__(
+        self, model: torch.nn.Module, lr: float, device: torch.device, world_size: int, optimizer: str = "adam"
+    ):
         self.model = model.to(device)
         self.channels_last = device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         if self.channels_last:  # oneDNN's convolutions are ~25% faster on NHWC tensors on CPU
@@ -27,8 +32,7 @@ class AllReduceTrainer:
             )
         else:
             self.wrapped = self.model
-        # the fused kernel: one pass over all parameters (on CPU 20M parameters: 16 ms vs 121 ms)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, fused=True)
+        self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)

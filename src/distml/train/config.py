@@ -36,6 +36,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(64, ge=1, description="per worker; global batch = batch_size x workers")
     lr: float | None = Field(None, gt=0)
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam (fused) or plain sgd (needs lr)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
@@ -91,6 +92,8 @@ class TrainConfig(BaseModel):
             raise ValueError("ps_shards and ps_staleness apply only to strategy 'parameter-server'")
         if self.ps_staleness is not None and self.ps_mode != "async":
             raise ValueError("ps_staleness bounds the async mode; use ps_mode 'async'")
+        if self.optimizer == "sgd" and self.lr is None:
+            raise ValueError("optimizer 'sgd' needs lr (the default rule is Adam's)")
         return self
 
     @property
@@ -101,6 +104,10 @@ class TrainConfig(BaseModel):
     def procs_per_node(self) -> int:
         """Processes each launcher agent starts: workers, plus the servers in PS mode."""
         return self.workers + (self.ps_shards if self.strategy == "parameter-server" else 0)
+
+    def threads_per_process(self, local_processes: int) -> int:
+        """Intra-op threads of each process: `threads`, or the node's cores shared by its processes."""
+        return self.threads or max(1, (os.cpu_count() or 1) // local_processes)
 
     def learning_rate(self, world_workers: int) -> float:
         """The learning-rate rule: `lr` is for the global batch as given. Without `lr`, Adam's
@@ -130,6 +137,8 @@ class TrainConfig(BaseModel):
                 "workers",
             }
         )
+        if defining["optimizer"] == "adam":  # runs from before the setting existed keep their ids
+            del defining["optimizer"]
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.model}-{self.dataset}-{digest}"
 

@@ -56,11 +56,15 @@ def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
 
 def launch(config: TrainConfig) -> dict[str, Any] | None:
     from distml.models.artifact import resolve_model
-    from distml.train.worker import check_init_from, training_data
+    from distml.train.worker import build_meta, check_init_from, check_model_fits, training_data
 
     config = config.model_copy(update={"workspace": str(Path(config.workspace).resolve())})
     ws = Workspace(config.workspace)
-    training_data(config, ws, progress=True)  # download/verify once, not per worker; bad files fail here
+    # Bad input fails here, as one error before any process starts: the model's name and arguments,
+    # the data set (downloaded and verified once, not per worker), and whether the model fits it.
+    model = build_meta(config)
+    dataset = training_data(config, ws, progress=True)
+    check_model_fits(config, model, dataset)
     if config.init_from is not None:  # a wrong warm start fails before any process starts
         check_init_from(config, resolve_model(ws, config.init_from).manifest)
     run_dir = config.run_dir()
@@ -169,6 +173,11 @@ def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # The workers set their threads themselves (TrainConfig.threads_per_process); torchrun would
+    # otherwise print a banner and set OMP_NUM_THREADS=1 for them, and for this process for good.
+    omp_unset = "OMP_NUM_THREADS" not in os.environ
+    if omp_unset:
+        os.environ["OMP_NUM_THREADS"] = str(config.threads_per_process(config.procs_per_node))
     try:
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:
@@ -179,6 +188,9 @@ def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str,
         ) from None
     except SignalException as exc:
         raise Stopped(exc.sigval) from None
+    finally:
+        if omp_unset:
+            os.environ.pop("OMP_NUM_THREADS", None)
     if result_path.exists():
         return json.loads(result_path.read_text())
     return None

@@ -1,23 +1,28 @@
 """Parameter servers: S server processes own shards of the parameters, W workers push and pull.
 
 Parameters are split across servers balanced by bytes (largest tensor first to the lightest
-shard); each server keeps its shard as one flat vector with its own Adam state. Workers keep
-their parameters and gradients as views into per-shard flat buffers, so a push or pull is one
-`isend`/`irecv` per server with no packing. `sync` averages all W gradients per step (the
-same update as allreduce); `async` applies each gradient as it arrives (recv from any
-source), optionally holding back a worker more than `staleness` steps ahead of the slowest
-(stale-synchronous parallel). Transport: torch.distributed point-to-point over gloo, the
-maintained route (torch.distributed.rpc is in maintenance mode).
+shard); each server keeps its shard as one flat vector with its own optimizer state (fused Adam,
+or plain SGD). Workers keep their parameters and gradients as views into per-shard flat
+buffers, so a push or pull is one `isend`/`irecv` per server with no packing. `sync` averages
+all W gradients per step (the same update as allreduce); `async` applies each gradient as it
+arrives (recv from any source), optionally holding back a worker more than `staleness` steps
+ahead of the slowest (stale-synchronous parallel, `StalenessGate`: a gradient is computed on
+parameters that hold every worker's updates up to at most `staleness` steps before its own).
+Transport: torch.distributed point-to-point over gloo, the maintained route
+(torch.distributed.rpc is in maintenance mode).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from distml.train.optimizer import make_optimizer
 
 HEADER = 1  # trailing float on every async gradient message: the worker's step
 
@@ -131,8 +136,58 @@ class PSWorker:
         self.step_count = int(state["step_count"])
 
 
+class StalenessGate:
+    """The stale-synchronous bookkeeping of one async server, apart from the transport.
+
+    `clocks` holds each worker's last pushed step; a reply (the parameters a worker computes its
+    next gradient on) is held back while its worker is more than `staleness` steps ahead of the
+    slowest worker still short of the segment's end (`done_at`). `seen` holds, per worker, the
+    clocks of all workers whose updates the parameters it was last sent contain: the version its
+    next gradient is computed on, which `push` returns so that a server can record it.
+    """
+
+    def __init__(self, worker_ranks: list[int], staleness: int | None):
+        self.staleness = staleness
+        self.clocks = dict.fromkeys(worker_ranks, 0)
+        self.seen: dict[int, dict[int, int]] = {}
+        self.held: list[int] = []
+        self.done_at = 0
+
+    def start(self, clocks: dict[int, int], done_at: int) -> None:
+        """A segment: the workers are at `clocks` (every earlier reply was sent) and end at `done_at`."""
+        self.clocks, self.done_at, self.held = clocks, done_at, []
+        for rank in clocks:  # a worker not sent parameters since broadcast holds those of `clocks`
+            self.seen.setdefault(rank, dict(clocks))
+
+    def push(self, src: int, clock: int) -> tuple[dict[int, int], list[int]]:
+        """`src`'s gradient of step `clock` arrived: returns the clocks of the parameters it was
+        computed on, and the workers to reply to once it is applied."""
+        based_on = self.seen.pop(src)
+        self.clocks[src] = clock
+        self.held.append(src)
+        active = [c for c in self.clocks.values() if c < self.done_at]
+        slowest = min(active) if active else self.done_at
+        ready = [r for r in self.held if self.staleness is None or self.clocks[r] - slowest <= self.staleness]
+        self.held = [r for r in self.held if r not in ready]
+        return based_on, self._sent(ready)
+
+    def release_all(self) -> list[int]:
+        """The segment's pushes are all in: nobody is too far ahead any more."""
+        ready, self.held = self.held, []
+        return self._sent(ready)
+
+    def _sent(self, ranks: list[int]) -> list[int]:
+        for rank in ranks:
+            self.seen[rank] = dict(self.clocks)
+        return ranks
+
+
 class PSServer:
-    """One server: owns a flat shard of the parameters and Adam's state for it."""
+    """One server: owns a flat shard of the parameters and the optimizer's state for it.
+
+    `record`, when given, is called in async mode with (worker, step, clocks) for every gradient
+    applied: `clocks` are the workers' steps whose updates the parameters it was computed on hold.
+    """
 
     def __init__(
         self,
@@ -142,16 +197,21 @@ class PSServer:
         lr: float,
         mode: str,
         staleness: int | None = None,
+        optimizer: str = "adam",
+        record: Callable[[int, int, dict[int, int]], None] | None = None,
     ):
         self.shard, self.worker_ranks, self.mode, self.staleness = shard, worker_ranks, mode, staleness
         self.param = torch.nn.Parameter(initial.clone())
-        self.optimizer = torch.optim.Adam([self.param], lr=lr, fused=True)
+        self.optimizer = make_optimizer(optimizer, [self.param], lr)
         extra = HEADER if mode == "async" else 0
         self.buffers = [torch.zeros(initial.numel() + extra) for _ in worker_ranks]
         self.updates = 0
+        self.gate = StalenessGate(worker_ranks, staleness)
+        self.record = record
 
     def broadcast(self) -> None:
         """Send the current parameters to every worker (start of a run or of an attempt)."""
+        self.gate.seen.clear()
         for request in [dist.isend(self.param.data, dst=rank) for rank in self.worker_ranks]:
             request.wait()
 
@@ -176,27 +236,19 @@ class PSServer:
     def serve_async(self, pushes: int, clocks: dict[int, int], done_at: int) -> None:
         """Apply `pushes` gradients as they arrive; reply at once unless a worker is more than
         `staleness` steps ahead of the slowest worker still short of `done_at`."""
-        held: list[int] = []
+        self.gate.start(clocks, done_at)
         buf = self.buffers[0]
         for _ in range(pushes):
             src = dist.recv(buf)
-            clocks[src] = int(buf[-1].item())
+            clock = int(buf[-1].item())
+            based_on, ready = self.gate.push(src, clock)
             self._apply(buf[:-HEADER])
-            held.append(src)
-            held = self._release(held, clocks, done_at)
-        for src in held:  # everyone has pushed: nobody is too far ahead any more
-            dist.send(self.param.data, dst=src)
-
-    def _release(self, held: list[int], clocks: dict[int, int], done_at: int) -> list[int]:
-        active = [c for c in clocks.values() if c < done_at]
-        slowest = min(active) if active else done_at
-        still: list[int] = []
-        for src in held:
-            if self.staleness is None or clocks[src] - slowest <= self.staleness:
-                dist.send(self.param.data, dst=src)
-            else:
-                still.append(src)
-        return still
+            if self.record is not None:
+                self.record(src, clock, based_on)
+            for dst in ready:
+                dist.send(self.param.data, dst=dst)
+        for dst in self.gate.release_all():
+            dist.send(self.param.data, dst=dst)
 
     def state_dict(self) -> dict[str, Any]:
         return {"param": self.param.data.clone(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}

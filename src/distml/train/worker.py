@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -29,14 +30,37 @@ STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request
 
 
 class StopFlag:
-    """Set by SIGTERM (preemption); the loop checkpoints and leaves at the next agreed point."""
+    """Set by SIGTERM (preemption); the loop checkpoints and leaves at the next agreed point.
 
-    def __init__(self) -> None:
+    A rank blocked inside a collective whose peer died (a killed parameter server) never returns
+    to Python, so its handler cannot run and torchrun would wait 30 s before SIGKILL. A watchdog
+    thread sees the signal through the wakeup fd (written by the C-level handler even then) and
+    ends the process when the Python handler has not run within `grace_s`: no checkpoint is lost,
+    since a rank that cannot run Python cannot write one either."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
         self.requested = False
+        self.grace_s = grace_s
         signal.signal(signal.SIGTERM, self._handle)
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(reader,), name="distml-sigterm-watchdog", daemon=True).start()
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+
+    def _watch(self, reader: int) -> None:
+        while True:
+            signals = os.read(reader, 64)
+            if signal.SIGTERM not in signals:
+                continue
+            deadline = time.monotonic() + self.grace_s
+            while not self.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.requested:  # the main thread is stuck outside Python
+                print("[distml] SIGTERM while blocked in a collective: exiting", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGTERM)
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv[0])
     ctx = Context(config)
-    threads = config.threads or max(1, (os.cpu_count() or 1) // ctx.local_world)
+    threads = config.threads_per_process(ctx.local_world)
     torch.set_num_threads(threads)
     if ctx.num_workers < 1:
         ctx.log(f"parameter-server mode needs at least one worker besides {ctx.servers} servers")
@@ -87,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(ctx.device)
     dist.init_process_group(backend)
     if ctx.rank == 0:
-        ctx.log(f"process group {backend}, device {ctx.device}, {threads} threads per rank")
+        ctx.log(f"process group {backend}, device {ctx.device}, {torch.get_num_threads()} threads per rank")
     stop = StopFlag()
     ctx.metrics, endpoint = start_metrics(ctx)
     try:
@@ -171,6 +195,35 @@ def check_init_from(config: TrainConfig, manifest: dict[str, Any]) -> None:
         )
 
 
+def build_meta(config: TrainConfig) -> torch.nn.Module:
+    """The model on the meta device (shapes only, no memory): a bad name or argument fails here."""
+    from distml.models.zoo import build_model
+
+    with torch.device("meta"):
+        return build_model(config.model, **config.model_args)
+
+
+def check_model_fits(config: TrainConfig, model: torch.nn.Module, dataset: Any) -> None:
+    """The model takes the data set's images and gives one score per class: a forward pass of two
+    images on the meta device, so a model that does not fit fails before any worker starts."""
+    shape, classes = tuple(dataset.image_shape), len(dataset.class_names)
+    described = f"model {config.model!r}" + (f" with {config.model_args}" if config.model_args else "")
+    try:
+        with torch.no_grad():
+            out = model(torch.empty(2, *shape, device="meta"))
+    except Exception as exc:  # a factory's own module: any error of its forward means it does not fit
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistmlError(
+            f"{described} does not take the {dataset.name} images (shape {list(shape)}): {reason}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DistmlError(
+            f"{described} gives outputs of shape {got} for 2 {dataset.name} images; "
+            f"training needs [N, {classes}], one score per class (set num_classes={classes})"
+        )
+
+
 def training_data(config: TrainConfig, ws: Any, progress: bool = False) -> Any:
     """The run's data set: the named one, with its train split replaced by `train_files` if given."""
     from distml.data.datasets import with_train_files
@@ -198,6 +251,7 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     params = list(model.parameters())
     layout = ShardLayout.balanced(params, ctx.servers)
     worker_ranks = list(range(ctx.servers, ctx.world))
+    staleness_log = _StalenessLog(ctx) if config.log_samples and config.ps_mode == "async" else None
     server = PSServer(
         ctx.rank,
         layout.flat(params, ctx.rank),
@@ -205,6 +259,8 @@ def serve(ctx: Context, stop: StopFlag) -> None:
         config.learning_rate(ctx.num_workers),
         config.ps_mode,
         config.ps_staleness,
+        config.optimizer,
+        record=staleness_log.record if staleness_log is not None else None,
     )
     step = checkpoint.latest_step(ctx.run_dir) or 0
     if step:
@@ -217,6 +273,15 @@ def serve(ctx: Context, stop: StopFlag) -> None:
         f"{config.ps_mode}, from step {step} of {total}"
     )
     server.broadcast()
+    try:
+        _serve_segments(ctx, stop, server, step, total, worker_ranks)
+    finally:
+        if staleness_log is not None:
+            staleness_log.close()
+
+
+def _serve_segments(ctx: Context, stop: StopFlag, server: Any, step: int, total: int, worker_ranks: list[int]) -> None:
+    config = ctx.config
     while step < total:
         boundary = min(total, (step // config.checkpoint_every + 1) * config.checkpoint_every)
         if config.ps_mode == "sync":
@@ -231,6 +296,22 @@ def serve(ctx: Context, stop: StopFlag) -> None:
         if agree_stop(stop.requested, torch.device("cpu")):
             ctx.log(f"stopping at step {step} (SIGTERM), checkpoint written")
             return
+
+
+class _StalenessLog:
+    """RUN/staleness/attemptA-rankR-pidP.log (with `log_samples`): a line per async gradient
+    applied, `worker step w1:c1,w2:c2...`, the workers' steps its parameters held (tests)."""
+
+    def __init__(self, ctx: Context):
+        folder = ctx.run_dir / "staleness"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.handle = open(folder / f"attempt{ctx.restart}-rank{ctx.rank}-pid{os.getpid()}.log", "a")
+
+    def record(self, src: int, clock: int, based_on: dict[int, int]) -> None:
+        self.handle.write(f"{src} {clock} {','.join(f'{r}:{c}' for r, c in sorted(based_on.items()))}\n")
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def _workspace(config: TrainConfig):
@@ -255,7 +336,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
     if config.strategy == "allreduce":
         from distml.train.allreduce import AllReduceTrainer
 
-        trainer: Any = AllReduceTrainer(model, lr, ctx.device, ctx.world)
+        trainer: Any = AllReduceTrainer(model, lr, ctx.device, ctx.world, config.optimizer)
     else:
         from distml.train.parameter_server import PSWorker
 
