@@ -900,16 +900,24 @@ def export_group() -> None:
 @click.option("--image", required=True, help="The image built from the generated Dockerfile.")
 @click.option("--namespace", required=True, help="Namespace of the pipeline's objects.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="The kustomize folder to write.")
-@click.option("--queue", default="default", show_default=True, help="Kueue LocalQueue the training jobs wait in.")
+@click.option("--queue", default="default", show_default=True, help="Queue the training jobs wait in.")
 @click.option("--trainer", type=click.Choice(["pytorchjob", "trainjob"]), default="pytorchjob", show_default=True)
 @click.option("--storage", default="pvc://distml-workspace", show_default=True, help="Workspace: pvc://NAME/PATH.")
 @click.option("--nnodes", default=None, metavar="N|MIN:MAX", help="Pods per training job [default: its workers].")
 @click.option("--priority", default="normal", show_default=True, help="low, normal or high (a Kueue priority class).")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["kueue", "volcano"]),
+    default="kueue",
+    show_default=True,
+    help="Admits the training gangs: Kueue queues, or a Volcano Queue and PodGroups (PyTorchJob only).",
+)
+@click.option("--queue-weight", default=1, show_default=True, type=click.IntRange(min=1), help="The queue's weight.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
 def export_k8s_command(target: str | None, out: str, params: tuple[str, ...], **options: Any) -> None:
     """Write a kustomize folder that runs TARGET (default: the end-to-end pipeline) on Kubernetes:
     an Argo WorkflowTemplate and Workflow, Kubeflow training jobs, a KServe InferenceService,
-    Kueue queues, a PVC, the metadata store's Secret and Dockerfiles. Render it: kubectl kustomize OUT."""
+    Kueue (or Volcano) queues, a PVC, the metadata store's Secret and Dockerfiles. Render it: kubectl kustomize OUT."""
     from distml.export.k8s import ExportOptions, export_k8s, write_folder
     from distml.workflow.target import DEFAULT_TARGET
 

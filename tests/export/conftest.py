@@ -66,8 +66,13 @@ def validate_argo(obj: dict) -> None:
 
 
 def validate_pytorchjob(obj: dict) -> None:
+    """Through kubeflow-training's models; they name `Quantity` (schedulingPolicy.minResources) but
+    do not define it, so it is offered as what the API has it as: a string."""
+    import kubeflow.training.models
     from kubeflow.training import ApiClient
 
+    if not hasattr(kubeflow.training.models, "Quantity"):
+        kubeflow.training.models.Quantity = str
     client = ApiClient()
     parsed = client._ApiClient__deserialize(obj, "KubeflowOrgV1PyTorchJob")
     assert_round_trip(obj, client.sanitize_for_serialization(parsed), "PyTorchJob")

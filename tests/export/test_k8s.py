@@ -207,16 +207,21 @@ def test_storage_and_nnodes_parsing() -> None:
     assert parse_nnodes("3") == (3, 3) and parse_nnodes(None) is None
 
 
-def test_kustomize_renders_offline(e2e_export, tmp_path) -> None:
+def _kustomize(export, tmp_path) -> list[dict]:
+    """The folder written and rendered by `kubectl kustomize` (skipped without kubectl)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip(
             "kubectl is not installed (Debian: apt-get install kubernetes-client); cannot run kubectl kustomize"
         )
-    write_folder(e2e_export, tmp_path)
+    write_folder(export, tmp_path)
     rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0, rendered.stderr
-    kinds = sorted(o["kind"] for o in yaml.safe_load_all(rendered.stdout) if o)
+    return [o for o in yaml.safe_load_all(rendered.stdout) if o]
+
+
+def test_kustomize_renders_offline(e2e_export, tmp_path) -> None:
+    kinds = sorted(o["kind"] for o in _kustomize(e2e_export, tmp_path))
     assert kinds.count("WorkflowTemplate") == 1 and kinds.count("Workflow") == 1
     assert {"ClusterQueue", "LocalQueue", "ResourceFlavor", "PersistentVolumeClaim", "Secret"} <= set(kinds)
     assert (tmp_path / "Dockerfile").is_file() and (tmp_path / "Dockerfile.cuda").is_file()
@@ -234,3 +239,86 @@ def test_cli_writes_the_folder_and_refuses_bad_flags(tmp_path) -> None:
     assert "kind: TrainJob" in (tmp_path / "k8s" / "workflow.yaml").read_text()
     bad = CliRunner().invoke(main, [*base, "--storage", "nfs://x"])
     assert bad.exit_code != 0 and "--storage must be pvc://NAME/PATH" in bad.output
+
+
+@pytest.fixture(scope="module")
+def volcano_export():
+    return export_k8s(e2e_options(scheduler="volcano", queue_weight=3, priority="high"))
+
+
+def test_volcano_has_no_kueue_objects_or_labels(volcano_export) -> None:
+    assert "kueue.yaml" not in volcano_export.files
+    assert not [o for o in volcano_export.objects() if o["apiVersion"].startswith("kueue.x-k8s.io")]
+    wt = volcano_export.files["workflow.yaml"][0]
+    everything = json.dumps([volcano_export.objects(), list(volcano_export.jobs.values())])
+    assert "kueue.x-k8s.io" not in everything
+    assert "kueue.x-k8s.io" not in json.dumps(embedded_manifests(wt))
+
+
+def test_volcano_gangs_queue_and_priorities(volcano_export) -> None:
+    workers = 2  # the pipeline's default
+    objects = volcano_export.files["volcano.yaml"]
+    (queue,) = [o for o in objects if o["kind"] == "Queue"]
+    assert queue["apiVersion"] == "scheduling.volcano.sh/v1beta1"
+    assert queue["metadata"]["name"] == "default" and "namespace" not in queue["metadata"]  # cluster-scoped
+    assert queue["spec"]["weight"] == 3  # distml's queue weight
+    priorities = {o["metadata"]["name"]: o["value"] for o in objects if o["kind"] == "PriorityClass"}
+    for obj in objects:
+        if obj["kind"] == "PriorityClass":
+            validate_core(obj)
+    # The Training Operator makes each job's PodGroup from runPolicy.schedulingPolicy; none is written here.
+    assert not [o for o in volcano_export.objects() if o["kind"] == "PodGroup"]
+    jobs = list(volcano_export.jobs.values()) + [
+        m for m in embedded_manifests(volcano_export.files["workflow.yaml"][0]).values() if m["kind"] == "PyTorchJob"
+    ]
+    assert len(jobs) == 6
+    for job in jobs:
+        validate_pytorchjob(job)
+        policy = job["spec"]["runPolicy"]["schedulingPolicy"]
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        assert policy["minAvailable"] == workers == sum(r["replicas"] for r in replicas.values())
+        assert policy["queue"] == queue["metadata"]["name"]
+        assert policy["priorityClass"] == "distml-high" and priorities["distml-high"] == 100
+        requests = replicas["Master"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+        assert requests == {"cpu": "1000m", "memory": "2Gi"}
+        assert policy["minResources"] == {"cpu": f"{workers * 1000}m", "memory": f"{workers * 2048}Mi"}
+        for replica in replicas.values():
+            assert replica["template"]["spec"]["schedulerName"] == "volcano"
+            validate_pod_template(replica["template"]["spec"], replica["template"]["metadata"])
+
+
+def test_volcano_elastic_gang_is_the_minimum() -> None:
+    export = export_k8s(e2e_options(scheduler="volcano", nnodes="2:4"))
+    for job in export.jobs.values():
+        assert job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 2
+        assert job["spec"]["runPolicy"]["schedulingPolicy"]["minResources"]["cpu"] == "2000m"
+
+
+def test_volcano_refuses_trainjob_and_bad_weights() -> None:
+    with pytest.raises(DistmlError, match="--trainer trainjob cannot use --scheduler volcano"):
+        export_k8s(e2e_options(trainer="trainjob", scheduler="volcano"))
+    with pytest.raises(DistmlError, match="--scheduler"):
+        export_k8s(e2e_options(scheduler="yunikorn"))
+    with pytest.raises(DistmlError, match="--queue-weight"):
+        export_k8s(e2e_options(queue_weight=0))
+
+
+def test_volcano_kustomize_renders_offline(volcano_export, tmp_path) -> None:
+    kinds = [o["kind"] for o in _kustomize(volcano_export, tmp_path)]
+    assert kinds.count("Queue") == 1 and kinds.count("PriorityClass") == 4
+    assert not {"ClusterQueue", "LocalQueue", "ResourceFlavor", "WorkloadPriorityClass"} & set(kinds)
+
+
+def test_cli_scheduler_flag(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from distml.cli import main
+
+    base = ["export", "k8s", "--image", "r/distml:1", "--namespace", "ml", "--param", "dataset=digits"]
+    out = tmp_path / "k8s"
+    result = CliRunner().invoke(main, [*base, "--out", str(out), "--scheduler", "volcano", "--queue-weight", "2"])
+    assert result.exit_code == 0, result.output
+    assert "volcano.yaml" in (out / "kustomization.yaml").read_text()
+    assert "schedulerName: volcano" in (out / "workflow.yaml").read_text()
+    bad = CliRunner().invoke(main, [*base, "--out", str(out), "--scheduler", "volcano", "--trainer", "trainjob"])
+    assert bad.exit_code != 0 and "cannot use --scheduler volcano" in bad.output

@@ -4,7 +4,8 @@ The pipeline's graph is built (not run) from the same Python function `distml ru
 node becomes an Argo Workflows DAG task (generated with hera): memoized steps get the local memo
 key, computed in the cluster by the same code; training steps create a Kubeflow PyTorchJob or
 TrainJob (torchrun running `distml.train.worker`); the serving step applies a KServe
-InferenceService running the distml replica. Kueue queues admit the training gangs. The result
+InferenceService running the distml replica. Kueue queues admit the training gangs (or, with
+`scheduler="volcano"`, a Volcano Queue and the PodGroups the training operator makes). The result
 is a kustomize folder. Objects are plain dicts (Argo's through hera's models); no other library
 writes Kubeflow, KServe or Kueue objects without a cluster, so those are written here.
 """
@@ -29,6 +30,7 @@ TARGETS = {
     "Kubeflow Trainer (TrainJob)": "v2.1+ (API v1alpha1, runtimePatches as in kubeflow-trainer-api 2.3.0)",
     "KServe": "v0.15+ (serving.kserve.io/v1beta1)",
     "Kueue": "v0.13+ (kueue.x-k8s.io/v1beta1)",
+    "Volcano (--scheduler volcano)": "v1.9+ (scheduling.volcano.sh/v1beta1)",
 }
 
 WORKSPACE_MOUNT = "/workspace"
@@ -39,6 +41,9 @@ MEMO_CACHE = "distml-memo"
 SERVICE_ACCOUNT = "distml-workflow"
 REPLICA_PORT = 8080
 TRAINING_RUNTIME = "torch-distributed"
+SCHEDULERS = ("kueue", "volcano")
+#: The queue's quota, shared by Kueue's ClusterQueue (nominalQuota) and Volcano's Queue (capability).
+QUEUE_QUOTA = {"cpu": "16", "memory": "64Gi"}
 PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}  # distml.ops.scheduler's classes
 _DNS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -94,6 +99,8 @@ class ExportOptions:
     priority: str = "normal"
     canary_percent: int = 10
     storage_size: str = "20Gi"
+    scheduler: str = "kueue"  # or "volcano"
+    queue_weight: int = 1  # the queue's fair-share weight (as `distml queue set NAME --weight W`)
 
     def check(self) -> None:
         for what, value in (("--namespace", self.namespace), ("--queue", self.queue)):
@@ -103,6 +110,18 @@ class ExportOptions:
             raise DistmlError(f"--trainer must be pytorchjob or trainjob, got {self.trainer!r}")
         if self.priority not in PRIORITY_CLASSES or self.priority == "serving":
             raise DistmlError(f"--priority must be low, normal or high, got {self.priority!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise DistmlError(f"--scheduler must be kueue or volcano, got {self.scheduler!r}")
+        if self.scheduler == "volcano" and self.trainer == "trainjob":
+            # Trainer v2 turns Volcano on in the runtime's podGroupPolicy; in the pinned API
+            # (kubeflow-trainer-api 2.3.0) a TrainJob's runtimePatches cannot set it.
+            raise DistmlError(
+                "--trainer trainjob cannot use --scheduler volcano: Kubeflow Trainer enables Volcano in the "
+                "ClusterTrainingRuntime's podGroupPolicy, which a TrainJob cannot set; use --trainer pytorchjob "
+                "or --scheduler kueue"
+            )
+        if isinstance(self.queue_weight, bool) or not isinstance(self.queue_weight, int) or self.queue_weight < 1:
+            raise DistmlError(f"--queue-weight must be a whole number >= 1, got {self.queue_weight!r}")
         if not self.image or any(c.isspace() for c in self.image):
             raise DistmlError(f"--image must be an image reference, got {self.image!r}")
         if not 0 <= self.canary_percent <= 100:
@@ -181,11 +200,35 @@ def _resources(cpus: float, gpus: int = 0, memory_gb: float = 0.0) -> dict[str, 
 
 
 def _labels(options: ExportOptions, priority: str | None = None) -> dict[str, str]:
+    if options.scheduler == "volcano":  # queue and priority go in the job's schedulingPolicy instead
+        return {"app.kubernetes.io/part-of": "distml"}
     return {
         "app.kubernetes.io/part-of": "distml",
         "kueue.x-k8s.io/queue-name": options.queue,
         "kueue.x-k8s.io/priority-class": f"distml-{priority or options.priority}",
     }
+
+
+def _quantity(value: str) -> float:
+    """A quantity as _resources writes it (`250m`, `1024Mi`, `2Gi`, `1`) in cores, MiB or units."""
+    for suffix, scale in (("m", 0.001), ("Mi", 1.0), ("Gi", 1024.0)):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * scale
+    return float(value)
+
+
+def pods_requests(requests: dict[str, str], pods: int) -> dict[str, str]:
+    """The requests of `pods` identical pods added up (a gang's minResources)."""
+    total: dict[str, str] = {}
+    for name, value in requests.items():
+        amount = _quantity(value) * pods
+        if name == "cpu":
+            total[name] = f"{round(amount * 1000)}m"
+        elif name == "memory":
+            total[name] = f"{round(amount)}Mi"
+        else:
+            total[name] = str(round(amount))
+    return total
 
 
 # -- training jobs ---------------------------------------------------------------------------
@@ -298,10 +341,19 @@ def training_job(options: ExportOptions, node: Any, name: str, run_id: str) -> d
         if low > 1:
             replica_specs["Worker"] = {"replicas": low - 1, "restartPolicy": "OnFailure"}
     for spec in replica_specs.values():
-        spec["template"] = {
-            "metadata": {"labels": {"app.kubernetes.io/part-of": "distml"}},
-            "spec": _train_pod_spec(options, storage, command, resources, []),
-        }
+        pod = _train_pod_spec(options, storage, command, resources, [])
+        if options.scheduler == "volcano":
+            pod["schedulerName"] = "volcano"
+        spec["template"] = {"metadata": {"labels": {"app.kubernetes.io/part-of": "distml"}}, "spec": pod}
+    scheduling_policy: dict[str, Any] = {
+        "minAvailable": low,
+        "queue": options.queue,
+        "priorityClass": f"distml-{options.priority}",
+    }
+    if options.scheduler == "volcano":
+        # The Training Operator (--gang-scheduler-name=volcano) creates the PodGroup from this:
+        # minMember = minAvailable, minResources, queue, priorityClassName. distml writes no PodGroup.
+        scheduling_policy["minResources"] = pods_requests(resources["requests"], low)
     job: dict[str, Any] = {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
@@ -311,11 +363,7 @@ def training_job(options: ExportOptions, node: Any, name: str, run_id: str) -> d
             "runPolicy": {
                 "cleanPodPolicy": "None",
                 "backoffLimit": 3,
-                "schedulingPolicy": {
-                    "minAvailable": low,
-                    "queue": options.queue,
-                    "priorityClass": f"distml-{options.priority}",
-                },
+                "schedulingPolicy": scheduling_policy,
             },
             "pytorchReplicaSpecs": replica_specs,
         },
@@ -710,7 +758,7 @@ def kueue_objects(options: ExportOptions) -> list[dict[str, Any]]:
                 "namespaceSelector": {},
                 "queueingStrategy": "BestEffortFIFO",
                 "preemption": {"withinClusterQueue": "LowerPriority"},
-                "fairSharing": {"weight": "1"},
+                "fairSharing": {"weight": str(options.queue_weight)},
                 "resourceGroups": [
                     {
                         "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
@@ -718,8 +766,8 @@ def kueue_objects(options: ExportOptions) -> list[dict[str, Any]]:
                             {
                                 "name": "distml-default",
                                 "resources": [
-                                    {"name": "cpu", "nominalQuota": "16"},
-                                    {"name": "memory", "nominalQuota": "64Gi"},
+                                    {"name": "cpu", "nominalQuota": QUEUE_QUOTA["cpu"]},
+                                    {"name": "memory", "nominalQuota": QUEUE_QUOTA["memory"]},
                                     {"name": "nvidia.com/gpu", "nominalQuota": "0"},
                                 ],
                             }
@@ -742,6 +790,36 @@ def kueue_objects(options: ExportOptions) -> list[dict[str, Any]]:
                 "kind": "WorkloadPriorityClass",
                 "metadata": {"name": f"distml-{name}"},
                 "value": value,
+                "description": f"distml priority class {name}",
+            }
+        )
+    return objects
+
+
+def volcano_objects(options: ExportOptions) -> list[dict[str, Any]]:
+    """distml's queue and priority classes for Volcano: the (cluster-scoped) Queue the training
+    operator puts each job's PodGroup in, and a PriorityClass per distml priority class, which the
+    PodGroups' priorityClassName names. The PodGroups themselves are made by the Training Operator."""
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "scheduling.volcano.sh/v1beta1",
+            "kind": "Queue",
+            "metadata": {"name": options.queue, "labels": {"app.kubernetes.io/part-of": "distml"}},
+            "spec": {
+                "weight": options.queue_weight,
+                "reclaimable": True,  # lends idle capacity and takes it back, like Kueue's fair sharing
+                "capability": dict(QUEUE_QUOTA),
+            },
+        }
+    ]
+    for name, value in PRIORITY_CLASSES.items():
+        objects.append(
+            {
+                "apiVersion": "scheduling.k8s.io/v1",
+                "kind": "PriorityClass",
+                "metadata": {"name": f"distml-{name}", "labels": {"app.kubernetes.io/part-of": "distml"}},
+                "value": value,
+                "globalDefault": False,
                 "description": f"distml priority class {name}",
             }
         )
@@ -813,7 +891,10 @@ def export_k8s(options: ExportOptions) -> Export:
     services = {nid: inference_service(options, n, "MODEL") for nid, n in graph.nodes.items() if _is(n, "serve")}
     serve_names = [memo.bind(n.step, n.args, n.kwargs)["name"] for n in graph.nodes.values() if _is(n, "serve")]
     files = _core_objects(options, spec, serve_names)
-    files["kueue.yaml"] = kueue_objects(options)
+    if options.scheduler == "volcano":
+        files["volcano.yaml"] = volcano_objects(options)
+    else:
+        files["kueue.yaml"] = kueue_objects(options)
     workflow = {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
