@@ -121,10 +121,11 @@ def test_exported_commands_train_and_serve(tmp_path, monkeypatch) -> None:
     argv[0] = sys.executable if argv[0] == "python" else argv[0]
     server = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120  # a guard against a hang, not a speed check
         while not (tmp_path / "port").exists():
             assert server.poll() is None, server.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the replica did not start"
+            if time.monotonic() > deadline:
+                pytest.fail("the replica wrote no port file within 120 s")
             time.sleep(0.1)
         url = f"http://127.0.0.1:{(tmp_path / 'port').read_text().strip()}"
         probe = container["readinessProbe"]["httpGet"]["path"]
