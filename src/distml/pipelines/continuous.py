@@ -259,11 +259,11 @@ class Watcher:
     # ------------------------------------------------------------ ingestion
 
     def _claim_watch(self) -> None:
-        from distml.ops.liveness import pid_alive, process_identity
+        from distml.ops.liveness import process_identity
 
         row = metadata.get_watch(self.engine, self.config.name)
         other = row is not None and row["pid"] and row["pid"] != os.getpid() and row["host"] == socket.gethostname()
-        if other and pid_alive(row["pid"]) and process_identity(row["pid"]) == row["pid_started"]:
+        if other and process_identity(row["pid"]) == row["pid_started"]:  # None once the process is gone
             raise DistmlError(f"watch {self.config.name!r} is already running (pid {row['pid']}); stop it first")
         settings = self.config.model_dump(exclude={"max_cycles"})
         settings["source_detail"] = self.source.describe()
@@ -345,8 +345,6 @@ class Watcher:
         keys = ", ".join(a["key"] for a in new) or "nothing new"
         self.say(f"cycle {number}: {keys}; training on {sum(a['num_records'] for a in used)} records")
         try:
-            if not new:
-                raise DistmlError("every arrival of this cycle was rejected")
             if resume_run:
                 result = resume(self.ws, resume_run)
             else:
