@@ -770,7 +770,7 @@ def link_model(rate: str, parameters: int, workers: int) -> dict[str, Any]:
         "largest_shard_fraction": {f"ps_{k}s": round(f, 3) for k, f in largest.items()},
         "push_plus_pull_s_per_step_with_this_layout": {
             f"ps_{k}s": round(2 * per_link * max(1, workers * f), 3) for k, f in largest.items()
-        },  # ShardLayout.balanced places whole tensors: the largest shard's server link sets the pace
+        },  # the largest shard's server link sets the pace (ShardLayout.balanced: equal ranges)
         "allreduce_s_per_step": round(
             2 * (workers - 1) * per_link / workers, 3
         ),  # ring: 2(n-1)M/(nB), both ways at once

@@ -13,18 +13,29 @@ from distml.models.zoo import build_model
 from distml.train import checkpoint
 from distml.train.config import parse_config
 from distml.train.launcher import torchrun_args
-from distml.train.parameter_server import ShardLayout
+from distml.train.parameter_server import PSServer, ShardLayout
 
 
-def test_parameter_shards_are_balanced_by_bytes_and_complete():
+def test_parameter_shards_are_equal_contiguous_ranges_covering_every_parameter():
     params = list(build_model("mlp", width=512, depth=3).parameters())
-    for shards in (1, 2, 3):
+    total = sum(p.numel() for p in params)
+    whole = torch.cat([p.detach().reshape(-1) for p in params])
+    for shards in (1, 2, 3, 4):
         layout = ShardLayout.balanced(params, shards)
-        owned = sorted(i for shard in layout.shards for i in shard)
-        assert owned == list(range(len(params))), "every parameter has exactly one server"
-        loads = [sum(params[i].numel() for i in shard) for shard in layout.shards]
-        assert sum(loads) == sum(p.numel() for p in params)
-        assert max(loads) <= sum(loads) / shards + max(p.numel() for p in params)
+        assert layout.bounds[0][0] == 0 and layout.bounds[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(layout.bounds, layout.bounds[1:])), "no gap, no overlap"
+        assert max(layout.numels) - min(layout.numels) <= 1, "each server carries 1/S of the traffic"
+        assert torch.equal(torch.cat([layout.flat(params, k) for k in range(shards)]), whole)
+    with pytest.raises(ValueError, match="at least one parameter server"):
+        ShardLayout.balanced(params, 0)
+
+
+def test_a_shard_checkpoint_of_another_layout_is_refused_and_the_server_keeps_its_state():
+    server = PSServer(0, torch.arange(6.0), [1], lr=0.1, mode="sync", optimizer="sgd")
+    other = PSServer(0, torch.zeros(4), [1], lr=0.1, mode="sync", optimizer="sgd")
+    with pytest.raises(DistmlError, match="holds 4 parameters, this layout gives it 6.*--ps-shards"):
+        server.load_state_dict(other.state_dict())
+    assert torch.equal(server.param.data, torch.arange(6.0))
 
 
 def test_checkpoint_roundtrip_rng_and_latest(tmp_path):

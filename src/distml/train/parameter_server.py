@@ -1,12 +1,14 @@
 """Parameter servers: S server processes own shards of the parameters, W workers push and pull.
 
-Parameters are split across servers balanced by bytes (largest tensor first to the lightest
-shard); each server keeps its shard as one flat vector with its own optimizer state (fused Adam,
-or plain SGD). Workers keep their parameters and gradients as views into per-shard flat
-buffers, so a push or pull is one `isend`/`irecv` per server with no packing. `sync` averages
-all W gradients per step (the same update as allreduce); `async` applies each gradient as it
-arrives (recv from any source), optionally holding back a worker more than `staleness` steps
-ahead of the slowest (stale-synchronous parallel, `StalenessGate`: a gradient is computed on
+The parameters, concatenated in `model.parameters()` order, are cut into S contiguous ranges of
+equal size (a large tensor may span two servers, so one server never carries more than 1/S of
+the traffic); each server keeps its range as one flat vector with its own optimizer state (fused
+Adam or plain SGD: both elementwise, so cutting inside a tensor changes no update). Workers keep
+their parameters and gradients as views into one flat buffer, so a push or pull is one
+`isend`/`irecv` of a slice per server with no packing. `sync` averages all W gradients per step
+(the same update as allreduce); `async` applies each gradient as it arrives (recv from any source
+of the worker's step, then its gradient), optionally holding back a worker more than `staleness`
+steps ahead of the slowest (stale-synchronous parallel, `StalenessGate`: a gradient is computed on
 parameters that hold every worker's updates up to at most `staleness` steps before its own).
 Transport: torch.distributed point-to-point over gloo, the maintained route
 (torch.distributed.rpc is in maintenance mode).
@@ -16,40 +18,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distml.errors import DistmlError
 from distml.train.optimizer import make_optimizer
 
-HEADER = 1  # trailing float on every async gradient message: the worker's step
+CLOCK_TAG = 1  # async: a worker's step travels as its own message, ahead of its gradient (tag 0)
 
 
 @dataclass
 class ShardLayout:
-    """Which parameters (by index in `model.parameters()`) each server owns."""
+    """Which range of the flattened parameters each server owns: `bounds[k] = (start, end)`."""
 
-    shards: list[list[int]]
-    numels: list[int]
+    bounds: list[tuple[int, int]]
 
     @classmethod
     def balanced(cls, params: list[torch.Tensor], num_shards: int) -> ShardLayout:
-        sizes = [p.numel() * p.element_size() for p in params]
-        shards: list[list[int]] = [[] for _ in range(num_shards)]
-        loads = [0] * num_shards
-        for index in sorted(range(len(params)), key=lambda i: -sizes[i]):
-            target = min(range(num_shards), key=lambda k: (loads[k], k))
-            shards[target].append(index)
-            loads[target] += sizes[index]
-        for shard in shards:
-            shard.sort()
-        return cls(shards, [sum(params[i].numel() for i in shard) for shard in shards])
+        """Equal contiguous ranges (sizes differ by at most one element) covering every parameter."""
+        if num_shards < 1:
+            raise ValueError(f"need at least one parameter server, got {num_shards}")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameter servers need one parameter dtype, the model has {sorted(map(str, dtypes))}")
+        total = sum(p.numel() for p in params)
+        edges = [total * k // num_shards for k in range(num_shards + 1)]
+        return cls(list(pairwise(edges)))
+
+    @property
+    def numels(self) -> list[int]:
+        return [end - start for start, end in self.bounds]
 
     def flat(self, params: list[torch.Tensor], shard: int) -> torch.Tensor:
-        members = [params[i].detach().reshape(-1) for i in self.shards[shard]]
-        return torch.cat(members) if members else torch.zeros(0)
+        """A copy of server `shard`'s range of the parameters."""
+        start, end = self.bounds[shard]
+        return flatten(params)[start:end].clone()
+
+
+def flatten(params: list[torch.Tensor]) -> torch.Tensor:
+    members = [p.detach().reshape(-1).cpu() for p in params]
+    return torch.cat(members) if members else torch.zeros(0)
 
 
 class PSWorker:
@@ -59,18 +71,19 @@ class PSWorker:
         self.model, self.server_ranks, self.mode, self.device = model, server_ranks, mode, device
         self.params = [p for p in model.parameters()]
         self.layout = ShardLayout.balanced(self.params, len(server_ranks))
-        extra = HEADER if mode == "async" else 0
-        self.param_flat = [self.layout.flat(self.params, k).clone().cpu() for k in range(len(server_ranks))]
-        self.grad_flat = [torch.zeros(n + extra) for n in self.layout.numels]
+        self.param_all = flatten(self.params).clone()
+        self.grad_all = torch.zeros_like(self.param_all)
+        self.param_flat = [self.param_all[start:end] for start, end in self.layout.bounds]
+        self.grad_flat = [self.grad_all[start:end] for start, end in self.layout.bounds]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.clock = torch.zeros(1)
         self.on_cpu = device.type == "cpu"
         if self.on_cpu:  # parameters and gradients become views of the flat buffers
-            for k, shard in enumerate(self.layout.shards):
-                offset = 0
-                for i in shard:
-                    p, n = self.params[i], self.params[i].numel()
-                    p.data = self.param_flat[k][offset : offset + n].view_as(p)
-                    p.grad = self.grad_flat[k][offset : offset + n].view_as(p)
-                    offset += n
+            for p, (start, end) in zip(self.params, pairwise(self.offsets)):
+                p.data = self.param_all[start:end].view_as(p)
+                p.grad = self.grad_all[start:end].view_as(p)
         self.step_count = 0
 
     def pull(self) -> None:
@@ -83,38 +96,30 @@ class PSWorker:
 
     def _copy_in(self) -> None:
         with torch.no_grad():
-            for k, shard in enumerate(self.layout.shards):
-                offset = 0
-                for i in shard:
-                    p, n = self.params[i], self.params[i].numel()
-                    p.copy_(self.param_flat[k][offset : offset + n].view_as(p))
-                    offset += n
+            for p, (start, end) in zip(self.params, pairwise(self.offsets)):
+                p.copy_(self.param_all[start:end].view_as(p))
 
     def _collect_grads(self) -> None:
         if self.on_cpu:
             return
-        for k, shard in enumerate(self.layout.shards):
-            offset = 0
-            for i in shard:
-                p, n = self.params[i], self.params[i].numel()
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                self.grad_flat[k][offset : offset + n].copy_(grad.reshape(-1))
-                offset += n
+        for p, (start, end) in zip(self.params, pairwise(self.offsets)):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            self.grad_all[start:end].copy_(grad.reshape(-1))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.on_cpu:
-            for g in self.grad_flat:
-                g.zero_()
+            self.grad_all.zero_()
         else:
             self.model.zero_grad(set_to_none=False)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         self._collect_grads()
         self.step_count += 1
+        sends = []
         if self.mode == "async":
-            for g in self.grad_flat:
-                g[-1] = float(self.step_count)
-        sends = [dist.isend(self.grad_flat[k], dst=rank) for k, rank in enumerate(self.server_ranks)]
+            self.clock[0] = float(self.step_count)
+            sends = [dist.isend(self.clock, dst=rank, tag=CLOCK_TAG) for rank in self.server_ranks]
+        sends += [dist.isend(self.grad_flat[k], dst=rank) for k, rank in enumerate(self.server_ranks)]
         receives = [dist.irecv(self.param_flat[k], src=rank) for k, rank in enumerate(self.server_ranks)]
         for request in sends + receives:
             request.wait()
@@ -203,8 +208,8 @@ class PSServer:
         self.shard, self.worker_ranks, self.mode, self.staleness = shard, worker_ranks, mode, staleness
         self.param = torch.nn.Parameter(initial.clone())
         self.optimizer = make_optimizer(optimizer, [self.param], lr)
-        extra = HEADER if mode == "async" else 0
-        self.buffers = [torch.zeros(initial.numel() + extra) for _ in worker_ranks]
+        self.buffers = [torch.zeros(initial.numel()) for _ in worker_ranks]
+        self.clock = torch.zeros(1)
         self.updates = 0
         self.gate = StalenessGate(worker_ranks, staleness)
         self.record = record
@@ -239,10 +244,11 @@ class PSServer:
         self.gate.start(clocks, done_at)
         buf = self.buffers[0]
         for _ in range(pushes):
-            src = dist.recv(buf)
-            clock = int(buf[-1].item())
+            src = dist.recv(self.clock, tag=CLOCK_TAG)
+            dist.recv(buf, src=src)
+            clock = int(self.clock.item())
             based_on, ready = self.gate.push(src, clock)
-            self._apply(buf[:-HEADER])
+            self._apply(buf)
             if self.record is not None:
                 self.record(src, clock, based_on)
             for dst in ready:
@@ -254,6 +260,12 @@ class PSServer:
         return {"param": self.param.data.clone(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["param"].numel() != self.param.numel():
+            raise DistmlError(
+                f"the checkpoint's shard {self.shard} holds {state['param'].numel():,} parameters, this layout "
+                f"gives it {self.param.numel():,}: it was written with another model or number of servers; "
+                "resume with the same --model, --model-arg and --ps-shards, or start a new --run-id"
+            )
         self.param.data.copy_(state["param"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
