@@ -65,8 +65,10 @@ class ColumnCache:
         for name, column in self.columns.items():
             if isinstance(column, BytesColumn):
                 out[name] = column.take(ids)
+            elif column.ndim == 1:
+                out[name] = column[ids]  # 0.4 us for 64 labels, np.take 2.5 us
             else:
-                out[name] = np.take(column, ids, axis=0)
+                out[name] = column.take(ids, axis=0)  # the method: np.take's wrapper adds 2 us a call
         return out
 
     def nbytes(self) -> int:

@@ -162,45 +162,53 @@ class Loader:
         epoch = self._epoch
         order, target, _ = self._order(epoch)
         self._windows.clear()
-        for step in self._steps(order, target, self._position):
-            batch = self._gather(order, step.positions, step.span)
-            self._position = step.consumed
-            yield batch
+        if self._cache is not None:  # the common path, kept lean: ~10 us a batch above the gather itself
+            take, with_index = self._cache.take, self.with_index
+            for step in self._steps(order, target, self._position):
+                ids = order.record_ids(step)
+                columns = take(ids)
+                if with_index:
+                    columns["index"] = np.array(ids)  # a copy: `ids` may be a view of the epoch order
+                self._position = step.consumed
+                yield self._format(columns)
+        else:
+            for step in self._steps(order, target, self._position):
+                batch = self._stream_batch(order, step.positions)
+                self._position = step.consumed
+                yield batch
         if self._epoch == epoch:
             self._epoch, self._position = epoch + 1, 0
 
-    def _gather(self, order: EpochOrder, positions: np.ndarray, span: tuple[int, int] | None) -> dict[str, Any]:
-        if self._cache is not None:
-            ids = order.record_ids(positions, span)
-            columns = self._cache.take(ids)
+    def _stream_batch(self, order: EpochOrder, positions: np.ndarray) -> dict[str, Any]:
+        """Gather a batch from the windows read from the source (no cache)."""
+        ids = np.empty(len(positions), dtype=np.int64)
+        parts: list[tuple[Any, Columns]] = []
+        segments = list(order.segments(positions))
+        lowest = min(w for w, _, _ in segments) if segments else 0
+        for key in [k for k in self._windows if k[1] < lowest]:  # windows behind us are done
+            del self._windows[key]
+        for w, where, offsets in segments:
+            ids[where] = order.ids(w)[offsets]
+            data = self._window_data(order, w)
+            local = order.local(w)[offsets]
+            parts.append((where, {k: np.take(v, local, axis=0) for k, v in data.items()}))
+        if len(parts) == 1:
+            columns = parts[0][1]
         else:
-            ids = np.empty(len(positions), dtype=np.int64)
-            parts: list[tuple[Any, Columns]] = []
-            segments = list(order.segments(positions))
-            lowest = min(w for w, _, _ in segments) if segments else 0
-            for key in [k for k in self._windows if k[1] < lowest]:  # windows behind us are done
-                del self._windows[key]
-            for w, where, offsets in segments:
-                ids[where] = order.ids(w)[offsets]
-                data = self._window_data(order, w)
-                local = order.local(w)[offsets]
-                parts.append((where, {k: np.take(v, local, axis=0) for k, v in data.items()}))
-            if len(parts) == 1:
-                columns = parts[0][1]
-            else:
-                columns = {}
-                for name, first in parts[0][1].items():
-                    out = np.empty((len(positions), *first.shape[1:]), dtype=first.dtype)
-                    for where, part in parts:
-                        out[where] = part[name]
-                    columns[name] = out
+            columns = {}
+            for name, first in parts[0][1].items():
+                out = np.empty((len(positions), *first.shape[1:]), dtype=first.dtype)
+                for where, part in parts:
+                    out[where] = part[name]
+                columns[name] = out
         if self.with_index:
-            columns["index"] = np.array(ids)  # a copy: `ids` may be a view of the epoch order
+            columns["index"] = ids
         return self._format(columns)
 
     def _format(self, columns: dict[str, Any]) -> dict[str, Any]:
         if self.format == "numpy":
             return columns
+        from_numpy = _torch().from_numpy
         out: dict[str, Any] = {}
         for name, array in columns.items():
             if not isinstance(array, np.ndarray):
@@ -208,7 +216,7 @@ class Loader:
             elif array.dtype == object:
                 out[name] = array.tolist()
             else:
-                out[name] = _torch().from_numpy(array if array.flags.writeable else np.array(array))
+                out[name] = from_numpy(array if array.flags.writeable else np.array(array))
         return out
 
     # -- streaming without a cache ----------------------------------------------------------

@@ -107,10 +107,11 @@ class EpochOrder:
             mask = windows == w
             yield int(w), mask, positions[mask] - self._starts[w]
 
-    def record_ids(self, positions: np.ndarray, span: tuple[int, int] | None = None) -> np.ndarray:
-        """Record ids at the given epoch positions (a view when they are one run in one window)."""
-        if span is not None and len(self.windows) == 1:
-            return self.ids(0)[span[0] : span[1]]
+    def record_ids(self, step: RankStep) -> np.ndarray:
+        """Record ids a step reads (a view when they are one run in one window)."""
+        if step.span is not None and len(self.windows) == 1:
+            return self.ids(0)[step.span[0] : step.span[1]]
+        positions = step.positions
         out = np.empty(len(positions), dtype=np.int64)
         for w, where, offsets in self.segments(positions):
             out[where] = self.ids(w)[offsets]
@@ -119,12 +120,20 @@ class EpochOrder:
 
 @dataclass(frozen=True)
 class RankStep:
-    """The epoch positions one rank reads at one step (pad positions already mapped)."""
+    """The epoch positions one rank reads at one step (pad positions already mapped): the run
+    `span` = (start, stop) when they are contiguous, else the array `mapped`."""
 
     index: int
-    positions: np.ndarray
     consumed: int  # epoch position reached by all ranks once this step is done
-    span: tuple[int, int] | None = None  # (start, stop) when positions are one contiguous run
+    span: tuple[int, int] | None = None
+    mapped: np.ndarray | None = None
+
+    @property
+    def positions(self) -> np.ndarray:
+        if self.mapped is not None:
+            return self.mapped
+        assert self.span is not None
+        return np.arange(self.span[0], self.span[1], dtype=np.int64)
 
 
 def record_schedule(total: int, start: int, world: int, rank: int, batch: int, drop_last: bool) -> Iterator[RankStep]:
@@ -146,13 +155,14 @@ def record_schedule(total: int, start: int, world: int, rank: int, batch: int, d
     while lo < end:
         hi = min(lo + global_batch, end)
         share = (hi - lo) // world
-        positions = np.arange(lo + rank * share, lo + (rank + 1) * share, dtype=np.int64)
         span = (lo + rank * share, lo + (rank + 1) * share)
-        if span[1] > total:
+        if span[1] > total:  # padding: positions past the end repeat the epoch's last records
+            positions = np.arange(*span, dtype=np.int64)
             over = positions >= total
             positions[over] = total - 1 - ((positions[over] - total) % max(total, 1))
-            span = None
-        yield RankStep(index, positions, min(hi, total), span)
+            yield RankStep(index, min(hi, total), mapped=positions)
+        else:
+            yield RankStep(index, min(hi, total), span)
         index, lo = index + 1, hi
 
 
@@ -161,11 +171,13 @@ def local_schedule(count: int, target: int, start: int, batch: int) -> Iterator[
     index, lo = 0, start
     while lo < target:
         hi = min(lo + batch, target)
-        positions = np.arange(lo, hi, dtype=np.int64)
-        over = positions >= count
-        if over.any():
+        if hi > count:
+            positions = np.arange(lo, hi, dtype=np.int64)
+            over = positions >= count
             positions[over] = count - 1 - ((positions[over] - count) % max(count, 1))
-        yield RankStep(index, positions, hi)
+            yield RankStep(index, hi, mapped=positions)
+        else:
+            yield RankStep(index, hi, (lo, hi))
         index, lo = index + 1, hi
 
 

@@ -603,7 +603,7 @@ class SqlSource(Source):
                         continue
                     if skip:
                         rows, skip = rows[skip:], 0
-                    yield {name: _sql_column([row[i] for row in rows], name) for i, name in enumerate(names)}
+                    yield {name: _sql_column(list(values), name) for name, values in zip(names, zip(*rows))}
         except sa.exc.SQLAlchemyError as exc:
             raise DistmlError(f"SQL query failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
 
@@ -615,13 +615,13 @@ def _sql_column(values: list[Any], name: str) -> np.ndarray:
     first = next((v for v in values if v is not None), None)
     if isinstance(first, (bytes, bytearray, memoryview)):
         out = np.empty(len(values), dtype=object)
-        out[:] = [bytes(v) if v is not None else None for v in values]
+        out[:] = [v if v is None or type(v) is bytes else bytes(v) for v in values]
         return out
     if isinstance(first, str):
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
-    if any(v is None for v in values):
+    if None in values:
         raise DistmlError(f"column {name!r} has NULL values; expected a number in every row (filter or COALESCE them)")
     array = np.asarray(values)
     if array.dtype == object:
