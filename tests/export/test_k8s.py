@@ -15,6 +15,7 @@ from conftest import (
     embedded_manifests,
     validate_argo,
     validate_core,
+    validate_crd,
     validate_inference_service,
     validate_pod_template,
     validate_pytorchjob,
@@ -299,8 +300,9 @@ def test_volcano_refuses_trainjob_and_bad_weights() -> None:
         export_k8s(e2e_options(trainer="trainjob", scheduler="volcano"))
     with pytest.raises(DistmlError, match="--scheduler"):
         export_k8s(e2e_options(scheduler="yunikorn"))
-    with pytest.raises(DistmlError, match="--queue-weight"):
-        export_k8s(e2e_options(queue_weight=0))
+    for weight in (0, 65536):
+        with pytest.raises(DistmlError, match="--queue-weight must be a whole number from 1 to 65535"):
+            export_k8s(e2e_options(queue_weight=weight))
 
 
 def test_volcano_kustomize_renders_offline(volcano_export, tmp_path) -> None:
@@ -322,3 +324,200 @@ def test_cli_scheduler_flag(tmp_path) -> None:
     assert "schedulerName: volcano" in (out / "workflow.yaml").read_text()
     bad = CliRunner().invoke(main, [*base, "--out", str(out), "--scheduler", "volcano", "--trainer", "trainjob"])
     assert bad.exit_code != 0 and "cannot use --scheduler volcano" in bad.output
+
+
+# -- Kueue and Volcano objects against their CRDs' schemas (tests/export/crd_schemas) ------------------
+
+KUEUE_KINDS = {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"}
+
+
+def _validate_any(obj: dict) -> None:
+    """Every object the export writes has a strict validator; an unknown apiVersion fails."""
+    api_group = obj["apiVersion"].rpartition("/")[0]
+    if api_group in ("", "rbac.authorization.k8s.io", "scheduling.k8s.io"):
+        validate_core(obj)
+    elif api_group in ("kueue.x-k8s.io", "scheduling.volcano.sh"):
+        validate_crd(obj)
+    elif api_group == "argoproj.io":
+        validate_argo(obj)
+    else:
+        pytest.fail(f"no validator for {obj['apiVersion']} {obj['kind']}")
+
+
+def test_kueue_objects_validate_against_their_crds(e2e_export) -> None:
+    objects = e2e_export.files["kueue.yaml"]
+    assert {o["kind"] for o in objects} == KUEUE_KINDS
+    for obj in objects:
+        assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta1"
+        validate_crd(obj)
+
+
+def test_volcano_objects_validate_against_their_crds(volcano_export) -> None:
+    objects = volcano_export.files["volcano.yaml"]
+    assert sorted({o["kind"] for o in objects}) == ["PriorityClass", "Queue"]
+    for obj in objects:
+        if obj["kind"] == "Queue":
+            validate_crd(obj)
+        else:
+            assert obj["apiVersion"] == "scheduling.k8s.io/v1"
+            validate_core(obj)
+
+
+def test_every_written_object_of_either_scheduler_has_a_strict_validator(e2e_export, volcano_export) -> None:
+    for export in (e2e_export, volcano_export):
+        for obj in export.objects():
+            _validate_any(obj)
+
+
+def _parent(obj: dict, path: str) -> tuple[dict, str]:
+    """The object holding the field at the dotted `path` (`[i]` indexes a list), and the field's name."""
+    *parents, last = path.replace("[", ".[").split(".")
+    for part in parents:
+        obj = obj[int(part[1:-1])] if part.startswith("[") else obj[part]
+    return obj, last
+
+
+def _set(path: str, value):
+    """A change to an object: `value` put at `path`."""
+
+    def change(obj: dict) -> None:
+        parent, name = _parent(obj, path)
+        parent[name] = value
+
+    change.label = f"{path.rpartition('.')[2]}={value!r}"[:40]
+    return change
+
+
+def _rename(path: str, new: str):
+    """A change to an object: the field at `path` renamed to `new` (a misspelling)."""
+
+    def change(obj: dict) -> None:
+        parent, name = _parent(obj, path)
+        parent[new] = parent.pop(name)
+
+    change.label = new
+    return change
+
+
+def _crd_object(request, kind: str) -> dict:
+    """A copy of the export's (valid) object of this kind: Volcano's Queue, or a Kueue object."""
+    if kind == "Queue":
+        objects = request.getfixturevalue("volcano_export").files["volcano.yaml"]
+    else:
+        objects = request.getfixturevalue("e2e_export").files["kueue.yaml"]
+    obj = copy.deepcopy(next(o for o in objects if o["kind"] == kind))
+    validate_crd(obj)  # valid before the change
+    return obj
+
+
+QUOTA = "spec.resourceGroups[0].flavors[0].resources[0]"
+
+
+# (kind, change, what the error says)
+MISSPELT = [
+    ("ClusterQueue", _rename(f"{QUOTA}.nominalQuota", "nominalQouta"), r"resources\[0\].nominalQouta: unknown field"),
+    ("ClusterQueue", _rename("spec.queueingStrategy", "queuingStrategy"), r"\$.spec.queuingStrategy: unknown field"),
+    ("LocalQueue", _rename("spec.clusterQueue", "clusterQueu"), r"\$.spec.clusterQueu: unknown field"),
+    ("WorkloadPriorityClass", _rename("value", "valeu"), r"\$.valeu: unknown field"),
+    ("ResourceFlavor", _set("spec", {"nodeLabel": {"pool": "cpu"}}), r"\$.spec.nodeLabel: unknown field"),
+    ("Queue", _rename("spec.weight", "weigth"), r"\$.spec.weigth: unknown field"),
+    ("Queue", _rename("metadata.labels", "lables"), r"\$.metadata.lables: unknown field"),
+    ("ClusterQueue", _set("metadata.namespace", "ml"), r"\$.metadata.namespace: unknown field \(.*cluster-scoped\)"),
+]
+WRONG = [
+    ("ClusterQueue", _set("spec.queueingStrategy", "Random"), r"\$.spec.queueingStrategy: 'Random' is not one of"),
+    ("ClusterQueue", _set("spec.preemption.withinClusterQueue", "Lower"), r"withinClusterQueue: 'Lower' is not one"),
+    ("ClusterQueue", _set(f"{QUOTA}.nominalQuota", "16 cores"), r"nominalQuota: '16 cores' does not match"),
+    ("ClusterQueue", _set(f"{QUOTA}.nominalQuota", [16]), r"nominalQuota: \[16\] is not valid"),
+    ("ClusterQueue", _set("spec.resourceGroups[0].coveredResources", []), r"coveredResources: \[\] should be non"),
+    ("WorkloadPriorityClass", _set("value", "high"), r"\$.value: 'high' is not of type 'integer'"),
+    ("WorkloadPriorityClass", _set("value", 2**31), r"\$.value: 2147483648 is greater than the maximum"),
+    ("LocalQueue", _set("spec.clusterQueue", "Distml_Queue"), r"\$.spec.clusterQueue: 'Distml_Queue' does not match"),
+    ("LocalQueue", _set("metadata.name", "Default"), r"\$.metadata.name: 'Default' does not match"),
+    ("LocalQueue", _set("apiVersion", "kueue.x-k8s.io/v1alpha1"), "no CRD schema"),
+    ("Queue", _set("spec.weight", "3"), r"\$.spec.weight: '3' is not of type 'integer'"),
+    ("Queue", _set("spec.reclaimable", "yes"), r"\$.spec.reclaimable: 'yes' is not of type 'boolean'"),
+    ("Queue", _set("spec.capability.cpu", "lots"), r"\$.spec.capability.cpu: 'lots' does not match"),
+    ("Queue", _set("metadata.labels.team", 7), r"\$.metadata.labels.team: 7 is not of type 'string'"),
+]
+
+
+def _ids(cases: list[tuple]) -> list[str]:
+    return [f"{kind}-{change.label}" for kind, change, _ in cases]
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), MISSPELT, ids=_ids(MISSPELT))
+def test_crd_validation_refuses_a_misspelt_field(request, kind, change, message) -> None:
+    obj = _crd_object(request, kind)
+    change(obj)
+    with pytest.raises(AssertionError, match=message):
+        validate_crd(obj)
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), WRONG, ids=_ids(WRONG))
+def test_crd_validation_refuses_a_wrong_type_or_value(request, kind, change, message) -> None:
+    obj = _crd_object(request, kind)
+    change(obj)
+    with pytest.raises(AssertionError, match=message):
+        validate_crd(obj)
+
+
+def test_crd_validation_checks_the_cluster_queues_rules(e2e_export) -> None:
+    """The ClusterQueue's CEL rules (and Kueue's webhook order check) that bear on distml's queue."""
+    cq = next(o for o in e2e_export.files["kueue.yaml"] if o["kind"] == "ClusterQueue")
+    resources = cq["spec"]["resourceGroups"][0]["flavors"][0]["resources"]
+    fewer = copy.deepcopy(cq)
+    fewer["spec"]["resourceGroups"][0]["flavors"][0]["resources"] = resources[:-1]
+    with pytest.raises(AssertionError, match="same number of resources as the coveredResources"):
+        validate_crd(fewer)
+    reordered = copy.deepcopy(cq)
+    reordered["spec"]["resourceGroups"][0]["flavors"][0]["resources"] = resources[::-1]
+    with pytest.raises(AssertionError, match="must match coveredResources"):
+        validate_crd(reordered)
+    borrowing = copy.deepcopy(cq)
+    borrowing["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["borrowingLimit"] = "2"
+    with pytest.raises(AssertionError, match="borrowingLimit must be nil when cohort is empty"):
+        validate_crd(borrowing)
+    borrowing["spec"]["cohort"] = "distml"
+    validate_crd(borrowing)
+    twice = copy.deepcopy(cq)
+    twice["spec"]["resourceGroups"][0]["coveredResources"].append("cpu")
+    twice["spec"]["resourceGroups"][0]["flavors"][0]["resources"].append(dict(resources[0]))
+    with pytest.raises(AssertionError, match=r"items 0 and 3 have the same name"):  # a list-map key repeated
+        validate_crd(twice)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"queue": "team-a", "namespace": "research", "priority": "high", "trainer": "trainjob"}],
+    ids=["default", "team-a-trainjob"],
+)
+def test_kueue_labels_name_the_exported_queues(e2e_export, overrides) -> None:
+    """Every object labelled for Kueue names a LocalQueue of the export in its own namespace and a
+    WorkloadPriorityClass it defines; the LocalQueue names the ClusterQueue, whose flavors exist."""
+    export = export_k8s(e2e_options(**overrides)) if overrides else e2e_export
+    kueue = export.files["kueue.yaml"]
+    local_queues = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in kueue if o["kind"] == "LocalQueue"}
+    cluster_queues = {o["metadata"]["name"]: o for o in kueue if o["kind"] == "ClusterQueue"}
+    flavors = {o["metadata"]["name"] for o in kueue if o["kind"] == "ResourceFlavor"}
+    priorities = {o["metadata"]["name"] for o in kueue if o["kind"] == "WorkloadPriorityClass"}
+    embedded = embedded_manifests(export.files["workflow.yaml"][0]).values()
+    jobs = [*export.jobs.values(), *(m for m in embedded if m["kind"] != "InferenceService")]
+    assert len(jobs) == 6 and {j["kind"] for j in jobs} == {"TrainJob" if overrides else "PyTorchJob"}
+    labelled = [o for o in [*jobs, *export.services.values(), *export.objects()] if "labels" in o["metadata"]]
+    labelled = [o for o in labelled if "kueue.x-k8s.io/queue-name" in o["metadata"]["labels"]]
+    for job in jobs:  # every training job is queued by Kueue
+        assert job in labelled, f"{job['kind']} {job['metadata']['name']} has no kueue.x-k8s.io/queue-name label"
+    for obj in labelled:
+        labels = obj["metadata"]["labels"]
+        key = (obj["metadata"]["namespace"], labels["kueue.x-k8s.io/queue-name"])
+        assert key in local_queues, f"{obj['kind']} {obj['metadata']['name']} names no exported LocalQueue: {key}"
+        priority = labels.get("kueue.x-k8s.io/priority-class")
+        assert priority in priorities, f"{obj['kind']} {obj['metadata']['name']}: no WorkloadPriorityClass {priority!r}"
+        assert priority == f"distml-{overrides.get('priority', 'normal')}"
+    assert {k[1] for k in local_queues} == {overrides.get("queue", "default")}
+    for local_queue in local_queues.values():
+        assert local_queue["spec"]["clusterQueue"] in cluster_queues, f"{local_queue['spec']} names no ClusterQueue"
+    for cluster_queue in cluster_queues.values():
+        named = {f["name"] for group in cluster_queue["spec"]["resourceGroups"] for f in group["flavors"]}
+        assert named <= flavors, f"ClusterQueue flavors {named - flavors} are not exported ResourceFlavors"

@@ -42,6 +42,7 @@ SERVICE_ACCOUNT = "distml-workflow"
 REPLICA_PORT = 8080
 TRAINING_RUNTIME = "torch-distributed"
 SCHEDULERS = ("kueue", "volcano")
+MAX_QUEUE_WEIGHT = 65535  # Volcano's Queue CRD bounds spec.weight to 1..65535 (v1.12+)
 #: The queue's quota, shared by Kueue's ClusterQueue (nominalQuota) and Volcano's Queue (capability).
 QUEUE_QUOTA = {"cpu": "16", "memory": "64Gi"}
 PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}  # distml.ops.scheduler's classes
@@ -120,8 +121,9 @@ class ExportOptions:
                 "ClusterTrainingRuntime's podGroupPolicy, which a TrainJob cannot set; use --trainer pytorchjob "
                 "or --scheduler kueue"
             )
-        if isinstance(self.queue_weight, bool) or not isinstance(self.queue_weight, int) or self.queue_weight < 1:
-            raise DistmlError(f"--queue-weight must be a whole number >= 1, got {self.queue_weight!r}")
+        weight = self.queue_weight
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_QUEUE_WEIGHT:
+            raise DistmlError(f"--queue-weight must be a whole number from 1 to {MAX_QUEUE_WEIGHT}, got {weight!r}")
         if not self.image or any(c.isspace() for c in self.image):
             raise DistmlError(f"--image must be an image reference, got {self.image!r}")
         if not 0 <= self.canary_percent <= 100:
