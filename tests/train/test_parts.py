@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,3 +121,15 @@ def test_async_gate_bounds_the_staleness_of_every_gradient(staleness):
     assert all(based_on[src] == step - 1 for src, step, based_on in records), "own last update included"
     stale = [step - 1 - min(based_on.values()) for _, step, based_on in records]
     assert max(stale) == staleness, stale
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_workers_keep_freed_step_buffers_in_the_heap_unless_the_user_set_malloc(monkeypatch):
+    from distml.train.worker import tune_malloc
+
+    script = "from distml.train.worker import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "True", "glibc accepted both thresholds"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() is False, "the user's own malloc setting is left alone"

@@ -94,9 +94,34 @@ class Context:
         print(f"[distml rank {self.rank}/{self.world} attempt {self.restart}] {message}", file=sys.stderr, flush=True)
 
 
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20), "MALLOC_TRIM_THRESHOLD_": (-1, 128 << 20)}
+
+
+def tune_malloc() -> bool:
+    """Keep a step's freed buffers in the heap for the next step (glibc only; returns whether set).
+
+    glibc hands every freed block above its mmap threshold (128 KiB until a large block is freed)
+    back to the kernel, so each step's activations (MBs for the cnn) are page-faulted in again:
+    the cnn's 2-worker CPU step took 61 ms instead of 54. An mmap threshold of 32 MiB and a trim
+    threshold of 128 MiB keep them, as jemalloc or tcmalloc would. A setting the user made
+    through the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) is left alone."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux" or any(name in os.environ for name in MALLOC_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    return all(mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv[0])
+    tune_malloc()
     ctx = Context(config)
     threads = config.threads_per_process(ctx.local_world)
     torch.set_num_threads(threads)
