@@ -521,3 +521,17 @@ def test_kueue_labels_name_the_exported_queues(e2e_export, overrides) -> None:
     for cluster_queue in cluster_queues.values():
         named = {f["name"] for group in cluster_queue["spec"]["resourceGroups"] for f in group["flavors"]}
         assert named <= flavors, f"ClusterQueue flavors {named - flavors} are not exported ResourceFlavors"
+
+
+def test_step_pods_are_admitted_in_the_runs_queue(e2e_export, volcano_export) -> None:
+    """Kueue's pod integration admits each container step in the run's LocalQueue; a resource
+    step's pod only creates a job, which carries the label itself (no double counting)."""
+    for export, queued in ((e2e_export, True), (volcano_export, False)):
+        for template in _templates(export).values():
+            labels = template.get("metadata", {}).get("labels", {})
+            if "container" in template:
+                assert labels.get("app.kubernetes.io/part-of") == "distml"
+                assert ("kueue.x-k8s.io/queue-name" in labels) == queued, template["name"]
+                assert template["container"]["resources"]["requests"], "Kueue needs requests"
+            else:
+                assert "kueue.x-k8s.io/queue-name" not in labels, template["name"]

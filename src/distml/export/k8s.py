@@ -494,6 +494,7 @@ def workflow_template(options: ExportOptions, graph: Any, name: str) -> Any:
             resources=m.ResourceRequirements(**(resources or _resources(0.25, 0, 1.0))),
             inputs=[Parameter(name=f"in-{names[up]}") for up in ups] + list(extra.pop("inputs", [])),
             outputs=[Parameter(name=o, value_from=m.ValueFrom(path=f"{OUT_DIR}/{o}")) for o in outputs],
+            labels=_labels(options),  # Kueue admits each step pod (its `pod` integration) in the run's queue
             **extra,
         )
 
