@@ -9,7 +9,7 @@ the same torch thread count): like for like, `ours_batching_off` (one request pe
 overhead only) vs KServe; and our defaults (`ours_batching_on`: ReplicaConfig's batching defaults) vs KServe's
 defaults (its Python ModelServer has no server-side batching). Our replicas and gateway start as
 `distml serve` starts them: from ReplicaConfig / ServeConfig JSON files, never argv flags. The third: our
-batching replica vs Ray Serve (benchmarks/serving_rayserve.py, run from `.venv-peers`; skipped with a message
+batching replica vs Ray Serve (benchmarks/peers/rayserve.py, run from `.venv-peers`; skipped with a message
 naming `make bench-peers` when that venv or ray is missing) with `@serve.batch` at the same max batch size and
 delay, one replica behind Serve's HTTP proxy, both sent the same V2 infer JSON body (`ours_batching_on_v2` vs
 `rayserve`).
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import serving_rayserve
+from peers import rayserve as serving_rayserve
 
 from distml.serve.config import TOKEN_ENV, ReplicaConfig, ServeConfig
 
@@ -59,7 +59,7 @@ TARGETS = {
     "ours_vs_rayserve_rps_c64": {"min": 2.0},  # both batching, same V2 body
     "ours_vs_rayserve_p99_c64": {"max": 0.5},
 }
-# The Ray Serve peer (benchmarks/serving_rayserve.py, run by .venv-peers): a local Ray sized to the machine's
+# The Ray Serve peer (benchmarks/peers/rayserve.py, run by .venv-peers): a local Ray sized to the machine's
 # cores, one replica holding one of them, room for every request of the c64 level at the replica.
 RAY_MAX_ONGOING_REQUESTS = 256
 RAY_REPLICA_NUM_CPUS = 1
@@ -249,7 +249,7 @@ def start_gateway(name: str, workspace: Path, tmp: Path, replicas: int) -> tuple
 
 
 def start_rayserve(workspace: Path, tmp: Path, args: argparse.Namespace) -> tuple[Server | None, Path | None, str]:
-    """The Ray Serve peer (benchmarks/serving_rayserve.py) on the artifact's own safetensors file and manifest
+    """The Ray Serve peer (benchmarks/peers/rayserve.py) on the artifact's own safetensors file and manifest
     normalisation, `@serve.batch` with the batching-on replica's size and delay; (None, None, why) when the
     peers venv or ray is missing."""
     from distml.models.artifact import resolve_model

@@ -2,7 +2,7 @@
 Serve's HTTP proxy, batched with `@serve.batch`.
 
 Two halves in one file. The benchmark (distml's venv) imports it for `peer_python`, `write_spec` and
-`start`; the peer itself runs as `.venv-peers/bin/python benchmarks/serving_rayserve.py SPEC.json` (ray is a
+`start`; the peer itself runs as `.venv-peers/bin/python benchmarks/peers/rayserve.py SPEC.json` (ray is a
 peer dependency, never distml's), so nothing at module level imports ray, torch or distml.
 
 The peer process starts a local Ray instance (`ray.init(num_cpus=...)`, dashboard off, worker logs not
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PEERS_VENV = ROOT / ".venv-peers"
 ROUTE = "/v2/models/{model}/infer"
 # Serve's documented throughput-optimized mode (user code on the replica's own event loop, gRPC from proxy to
