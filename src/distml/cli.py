@@ -249,6 +249,19 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
 @click.option("--max-restarts", default=0, show_default=True, type=int)
 @click.option("--nnodes", default="1", show_default=True, help="N or MIN:MAX (elastic).")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
+@click.option(
+    "--rdzv-last-call",
+    "rdzv_last_call_timeout",
+    default=None,
+    type=int,
+    help="Elastic: seconds a rendezvous that has its minimum of nodes waits for more [default: 5].",
+)
+@click.option(
+    "--rdzv-keep-alive",
+    default=None,
+    type=int,
+    help="Elastic: seconds between a node's heartbeats; a node that misses 3 is dropped [default: 5].",
+)
 @click.option("--ps-shards", default=1, show_default=True, type=int, help="Parameter servers.")
 @click.option("--ps-mode", default="sync", show_default=True, type=click.Choice(["sync", "async"]))
 @click.option("--ps-staleness", default=None, type=int, help="Async: max steps a worker may run ahead.")
@@ -270,6 +283,8 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 
     model_args = _key_values(options.pop("model_args"), "--model-arg")
     train_files = [str(Path(p).resolve()) for p in options.pop("train_files")] or None
+    for unset in [name for name in ("rdzv_last_call_timeout", "rdzv_keep_alive") if options[name] is None]:
+        del options[unset]  # TrainConfig holds the defaults
     config = parse_config(
         {**options, "model_args": model_args, "train_files": train_files, "workspace": str(_workspace(ctx).root)}
     )

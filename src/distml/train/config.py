@@ -44,6 +44,9 @@ class TrainConfig(BaseModel):
     nnodes: str = "1"
     rdzv_endpoint: str | None = None
     rdzv_last_call_timeout: int = Field(5, ge=1, description="seconds a rendezvous waits for more nodes")
+    rdzv_keep_alive: int = Field(
+        5, ge=1, description="seconds between a node's rendezvous heartbeats; a node that misses 3 is dropped"
+    )
     ps_shards: int = Field(1, ge=1, le=64)
     ps_mode: Literal["sync", "async"] = "sync"
     ps_staleness: int | None = Field(None, ge=0)
@@ -129,6 +132,7 @@ class TrainConfig(BaseModel):
                 "data_dir",
                 "rdzv_endpoint",
                 "rdzv_last_call_timeout",
+                "rdzv_keep_alive",
                 "log_samples",
                 "threads",
                 "queue",

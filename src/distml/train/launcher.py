@@ -47,7 +47,8 @@ def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
             "--rdzv-id",
             config.resolved_run_id(),
             "--rdzv-conf",
-            f"last_call_timeout={config.rdzv_last_call_timeout},join_timeout=120",
+            f"last_call_timeout={config.rdzv_last_call_timeout},join_timeout=120,"
+            f"keep_alive_interval={config.rdzv_keep_alive},keep_alive_max_attempt=3",
         ]
     else:
         args += ["--standalone"]
