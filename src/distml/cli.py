@@ -347,6 +347,13 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     type=float,
     help="Seconds a request waits for a ready replica (cold start) before a 503 [default: 60].",
 )
+@click.option(
+    "--seed",
+    default=None,
+    type=int,
+    help="Seed of the gateway's weighted draw of a version for each request of a traffic split (canary): "
+    "the same requests get the same versions [default: unseeded].",
+)
 @click.option("--name", default=None, help="Service name; its folder is WORKSPACE/services/NAME [default: MODEL-PID].")
 @click.option(
     "--replica-cpus",

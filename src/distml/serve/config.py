@@ -42,6 +42,7 @@ FLAGS = {
     "autoscale.panic_window": "--panic-window",
     "autoscale.scale_to_zero_after": "--scale-to-zero-after",
     "name": "--name",
+    "seed": "--seed",
 }
 
 
