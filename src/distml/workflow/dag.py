@@ -37,7 +37,7 @@ class Policy:
     retry_backoff: float = 1.0  # seconds before the first retry, doubled each time
     retry_backoff_max: float = 60.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
-    timeout: float | None = None  # seconds per attempt
+    timeout: float | None = None  # seconds per attempt, counted from when the function begins
     resources: Resources = dataclasses.field(default_factory=Resources)
     fingerprint: Callable[..., str] | None = None  # content of outside data the step reads
     when: Callable[..., bool] | None = None  # run only if true for the step's arguments

@@ -162,7 +162,11 @@ def run_task(task: Task, conn: Connection | None) -> None:
     try:
         _enter_lineage(task)
         fn = load_function(task.module, task.module_file, task.qualname)
-        result = fn(*decode(ws, task.args), **decode(ws, task.kwargs))
+        args, kwargs = decode(ws, task.args), decode(ws, task.kwargs)
+        if conn is not None:
+            with contextlib.suppress(OSError):  # the orchestrator is gone; the step goes on
+                conn.send(("began", None))  # its timeout counts from here, not from the process's start-up
+        result = fn(*args, **kwargs)
         output = encode(ws, result, f"the result of step {task.node_id}")
         text = canonical(output)
     except BaseException as exc:  # report every failure, KeyboardInterrupt and SystemExit included

@@ -40,6 +40,8 @@ FINAL_BAD = ("failed", "upstream_failed", "cancelled")
 TERMINATE_GRACE_S = 10.0
 ADOPT_POLL_S = 0.5
 POLL_QUEUED_S = 0.25  # queued steps ask the scheduler again this often (others may have freed room)
+# A step's timeout counts from when its function begins; its process gets this long on top to get there.
+START_GRACE_S = 60.0
 
 
 @dataclass
@@ -97,6 +99,7 @@ class NodeState:
     started: float | None = None  # wall clock
     ended: float | None = None
     deadline: float | None = None  # monotonic
+    began: bool = False  # its process has begun the step's function (the timeout counts from then)
     retry_at: float | None = None  # monotonic
     error: str | None = None
     cache: str | None = None
@@ -237,7 +240,7 @@ class Orchestrator:
             if last["status"] == "running" and state.node.step is not None:
                 state.execution_id = last["id"]
                 if last["pid"] and process_identity(last["pid"]) == last["pid_started"]:
-                    state.status, state.adopted, state.pid = "running", True, last["pid"]
+                    state.status, state.adopted, state.pid, state.began = "running", True, last["pid"], True
                     state.attempt, state.started = last["attempt"], time.time()
                     state.consumed = json.loads(last["inputs_json"])["fingerprint"] if last["inputs_json"] else None
                     # Its gang is still held in the scheduler, bound to its process; take it over.
@@ -457,8 +460,9 @@ class Orchestrator:
             pid_started=process_identity(state.pid),
         )
         state.status, state.consumed, state.retry_at, state.progress = "running", inputs, None, None
-        state.started, state.ended = time.time(), None
-        state.deadline = time.monotonic() + policy.timeout if policy.timeout else None
+        state.started, state.ended, state.began = time.time(), None, False
+        # Until its process reports that the function began (then the timeout proper starts).
+        state.deadline = time.monotonic() + START_GRACE_S + policy.timeout if policy.timeout else None
         return True
 
     def _decide(self, state: NodeState, args: list, kwargs: dict, inputs: str) -> bool:
@@ -561,7 +565,12 @@ class Orchestrator:
             if state.status == "running" and state.deadline is not None and now >= state.deadline:
                 timeout = state.node.step.policy.timeout
                 self._terminate(state)
-                self._failed(state, f"timed out after {timeout:g} s", ["builtins.TimeoutError", "builtins.Exception"])
+                error = (
+                    f"timed out after {timeout:g} s"
+                    if state.began
+                    else f"timed out: its process did not begin the step within {START_GRACE_S + timeout:g} s"
+                )
+                self._failed(state, error, ["builtins.TimeoutError", "builtins.Exception"])
             elif state.status == "running" and state.adopted:
                 self._poll_adopted(state)
 
@@ -573,7 +582,12 @@ class Orchestrator:
             code = state.process.exitcode
             self._failed(state, f"the step process exited with code {code} before reporting a result", [])
             return
-        if kind == "progress":
+        if kind == "began":
+            state.began = True
+            timeout = state.node.step.policy.timeout
+            if timeout:
+                state.deadline = time.monotonic() + timeout
+        elif kind == "progress":
             state.progress = tuple(payload)
             self._notify()
         elif kind == "succeeded":
