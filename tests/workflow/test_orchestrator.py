@@ -136,13 +136,19 @@ def test_retries_until_success_and_only_on_listed_errors(tmp_path, workspace):
 
 
 def test_timeout_stops_the_step_and_everything_it_started(tmp_path, workspace):
+    """The timeout counts from the moment the step's function begins, not from its process's
+    start-up: the step process here imports the pipeline file more slowly than the timeout (as a
+    busy machine may), and its function still starts a child and writes its pid before it is stopped."""
     pidfile = tmp_path / "child.pid"
     path = write(
         tmp_path,
         f"""
-        import subprocess, time
+        import multiprocessing, subprocess, time
         from pathlib import Path
         from distml.workflow import step
+
+        if multiprocessing.current_process().name.startswith("distml-step-"):
+            time.sleep(2.5)  # a slow start-up, longer than the timeout: not part of the step's time
 
         @step(timeout=1.5)
         def slow() -> int:
@@ -159,6 +165,7 @@ def test_timeout_stops_the_step_and_everything_it_started(tmp_path, workspace):
     assert result.status == "failed"
     row = rows_by_node(workspace, result.run_id)["slow"][0]
     assert row["status"] == "failed" and "timed out after 1.5 s" in row["error"]
+    assert pidfile.exists(), "the step was stopped before its function wrote the pid file: its start-up counted"
     child = int(pidfile.read_text())
     wait_for(lambda: not pid_alive(child), "the step's own child process to be stopped", 30)
 
