@@ -301,8 +301,13 @@ def test_async_fan_in_runs_downstream_on_first_result_and_on_each_better_one(tmp
     assert result.status == "succeeded" and result.result == "b"
     assert (seen / "order").read_text().split() == ["a", "b"]  # c arrived later and was worse: no re-run
     assert (seen / "announced").read_text().split() == ["a", "b"]  # after() waited for every run of deploy
-    generations = [r["generation"] for r in rows_by_node(workspace, result.run_id)["deploy"]]
-    assert sorted(generations) == [0, 1]
+    nodes = rows_by_node(workspace, result.run_id)
+    rows = nodes["deploy"]
+    assert sorted(r["generation"] for r in rows) == [0, 1]
+    # every run of deploy and of its best_of node records its name and what it waits for, as lineage reads them
+    [best] = json.loads(rows[0]["upstream_json"])
+    assert [(r["step_name"], json.loads(r["upstream_json"])) for r in rows] == [("deploy", [best])] * 2
+    assert {tuple(json.loads(r["upstream_json"])) for r in nodes[best]} == {("candidate", "candidate-2", "candidate-3")}
 
 
 def test_gangs_that_do_not_fit_together_run_one_after_the_other(tmp_path, workspace):

@@ -525,6 +525,16 @@ def save_step_execution(engine: sa.Engine, run_id: str, node_id: str, generation
         ).first()
         if row is not None:
             return int(row.id)
+        # A later generation of a node (a step run again in the same run) keeps what its run recorded
+        # of the node at the start: its name, resources and the nodes it waits for (lineage walks those).
+        first = conn.execute(
+            sa.select(step_executions.c.step_name, step_executions.c.resources_json, step_executions.c.upstream_json)
+            .where(step_executions.c.run_id == run_id, step_executions.c.node_id == node_id)
+            .order_by(step_executions.c.generation)
+            .limit(1)
+        ).first()
+        for column, value in first._mapping.items() if first is not None else ():
+            values.setdefault(column, value)
         values.setdefault("attempt", 0)
         result = conn.execute(
             step_executions.insert().values(run_id=run_id, node_id=node_id, generation=generation, **values)
