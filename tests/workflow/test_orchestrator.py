@@ -507,7 +507,7 @@ def test_a_result_that_is_not_json_fails_the_step_with_a_clear_error(tmp_path, w
     assert "the result of step bad is a object" in error and "Artifact" in error
 
 
-def test_artifacts_flow_between_steps_by_content(tmp_path, workspace):
+def test_artifacts_flow_between_steps_by_content(tmp_path, workspace, monkeypatch):
     path = write(
         tmp_path,
         """
@@ -532,7 +532,7 @@ def test_artifacts_flow_between_steps_by_content(tmp_path, workspace):
             return consume(produce(text))
         """,
     )
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the steps write relative paths; restored after the test
     result = run_pipeline(workspace, f"{path}:pipeline", {"text": "hi"})
     assert result.status == "succeeded"
     assert result.result["a"] == "hi" and result.result["b"] == "hihi"
