@@ -56,15 +56,11 @@ def stop(*procs: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (torchrun's workers under a launcher)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: a launcher's forkserver and the workers forked from it."""
+    import psutil
+
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
 
 
 def test_two_gangs_that_do_not_fit_together_run_one_after_the_other(workspace, tmp_path):
@@ -166,7 +162,7 @@ def test_high_priority_train_preempts_and_the_victim_loses_no_step(workspace):
         wait_for(lambda: any(line.startswith("step ") for line in lines), 120, "low's first steps")
         # Hold low's workers still (its launcher keeps its heartbeat) so it cannot finish before
         # high asks; they go on, and see the SIGTERM, once high has chosen low as its victim.
-        paused = children(low.pid)
+        paused = descendants(low.pid)
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)
         high = train("high", "--max-steps", "3", "--priority", "high")

@@ -83,7 +83,11 @@ def test_torchrun_arguments(tmp_path):
     assert multi[multi.index("--max-restarts") + 1] == "3"
     ps = torchrun_args(parse_config({"workers": 2, "strategy": "parameter-server", "ps_shards": 3}), tmp_path / "c")
     assert ps[ps.index("--nproc-per-node") + 1] == "5", "servers run beside the workers"
-    assert single[-3:] == ["-m", "distml.train.worker", str(tmp_path / "c.json")]
+    from distml.train import worker
+
+    # the workers are forked from a forkserver that imported the worker's code, and run it as a script
+    assert single[-5:] == ["--start-method", "forkserver", "--run-path", worker.__file__, str(tmp_path / "c.json")]
+    assert multi[-5:-2] == ["--start-method", "forkserver", "--run-path"]
 
 
 def test_learning_rate_rule_and_run_id():

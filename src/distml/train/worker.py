@@ -4,7 +4,8 @@ Reads the run's TrainConfig, joins the process group from the launcher's environ
 WORLD_SIZE, MASTER_ADDR...), resumes from the latest complete checkpoint, trains on its shard
 of the data, checkpoints every K steps, and on SIGTERM checkpoints and exits cleanly. In
 parameter-server mode the first `ps_shards` ranks serve parameters and the rest train.
-Run as `python -m distml.train.worker CONFIG.json` (the launcher does this).
+`distml train` forks it from a forkserver through torchrun (launcher.py); a cluster's pods run
+`torchrun -m distml.train.worker CONFIG.json` (export/k8s.py).
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     # Leave together: a rank that exits while the lead still evaluates can make gloo abort peers.
     dist.barrier()
     dist.destroy_process_group()
+    if stop.requested:
+        # Stopped by SIGTERM: the launcher is shutting down and reads no result, so a worker
+        # forked by it leaves now instead of waiting (torch's multiprocessing hands a function's
+        # result back to the parent, which would kill it after 30 s).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
