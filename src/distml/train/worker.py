@@ -236,14 +236,26 @@ def build_meta(config: TrainConfig) -> torch.nn.Module:
         return build_model(config.model, **config.model_args)
 
 
+# Up to this many parameters the fit check runs on the CPU (milliseconds, a few MB); above, on the
+# meta device, whose Python kernels import torch._dynamo and sympy on first use (1.2 s a launch).
+FIT_CHECK_CPU_PARAMETERS = 20_000_000
+
+
 def check_model_fits(config: TrainConfig, model: torch.nn.Module, dataset: Any) -> None:
-    """The model takes the data set's images and gives one score per class: a forward pass of two
-    images on the meta device, so a model that does not fit fails before any worker starts."""
+    """The model (built on the meta device) takes the data set's images and gives one score per
+    class: a forward pass of two images, so a model that does not fit fails before any worker
+    starts. A small model is built again on the CPU for it."""
+    from distml.models.zoo import build_model
+
     shape, classes = tuple(dataset.image_shape), len(dataset.class_names)
     described = f"model {config.model!r}" + (f" with {config.model_args}" if config.model_args else "")
+    size = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    device = "cpu" if size <= FIT_CHECK_CPU_PARAMETERS else "meta"
+    if device == "cpu":
+        model = build_model(config.model, **config.model_args)
     try:
         with torch.no_grad():
-            out = model(torch.empty(2, *shape, device="meta"))
+            out = model(torch.zeros(2, *shape, device=device))
     except Exception as exc:  # a factory's own module: any error of its forward means it does not fit
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DistmlError(
