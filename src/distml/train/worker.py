@@ -175,7 +175,10 @@ def start_metrics(ctx: Context):
     endpoint = metrics.serve(port, endpoint_file=ctx.run_dir / "metrics" / f"rank-{ctx.rank}.json")
     if ctx.is_lead and ctx.config.metrics_port is not None:
         ctx.log(f"Prometheus metrics at {endpoint.url}")
-        (ctx.run_dir / "metrics_port").write_text(str(endpoint.port))
+        from distml.workspace import atomic_write
+
+        with atomic_write(ctx.run_dir / "metrics_port", "w") as handle:  # a reader never sees it half written
+            handle.write(str(endpoint.port))
     return metrics, endpoint
 
 
