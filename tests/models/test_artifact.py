@@ -378,3 +378,29 @@ def test_public_api_is_exported():
 
     assert models.save_model is save_model and models.load_model is load_model
     assert set(artifact.__all__) >= {"save_model", "load_model", "list_models", "set_alias", "ModelRecord"}
+
+
+def test_resolving_listing_aliasing_and_serving_a_model_import_no_torch(workspace):
+    """What `distml models`, `distml serve` and the gateway do with a registered model needs no
+    torch (importing it costs every such process 1.5 s of CPU); only saving and loading weights do."""
+    import subprocess
+    import sys
+
+    from distml.data import datasets
+
+    serving = datasets.pixel_serving((28, 28), datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD)
+    _save(workspace, name="cnn", preprocessing=serving)  # as training records it for serving
+    script = (
+        "import sys\n"
+        "from distml.models.artifact import list_models, resolve_model, set_alias\n"
+        "from distml.serve.service import build_serve_config\n"
+        "from distml.workspace import Workspace\n"
+        f"ws = Workspace({str(workspace.root)!r})\n"
+        "assert resolve_model(ws, 'cnn:1').manifest['architecture'] == 'cnn' and len(list_models(ws)) == 1\n"
+        "set_alias(ws, 'cnn', 'champion', 1)\n"
+        "assert build_serve_config(ws, 'cnn@champion', {})[0].models == ['cnn:1']\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "no torch", out.stdout

@@ -2,7 +2,8 @@
 
 `zoo` builds models by name (or `package.module:factory`); `artifact` stores them as
 safetensors weights plus a JSON manifest, versioned in the metadata store, never pickled.
-The names below load on first use (PEP 562), so `distml.models.datatypes` imports no torch.
+The names below load on first use (PEP 562), so `distml.models.datatypes` imports no torch, and
+`artifact` imports it only to save or load weights (resolving, listing and aliasing need none).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+# The zoo's own models (zoo.py builds its registry from these names): a manifest that names one is
+# known to be buildable without importing torch.
+BUILTIN_MODELS = ("cnn", "dropout", "batch_norm", "mlp")
 
 
 def __getattr__(name: str) -> Any:

@@ -20,19 +20,19 @@ import hashlib
 import inspect
 import json
 import re
-from typing import Any
-
-import safetensors.torch
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 import distml
 from distml.errors import DistmlError
-from distml.models import zoo
+from distml.models import BUILTIN_MODELS
 from distml.models.datatypes import DATATYPES
 from distml.ops import lineage as lineage_graph
 from distml.ops import metadata
 from distml.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT = "distml.model"
 FORMAT_VERSION = 1
@@ -137,6 +137,8 @@ def _check_input_spec(spec: Any) -> dict[str, Any]:
 def _expected_num_classes(architecture: str, arch_args: dict[str, Any]) -> int | None:
     if "num_classes" in arch_args:
         return arch_args["num_classes"]
+    from distml.models import zoo
+
     try:
         param = inspect.signature(zoo.resolve_factory(architecture)).parameters.get("num_classes")
     except (TypeError, ValueError):
@@ -148,6 +150,8 @@ def _expected_num_classes(architecture: str, arch_args: dict[str, Any]) -> int |
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as dense, contiguous CPU tensors that share no memory (safetensors' rule)."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for key, value in model.state_dict().items():
@@ -217,6 +221,11 @@ def save_model(
     `architecture` and `arch_args` must rebuild a model with exactly `model`'s state dict keys
     and shapes (checked here, so a bad artifact is refused before it is stored).
     """
+    import safetensors.torch
+    from torch import nn
+
+    from distml.models import zoo
+
     if not isinstance(model, nn.Module):
         raise DistmlError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_name("model name", name)
@@ -355,10 +364,20 @@ def _validate_manifest(raw: bytes, digest: str) -> dict[str, Any]:
             f"{where}: weights_digest {manifest['weights_digest']!r} is not a 64-character SHA-256 hex digest"
         )
     try:
-        zoo.resolve_factory(manifest["architecture"])
+        _check_architecture(manifest["architecture"])
     except DistmlError as exc:
         raise DistmlError(f"{where} names an architecture this installation cannot build: {exc}") from exc
     return manifest
+
+
+def _check_architecture(name: str) -> None:
+    """`name` can be built here: one of the zoo's own models (known without importing torch) or a
+    factory the zoo resolves (registered in this process, or `package.module:factory`)."""
+    if name in BUILTIN_MODELS:
+        return
+    from distml.models import zoo
+
+    zoo.resolve_factory(name)
 
 
 def _resolve_row(workspace: Workspace, ref: str) -> dict[str, Any] | None:
@@ -423,6 +442,10 @@ def load_model(workspace: Workspace, ref: str) -> tuple[nn.Module, dict[str, Any
     Returns the model in eval mode and its manifest. Weights are read with safetensors and
     loaded strictly; no pickle is involved anywhere.
     """
+    import safetensors.torch
+
+    from distml.models import zoo
+
     record = resolve_model(workspace, ref)
     manifest = record.manifest
     weights = _verified_bytes(workspace, record.weights_digest, "model weights")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from distml.errors import DistmlError
+from distml.models import BUILTIN_MODELS
 
 IMAGE_SIZE = 28
 
@@ -101,12 +102,7 @@ def mlp(*, num_classes: int = 10, in_channels: int = 1, width: int = 2048, depth
     return ImageClassifier(*layers)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "cnn": cnn,
-    "dropout": dropout,
-    "batch_norm": batch_norm,
-    "mlp": mlp,
-}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {name: globals()[name] for name in BUILTIN_MODELS}
 
 
 def register_model(name: str, factory: Callable[..., nn.Module], *, replace: bool = False) -> Callable[..., nn.Module]:
