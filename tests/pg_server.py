@@ -16,7 +16,7 @@ from types import TracebackType
 
 DB_USER = "distml"
 DB_NAME = "distml_test"
-_START_ATTEMPTS = 3
+_START_ATTEMPTS = 5  # each a new port: another process may take the one chosen before the server binds it
 _LOG_TAIL_LINES = 40
 
 
@@ -37,6 +37,7 @@ def find_pg_bin() -> Path | None:
 
 
 def _free_port() -> int:
+    """A port free now; another process may take it before the server binds it (then `start` retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,6 +53,7 @@ class PostgresServer:
         self.start_timeout = start_timeout
         self.tmpdir: Path | None = None
         self.port: int | None = None
+        self.ports_tried: list[int] = []  # the ports `start` tried, in order; the last is the server's
         self._running = False
         self._run_as: str | None = None
 
@@ -92,6 +94,21 @@ class PostgresServer:
             text=True,
             timeout=timeout,
         )
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        """What the server logged after `offset` bytes (one start attempt's messages)."""
+        try:
+            with self.log_file.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self) -> str:
         try:
@@ -149,6 +166,8 @@ class PostgresServer:
 
             for attempt in range(_START_ATTEMPTS):
                 self.port = _free_port()
+                self.ports_tried.append(self.port)
+                logged = self._log_size()
                 opts = (
                     f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1"
                     " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
@@ -170,8 +189,8 @@ class PostgresServer:
                 if proc.returncode == 0:
                     self._running = True
                     break
-                # Lost the race for the port to someone else: pick another and retry.
-                if "already in use" in self._log_tail() and attempt + 1 < _START_ATTEMPTS:
+                # Lost the race for the port to another process (this attempt's log says so): another port.
+                if "Address already in use" in self._log_since(logged) and attempt + 1 < _START_ATTEMPTS:
                     continue
                 raise self._fail("pg_ctl start", proc)
 

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pg_server
 from pg_server import PostgresServer, find_pg_bin
 
 needs_postgres = pytest.mark.skipif(
@@ -60,3 +61,26 @@ def test_url_requires_running_server(tmp_path: Path) -> None:
     # needs no PostgreSQL: a server that was never started (given any bin_dir) has no URL yet
     with pytest.raises(RuntimeError, match="PostgresServer is not running"):
         _ = PostgresServer(bin_dir=tmp_path).url
+
+
+@needs_postgres
+def test_a_port_taken_before_the_server_binds_it_costs_a_retry(monkeypatch) -> None:
+    """Another process (the other xdist worker's server) takes the port chosen for the server
+    before it binds it: the start goes on with another port instead of failing the session."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        lost = taken.getsockname()[1]
+        choices = iter([lost])
+        free_port = pg_server._free_port
+        monkeypatch.setattr(pg_server, "_free_port", lambda: next(choices, None) or free_port())
+        with PostgresServer() as server:
+            assert server.ports_tried[0] == lost and len(server.ports_tried) == 2, server.ports_tried
+            assert server.port == server.ports_tried[-1] != lost
+            assert "Address already in use" in server.log_file.read_text()
+            engine = sa.create_engine(server.url)
+            try:
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("select current_database()")).scalar() == "distml_test"
+            finally:
+                engine.dispose()

@@ -1,11 +1,12 @@
 """Lineage: `distml lineage` walks what the real producers recorded, and no writer loses a row.
 
-A real `distml run` on the offline digits data (one candidate, one worker, served) gives a model
-whose lineage must lead back to the exact data snapshot, training run, parameters, code and
-workflow steps, and forward to the live service; `--data` finds it from the snapshot; a roll ends
-a deployment and a gateway killed with -9 is not reported as serving. Then training-rank,
-step-process, scheduler and server writers run at once on SQLite and PostgreSQL, each through
-the real recording functions, and every row they wrote is there afterwards.
+The session's real `distml run` on the offline digits data (tests/digits_pipeline.py: two
+candidates, an early server swapped to the better one) gives a model whose lineage must lead back
+to the exact data snapshot, training run, parameters, code and workflow steps, and forward to the
+live service; `--data` finds it from the snapshot; a roll ends a deployment and a gateway killed
+with -9 is not reported as serving. Then training-rank, step-process, scheduler and server writers
+run at once on SQLite and PostgreSQL, each through the real recording functions, and every row
+they wrote is there afterwards.
 """
 
 from __future__ import annotations
@@ -55,27 +56,18 @@ def step_outputs(ws: Workspace, run_id: str) -> dict[str, dict]:
 # -- through the real producers ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """One `distml run` that ingests digits, trains cnn, registers digits-classifier@production and serves it."""
-    root = tmp_path_factory.mktemp("lineage") / "ws"
-    run = subprocess.run(
-        [DISTML, "--workspace", str(root), "run", "--dataset", "digits", "--epochs", "1",
-         "--param", 'models=["cnn"]', "--param", "workers=1"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    ws = Workspace(root)
-    try:
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        yield ws, metadata.list_workflow_runs(ws.engine)[0]["run_id"]
-    finally:
-        from distml.serve.service import stop_service
-
-        stop_service(ws, SERVICE)
-        ws.close()
+@pytest.fixture
+def pipeline(digits_pipeline):
+    """The session's end-to-end run (tests/digits_pipeline.py): digits ingested, batch_norm and cnn
+    trained on two workers each, digits-classifier:1 (batch_norm's) served first and swapped under
+    load to digits-classifier:2 (cnn's), the production model."""
+    run = digits_pipeline.run
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return digits_pipeline.ws, digits_pipeline.run_id
 
 
 @pytest.mark.slow
+@pytest.mark.heavy("pipelines")
 def test_a_served_model_leads_back_to_its_data_run_parameters_code_and_steps(pipeline):
     ws, run_id = pipeline
     outputs = step_outputs(ws, run_id)
@@ -83,36 +75,47 @@ def test_a_served_model_leads_back_to_its_data_run_parameters_code_and_steps(pip
     trained = outputs["train[cnn]"]
     view = lineage_json(ws, f"{SERVICE}@production")
 
-    assert view["model"]["ref"] == f"{SERVICE}:1" and view["model"]["aliases"] == ["production"]
+    assert view["model"]["ref"] == f"{SERVICE}:2" and view["model"]["aliases"] == ["production"]
     up = view["upstream"]
     assert {(d["split"], d["fingerprint"]) for d in up["data"]} == {(s, splits[s]["fingerprint"]) for s in splits}
     assert {d["dataset_id"] for d in up["data"]} == {s["snapshot_id"] for s in splits.values()}
-    [run] = up["training_runs"]
+    [run] = up["training_runs"]  # cnn's alone: batch_norm's run made the other version
     assert run["run_id"] == trained["train_run"] and run["state"] == "complete"
     assert (run["workflow_run"], run["step"]) == (run_id, "train[cnn]")
     assert run["parameters"]["model"] == "cnn" and run["parameters"]["epochs"] == 1
-    assert run["parameters"]["workers"] == 1 and run["parameters"]["dataset"] == "digits"
+    assert run["parameters"]["workers"] == 2 and run["parameters"]["dataset"] == "digits"
     assert run["code"]["distml"] == distml.__version__
     assert run["last_step"] == trained["steps"] and run["models"] == [trained["model"]]
     assert run["checkpoints"] and Path(run["checkpoints"][-1]["uri"]).is_dir()
     assert [m["ref"] for m in up["models"]] == [trained["model"]]  # the candidate it was registered from
-    assert up["registrations"] == [
-        {"model": f"{SERVICE}:1", "from": trained["model"], "workflow_run": run_id, "step": "select", "at": ANY}
-    ]
+    # registered by whichever of select and the early server (as it swapped) came first
+    [registration] = up["registrations"]
+    registered_by = registration["step"]
+    assert registered_by in ("select", "serve-early"), registration
+    assert registration == {
+        "model": f"{SERVICE}:2", "from": trained["model"], "workflow_run": run_id, "step": registered_by, "at": ANY
+    }  # fmt: skip
     [workflow] = up["workflow_runs"]
     rows = {r["node_id"]: r for r in metadata.list_step_executions(ws.engine, run_id)}
     assert workflow["run_id"] == run_id and workflow["status"] == "succeeded"
+    # every step upstream of the model and of the step that registered it: both candidates' trainings
+    # (select compares them; the early server's best_of node waits on them), whichever registered it
+    upstream = ("ingest", "train[batch_norm]", "train[cnn]", *{"select": ("select",),
+                "serve-early": ("best", "serve-early")}[registered_by])  # fmt: skip
     assert {s["node_id"]: (s["status"], s["memo_key"]) for s in workflow["steps"]} == {
-        node: (rows[node]["status"], rows[node]["memo_key"]) for node in ("ingest", "train[cnn]", "select")
+        node: (rows[node]["status"], rows[node]["memo_key"]) for node in upstream
     }
 
     down = view["downstream"]
     service = json.loads((Path(ws.root) / "services" / SERVICE / "service.json").read_text())
     [deployment] = down["deployments"]
-    assert deployment["service"] == SERVICE and deployment["model"] == f"{SERVICE}:1"
+    assert deployment["service"] == SERVICE and deployment["model"] == f"{SERVICE}:2"
     assert deployment["status"] == "serving" and deployment["pid"] == service["pid"]
-    assert deployment["started_by"]["run_id"] == run_id and deployment["started_by"]["node_id"] == "serve"
-    assert down["serving_now"] == [{"service": SERVICE, "url": service["url"], "model": f"{SERVICE}:1"}]
+    assert down["serving_now"] == [{"service": SERVICE, "url": service["url"], "model": f"{SERVICE}:2"}]
+    # the first version's deployment: started by the run's early server, ended by the swap
+    [first] = lineage_json(ws, f"{SERVICE}:1")["downstream"]["deployments"]
+    assert (first["model"], first["status"], first["recorded_state"]) == (f"{SERVICE}:1", "ended", "ended")
+    assert first["started_by"]["run_id"] == run_id and first["started_by"]["node_id"] == "serve-early"
 
     code, text, _ = cli(ws, f"{SERVICE}@production")
     flat = " ".join(text.split())
@@ -121,24 +124,30 @@ def test_a_served_model_leads_back_to_its_data_run_parameters_code_and_steps(pip
 
 
 @pytest.mark.slow
+@pytest.mark.heavy("pipelines")
 def test_data_lineage_finds_everything_trained_from_a_snapshot(pipeline):
     ws, run_id = pipeline
     outputs = step_outputs(ws, run_id)
     fingerprint = outputs["ingest"]["splits"]["train"]["fingerprint"]
     view = lineage_json(ws, "--data", fingerprint[:10])  # a unique prefix is enough
 
+    candidates = [outputs[f"train[{arch}]"] for arch in ("batch_norm", "cnn")]
     assert view["fingerprint"] == fingerprint
-    assert [r["run_id"] for r in view["training_runs"]] == [outputs["train[cnn]"]["train_run"]]
-    assert {m["ref"] for m in view["models"]} == {outputs["train[cnn]"]["model"], f"{SERVICE}:1"}
-    assert [(d["service"], d["status"]) for d in view["deployments"]] == [(SERVICE, "serving")]
+    assert sorted(r["run_id"] for r in view["training_runs"]) == sorted(c["train_run"] for c in candidates)
+    assert {m["ref"] for m in view["models"]} == {c["model"] for c in candidates} | {f"{SERVICE}:1", f"{SERVICE}:2"}
+    assert sorted((d["model"], d["status"]) for d in view["deployments"]) == [
+        (f"{SERVICE}:1", "ended"), (f"{SERVICE}:2", "serving")
+    ]  # fmt: skip
     assert [w["run_id"] for w in view["workflow_runs"]] == [run_id]
     code, text, _ = cli(ws, "--data", fingerprint[:10])
-    assert code == 0 and f"{SERVICE}:1" in text and outputs["train[cnn]"]["train_run"] in text
+    assert code == 0 and f"{SERVICE}:2" in text and outputs["train[cnn]"]["train_run"] in text
 
 
 @pytest.mark.slow
+@pytest.mark.heavy("pipelines")
 def test_a_roll_ends_a_deployment_and_a_killed_gateway_is_not_reported_serving(pipeline):
-    """Runs after the two above (it rolls the shared service and kills it)."""
+    """Runs after the two above (it rolls the shared service and kills it; the end-to-end test
+    asks nothing of the live service: tests/digits_pipeline.py made its requests)."""
     import torch
 
     from distml.models.artifact import load_model, save_model
@@ -146,28 +155,28 @@ def test_a_roll_ends_a_deployment_and_a_killed_gateway_is_not_reported_serving(p
 
     ws, _ = pipeline
     service = json.loads((Path(ws.root) / "services" / SERVICE / "service.json").read_text())
-    model, manifest = load_model(ws, f"{SERVICE}:1")
+    model, manifest = load_model(ws, f"{SERVICE}:2")
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)  # other weights: a new version
     keys = ("architecture", "arch_args", "input_spec", "preprocessing", "class_names", "training", "data_fingerprint")
-    second = save_model(ws, model, name=SERVICE, metrics={}, **{k: manifest[k] for k in keys})
-    swap_model(service["url"], second.ref)  # what `distml run` does when a better model is chosen
+    third = save_model(ws, model, name=SERVICE, metrics={}, **{k: manifest[k] for k in keys})
+    swap_model(service["url"], third.ref)  # what `distml run` does when a better model is chosen
 
-    first = lineage_json(ws, f"{SERVICE}:1")["downstream"]
-    assert [(d["status"], d["recorded_state"]) for d in first["deployments"]] == [("ended", "ended")]
-    assert first["serving_now"] == []
-    now = lineage_json(ws, second.ref)["downstream"]
+    second = lineage_json(ws, f"{SERVICE}:2")["downstream"]
+    assert [(d["status"], d["recorded_state"]) for d in second["deployments"]] == [("ended", "ended")]
+    assert second["serving_now"] == []
+    now = lineage_json(ws, third.ref)["downstream"]
     assert [d["status"] for d in now["deployments"]] == ["serving"] and now["serving_now"][0]["service"] == SERVICE
 
     os.kill(service["pid"], signal.SIGKILL)  # no chance to record the end
     deadline = time.monotonic() + 30
     while Path(f"/proc/{service['pid']}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    gone = lineage_json(ws, second.ref)["downstream"]
+    gone = lineage_json(ws, third.ref)["downstream"]
     assert [(d["status"], d["recorded_state"]) for d in gone["deployments"]] == [("gone", "running")]
     assert gone["serving_now"] == []
-    code, text, _ = cli(ws, second.ref)
+    code, text, _ = cli(ws, third.ref)
     assert code == 0 and "serving now: nothing" in text and "gone" in text
 
 
