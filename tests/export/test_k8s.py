@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -21,6 +20,7 @@ from conftest import (
     validate_pytorchjob,
     validate_trainjob,
 )
+from required import require_tool
 
 from distml.errors import DistmlError
 from distml.export import steprunner
@@ -209,12 +209,9 @@ def test_storage_and_nnodes_parsing() -> None:
 
 
 def _kustomize(export, tmp_path) -> list[dict]:
-    """The folder written and rendered by `kubectl kustomize` (skipped without kubectl)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip(
-            "kubectl is not installed (Debian: apt-get install kubernetes-client); cannot run kubectl kustomize"
-        )
+    """The folder written and rendered by `kubectl kustomize` (skipped without kubectl, a failure
+    where DISTML_REQUIRE_TOOLS is set)."""
+    kubectl = require_tool("kubectl", "Debian: apt-get install kubernetes-client; needed for kubectl kustomize")
     write_folder(export, tmp_path)
     rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert rendered.returncode == 0, rendered.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from required import require_tool
 
 from distml.workspace import Workspace
 
@@ -327,10 +327,10 @@ def save_model(ws: Workspace):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_top_shows_a_live_service_in_a_terminal(tmp_path):
     from distml.serve.service import ensure_serving, stop_service
 
+    require_tool("tmux", "Debian: apt-get install tmux; the test runs distml top in a real terminal")
     ws = Workspace(tmp_path / "ws")
     save_model(ws)
     tmux = ["tmux", "-L", f"distml-test-{os.getpid()}"]  # a server of its own, killed at the end
