@@ -152,12 +152,12 @@ def test_md5_mismatch_leaves_no_bad_file_and_keeps_good_ones(tmp_path, server):
 
 
 def test_offline_names_missing_files_folder_and_data_dir(tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     dest = tmp_path / "dl"
-    with pytest.raises(DistmlError) as info:
+    # Bound for the whole test but never listening: connections are refused, and no other process
+    # (another xdist worker) can take the port meanwhile.
+    with socket.socket() as held, pytest.raises(DistmlError) as info:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
         fetch_files(TABLE, dest, [f"http://127.0.0.1:{port}/"], retries=1, backoff=0, progress=False)
     message = str(info.value)
     for remote in TABLE:

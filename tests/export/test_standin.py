@@ -23,13 +23,20 @@ from conftest import e2e_options, embedded_manifests
 from distml.export import steprunner
 from distml.export.k8s import PIPELINE_CONFIG, REPLICA_CONFIG, WORKSPACE_MOUNT, export_k8s
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _reserve_port() -> socket.socket:
+    """A socket holding a free port for the rendezvous, bound but not listening, with SO_REUSEADDR.
+
+    torchrun's master binds the port itself (its TCPStore, also with SO_REUSEADDR, which Linux
+    allows beside a socket that does not listen) and the worker must know the number beforehand,
+    so the port cannot be 0. Held until the pods end, it cannot be handed to another process
+    meanwhile (the kernel skips ports in use when it picks one for port 0; an explicit bind fails)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", 0))
+    return sock
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -73,7 +80,8 @@ def test_exported_commands_train_and_serve(tmp_path, monkeypatch) -> None:
     job = embedded_manifests(export.files["workflow.yaml"][0])["train-cnn-job"]
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 2
-    port = _free_port()
+    reserved = _reserve_port()
+    port = reserved.getsockname()[1]
     procs = []
     pods = [("Master", 0)] + [("Worker", 1 + i) for i in range(replicas.get("Worker", {}).get("replicas", 0))]
     for kind, rank in pods:
@@ -95,7 +103,13 @@ def test_exported_commands_train_and_serve(tmp_path, monkeypatch) -> None:
             "OMP_NUM_THREADS": "1",
         }
         procs.append(subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        reserved.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-3000:]
     collected = step("train-cnn-collect", {"ingest": values["ingest"]})

@@ -75,6 +75,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_every_training_rank_serves_metrics_that_move(tmp_path):
     ws = tmp_path / "ws"
     log = tmp_path / "train.log"
@@ -269,25 +270,27 @@ def test_top_once_says_unreachable_for_a_dead_endpoint(tmp_path):
     """Endpoint files of live processes whose ports do not answer: one frame, no crash."""
     import socket
 
-    ws = tmp_path / "ws"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]  # closed when the block ends: nothing listens there
     from distml.ops.liveness import process_identity
 
-    alive = {"pid": os.getpid(), "started": process_identity(os.getpid()), "host": socket.gethostname()}
-    service = ws / "services" / "ghost" / "service.json"
-    service.parent.mkdir(parents=True)
-    service.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}", "model": "cnn:1", "name": "ghost"}))
-    rank = ws / "runs" / "lost" / "metrics" / "rank-0.json"
-    rank.parent.mkdir(parents=True)
-    rank.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}/metrics", "port": dead}))
-    out = subprocess.run(
-        [DISTML, "--workspace", str(ws), "top", "--once", "--interval", "0.1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ws = tmp_path / "ws"
+    # Bound for the whole test but never listening: connections to it are refused, and no other
+    # process (another xdist worker) can take the port meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        dead = held.getsockname()[1]
+        alive = {"pid": os.getpid(), "started": process_identity(os.getpid()), "host": socket.gethostname()}
+        service = ws / "services" / "ghost" / "service.json"
+        service.parent.mkdir(parents=True)
+        service.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}", "model": "cnn:1", "name": "ghost"}))
+        rank = ws / "runs" / "lost" / "metrics" / "rank-0.json"
+        rank.parent.mkdir(parents=True)
+        rank.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}/metrics", "port": dead}))
+        out = subprocess.run(
+            [DISTML, "--workspace", str(ws), "top", "--once", "--interval", "0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any("ghost" in line and "unreachable" in line for line in lines), out.stdout
