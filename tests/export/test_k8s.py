@@ -55,6 +55,13 @@ def test_every_object_validates_strictly(e2e_export) -> None:
             validate_pod_template({"containers": [container], "volumes": volumes})
     # The Workflow's resource templates create exactly these objects.
     embedded = embedded_manifests(wt)
+    assert len(e2e_export.jobs) == 3 and len(e2e_export.services) == 1  # none of the loops above ran empty
+    assert sorted(m["kind"] for m in embedded.values()) == [
+        "InferenceService",
+        "PyTorchJob",
+        "PyTorchJob",
+        "PyTorchJob",
+    ]
     for manifest in embedded.values():
         {"PyTorchJob": validate_pytorchjob, "InferenceService": validate_inference_service}[manifest["kind"]](manifest)
 
@@ -361,9 +368,25 @@ def test_volcano_objects_validate_against_their_crds(volcano_export) -> None:
 
 
 def test_every_written_object_of_either_scheduler_has_a_strict_validator(e2e_export, volcano_export) -> None:
+    """Every object either export writes passes the validator of its kind, and that validator is
+    strict: the same object with a misspelt metadata field is refused, naming the field."""
+    kinds: dict[tuple[str, str], dict] = {}
     for export in (e2e_export, volcano_export):
         for obj in export.objects():
             _validate_any(obj)
+            kinds.setdefault((obj["apiVersion"], obj["kind"]), obj)
+    written = {kind for _, kind in kinds}
+    assert written >= {"Workflow", "WorkflowTemplate", "PersistentVolumeClaim", "Secret", "ConfigMap", "Role"}
+    assert written >= KUEUE_KINDS | {"Queue", "PriorityClass"}, "both schedulers' objects are among them"
+    for (api_version, kind), obj in sorted(kinds.items()):
+        misspelt = copy.deepcopy(obj)
+        misspelt["metadata"]["lables"] = {"app": "distml"}
+        try:
+            _validate_any(misspelt)
+        except Exception as exc:  # not pytest.fail's Failed (a BaseException): a kind without a validator fails
+            assert "lables" in str(exc), f"{api_version} {kind} was refused, but not for its misspelt field: {exc}"
+        else:
+            pytest.fail(f"{api_version} {kind} with a misspelt metadata field passed its validator")
 
 
 def _parent(obj: dict, path: str) -> tuple[dict, str]:

@@ -1,7 +1,9 @@
 """A real process that asks the workspace's scheduler for a gang, holds it, and gives it back.
 
 `python gang_holder.py WORKSPACE NAME [--workers N] [--queue Q] [--priority P] [--repeat K]
-[--hold SECONDS | --until FILE]` prints `admitted NAME JOB_ID` each time its gang starts.
+[--hold SECONDS | --until FILE]` prints `admitted NAME JOB_ID` each time its gang starts. With
+`--until`, each gang is held until FILE exists; `{index}` in FILE stands for the repeat's number
+(0, 1, ...), so a test can release the jobs of one holder one at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def main() -> None:
             lease = pool.acquire(f"{args.name}-{index}", Resources(cpus=1, workers=args.workers))
             print(f"admitted {args.name} {lease.id}", flush=True)
             if args.until:
-                while not Path(args.until).exists():
+                until = Path(args.until.replace("{index}", str(index)))
+                while not until.exists():
                     time.sleep(0.05)
             else:
                 time.sleep(args.hold)

@@ -31,7 +31,10 @@ from distml.workspace import Workspace
 
 DISTML = str(Path(sys.executable).with_name("distml"))
 NAME = "digits-continuous"
-pytestmark = pytest.mark.slow
+# Between one client's requests: a steady stream of about 60 a second, dozens in each canary
+# window, without the client and the service taking both cores from the training they wait on.
+PAUSE_S = 0.01
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("pipelines")]
 
 
 def write_waves(folder: Path, bounds: list[int]) -> list[Path]:
@@ -57,7 +60,10 @@ def drop(path: Path, inbox: Path, name: str | None = None) -> None:
 
 def start_watch(ws_root: Path, inbox: Path, log: Path, *extra: str) -> subprocess.Popen:
     command = [DISTML, "--workspace", str(ws_root), "watch", "--source", str(inbox), "--name", NAME]
-    command += ["--epochs", "1", "--poll", "0.1", "--canary-window", "2", "--canary-min-requests", "5", *extra]
+    command += ["--epochs", "1", "--poll", "0.1", "--canary-window", "2", "--canary-min-requests", "5"]
+    # Judged on errors: a p99 of a few requests on two shared cores is noise. The latency rule has
+    # its own tests (tests/serve/test_canary.py); the gateway's analysis under load, tests/serve/test_cli_serve.py.
+    command += ["--max-p99-ratio", "1000", *extra]
     return subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -104,6 +110,7 @@ class Load:
                         self.versions.append(r.json()["model_version"])
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
+                self.stop.wait(PAUSE_S)
 
     def finish(self) -> None:
         self.stop.set()
@@ -146,7 +153,8 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
         for path in (waves[2], tmp_path / "bad.parquet", waves[3], tmp_path / "damaged.parquet"):
             drop(path, inbox)
         wait_for(lambda: finished(ws, 3), "cycle 3", log)
-        wait_for(lambda: len(load.versions) > 20, "more answers", log)
+        assert [r["status"] for r in cycles(ws)] == ["promoted"] * 3, log.read_text()[-3000:]
+        wait_for(lambda: len(load.versions) > 20 and "3" in load.versions[-5:], "answers from version 3", log)
     finally:
         load.finish()
     procs[0].send_signal(signal.SIGTERM)
@@ -160,17 +168,25 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
     rejected = {a["key"]: a["reason"] for a in arrivals if a["status"] == "rejected"}
     assert "1 label(s) out of range (e.g. 12 at row 3)" in rejected["bad.parquet"]
     assert "cannot read damaged.parquet" in rejected["damaged.parquet"]
-    assert all(r["status"] in ("promoted", "kept", "rolled_back") for r in rows), rows
+    decisions = [json.loads(r["decision_json"]) for r in rows]
+    assert decisions[0]["action"] == "started"
+    # each later candidate, trained on more data from production's weights, beat production on the
+    # holdout and went through a canary under load, which the gateway promoted on its analysis
+    for decision in decisions[1:]:
+        assert decision["action"] == "promoted", decision
+        assert decision["canary"]["state"] == "promoted", decision["canary"]
+        assert decision["canary"]["stats"][str(decision["version"])]["requests"] >= 5, decision["canary"]
+    assert [r["status"] for r in rows] == ["promoted"] * 3, rows
 
-    # no request failed; every answer named a version that was served at the time
+    # no request failed; every answer named a version that was served at the time, and each
+    # promoted version answered the clients
     assert load.failures == []
-    promoted = [json.loads(r["decision_json"])["version"] for r in rows if r["status"] == "promoted"]
-    assert set(load.versions) <= {str(v) for v in range(1, 4)} and load.versions[0] == "1"
+    promoted = [d["version"] for d in decisions]
+    assert promoted == [1, 2, 3]
+    assert set(load.versions) == {"1", "2", "3"} and load.versions[0] == "1" and load.versions[-1] == "3"
     assert len(load.versions) > 20
     production = metadata.get_model_alias(ws.engine, NAME, "production")
-    assert production == promoted[-1]
-    if len(promoted) > 1:  # a better model was swapped in under load and answered
-        assert str(promoted[-1]) in load.versions
+    assert production == 3
 
     # the served version leads back to the snapshots of the waves it was trained on
     view = lineage.model_lineage(ws.engine, f"{NAME}@production")

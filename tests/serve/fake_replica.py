@@ -7,11 +7,13 @@ it binds the config's host:port, writes the bound port atomically to `port_file`
 `X-Model-Version: <name>:<version>` on every response, picks a version from the path, else from an
 `X-Model-Version: 3` / `echo:3` request header, else the highest loaded, and exits 0 after draining on
 SIGTERM. Fake-only knobs travel in the environment (the gateway passes its own to the replicas):
-FAKE_REPLICA_DELAY_MS (slow inference) and FAKE_REPLICA_STARTUP_S (slow cold start). A model named
-"broken" cannot load: the process exits 1 with a message.
+FAKE_REPLICA_DELAY_MS (slow inference), FAKE_REPLICA_DELAYS_MS (per replica, by the id the gateway
+names its config file with: "g0-1=300,g0-2=0" overrides FAKE_REPLICA_DELAY_MS for those) and
+FAKE_REPLICA_STARTUP_S (slow cold start). A model named "broken" cannot load: the process exits 1.
 
 Imported, it offers `gateway_process()` (a real `python -m distml.serve.gateway` over fake replicas),
-`Load` (closed-loop client threads) and small polling helpers for tests.
+`Load` (closed-loop client threads), `replayed_split` (what a seeded traffic split answers) and small
+polling helpers for tests.
 """
 
 import asyncio
@@ -31,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 FAKE_REPLICA_COMMAND = [sys.executable, str(HERE / "fake_replica.py")]
 TOKEN_ENV = "DISTML_SERVE_TOKEN"  # = distml.serve.config.TOKEN_ENV (not imported: keeps the import light)
 DELAY_ENV = "FAKE_REPLICA_DELAY_MS"
+DELAYS_ENV = "FAKE_REPLICA_DELAYS_MS"  # per replica id: "g0-1=300,g0-0=0"
 STARTUP_ENV = "FAKE_REPLICA_STARTUP_S"
 
 
@@ -306,6 +309,15 @@ def build_app(models: dict[str, list[str]], delay_s: float, token: str | None):
     return outer
 
 
+def replica_delay_ms(replica_id: str, environ: dict[str, str]) -> float:
+    """This replica's inference delay: its entry in FAKE_REPLICA_DELAYS_MS, else FAKE_REPLICA_DELAY_MS, else 0."""
+    for item in (environ.get(DELAYS_ENV) or "").split(","):
+        rid, sep, ms = item.partition("=")
+        if sep and rid.strip() == replica_id:
+            return float(ms)
+    return float(environ.get(DELAY_ENV) or 0)
+
+
 def serve(argv: list[str] | None = None) -> int:
     """`python fake_replica.py REPLICA_CONFIG.json`: the replica process contract of distml.serve.server."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -327,7 +339,7 @@ def serve(argv: list[str] | None = None) -> int:
     if "broken" in models:  # lets tests see a model that cannot load
         print("error: model 'broken' cannot be loaded: weights file is corrupt", file=sys.stderr)
         return 1
-    delay_s = float(os.environ.get(DELAY_ENV) or 0) / 1000.0
+    delay_s = replica_delay_ms(Path(args[0]).stem, os.environ) / 1000.0
     startup_s = float(os.environ.get(STARTUP_ENV) or 0)
 
     import uvicorn
@@ -401,7 +413,7 @@ def write_serve_config(tmp_path: Path, models: list[str], **settings: Any) -> tu
 
 def gateway_env(token: str | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without a token or fake knobs, plus the test's choices."""
-    base = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, DELAY_ENV, STARTUP_ENV)}
+    base = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, DELAY_ENV, DELAYS_ENV, STARTUP_ENV)}
     if token:
         base[TOKEN_ENV] = token
     return {**base, **(env or {})}
@@ -420,7 +432,8 @@ def gateway_process(
     """Run `python -m distml.serve.gateway SERVE_CONFIG.json` over fake replicas; yield (base_url, Popen).
 
     `settings` are ServeConfig fields (replicas=2, shards=2, seed=7, autoscale={...}, hold_timeout=...);
-    `token` goes to DISTML_SERVE_TOKEN only when given; `env` adds e.g. {"FAKE_REPLICA_DELAY_MS": "50"}.
+    `token` goes to DISTML_SERVE_TOKEN only when given; `env` adds e.g. {"FAKE_REPLICA_DELAY_MS": "50"}
+    (replica ids, for FAKE_REPLICA_DELAYS_MS, are g0-0, g0-1, ... in start order: see ReplicaSet._spawn).
     The gateway is stopped with SIGTERM afterwards (SIGKILL if it does not exit).
     """
     path, config = write_serve_config(tmp_path, models, **settings)
@@ -552,6 +565,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout} s")
         time.sleep(interval)
+
+
+def replayed_split(seed: int, split: dict[str, float], n: int) -> list[str]:
+    """The versions the first `n` requests that pin none get from a gateway seeded with `seed`
+    (ServeConfig.seed, `distml serve --seed`), replayed as `Gateway.choose_version` draws them: one
+    `random.Random(seed).choices` per unpinned request of the model, over its split's versions in the
+    split's order, weighted. Only such requests draw, so a test that sends them one at a time knows
+    which version answers each."""
+    import random
+
+    rng = random.Random(seed)
+    versions = list(split)
+    return [rng.choices(versions, weights=[split[v] for v in versions])[0] for _ in range(n)]
 
 
 def metric(text: str, name: str) -> float:

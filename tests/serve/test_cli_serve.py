@@ -1,16 +1,17 @@
 """`distml serve` and `distml deploy` as a user runs them: the real gateway over real model replicas.
 
 Two versions of `cnn` are trained once per session (`distml train` on digits); every test starts
-`distml serve`, puts a bounded closed-loop load on it over loopback and asserts on counts and
-events (answers, statuses, versions, the gateway's metrics and /admin/replicas), never on time.
+`distml serve` (two share one), puts a bounded closed-loop load on it over loopback and asserts on
+counts and events (answers, statuses, versions, the gateway's metrics and /admin/replicas), never on
+time. `distml deploy` runs in this process (click's runner: the same command, no second torch import).
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import math
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -19,13 +20,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import fake_replica as fake
 import httpx
 import numpy as np
 import psutil
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
 
 
 def distml(workspace: Path, *args: str) -> subprocess.Popen:
@@ -35,6 +37,15 @@ def distml(workspace: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def deploy(workspace: Path, *args: str):
+    """`distml --workspace WORKSPACE deploy ARGS...` in this process; its click Result (exit_code, stdout)."""
+    from click.testing import CliRunner
+
+    from distml.cli import main
+
+    return CliRunner().invoke(main, ["--workspace", str(workspace), "deploy", *args])
 
 
 def run_distml(workspace: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -89,17 +100,39 @@ class Service:
 
     def __init__(self, workspace: Path, *args: str):
         self.proc = distml(workspace, "serve", *args, "--port", "0")
-        line = ""
+        # Threads read both pipes all along: the test waits for a line with a timeout, and the
+        # service never blocks on a full pipe however much it logs.
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.errors: list[str] = []
+        threading.Thread(target=self._forward, args=(self.proc.stdout, self.lines.put), daemon=True).start()
+        self._stderr = threading.Thread(target=self._forward, args=(self.proc.stderr, self.errors.append), daemon=True)
+        self._stderr.start()
+        seen: list[str] = []
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # it exited
+                break
             if line.startswith("serving "):
                 self.url = line.split(" at ")[1].strip()
                 return
-            if self.proc.poll() is not None:
-                break
+            seen.append(line)
         self.proc.kill()
-        raise AssertionError(f"distml serve did not start: {line!r} {self.proc.stderr.read()[-3000:]}")
+        self.proc.wait(30)
+        self._stderr.join(10)
+        raise AssertionError(f"distml serve did not start in 120 s: {''.join(seen)[-2000:]} {self.stderr()[-3000:]}")
+
+    @staticmethod
+    def _forward(pipe, put) -> None:
+        for line in pipe:
+            put(line)
+        put(None)
+
+    def stderr(self) -> str:
+        return "".join(line for line in self.errors if line is not None)
 
     def admin(self, method: str, path: str, **kwargs) -> httpx.Response:
         return httpx.request(method, self.url + path, timeout=120, **kwargs)
@@ -117,7 +150,9 @@ class Service:
     def stop(self) -> None:
         children = psutil.Process(self.proc.pid).children(recursive=True) if self.proc.poll() is None else []
         self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()[-3000:]
+        code = self.proc.wait(timeout=60)
+        self._stderr.join(10)
+        assert code == 0, self.stderr()[-3000:]
         wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children),
                  "every replica to stop with the gateway")  # fmt: skip
 
@@ -133,10 +168,11 @@ def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.1
 
 
 class Load:
-    """Closed-loop clients (bounded by `stop`); records (status, answering version) of every request."""
+    """Closed-loop clients (bounded by `stop`); records (status, answering version) of every request.
+    `pause` s between one client's requests keeps a steady stream from taking both cores."""
 
-    def __init__(self, url: str, images: np.ndarray, clients: int = 3, kind: str = "v1"):
-        self.url, self.kind, self.images = url, kind, images
+    def __init__(self, url: str, images: np.ndarray, clients: int = 3, kind: str = "v1", pause: float = 0.0):
+        self.url, self.kind, self.images, self.pause = url, kind, images, pause
         self.results: list[tuple[int, str | None]] = []
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -155,6 +191,8 @@ class Load:
                     self.results.append((r.status_code, r.headers.get("x-model-version")))
                 except httpx.HTTPError as exc:
                     self.results.append((0, repr(exc)))
+                if self.pause:
+                    self.stopping.wait(self.pause)
 
     def answered(self) -> int:
         return sum(1 for status, _ in self.results if status == 200)
@@ -176,7 +214,12 @@ def v2_body(images: np.ndarray) -> dict:
 
 
 def versions_of(url: str, n: int, kind: str, images: np.ndarray) -> Counter:
-    seen: Counter = Counter()
+    return Counter(versions_in_order(url, n, kind, images))
+
+
+def versions_in_order(url: str, n: int, kind: str, images: np.ndarray) -> list[str]:
+    """The version that answered each of `n` sequential requests naming none ("v1" or "v2" route)."""
+    seen = []
     with httpx.Client(timeout=120) as client:
         for i in range(n):
             image = images[i % len(images)]
@@ -186,7 +229,7 @@ def versions_of(url: str, n: int, kind: str, images: np.ndarray) -> Counter:
                 r = client.post(f"{url}/v2/models/cnn/infer", json=v2_body(image[None]))
                 assert r.json()["model_version"] == r.headers["x-model-version"].split(":")[1]
             assert r.status_code == 200, r.text
-            seen[r.headers["x-model-version"]] += 1
+            seen.append(r.headers["x-model-version"])
     return seen
 
 
@@ -220,62 +263,29 @@ def test_kill_9_of_a_replica_under_load_loses_no_request_and_a_replacement_joins
         service.stop()
 
 
-@pytest.mark.parametrize("kind", ["v1", "v2"])
-def test_canary_split_promote_and_rollback_on_every_route(trained_workspace, kind):
-    service = Service(trained_workspace, "cnn:1")
-    images = digits_images(16)
-    try:
-        deploy = run_distml(trained_workspace, "deploy", "cnn:2", "--url", service.url, "--canary", "30")
-        assert deploy.returncode == 0, deploy.stderr
-        assert "30% of traffic to it, 70% to version 1" in deploy.stdout
-        n, share = 400, 0.30
-        seen = versions_of(service.url, n, kind, images)
-        assert set(seen) == {"cnn:1", "cnn:2"}
-        tolerance = 4.5 * math.sqrt(n * share * (1 - share))  # binomial: fails ~1 in 150,000 runs by chance
-        assert abs(seen["cnn:2"] - n * share) <= tolerance, seen
-        # a client pins a version whatever the split
-        with httpx.Client(timeout=60) as client:
-            for version in ("1", "2"):
-                pinned = Counter(
-                    client.post(f"{service.url}/v1/models/cnn:predict", json={"instances": [images[0].tolist()]},
-                                headers={"X-Model-Version": version}).headers["x-model-version"]
-                    for _ in range(10)
-                )  # fmt: skip
-                assert pinned == {f"cnn:{version}": 10}
-        promote = run_distml(trained_workspace, "deploy", "cnn:2", "--url", service.url, "--promote")
-        assert promote.returncode == 0, promote.stderr
-        assert versions_of(service.url, 40, kind, images) == {"cnn:2": 40}
-        rollback = run_distml(trained_workspace, "deploy", "cnn:1", "--url", service.url, "--rollback")
-        assert rollback.returncode == 0, rollback.stderr
-        assert versions_of(service.url, 40, kind, images) == {"cnn:1": 40}
-        # deleting the split: the replica's default (highest loaded) version answers again
-        assert service.admin("DELETE", "/admin/models/cnn/traffic").json() == {"model": "cnn", "versions": {}}
-        assert versions_of(service.url, 10, kind, images) == {"cnn:2": 10}
-    finally:
-        service.stop()
-
-
 def test_cold_start_from_zero_holds_requests_and_hold_timeout_answers_503(trained_workspace):
     images = digits_images(4)
-    # --replicas 0: start with none (like Knative, the initial scale is otherwise 1)
-    service = Service(trained_workspace, "cnn:1", "--autoscale", "0:2", "--replicas", "0",
-                      "--scale-to-zero-after", "1", "--stable-window", "2", "--panic-window", "1")  # fmt: skip
-    try:
-        assert service.group()["desired"] == 0 and service.group()["replicas"] == []
-        assert httpx.get(f"{service.url}/v2/health/ready").status_code == 200  # it can cold-start
-        with Load(service.url, images, clients=3) as load:  # every request arrives with nothing running
-            wait_for(lambda: load.answered() >= 20, "20 answers after the cold start")
-        assert set(Counter(s for s, _ in load.results)) == {200}, Counter(s for s, _ in load.results)
-        wait_for(lambda: service.group()["replicas"] == [], "scale back to zero when idle", timeout=60)
-    finally:
-        service.stop()
-    # a replica takes seconds to start (python, torch, the weights); 0.2 s of holding is not enough
-    impatient = Service(trained_workspace, "cnn:1", "--autoscale", "0:1", "--replicas", "0", "--hold-timeout", "0.2")
+    # a replica takes seconds to start (python, torch, the weights); 0.2 s of holding is not enough.
+    # Its first request starts the replica, which gets ready (and stays) while the other service is tested.
+    impatient = Service(trained_workspace, "cnn:1", "--autoscale", "0:1", "--replicas", "0", "--hold-timeout", "0.2",
+                        "--scale-to-zero-after", "600")  # fmt: skip
     try:
         first = httpx.post(f"{impatient.url}/v1/models/cnn:predict", json={"instances": [images[0].tolist()]},
                            timeout=60)  # fmt: skip
         assert first.status_code == 503
         assert "no replica became ready within the hold timeout of 0.2 s (--hold-timeout)" in first.json()["error"]
+        # --replicas 0: start with none (like Knative, the initial scale is otherwise 1)
+        service = Service(trained_workspace, "cnn:1", "--autoscale", "0:2", "--replicas", "0",
+                          "--scale-to-zero-after", "1", "--stable-window", "2", "--panic-window", "1")  # fmt: skip
+        try:
+            assert service.group()["desired"] == 0 and service.group()["replicas"] == []
+            assert httpx.get(f"{service.url}/v2/health/ready").status_code == 200  # it can cold-start
+            with Load(service.url, images, clients=3) as load:  # every request arrives with nothing running
+                wait_for(lambda: load.answered() >= 20, "20 answers after the cold start")
+            assert set(Counter(s for s, _ in load.results)) == {200}, Counter(s for s, _ in load.results)
+            wait_for(lambda: service.group()["replicas"] == [], "scale back to zero when idle", timeout=60)
+        finally:
+            service.stop()
         wait_for(lambda: impatient.group()["ready"] == 1, "the replica that request woke up")
         again = httpx.post(f"{impatient.url}/v1/models/cnn:predict", json={"instances": [images[0].tolist()]})
         assert again.status_code == 200
@@ -285,7 +295,7 @@ def test_cold_start_from_zero_holds_requests_and_hold_timeout_answers_503(traine
 
 def test_autoscale_up_under_a_burst_and_down_when_idle(trained_workspace):
     service = Service(trained_workspace, "cnn:1", "--autoscale", "1:3", "--target-concurrency", "1",
-                      "--stable-window", "3", "--panic-window", "1")  # fmt: skip
+                      "--stable-window", "2", "--panic-window", "1")  # fmt: skip
     try:
         assert service.group()["desired"] == 1
         with Load(service.url, digits_images(8), clients=8) as load:
@@ -338,21 +348,6 @@ def test_sharded_scatter_gather_answers_equal_a_single_replicas(trained_workspac
         sharded.stop()
 
 
-def test_the_trained_model_answers_digits_correctly_through_the_gateway(trained_workspace):
-    """The manifest's preprocessing is what training used: served answers are those of training."""
-    from sklearn.datasets import load_digits
-
-    service = Service(trained_workspace, "cnn:1")
-    try:
-        labels = load_digits().target[:64]
-        body = {"instances": [im.tolist() for im in digits_images(64)]}
-        predictions = httpx.post(f"{service.url}/v1/models/cnn:predict", json=body, timeout=60).json()["predictions"]
-        accuracy = float(np.mean([p["label"] == y for p, y in zip(predictions, labels)]))
-        assert accuracy >= 0.5, accuracy  # 15 steps of training; normalised wrongly it answers at chance
-    finally:
-        service.stop()
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -386,26 +381,25 @@ def test_bad_flags_fail_at_once_with_one_clear_line_before_any_replica_starts(tr
 
 @pytest.fixture
 def canary_workspace(serve_workspace, tmp_path) -> Path:
-    """A copy of the serving fixtures' workspace (cnn:1, cnn:2 answer alike in speed) where cnn:3 is a
-    degraded candidate: a 54M-parameter mlp registered under the name cnn, many times slower per image."""
+    """A copy of the serving fixtures' workspace (cnn:1 and cnn:2 answer alike, in speed too) where
+    cnn:3 is a broken candidate: cnn:1 with a NaN bias in its last layer, as a diverged training
+    leaves it. Every answer of it is NaN, so the replica answers 500 to each of its requests."""
     import shutil
 
     import torch
 
-    from distml.models.artifact import load_model, register_as, save_model
-    from distml.models.zoo import build_model
+    from distml.models.artifact import load_model, save_model
     from distml.workspace import Workspace
 
     root = tmp_path / "ws"
     shutil.copytree(serve_workspace, root)
     workspace = Workspace(root)
-    _, manifest = load_model(workspace, "cnn:1")
-    torch.manual_seed(3)
-    slow = build_model("mlp", width=4096, depth=4)
-    keys = ("input_spec", "preprocessing", "class_names", "training", "data_fingerprint")
-    save_model(workspace, slow, name="slow", architecture="mlp", arch_args={"width": 4096, "depth": 4},
-               metrics={"test_accuracy": 0.1}, **{k: manifest[k] for k in keys})  # fmt: skip
-    assert register_as(workspace, "slow:1", "cnn").version == 3
+    model, manifest = load_model(workspace, "cnn:1")
+    with torch.no_grad():
+        [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias.fill_(float("nan"))
+    keys = ("architecture", "arch_args", "input_spec", "preprocessing", "class_names", "training", "data_fingerprint")
+    record = save_model(workspace, model, name="cnn", metrics={"test_accuracy": 0.0}, **{k: manifest[k] for k in keys})
+    assert record.version == 3
     workspace.close()
     return root
 
@@ -424,10 +418,13 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
         bad = service.admin("POST", "/admin/models/cnn/canary", json={"version": "2", "weight": 1.5})
         assert bad.status_code == 400 and "weight: Input should be less than 1" in bad.json()["error"]
         assert service.admin("DELETE", "/admin/models/cnn/canary").status_code == 404
-        with Load(service.url, images, clients=3, kind="v2") as load:
+        with Load(service.url, images, clients=3, kind="v2", pause=0.02) as load:
             wait_for(lambda: load.answered() >= 20, "20 answers before the canary")
-            # cnn:2 is as fast as cnn:1: promoted once its window passes (p99 of ~100 samples is noisy: 5x)
-            started = start_canary(service.url, "cnn:2", {"window_s": 3, "max_p99_ratio": 5})
+            # cnn:2 is as good as cnn:1: promoted once its window passes. Judged on errors alone (none
+            # either side, whatever the load): a p99 of ~100 samples on 2 shared cores is noise, so
+            # max_p99_ratio 1e6 keeps latency out of it; half the traffic gets both 20 answers soon.
+            policy = {"weight": 0.5, "window_s": 3, "max_p99_ratio": 1e6}
+            started = start_canary(service.url, "cnn:2", policy)
             assert (started["state"], started["stable"], started["canary"]) == ("running", "1", "2")
             again = service.admin("POST", "/admin/models/cnn/canary", json={"version": "3"})
             assert again.status_code == 409 and "is running" in again.json()["error"]
@@ -439,18 +436,21 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
             assert service.group()["models"] == ["cnn:2"] and service.group()["replicas"][0]["pid"] == replica["pid"]
             at_promote = len(load.results)
             wait_for(lambda: len(load.results) >= at_promote + 30, "30 answers after the promotion")
-            # cnn:3 is many times slower: rolled back on its p99 as soon as both versions have 20 answers
-            # (on 2 shared cores its own load inflates the stable p99 too: judged at 1.5x, not the default 2x)
-            start_canary(service.url, "cnn:3", {"weight": 0.2, "window_s": 60, "max_p99_ratio": 1.5})
+            # cnn:3 fails every request: rolled back on its error rate as soon as both versions have 20
+            # answers, whatever the load (a canary that passed would be promoted after its 30 s window)
+            start_canary(service.url, "cnn:3", {"weight": 0.2, "window_s": 30})
             rolled = wait_canary(service.url, "cnn", timeout=120)
             assert rolled["state"] == "rolled_back", rolled
-            assert "canary p99 latency" in rolled["reason"] and "stable's" in rolled["reason"], rolled["reason"]
-            assert rolled["stats"]["3"]["p99_s"] > 1.5 * rolled["stats"]["2"]["p99_s"]
+            assert "canary error rate 100.0%" in rolled["reason"] and "stable's 0.0%" in rolled["reason"], rolled
+            canary_stats, stable_stats = rolled["stats"]["3"], rolled["stats"]["2"]
+            assert canary_stats["errors"] == canary_stats["requests"] >= 20 and stable_stats["errors"] == 0, rolled
             assert service.admin("GET", "/admin/models/cnn/traffic").json()["versions"] == {"2": 100.0}
             at_rollback = len(load.results)
             wait_for(lambda: len(load.results) >= at_rollback + 30, "30 answers after the rollback")
-        statuses = Counter(status for status, _ in load.results)
-        assert set(statuses) == {200}, f"failed requests: {statuses}"
+        # the only failures are the broken candidate's own answers (500, named cnn:3), none after the rollback
+        failed = Counter((status, version) for status, version in load.results if status != 200)
+        assert set(failed) == {(500, "cnn:3")}, f"failed requests: {failed}"
+        assert sum(failed.values()) >= canary_stats["errors"]
         assert {"cnn:1", "cnn:2", "cnn:3"} <= {version for _, version in load.results}
         assert all(version == "cnn:2" for _, version in load.results[at_rollback + 3 :])
         # the gateway's model-repository routes act on every replica, and refuse what would fail requests
@@ -464,3 +464,71 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
         assert service.metric('distml_gateway_canary_state{model="cnn",state="rolled_back"}') == 1
     finally:
         service.stop()
+
+
+# ---------------------------------------------------------------- two tests on one service
+
+
+@pytest.fixture(scope="module")
+def seeded_service(trained_workspace):
+    """`distml serve cnn:1 --seed 7`, shared by the split test and the accuracy test: the only requests
+    here that pin no version are the split test's, so it replays the seeded split's draws exactly."""
+    service = Service(trained_workspace, "cnn:1", "--seed", "7")
+    yield service
+    service.stop()
+
+
+def test_canary_split_promote_and_rollback_on_every_route(seeded_service, trained_workspace):
+    service, images = seeded_service, digits_images(16)
+    deployed = deploy(trained_workspace, "cnn:2", "--url", service.url, "--canary", "30")
+    assert deployed.exit_code == 0, deployed.output
+    assert "30% of traffic to it, 70% to version 1" in deployed.stdout
+    split = service.admin("GET", "/admin/models/cnn/traffic").json()["versions"]
+    assert split == {"1": 70.0, "2": 30.0}
+    # seeded, the split is exact, request by request: the versions of the gateway's draws (an unseeded,
+    # unweighted or round-robin choice answers another sequence); 60 on V1, then 60 on V2
+    expected = [f"cnn:{v}" for v in fake.replayed_split(7, split, 120)]
+    assert Counter(expected) == Counter({"cnn:1": 91, "cnn:2": 29})  # what seed 7 draws of 70/30
+    for kind, part in (("v1", expected[:60]), ("v2", expected[60:])):
+        seen = versions_in_order(service.url, 60, kind, images)
+        assert seen == part, (kind, Counter(seen), Counter(part))
+    # a client pins a version whatever the split, on either route
+    with httpx.Client(timeout=60) as client:
+        for version in ("1", "2"):
+            pinned = Counter(
+                client.post(f"{service.url}/v1/models/cnn:predict", json={"instances": [images[0].tolist()]},
+                            headers={"X-Model-Version": version}).headers["x-model-version"]
+                for _ in range(10)
+            )  # fmt: skip
+            assert pinned == {f"cnn:{version}": 10}
+            pinned = Counter(
+                client.post(f"{service.url}/v2/models/cnn/infer", json=v2_body(images[:1]),
+                            headers={"X-Model-Version": version}).headers["x-model-version"]
+                for _ in range(10)
+            )  # fmt: skip
+            assert pinned == {f"cnn:{version}": 10}
+    promote = deploy(trained_workspace, "cnn:2", "--url", service.url, "--promote")
+    assert promote.exit_code == 0, promote.output
+    for kind in ("v1", "v2"):
+        assert versions_of(service.url, 20, kind, images) == {"cnn:2": 20}, kind
+    rollback = deploy(trained_workspace, "cnn:1", "--url", service.url, "--rollback")
+    assert rollback.exit_code == 0, rollback.output
+    for kind in ("v1", "v2"):
+        assert versions_of(service.url, 20, kind, images) == {"cnn:1": 20}, kind
+    # deleting the split: the replica's default (highest loaded) version answers again
+    assert service.admin("DELETE", "/admin/models/cnn/traffic").json() == {"model": "cnn", "versions": {}}
+    for kind in ("v1", "v2"):
+        assert versions_of(service.url, 10, kind, images) == {"cnn:2": 10}, kind
+
+
+def test_the_trained_model_answers_digits_correctly_through_the_gateway(seeded_service):
+    """The manifest's preprocessing is what training used: served answers are those of training."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target[:64]
+    body = {"instances": [im.tolist() for im in digits_images(64)]}
+    # version 1 named in the path: the split test may have loaded version 2 beside it
+    answer = httpx.post(f"{seeded_service.url}/v1/models/cnn/versions/1:predict", json=body, timeout=60)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == "cnn:1", answer.text
+    accuracy = float(np.mean([p["label"] == y for p, y in zip(answer.json()["predictions"], labels)]))
+    assert accuracy >= 0.5, accuracy  # 15 steps of training; normalised wrongly it answers at chance

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import shutil
@@ -458,7 +459,10 @@ def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
     assert several.status_code == 200 and several.json()["outputs"][0]["shape"] == [3, 10]
 
 
-def test_metrics_exposition(server):
+def test_metrics_exposition(server, make_pixels):
+    # a request of its own: the module's other tests may run on another xdist worker's server
+    answer = httpx.post(f"{server.url}/v2/models/cnn/versions/2/infer", json=v2_body(make_pixels(1)))
+    assert answer.status_code == 200, answer.text
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {
@@ -478,32 +482,45 @@ def test_metrics_exposition(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(launch, reference, make_pixels):
-    replica = launch(["cnn:1"], max_batch_delay_ms=500, max_batch_size=64)
+    # Five requests wait in the batcher for a sixth to fill their batch (its 60 s window never closes
+    # it); the sixth has sent its headers and part of its body. SIGTERM lands with all six in flight
+    # and none answerable; the rest of the sixth's body goes only once the server says it waits for
+    # its open connections (uvicorn's drain), so only the drain can answer them.
+    replica = launch(["cnn:1"], max_batch_delay_ms=60_000, max_batch_size=6, log_level="info")
     images = make_pixels(6, seed=8)
-    results: list = []
-
-    def fire():
-        results.extend(
-            asyncio.run(
-                _concurrent(f"{replica.url}/v2/models/cnn/infer", [v2_body(images[i : i + 1]) for i in range(6)])
-            )
-        )
-
-    thread = threading.Thread(target=fire)
-    thread.start()
+    bodies = [json.dumps(v2_body(images[i : i + 1])).encode() for i in range(6)]
+    connections = []
+    for i, body in enumerate(bodies):
+        conn = http.client.HTTPConnection("127.0.0.1", replica.port, timeout=60)
+        conn.putrequest("POST", "/v2/models/cnn/infer")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body if i < 5 else body[:20])
+        connections.append(conn)
+    queued = 'distml_serve_queue_depth{model="cnn",version="1"} 5.0'
+    in_flight = "distml_serve_in_flight_requests 7.0"  # the six and this /metrics request
     wait_for(
-        lambda: 'distml_serve_queue_depth{model="cnn",version="1"} 6.0' in httpx.get(f"{replica.url}/metrics").text,
-        10,
-        "the requests to wait in the batcher",
+        lambda: queued in (text := httpx.get(f"{replica.url}/metrics").text) and in_flight in text,
+        30,
+        "5 requests in the batcher and the 6th in flight",
     )
     replica.proc.send_signal(signal.SIGTERM)
-    thread.join(30)
-    assert replica.proc.wait(30) == 0, replica.log()
-    assert [r.status_code for r in results] == [200] * 6
-    got = np.array([r.json()["outputs"][0]["data"][:10] for r in results], dtype=np.float32)
-    np.testing.assert_allclose(got, reference.probabilities("cnn:1", images), rtol=1e-5, atol=1e-6)
-    with pytest.raises(httpx.ConnectError):
+    wait_for(
+        lambda: "Waiting for connections to close" in replica.log() or replica.proc.poll() is not None,
+        30,
+        "the server to drain its connections (or to exit)",
+    )
+    with pytest.raises(httpx.ConnectError):  # draining, it accepts no new connection
         httpx.get(f"{replica.url}/v2/health/live")
+    connections[5].send(bodies[5][20:])
+    answers = [conn.getresponse() for conn in connections]
+    assert [r.status for r in answers] == [200] * 6
+    got = np.array([json.loads(r.read())["outputs"][0]["data"][:10] for r in answers], dtype=np.float32)
+    assert replica.proc.wait(30) == 0, replica.log()
+    np.testing.assert_allclose(got, reference.probabilities("cnn:1", images), rtol=1e-5, atol=1e-6)
+    for conn in connections:
+        conn.close()
 
 
 def test_bad_model_reference_exits_2_with_a_clear_message(serve_workspace, tmp_path):

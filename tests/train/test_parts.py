@@ -80,6 +80,14 @@ def test_torchrun_arguments(tmp_path):
         tmp_path / "c.json",
     )
     assert multi[multi.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in multi
+    conf = multi[multi.index("--rdzv-conf") + 1].split(",")
+    assert {"last_call_timeout=5", "keep_alive_interval=5", "keep_alive_max_attempt=3"} <= set(conf), conf
+    tuned = torchrun_args(
+        parse_config({"nnodes": "1:2", "rdzv_endpoint": "h:1", "rdzv_last_call_timeout": 1, "rdzv_keep_alive": 2}),
+        tmp_path / "c.json",
+    )
+    conf = tuned[tuned.index("--rdzv-conf") + 1].split(",")
+    assert {"last_call_timeout=1", "keep_alive_interval=2"} <= set(conf), conf
     assert multi[multi.index("--max-restarts") + 1] == "3"
     ps = torchrun_args(parse_config({"workers": 2, "strategy": "parameter-server", "ps_shards": 3}), tmp_path / "c")
     assert ps[ps.index("--nproc-per-node") + 1] == "5", "servers run beside the workers"

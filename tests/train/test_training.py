@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -119,12 +118,6 @@ def logged_steps(workspace: Path, run_id: str, attempt: int = 0) -> int:
     return min((len(f.read_text().splitlines()) for f in files), default=0) if len(files) >= 1 else 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_config_errors_are_clear():
     with pytest.raises(DistmlError, match="nnodes must be N or MIN:MAX"):
         parse_config({"nnodes": "2:1", "rdzv_endpoint": "h:1"})
@@ -176,6 +169,7 @@ def test_bad_training_input_fails_before_any_worker_starts(tmp_path, args, messa
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_allreduce_and_parameter_server_match_one_process(tmp_path):
     """Two DDP workers x 32, and two PS-sync workers x 32 on two servers, see the same global
     batches as one process x 64: with plain SGD, whose step is linear in the gradient, all three
@@ -215,6 +209,7 @@ def test_allreduce_and_parameter_server_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_parameter_server_async_with_staleness_trains(tmp_path):
     out = run_cli(
         tmp_path,
@@ -253,11 +248,12 @@ def test_parameter_server_async_with_staleness_trains(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_kill_9_of_a_worker_is_survived(tmp_path):
     """kill -9 one worker mid-run: torchrun restarts the workers, they resume from the latest
     checkpoint, and the run ends with the requested steps; samples lost or repeated are at
     most those since that checkpoint."""
-    k = 5
+    k, epochs = 5, 3
     proc = cli(
         tmp_path,
         "--dataset",
@@ -267,7 +263,7 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
         "--batch-size",
         "32",
         "--epochs",
-        "10",
+        str(epochs),
         "--checkpoint-every",
         str(k),
         "--max-restarts",
@@ -283,7 +279,7 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     steps_per_epoch = math.ceil(math.ceil(DIGITS_TRAIN / 2) / 32)
-    total = 10 * steps_per_epoch
+    total = epochs * steps_per_epoch
     res = result(tmp_path, "kill")
     assert res["steps"] == total
     weights(tmp_path, res["model"])  # a valid model artifact
@@ -295,7 +291,7 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
     assert len(repeated_steps) <= k, "only the steps since the last checkpoint are repeated"
     effective = effective_history(logs)
     assert sorted(effective) == list(range(1, total + 1)), "every step happened exactly once in the history"
-    for epoch in range(10):
+    for epoch in range(epochs):
         ids = [i for s in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1) for i in effective[s]]
         counts = Counter(ids)
         assert set(counts) == set(range(DIGITS_TRAIN)), f"epoch {epoch} lost samples"
@@ -306,12 +302,13 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_parameter_server_survives_kill_9_of_a_worker_and_a_server_then_sigterm(tmp_path):
     """Parameter servers (sync): kill -9 a worker, then (after the restart) the server; the agent
     restarts all ranks from the latest checkpoint each time. Then SIGTERM the launcher: it stops
     at a checkpoint, and the same command finishes the run. Across the three attempts and the
     second launch every step was trained exactly once and every epoch saw every sample."""
-    k, epochs, steps_per_epoch = 5, 5, math.ceil(math.ceil(DIGITS_TRAIN / 2) / 32)
+    k, epochs, steps_per_epoch = 5, 3, math.ceil(math.ceil(DIGITS_TRAIN / 2) / 32)
     total = epochs * steps_per_epoch
     args = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", str(epochs)]
     args += ["--strategy", "parameter-server", "--checkpoint-every", str(k), "--max-restarts", "2"]
@@ -364,40 +361,32 @@ def test_parameter_server_survives_kill_9_of_a_worker_and_a_server_then_sigterm(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
     """Two launcher agents (--nnodes 1:2, c10d on loopback) train together; killing one agent
-    and its worker makes the other re-rendezvous and finish alone on the resharded data."""
-    port = free_port()
-    args = [
-        "--dataset",
-        "digits",
-        "--workers",
-        "1",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "8",
-        "--nnodes",
-        "1:2",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        "--max-restarts",
-        "3",
-        "--checkpoint-every",
-        "5",
-        "--log-samples",
-        "--run-id",
-        "elastic",
-    ]
-    first = cli(tmp_path, *args)
+    and its worker makes the other re-rendezvous and finish alone on the resharded data. The
+    rendezvous store is the test's (bound to port 0, its port read back): both agents are its
+    clients, as on a cluster whose store outlives any one node. Heartbeats every 2 s drop the
+    killed node after 6 s instead of torchrun's 15 (every second could drop a live agent starved
+    of CPU for 3 s on a busy machine). The rendezvous' last call stays 5 s: both agents, started
+    together, must make its first round, however unequally a busy machine starts them."""
+    from torch.distributed import TCPStore
 
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    epochs = 3
+    args = ["--dataset", "digits", "--workers", "1", "--batch-size", "32", "--epochs", str(epochs)]
+    args += ["--nnodes", "1:2", "--rdzv-endpoint", f"127.0.0.1:{store.port}"]
+    args += ["--rdzv-keep-alive", "2"]
+    args += ["--max-restarts", "3", "--checkpoint-every", "5", "--log-samples", "--run-id", "elastic"]
+    first, second = cli(tmp_path, *args), cli(tmp_path, *args)
 
-    wait_for(listening, 60, "the rendezvous store")
-    second = cli(tmp_path, *args)
-    wait_for(lambda: logged_steps(tmp_path, "elastic") >= 20, what="20 steps on two nodes")
+    def second_node_steps() -> int:
+        if first.poll() is not None:
+            raise AssertionError(f"the first agent ended before the second joined: {first.communicate()[1][-3000:]}")
+        folder = tmp_path / "runs" / "elastic" / "samples"
+        return sum(len(f.read_text().splitlines()) for f in folder.glob("attempt0-rank1-pid*.log"))
+
+    wait_for(lambda: second_node_steps() >= 20, what="20 steps of the second node's worker")
     logs = sample_logs(tmp_path, "elastic")
     assert {r for _, r in logs} == {0, 1}, "both agents' workers trained together"
     import psutil
@@ -417,12 +406,14 @@ def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
     assert max(len(ids) for ids in alone.values()) == 32, "alone, the worker takes the whole global batch"
     # the resharded run saw every sample in every epoch: nothing lost at the resize
     counts = Counter(i for ids in effective_history(logs).values() for i in ids)
-    assert set(counts) == set(range(DIGITS_TRAIN)) and min(counts.values()) == 8
-    assert sum(c - 8 for c in counts.values()) <= 8, "only the padding for equal batch counts repeats"
+    assert set(counts) == set(range(DIGITS_TRAIN)) and min(counts.values()) == epochs
+    assert sum(c - epochs for c in counts.values()) <= epochs, "only the padding for equal batch counts repeats"
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
+    epochs = 3
     args = [
         "--dataset",
         "digits",
@@ -431,7 +422,7 @@ def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
         "--batch-size",
         "32",
         "--epochs",
-        "6",
+        str(epochs),
         "--checkpoint-every",
         "50",
         "--log-samples",
@@ -453,7 +444,7 @@ def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
     again = run_cli(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     total = result(tmp_path, "preempt")["steps"]
-    assert total == 6 * 23
+    assert total == epochs * 23
     for rank in (0, 1):  # both launches together trained every step exactly once: nothing lost or repeated
         files = sorted((tmp_path / "runs" / "preempt" / "samples").glob(f"attempt0-rank{rank}-pid*.log"))
         assert len(files) == 2
@@ -462,6 +453,7 @@ def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(120)
 def test_digits_default_settings_reach_95_percent(tmp_path):
     out = run_cli(tmp_path, "--dataset", "digits")
@@ -477,6 +469,7 @@ def test_digits_default_settings_reach_95_percent(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_lead_worker_serves_prometheus_metrics(tmp_path):
     import urllib.request
 
@@ -487,7 +480,7 @@ def test_lead_worker_serves_prometheus_metrics(tmp_path):
         "--workers",
         "2",
         "--epochs",
-        "40",
+        "40",  # stopped by SIGTERM long before the end
         "--metrics-port",
         "0",
         "--run-id",
@@ -495,14 +488,26 @@ def test_lead_worker_serves_prometheus_metrics(tmp_path):
     )
     port_file = tmp_path / "runs" / "metrics" / "metrics_port"
     wait_for(port_file.exists, what="the metrics port")
-    port = int(port_file.read_text())
+    url = f"http://127.0.0.1:{int(port_file.read_text())}/metrics"
+    scrapes: list[str] = []
 
     def scraped_steps() -> float:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        line = next(l for l in body.splitlines() if l.startswith("distml_train_step{"))
-        assert 'run="metrics"' in line and "distml_train_samples_per_second" in body
-        return float(line.split()[-1])
+        scrapes.append(urllib.request.urlopen(url, timeout=5).read().decode())
+        line = next((l for l in scrapes[-1].splitlines() if l.startswith("distml_train_step{")), None)
+        return float(line.split()[-1]) if line else 0.0
 
-    wait_for(lambda: scraped_steps() >= 10, what="10 steps visible in /metrics")
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    try:
+        wait_for(lambda: scraped_steps() >= 10, what="10 steps visible in /metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]  # stopped at a checkpoint, as a SIGTERM asks
+    body = scrapes[-1]
+    step = next(l for l in body.splitlines() if l.startswith("distml_train_step{"))
+    assert 'run="metrics"' in step and 'rank="0"' in step, step
+    rate = [l for l in body.splitlines() if l.startswith("distml_train_samples_per_second{")]
+    assert rate and float(rate[0].split()[-1]) > 0, rate
+    samples = next(l for l in body.splitlines() if l.startswith("distml_train_samples_total{"))
+    assert float(samples.split()[-1]) >= 10 * 64, samples  # this rank's 64 a step
+    steps = [float(l.split()[-1]) for b in scrapes for l in b.splitlines() if l.startswith("distml_train_step{")]
+    assert steps == sorted(steps) and steps[-1] >= 10, "the step gauge only moves forward"
