@@ -116,7 +116,7 @@ def run_digits_pipeline(ws_root: Path) -> PipelineRun:
 
 
 def _production_version(ws) -> str | None:
-    from distml.errors import DistmlError
+    from distml.core.errors import DistmlError
     from distml.models.artifact import resolve_model
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops import metadata
 from distml.workspace import Workspace, atomic_write
 

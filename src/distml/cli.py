@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from distml import __version__
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 
 class _Group(click.Group):
@@ -390,7 +390,7 @@ def _record_service(path: Any, name: str, model: str, url: str) -> None:
     """Record this foreground gateway as service.json does for detached ones (unless another lives there)."""
     import os
 
-    from distml.ops.liveness import process_identity
+    from distml.core.liveness import process_identity
     from distml.ops.metrics import read_endpoint
     from distml.workspace import atomic_write
 
@@ -804,7 +804,6 @@ def _format_metric(value: Any) -> str:
 @click.pass_context
 def models_list(ctx: click.Context, name: str | None = None) -> None:
     """Registered versions of every model, or of NAME: version, created, metrics, aliases."""
-    import datetime
 
     from rich.console import Console
     from rich.table import Table
@@ -824,13 +823,10 @@ def models_list(ctx: click.Context, name: str | None = None) -> None:
     for column in ("name", "version", "created (UTC)", "metrics", "aliases"):
         table.add_column(column, justify="right" if column == "version" else "left")
     for row in rows:
-        created = row["created_at"]  # SQLite hands back naive UTC, PostgreSQL an aware time
-        if created.tzinfo is not None:
-            created = created.astimezone(datetime.UTC)
         table.add_row(
             row["name"],
             str(row["version"]),
-            created.strftime("%Y-%m-%d %H:%M:%S"),
+            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
             " ".join(f"{key}={_format_metric(value)}" for key, value in sorted(row["metrics"].items())),
             ", ".join(row["aliases"]),
         )

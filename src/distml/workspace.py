@@ -18,7 +18,8 @@ from typing import IO
 
 import sqlalchemy as sa
 
-from distml.errors import DistmlError
+from distml.core.db import create_engine
+from distml.core.errors import DistmlError
 from distml.ops import metadata
 
 DEFAULT_ROOT = ".distml"
@@ -104,15 +105,7 @@ class Workspace:
     def engine(self) -> sa.Engine:
         """The metadata store's engine, migrated to the current schema on first use."""
         if self._engine is None:
-            try:
-                engine = sa.create_engine(self.db_url)
-            except sa.exc.ArgumentError as exc:
-                raise DistmlError(
-                    f"metadata store URL {self.db_url!r} is not a valid SQLAlchemy URL "
-                    "(expected e.g. sqlite:///path/distml.db or postgresql+psycopg://user@host/db)"
-                ) from exc
-            if engine.dialect.name == "sqlite":
-                sa.event.listen(engine, "connect", _sqlite_pragmas)
+            engine = create_engine(self.db_url)
             if self._migrate:
                 metadata.migrate(engine)
             self._engine = engine
@@ -126,13 +119,3 @@ class Workspace:
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
 
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets readers (a serving process) work while a writer (training) records.
-    cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    # In WAL mode NORMAL loses no committed transaction when a process dies (only on power loss)
-    # and spares an fsync per commit: workflow steps commit a few rows each.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
+from distml.core.errors import DistmlError
 from distml.data.arrivals import BadBatch, FolderArrivals, Schema, TableArrivals, open_source, validate, write_snapshot
 from distml.data.sources import NpzSource
-from distml.errors import DistmlError
 
 SCHEMA = Schema(image_shape=(8, 8), pixel_range=(0.0, 16.0), num_classes=10)
 

@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 
+from distml.core.errors import DistmlError
 from distml.data import Loader
 from distml.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, digits, fashion_mnist, get_dataset
 from distml.data.download import RemoteFile
 from distml.data.idx import write_idx
-from distml.errors import DistmlError
 
 
 def test_published_checksums_are_the_official_ones():

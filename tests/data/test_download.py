@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
+from distml.core.errors import DistmlError
 from distml.data import download
 from distml.data.download import RemoteFile, fetch_files, locate_files, verify_file
-from distml.errors import DistmlError
 
 A = random.Random(1).randbytes(300_000)
 B = random.Random(2).randbytes(200_000)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from distml.core.errors import DistmlError
 from distml.data import ArraySource, Loader
-from distml.errors import DistmlError
 
 
 def make_source(n: int, chunk_rows: int = 7) -> ArraySource:

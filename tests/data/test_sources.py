@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
+from distml.core.errors import DistmlError
 from distml.data import (
     ArraySource,
     CsvSource,
@@ -23,7 +24,6 @@ from distml.data import (
     SqlSource,
 )
 from distml.data.idx import MAGIC_IMAGES, read_idx, write_idx
-from distml.errors import DistmlError
 
 
 def all_records(source: Source) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from conftest import (
 )
 from required import require_tool
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.export import steprunner
 from distml.export.k8s import export_k8s, parse_nnodes, parse_storage, write_folder
 from distml.workflow import memo

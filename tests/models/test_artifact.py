@@ -12,7 +12,7 @@ import safetensors.torch
 import sqlalchemy as sa
 import torch
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models import artifact
 from distml.models.artifact import (
     IMAGE_INPUT_SPEC,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models.artifact import IMAGE_INPUT_SPEC, list_models, resolve_model, save_model, set_alias, unset_alias
 from distml.models.zoo import build_model
 from distml.ops.metadata import delete_model_alias, get_model_alias

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models import zoo
 from distml.models.zoo import build_model, count_parameters, model_names, register_model
 

@@ -270,7 +270,7 @@ def test_top_once_says_unreachable_for_a_dead_endpoint(tmp_path):
     """Endpoint files of live processes whose ports do not answer: one frame, no crash."""
     import socket
 
-    from distml.ops.liveness import process_identity
+    from distml.core.liveness import process_identity
 
     ws = tmp_path / "ws"
     # Bound for the whole test but never listening: connections to it are refused, and no other

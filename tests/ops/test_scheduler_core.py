@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "scheduling.py"

@@ -324,7 +324,7 @@ def serve(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: fake_replica.py REPLICA_CONFIG.json", file=sys.stderr)
         return 2
-    from distml.errors import DistmlError
+    from distml.core.errors import DistmlError
     from distml.serve.config import load_replica_config
 
     try:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve import config
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop, ScalingPolicy
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve.canary import CanaryAnalysis, CanaryPolicy, parse_canary_policy
 
 

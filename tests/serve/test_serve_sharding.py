@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve import protocol
 from distml.serve.protocol import InferRequest, InferResponse, PredictRequest, PredictResponse, ProtocolError, Tensor
 from distml.serve.sharding import HashRing, chunk_bounds, encode_part, merge_v1, merge_v2, split_v1, split_v2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models.zoo import build_model
 from distml.train import checkpoint
 from distml.train.config import parse_config

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.train.config import parse_config
 from distml.workspace import Workspace
 

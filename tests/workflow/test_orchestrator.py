@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 
 from distml.cli import main
+from distml.core.liveness import pid_alive
 from distml.ops import metadata
-from distml.ops.liveness import pid_alive
 from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
 from distml.workspace import Workspace
 
@@ -561,7 +561,7 @@ def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(t
     path = write(
         tmp_path,
         """
-        from distml.errors import DistmlError
+        from distml.core.errors import DistmlError
         from distml.workflow import step
 
         def missing(path: str) -> str:
@@ -594,7 +594,7 @@ def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(t
     ],
 )
 def test_bad_step_options_are_refused_where_the_step_is_declared(options, message):
-    from distml.errors import DistmlError
+    from distml.core.errors import DistmlError
     from distml.workflow import step
 
     def work(x: int) -> int:

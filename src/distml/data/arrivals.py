@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data.sources import Columns, NpzSource, ParquetSource, SqlSource, digest_arrays
-from distml.errors import DistmlError
 
 SUFFIXES = (".parquet", ".npz")
 MARKER = "_SUCCESS"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data.sources import Columns, Source
-from distml.errors import DistmlError
 
 FORMAT_VERSION = 1
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data.download import RemoteFile, fetch_files, locate_files
 from distml.data.preprocess import Compose, Normalize, Resize, Step
 from distml.data.sources import ArraySource, ConcatSource, IdxSource, NpzSource, Source
-from distml.errors import DistmlError
 
 FASHION_MNIST_FILES = (
     RemoteFile("train-images-idx3-ubyte.gz", 26_421_880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),

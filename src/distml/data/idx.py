@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 # The third byte of the magic number names the element type (IDX specification).
 IDX_TYPES = {

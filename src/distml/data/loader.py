@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data import cache as cache_mod
 from distml.data.preprocess import Identity, Step
 from distml.data.sharding import EpochOrder, assign_files, local_schedule, record_schedule
 from distml.data.sources import Columns, Source
-from distml.errors import DistmlError
 
 CacheMode = Literal["memory", "disk"] | None
 STATE_VERSION = 1

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data.sources import Columns
-from distml.errors import DistmlError
 
 
 class Step(abc.ABC):

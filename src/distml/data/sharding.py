@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 
 def epoch_rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from distml.core.errors import DistmlError
 from distml.data.idx import MAGIC_IMAGES, MAGIC_LABELS, read_idx
-from distml.errors import DistmlError
 
 Columns = dict[str, np.ndarray]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.export.steprunner import OUT_DIR, PipelineSpec
 
 #: The releases the generated objects target (the README's "On Kubernetes" repeats them).

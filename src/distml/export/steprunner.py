@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 OUT_DIR = "/tmp/distml-out"  # the container's output parameters are read from here
 

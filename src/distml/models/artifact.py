@@ -23,7 +23,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import distml
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models import BUILTIN_MODELS
 from distml.models.datatypes import DATATYPES
 from distml.ops import lineage as lineage_graph

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models import BUILTIN_MODELS
 
 IMAGE_SIZE = 28

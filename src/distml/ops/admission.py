@@ -25,10 +25,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
+from distml.core.liveness import process_identity
 from distml.ops import metadata as md
 from distml.ops import metrics
-from distml.ops.liveness import process_identity
 from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler, parse_priority, priority_name
 
 __all__ = ["Lease", "LocalPool", "Resources", "SharedPool", "count_gpus", "schedule_pass"]

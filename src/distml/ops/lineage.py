@@ -25,9 +25,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
+from distml.core.liveness import process_identity
 from distml.ops import metadata as md
-from distml.ops.liveness import process_identity
 
 #: Set in a step process to the step execution it runs (run_id, node_id, generation and the
 #: properties to record it with): what that process and its children (training ranks) record is
@@ -379,8 +379,6 @@ def _walk(conn: sa.Connection, start: Iterable[int], direction: str) -> tuple[se
 def _iso(value: Any) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        value = value.replace(tzinfo=dt.UTC)
     return value.isoformat()
 
 

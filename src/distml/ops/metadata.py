@@ -15,13 +15,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from distml.core.db import UTCDateTime, utc_now
+from distml.core.errors import DistmlError
+
 metadata_obj = sa.MetaData()
 
 schema_version = sa.Table(
     "schema_version",
     metadata_obj,
     sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
 )
 
 datasets = sa.Table(
@@ -34,7 +37,7 @@ datasets = sa.Table(
     sa.Column("num_records", sa.BigInteger, nullable=False),
     sa.Column("uri", sa.Text, nullable=False),
     sa.Column("schema_json", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("name", "split", "fingerprint", name="uq_dataset_snapshot"),
 )
 
@@ -49,8 +52,7 @@ MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
 ]
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+_now = utc_now
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -64,8 +66,6 @@ def migrate(engine: sa.Engine) -> int:
         current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     latest = MIGRATIONS[-1][0]
     if current > latest:
-        from distml.errors import DistmlError
-
         raise DistmlError(
             f"the metadata store is at schema version {current}, newer than this distml "
             f"knows ({latest}); upgrade distml to open it"
@@ -135,7 +135,7 @@ model_versions = sa.Table(
     sa.Column("manifest_digest", sa.String(64), nullable=False, index=True),
     sa.Column("weights_digest", sa.String(64), nullable=False),
     sa.Column("metrics_json", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("name", "version", name="uq_model_version"),
 )
 
@@ -145,7 +145,7 @@ model_aliases = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("alias", sa.String(200), primary_key=True),
     sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.ForeignKeyConstraint(
         ["name", "version"], ["model_versions.name", "model_versions.version"], name="fk_alias_version"
     ),
@@ -194,7 +194,6 @@ def record_model_version(
                 return version
         except sa.exc.IntegrityError:
             continue
-    from distml.errors import DistmlError
 
     raise DistmlError(f"could not register a new version of model {name!r}: {attempts} concurrent conflicts")
 
@@ -286,8 +285,8 @@ train_runs = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("config_json", sa.Text, nullable=False),
     sa.Column("result_json", sa.Text, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 train_steps = sa.Table(
@@ -299,7 +298,7 @@ train_steps = sa.Table(
     sa.Column("loss", sa.Float, nullable=False),
     sa.Column("samples_per_s", sa.Float, nullable=False),
     sa.Column("step_seconds", sa.Float, nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
 )
 
 
@@ -364,8 +363,8 @@ inference_jobs = sa.Table(
     sa.Column("owner", sa.String(200), nullable=True),
     sa.Column("lease_expires", sa.Float, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_inference_jobs_status_model", "status", "model"),
 )
 
@@ -393,8 +392,8 @@ workflow_runs = sa.Table(
     sa.Column("pid", sa.Integer, nullable=True),
     sa.Column("host", sa.String(200), nullable=True),
     sa.Column("error", sa.Text, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 step_executions = sa.Table(
@@ -421,8 +420,8 @@ step_executions = sa.Table(
     sa.Column("log_path", sa.Text, nullable=True),
     sa.Column("resources_json", sa.Text, nullable=True),
     sa.Column("upstream_json", sa.Text, nullable=True),  # node ids this one waits for
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("run_id", "node_id", "generation", name="uq_step_execution"),
     sa.Index("ix_step_executions_memo", "step_name", "memo_key", "status"),
 )
@@ -436,7 +435,7 @@ step_metrics = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("step", sa.Integer, nullable=True),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", UTCDateTime, nullable=False),
     sa.Index("ix_step_metrics_run", "run_id", "node_id"),
 )
 
@@ -724,7 +723,7 @@ artifacts = sa.Table(
     sa.Column("uri", sa.Text, nullable=True),
     sa.Column("fingerprint", sa.String(200), nullable=True, index=True),  # content digest
     sa.Column("properties_json", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("type", "key", name="uq_artifact_key"),
 )
 
@@ -737,9 +736,9 @@ executions = sa.Table(
     sa.Column("name", sa.String(300), nullable=True),
     sa.Column("state", sa.String(20), nullable=False),  # running, complete, failed, stopped, ended
     sa.Column("properties_json", sa.Text, nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("ended_at", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("type", "key", name="uq_execution_key"),
 )
 
@@ -750,7 +749,7 @@ contexts = sa.Table(
     sa.Column("type", sa.String(50), nullable=False),  # pipeline_run, service
     sa.Column("name", sa.String(300), nullable=False),
     sa.Column("properties_json", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("type", "name", name="uq_context_name"),
 )
 
@@ -761,7 +760,7 @@ events = sa.Table(
     sa.Column("execution_id", sa.Integer, sa.ForeignKey("executions.id"), nullable=False),
     sa.Column("artifact_id", sa.Integer, sa.ForeignKey("artifacts.id"), nullable=False, index=True),
     sa.Column("kind", sa.String(10), nullable=False),  # input, output
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("execution_id", "artifact_id", "kind", name="uq_event"),
 )
 
@@ -935,8 +934,8 @@ watches = sa.Table(
     sa.Column("pid", sa.Integer, nullable=True),
     sa.Column("pid_started", sa.String(40), nullable=True),
     sa.Column("host", sa.String(200), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 watch_arrivals = sa.Table(
@@ -951,9 +950,9 @@ watch_arrivals = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),  # pending, rejected, claimed, trained
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("cycle", sa.Integer, nullable=True),  # the cycle it was new in
-    sa.Column("arrived_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("detected_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("arrived_at", UTCDateTime, nullable=False),
+    sa.Column("detected_at", UTCDateTime, nullable=False),
+    sa.Column("ingested_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("watch", "key", name="uq_watch_arrival"),
 )
 
@@ -968,8 +967,8 @@ watch_cycles = sa.Table(
     sa.Column("candidate", sa.String(300), nullable=True),
     sa.Column("decision_json", sa.Text, nullable=True),
     sa.Column("timings_json", sa.Text, nullable=True),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
 )
 
 

@@ -61,7 +61,7 @@ def serve(
 ) -> MetricsEndpoint:
     """Serve `registry` at /metrics (a free port when `port` is 0); when `endpoint_file` is given,
     write {url, port, pid, started, host, **info} there atomically once the port is bound."""
-    from distml.ops.liveness import process_identity
+    from distml.core.liveness import process_identity
     from distml.workspace import atomic_write
 
     server = make_server(addr, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
@@ -84,7 +84,7 @@ def serve(
 def read_endpoint(path: str | os.PathLike, alive: bool = True) -> dict[str, Any] | None:
     """An endpoint file's record; with `alive`, None unless its process still runs (on this host,
     the same pid and start time; on another host it cannot be told, so it counts as running)."""
-    from distml.ops.liveness import process_identity
+    from distml.core.liveness import process_identity
 
     try:
         record = json.loads(Path(path).read_text())

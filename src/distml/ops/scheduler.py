@@ -21,7 +21,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 #: Priority classes by name; `--priority` takes a name or an integer. Higher runs first.
 PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}

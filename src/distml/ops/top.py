@@ -208,7 +208,7 @@ class Top:
             if run_id in ranks or row.status != "running":
                 continue
             last = latest[run_id].recorded_at if run_id in latest else row.updated_at
-            if (now - _utc(last)).total_seconds() < 600:  # stopped or killed recently: still worth a line
+            if (now - last).total_seconds() < 600:  # stopped or killed recently: still worth a line
                 shown.append(run_id)
         scrapes = self.scrape_all(r["url"] for run_id in shown for r in ranks.get(run_id, []))
         table = Table(
@@ -262,8 +262,8 @@ class Top:
     # -- pipeline runs -----------------------------------------------------------------------
 
     def pipelines(self) -> list[RenderableType]:
+        from distml.core.liveness import pid_alive
         from distml.ops import metadata as md
-        from distml.ops.liveness import pid_alive
 
         runs = md.list_workflow_runs(self.ws.engine, limit=30)
         running = [r for r in runs if r["status"] == "running"]
@@ -306,7 +306,7 @@ class Top:
                     status = Text("running, metrics unreachable", style="yellow")
             total = sum(counts.values())
             done = sum(counts.get(s, 0) for s in FINAL)
-            end = now if run["status"] == "running" else _utc(run["updated_at"])
+            end = now if run["status"] == "running" else run["updated_at"]
             table.add_row(
                 run["run_id"],
                 _short_target(run["target"]),
@@ -315,7 +315,7 @@ class Top:
                 str(counts.get("running", 0)),
                 str(counts.get("cached", 0)),
                 str(counts.get("failed", 0) + counts.get("upstream_failed", 0)),
-                _duration((end - _utc(run["created_at"])).total_seconds()),
+                _duration((end - run["created_at"]).total_seconds()),
             )
         return [table]
 
@@ -395,8 +395,8 @@ class Top:
     def watches(self) -> list[RenderableType]:
         import sqlalchemy as sa
 
+        from distml.core.liveness import pid_alive
         from distml.ops import metadata as md
-        from distml.ops.liveness import pid_alive
 
         with self.ws.engine.connect() as conn:
             watches = [dict(r) for r in conn.execute(sa.select(md.watches).order_by(md.watches.c.name)).mappings()]
@@ -510,10 +510,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _duration(seconds: float) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops import metadata
 from distml.ops.admission import Resources
 from distml.serve.canary import CanaryPolicy
@@ -210,8 +210,6 @@ def _utc(seconds: float) -> dt.datetime:
 def _seconds(value: dt.datetime | None) -> float | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite returns naive UTC
-        value = value.replace(tzinfo=dt.UTC)
     return value.timestamp()
 
 
@@ -259,7 +257,7 @@ class Watcher:
     # ------------------------------------------------------------ ingestion
 
     def _claim_watch(self) -> None:
-        from distml.ops.liveness import process_identity
+        from distml.core.liveness import process_identity
 
         row = metadata.get_watch(self.engine, self.config.name)
         other = row is not None and row["pid"] and row["pid"] != os.getpid() and row["host"] == socket.gethostname()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.pipelines.end_to_end import client_images, v2_request
 
 

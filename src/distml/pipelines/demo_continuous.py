@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from rich.table import Table
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops import metadata
 from distml.pipelines.end_to_end import client_images, v2_request
 

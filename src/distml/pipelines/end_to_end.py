@@ -90,7 +90,7 @@ def train_output(model: str, data: dict, run_id: str, result: dict) -> dict:
 @step(memoize=True, retries=1)
 def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> dict:
     """Train one candidate with allreduce on `workers` processes (PyTorch's elastic launcher)."""
-    from distml.errors import DistmlError
+    from distml.core.errors import DistmlError
     from distml.train.launcher import launch
 
     ctx = current()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 
 MAX_SAMPLES = 100_000  # per version and window: memory stays bounded whatever the request rate
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.workspace import DEFAULT_ROOT
 
 TOKEN_ENV = "DISTML_SERVE_TOKEN"

@@ -28,7 +28,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops.metrics import GatewayMetrics
 from distml.serve import http, protocol, sharding
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop
@@ -94,8 +94,8 @@ class Deployments:
         import socket
         from pathlib import Path
 
+        from distml.core.liveness import process_identity
         from distml.ops import lineage
-        from distml.ops.liveness import process_identity
 
         pid, before = os.getpid(), self.serving
         self.serving = {ref: before.get(ref) for ref in models}

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve import protocol
 from distml.serve.protocol import ProtocolError
 from distml.workspace import atomic_write

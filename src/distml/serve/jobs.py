@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from distml.ops.liveness import pid_alive
+from distml.core.liveness import pid_alive
 from distml.ops.metadata import inference_jobs
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ def _now() -> dt.datetime:
 def _iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        value = value.replace(tzinfo=dt.UTC)
     return value.isoformat()
 
 

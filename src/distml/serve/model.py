@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models.datatypes import NUMERIC_TYPES
 from distml.serve import protocol
 from distml.serve.batching import DynamicBatcher

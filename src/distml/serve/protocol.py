@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import pydantic
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.models.datatypes import DATATYPES, FLOAT_TYPES, INTEGER_TYPES, NUMERIC_TYPES
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve.config import TOKEN_ENV, ReplicaConfig
 from distml.workspace import atomic_write
 

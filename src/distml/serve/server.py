@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 import distml
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops.admission import Lease, Resources, SharedPool
 from distml.ops.metrics import ServingMetrics
 from distml.serve import http, protocol

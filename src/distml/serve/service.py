@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from distml.errors import DistmlError
-from distml.ops.liveness import pid_alive, process_identity
+from distml.core.errors import DistmlError
+from distml.core.liveness import pid_alive, process_identity
 from distml.serve.config import ServeConfig, parse_serve_config
 from distml.workspace import Workspace, atomic_write
 

@@ -15,7 +15,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.serve import protocol
 from distml.serve.protocol import InferRequest, InferResponse, PredictRequest, PredictResponse, ProtocolError, Tensor
 

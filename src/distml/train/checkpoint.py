@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.workspace import atomic_write
 
 LATEST = "LATEST"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.workspace import DEFAULT_ROOT
 
 

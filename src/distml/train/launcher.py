@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus
 from distml.ops.metrics import serve_scheduler
 from distml.train.config import TrainConfig

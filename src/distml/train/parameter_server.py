@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.train.optimizer import make_optimizer
 
 CLOCK_TAG = 1  # async: a worker's step travels as its own message, ahead of its gradient (tag 0)

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distml.core.errors import DistmlError
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
-from distml.errors import DistmlError
 from distml.train import checkpoint
 from distml.train.config import TrainConfig, load_config
 

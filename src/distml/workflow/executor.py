@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.ops import lineage, metadata
 from distml.ops.admission import JOB_ENV
 from distml.workflow.values import canonical, decode, encode

@@ -88,10 +88,7 @@ def explain_miss(parts: dict[str, Any], previous: dict[str, Any] | None, max_age
     if old.get("data") != parts["data"]:
         reasons.append("data changed")
     if not reasons and max_age is not None and previous.get("finished_at") is not None:
-        finished = previous["finished_at"]
-        if finished.tzinfo is None:
-            finished = finished.replace(tzinfo=dt.UTC)
-        age = (dt.datetime.now(dt.UTC) - finished).total_seconds()
+        age = (dt.datetime.now(dt.UTC) - previous["finished_at"]).total_seconds()
         reasons.append(f"expired: the last result is {age:.0f} s old, max_age is {max_age:g} s")
     return "; ".join(reasons) or "the earlier result is no longer available"
 

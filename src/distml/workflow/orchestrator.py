@@ -24,10 +24,10 @@ from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
+from distml.core.liveness import pid_alive, process_identity
 from distml.ops import lineage, metadata
 from distml.ops.admission import Lease, LocalPool, SharedPool
-from distml.ops.liveness import pid_alive, process_identity
 from distml.workflow import memo
 from distml.workflow.dag import Node, build, substitute
 from distml.workflow.executor import StepContext, StepProcesses, Task, stop_group, using_context
@@ -249,9 +249,7 @@ class Orchestrator:
                         state.cap_lease = self.cap.try_acquire(node_id, state.node.step.policy.resources)
                     timeout = state.node.step.policy.timeout
                     if timeout is not None and last["started_at"] is not None:
-                        began = last["started_at"]
-                        began = began if began.tzinfo else began.replace(tzinfo=dt.UTC)
-                        left = timeout - (_now() - began).total_seconds()
+                        left = timeout - (_now() - last["started_at"]).total_seconds()
                         state.deadline = time.monotonic() + max(left, 0.0)  # its timeout still holds
                     state.history.append("adopted its running process after the orchestrator restarted")
                 else:

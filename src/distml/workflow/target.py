@@ -12,7 +12,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.workflow.executor import import_file
 
 DEFAULT_TARGET = "distml.pipelines.end_to_end:pipeline"

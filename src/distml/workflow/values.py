@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distml.errors import DistmlError
+from distml.core.errors import DistmlError
 from distml.workspace import Workspace
 
 _TAG = "__artifact__"

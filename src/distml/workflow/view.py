@@ -155,7 +155,7 @@ def live_rows(orchestrator: Any) -> list[dict[str, Any]]:
 def _ts(value: dt.datetime | None) -> float | None:
     if value is None:
         return None
-    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).timestamp()
+    return value.timestamp()
 
 
 def stored_rows(executions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
