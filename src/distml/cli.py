@@ -455,14 +455,18 @@ def deploy_command(
         click.echo(f"all traffic for {name} goes to version {version}")
         return
     current = call("GET", "/admin/replicas")["groups"][0]["models"]
-    old = [ref for ref in current if ref.split(":")[0].split("@")[0] == name and ref != f"{name}:{version}"]
+    from distml.core.refs import ModelRef
+
+    # the versions of MODEL loaded now, where pinned ('cnn@champion' names no version to split with)
+    old = [ref.version for ref in map(ModelRef.parse, current) if ref.name == name and ref.version is not None]
+    old = [str(v) for v in old if str(v) != version]
     call(
         "POST",
         "/admin/replicas/roll",
         {"models": [f"{name}:{version}", *[r for r in current if r != f"{name}:{version}"]]},
     )
     if canary > 0 and old:
-        old_version = old[0].split(":")[1]
+        old_version = old[0]
         call("POST", f"/admin/models/{name}/traffic", {"versions": {old_version: 100 - canary, version: canary}})
         click.echo(f"{name}:{version} loaded; {canary:g}% of traffic to it, {100 - canary:g}% to version {old_version}")
     else:
@@ -520,9 +524,10 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
         result = _run_pipeline(ctx, target, params, run_options)
     served = result.result.get("served") if isinstance(result.result, dict) else None
     if isinstance(served, dict) and "url" in served:
+        from distml.core.refs import ModelRef
         from distml.pipelines.end_to_end import example_request
 
-        name = served["model"].split(":")[0]
+        name = ModelRef.parse(served["model"]).name
         body_path, label = example_request(_workspace(ctx), name)
         click.echo(f"serving {served['model']} at {served['url']} ({served['action']})")
         click.echo(
@@ -845,16 +850,17 @@ def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> Non
     removes it whatever version it points at, MODEL:VERSION only if it points at that version.
     `distml serve MODEL@ALIAS` then serves the version the alias points at.
     """
+    from distml.core.refs import ModelRef
     from distml.models.artifact import list_models, set_alias, unset_alias
     from distml.ops.metadata import get_model_alias
 
-    name, sep, text = model.partition(":")
-    if "@" in model or not name or (sep and not (text.isdigit() and int(text) >= 1)):
+    ref = ModelRef.parse(model)
+    if ref.alias is not None or ref.digest is not None:
         raise DistmlError(
-            f"model reference {model!r} is not valid; expected MODEL or MODEL:VERSION with a positive "
+            f"model reference {model!r} is not valid here; expected MODEL or MODEL:VERSION with a positive "
             "integer version, e.g. cnn or cnn:2"
         )
-    version = int(text) if sep else None
+    name, version = ref.name, ref.version
     ws = _workspace(ctx)
     if unset:
         removed = unset_alias(ws, name, alias, version)

@@ -154,7 +154,7 @@ def test_list_with_nothing_registered(workspace):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("alias", "cnn:x", "champion"), "model reference 'cnn:x' is not valid; expected MODEL or MODEL:VERSION"),
+        (("alias", "cnn:x", "champion"), "model reference 'cnn:x' is not valid (the version must be a positive"),
         (("alias", "cnn:0", "champion"), "model reference 'cnn:0' is not valid"),
         (("alias", "cnn:", "champion"), "model reference 'cnn:' is not valid"),
         (("alias", ":2", "champion"), "model reference ':2' is not valid"),
@@ -165,7 +165,7 @@ def test_list_with_nothing_registered(workspace):
         (("alias", "cnn:1", "bad alias"), "alias 'bad alias' is not valid; expected 1-200 letters"),
         (("alias", "cnn:1", "x@y"), "alias 'x@y' is not valid"),
         (("alias", "cnn", "a" * 64), "alias '" + "a" * 64 + "' is not valid"),
-        (("alias", "bad name", "champion"), "model name 'bad name' is not valid"),
+        (("alias", "bad name", "champion"), "model reference 'bad name' is not valid (the name must be 1-200"),
         (("alias", "cnn:x", "champion", "--unset"), "model reference 'cnn:x' is not valid"),
         (("alias", "ghost", "champion", "--unset"), "no model named 'ghost' is registered"),
         (("alias", "cnn:3", "champion", "--unset"), "model 'cnn' has no version 3; its versions are 1 to 2"),

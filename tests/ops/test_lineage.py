@@ -208,7 +208,7 @@ def registry(workspace):
         (["nope"], "no model named 'nope' is registered; registered models: mlp"),
         (["mlp:7"], "model 'mlp' has no version 7; its versions are 1"),
         (["mlp@gone"], "model 'mlp' has no alias 'gone'; its aliases are champion (-> mlp:1)"),
-        (["mlp:x"], "model reference 'mlp:x': the version must be a positive integer"),
+        (["mlp:x"], "model reference 'mlp:x' is not valid (the version must be a positive integer)"),
         (["--data", "ff"], "no data snapshot has a fingerprint starting with 'ff'; recorded snapshots: ab34"),
         (["--data", "ab"], "fingerprint prefix 'ab' is ambiguous: 2 data snapshots match (ab12"),
         ([], "give a model (MODEL, MODEL:VERSION or MODEL@ALIAS) or --data FINGERPRINT"),

@@ -163,7 +163,7 @@ def test_proxy_passthrough_errors_health_metrics_and_token(tmp_path):
             resp = client.post("/v2/models/echo/infer", json=body, headers={**AUTH, "X-Model-Version": "latest"})
             assert resp.status_code == 404 and "has no version 'latest'" in resp.json()["error"]
             split = client.post("/admin/models/echo/traffic", json={"versions": {"latest": 100}}, headers=AUTH)
-            assert split.status_code == 400 and "expected a version number" in split.json()["error"]
+            assert split.status_code == 400 and "expected a positive integer such as 3" in split.json()["error"]
             assert client.get("/v2/models/echo", headers=AUTH).json()["name"] == "echo"
             # the bearer token guards everything but health, as on the replicas
             assert client.post("/v2/models/echo/infer", json=body).status_code == 401

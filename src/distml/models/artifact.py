@@ -19,11 +19,11 @@ import datetime as dt
 import hashlib
 import inspect
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 import distml
 from distml.core.errors import DistmlError
+from distml.core.refs import DIGEST_PATTERN, ModelRef, check_name
 from distml.models import BUILTIN_MODELS
 from distml.models.datatypes import DATATYPES
 from distml.ops import lineage as lineage_graph
@@ -41,8 +41,7 @@ WEIGHTS_FORMAT = "safetensors"
 #: The input spec of the zoo's models, in the V2 inference protocol's terms.
 IMAGE_INPUT_SPEC: dict[str, Any] = {"name": "image", "shape": [28, 28], "datatype": "FP32"}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = DIGEST_PATTERN
 
 # key -> (accepted types, description) for format version 1.
 _MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -82,15 +81,6 @@ class ModelRecord:
 
 
 # --- saving ----------------------------------------------------------------------------
-
-
-def _check_name(kind: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or _DIGEST.match(value):
-        raise DistmlError(
-            f"{kind} {value!r} is not valid; expected 1-200 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit and not a 64-character hex digest"
-        )
-    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -228,7 +218,7 @@ def save_model(
 
     if not isinstance(model, nn.Module):
         raise DistmlError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_name("model name", name)
+    check_name("model name", name)
     arch_args = _plain_json("arch_args", arch_args)
     input_spec = _check_input_spec(input_spec)
     preprocessing = _plain_json("preprocessing", preprocessing)
@@ -311,8 +301,6 @@ def _register(workspace: Workspace, manifest: dict[str, Any], derived_from: str 
 
 # --- resolving and loading ---------------------------------------------------------------
 
-_REF_HELP = "expected 'name', 'name:version', 'name@alias' or a 64-character manifest digest"
-
 
 def _registered_names(workspace: Workspace) -> str:
     names = sorted({row["name"] for row in metadata.list_model_versions(workspace.engine)})
@@ -380,33 +368,23 @@ def _check_architecture(name: str) -> None:
     zoo.resolve_factory(name)
 
 
-def _resolve_row(workspace: Workspace, ref: str) -> dict[str, Any] | None:
+def _resolve_row(workspace: Workspace, ref: str | ModelRef) -> dict[str, Any] | None:
     """The metadata row `ref` names; None for a manifest digest that is only in the artifact store."""
-    if not isinstance(ref, str) or not ref:
-        raise DistmlError(f"model reference {ref!r} is not valid; {_REF_HELP}")
+    parsed = ModelRef.parse(ref)
     engine = workspace.engine
-    if _DIGEST.match(ref):
-        row = metadata.find_model_version_by_manifest(engine, ref)
-        if row is None and not workspace.artifacts.exists(ref):
-            raise DistmlError(f"no model manifest with digest {ref} in the metadata or artifact store")
+    if parsed.digest is not None:
+        row = metadata.find_model_version_by_manifest(engine, parsed.digest)
+        if row is None and not workspace.artifacts.exists(parsed.digest):
+            raise DistmlError(f"no model manifest with digest {parsed.digest} in the metadata or artifact store")
         return row
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        _check_name("model name", name)
-        _check_name("alias", alias)
-        version = metadata.get_model_alias(engine, name, alias)
+    name, version = parsed.name, parsed.version
+    if parsed.alias is not None:
+        version = metadata.get_model_alias(engine, name, parsed.alias)
         if version is None:
             raise DistmlError(
-                f"model {name!r} has no alias {alias!r}; set one with `distml models alias {name}:VERSION {alias}`"
+                f"model {name!r} has no alias {parsed.alias!r}; "
+                f"set one with `distml models alias {name}:VERSION {parsed.alias}`"
             )
-    elif ":" in ref:
-        name, text = ref.split(":", 1)
-        _check_name("model name", name)
-        if not text.isdigit() or int(text) < 1:
-            raise DistmlError(f"model reference {ref!r}: version {text!r} is not a positive integer; {_REF_HELP}")
-        version = int(text)
-    else:
-        name, version = _check_name("model name", ref), None
     row = metadata.get_model_version(engine, name, version)
     if row is None:
         if metadata.get_model_version(engine, name) is None:
@@ -416,10 +394,12 @@ def _resolve_row(workspace: Workspace, ref: str) -> dict[str, Any] | None:
     return row
 
 
-def resolve_model(workspace: Workspace, ref: str) -> ModelRecord:
-    """The stored model `ref` names, with its validated manifest (weights not loaded)."""
-    row = _resolve_row(workspace, ref)
-    manifest_digest = row["manifest_digest"] if row is not None else ref
+def resolve_model(workspace: Workspace, ref: str | ModelRef) -> ModelRecord:
+    """The stored model `ref` names (a `ModelRef` or its text), with its validated manifest (weights
+    not loaded). Every form resolves here, against the registry: the one place that does."""
+    parsed = ModelRef.parse(ref)
+    row = _resolve_row(workspace, parsed)
+    manifest_digest = row["manifest_digest"] if row is not None else parsed.digest
     manifest = _validate_manifest(_verified_bytes(workspace, manifest_digest, "model manifest"), manifest_digest)
     if row is not None and row["weights_digest"] != manifest["weights_digest"]:
         raise DistmlError(
@@ -436,7 +416,7 @@ def resolve_model(workspace: Workspace, ref: str) -> ModelRecord:
     return ModelRecord(manifest["name"], None, manifest_digest, manifest["weights_digest"], manifest)
 
 
-def load_model(workspace: Workspace, ref: str) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(workspace: Workspace, ref: str | ModelRef) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model `ref` names ('name', 'name:version', 'name@alias', manifest digest).
 
     Returns the model in eval mode and its manifest. Weights are read with safetensors and
@@ -477,7 +457,7 @@ def register_as(workspace: Workspace, ref: str, name: str, lineage: dict[str, An
     """Register the model `ref` names as a version of `name` (same weights, its manifest renamed,
     `lineage` added with the candidate's ref). A version of `name` with the same weights is
     returned as it is, so registering again does not multiply versions."""
-    _check_name("model name", name)
+    check_name("model name", name)
     record = resolve_model(workspace, ref)
     for row in metadata.list_model_versions(workspace.engine, name):
         if row["weights_digest"] == record.weights_digest:
@@ -493,8 +473,8 @@ def register_as(workspace: Workspace, ref: str, name: str, lineage: dict[str, An
 
 def set_alias(workspace: Workspace, name: str, alias: str, version: int) -> None:
     """Point `name@alias` (e.g. `champion`) at an existing version of `name`."""
-    _check_name("model name", name)
-    _check_name("alias", alias)
+    check_name("model name", name)
+    check_name("alias", alias)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DistmlError(f"alias version must be a positive integer, got {version!r}")
     if metadata.get_model_version(workspace.engine, name, version) is None:
@@ -511,8 +491,8 @@ def unset_alias(workspace: Workspace, name: str, alias: str, version: int | None
     With `version`, the alias is removed only if it points at that version (so an alias that
     has since been moved elsewhere is not removed by mistake); without it, whatever it points at.
     """
-    _check_name("model name", name)
-    _check_name("alias", alias)
+    check_name("model name", name)
+    check_name("alias", alias)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise DistmlError(f"alias version must be a positive integer or None, got {version!r}")
     engine = workspace.engine

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from distml.core.errors import DistmlError
 from distml.core.liveness import process_identity
+from distml.core.refs import ModelRef
 from distml.ops import metadata as md
 
 #: Set in a step process to the step execution it runs (run_id, node_id, generation and the
@@ -258,20 +259,23 @@ def record_model(
 
 
 def _resolve_ref(conn: sa.Connection, ref: str) -> tuple[str, int] | None:
-    """(name, version) of a registered NAME:VERSION, NAME@ALIAS or NAME (latest), else None."""
+    """(name, version) of the registered model `ref` names (any `ModelRef` form), else None."""
     v = md.model_versions
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
+    try:
+        parsed = ModelRef.parse(ref)
+    except DistmlError:
+        return None
+    if parsed.digest is not None:
+        found = conn.execute(sa.select(v.c.name, v.c.version).where(v.c.manifest_digest == parsed.digest)).first()
+        return (found.name, int(found.version)) if found is not None else None
+    name, version = parsed.name, parsed.version
+    if parsed.alias is not None:
         version = conn.execute(
             sa.select(md.model_aliases.c.version).where(
-                md.model_aliases.c.name == name, md.model_aliases.c.alias == alias
+                md.model_aliases.c.name == name, md.model_aliases.c.alias == parsed.alias
             )
         ).scalar()
-    elif ":" in ref:
-        name, text = ref.split(":", 1)
-        version = int(text) if text.isdigit() else None
-    else:
-        name = ref
+    elif version is None:
         version = conn.execute(sa.select(sa.func.max(v.c.version)).where(v.c.name == name)).scalar()
     if version is None:
         return None
@@ -599,27 +603,16 @@ def _graph_view(conn: sa.Connection, artifact_ids: set[int], execution_ids: set[
     }
 
 
-def _split_ref(ref: str) -> tuple[str, str | None, int | None]:
-    help_ = "expected MODEL, MODEL:VERSION or MODEL@ALIAS, e.g. digits-classifier@production"
-    if not isinstance(ref, str) or not ref.strip():
-        raise DistmlError(f"model reference {ref!r} is not valid; {help_}")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        if not name or not alias:
-            raise DistmlError(f"model reference {ref!r} is not valid; {help_}")
-        return name, alias, None
-    if ":" in ref:
-        name, text = ref.split(":", 1)
-        if not name or not text.isdigit() or int(text) < 1:
-            raise DistmlError(f"model reference {ref!r}: the version must be a positive integer; {help_}")
-        return name, None, int(text)
-    return ref, None, None
-
-
 def _find_version(conn: sa.Connection, ref: str) -> Any:
     """The registry row `ref` names, or one error that says what exists."""
-    name, alias, version = _split_ref(ref)
+    parsed = ModelRef.parse(ref)
+    name, alias, version = parsed.name, parsed.alias, parsed.version
     v, a = md.model_versions, md.model_aliases
+    if parsed.digest is not None:
+        row = conn.execute(sa.select(v).where(v.c.manifest_digest == parsed.digest)).first()
+        if row is None:
+            raise DistmlError(f"no registered model version has manifest digest {parsed.digest}")
+        return row
     versions = [r.version for r in conn.execute(sa.select(v.c.version).where(v.c.name == name).order_by(v.c.version))]
     if not versions:
         names = [r.name for r in conn.execute(sa.select(v.c.name).distinct().order_by(v.c.name))]

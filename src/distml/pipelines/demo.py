@@ -12,11 +12,12 @@ import httpx
 from rich.table import Table
 
 from distml.core.errors import DistmlError
+from distml.core.refs import ModelRef
 from distml.pipelines.end_to_end import client_images, v2_request
 
 
 def answer_table(ws: Any, url: str, model: str, dataset: str, data_dir: str | None, count: int) -> Table:
-    name = model.split(":")[0]
+    name = ModelRef.parse(model).name
     images, labels, classes = client_images(ws, dataset, data_dir, count)
     response = httpx.post(f"{url}/v2/models/{name}/infer", json=v2_request(images), timeout=60)
     if response.status_code != 200:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from distml.core import refs
 from distml.core.errors import DistmlError
 from distml.models.datatypes import NUMERIC_TYPES
 from distml.serve import protocol
@@ -624,13 +625,11 @@ class ModelRepository:
 
 
 def parse_version(name: str, version: str) -> int:
-    """A version from a path or an `X-Model-Version` header: '3' or 'name:3'."""
-    text = version.split(":", 1)[1] if version.startswith(f"{name}:") else version
-    if not text.isdigit():
-        raise ProtocolError(
-            400, f"model version {version!r} is not valid; expected a version number such as 3 or {name}:3"
-        )
-    return int(text)
+    """A version from a path or an `X-Model-Version` header: '3' or 'name:3'; a bad one is a 400."""
+    try:
+        return refs.parse_version(version, name)
+    except DistmlError as exc:
+        raise ProtocolError(400, str(exc)) from None
 
 
 __all__ = ["ModelRepository", "Preprocessing", "ServedModel", "optimize_for_serving", "parse_version", "resolve_refs"]

@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from distml.core.errors import DistmlError
+from distml.core.refs import ModelRef
 from distml.serve.config import TOKEN_ENV, ReplicaConfig
 from distml.workspace import atomic_write
 
@@ -95,10 +96,8 @@ class ReplicaRefused(DistmlError):
 
 
 def _split_ref(ref: str) -> tuple[str, int]:
-    name, sep, version = ref.rpartition(":")
-    if not sep or not name or not version.isdigit() or int(version) < 1:
-        raise DistmlError(f"model reference {ref!r} is not valid here; expected NAME:VERSION such as cnn:3")
-    return name, int(version)
+    pinned = ModelRef.pinned(ref)
+    return pinned.name, pinned.version
 
 
 def _serves(models: Iterable[str], name: str, version: int) -> bool:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 import distml
 from distml.core.errors import DistmlError
+from distml.core.refs import parse_version
 from distml.ops.admission import Lease, Resources, SharedPool
 from distml.ops.metrics import ServingMetrics
 from distml.serve import http, protocol
@@ -246,10 +247,12 @@ class ModelServer:
         obj = await http.read_json(request, self.config.max_body_bytes, expected)
         parameters = obj.get("parameters")
         version = parameters.get("version") if isinstance(parameters, dict) else None
-        text = str(version) if isinstance(version, (str, int)) and not isinstance(version, bool) else ""
-        text = text.split(":", 1)[1] if text.startswith(f"{name}:") else text
-        if not text.isdigit() or int(text) < 1:
-            raise ProtocolError(400, f"request body names no version to {endpoint.split('_')[1]}; expected {expected}")
+        try:
+            text = str(parse_version(version, name))
+        except DistmlError:
+            raise ProtocolError(
+                400, f"request body names no version to {endpoint.split('_')[1]}; expected {expected}"
+            ) from None
         if self.draining or not self.ready:
             why = "the server is shutting down" if self.draining else self.load_error or "models are still loading"
             raise ProtocolError(503, f"cannot change the loaded models now: {why}")

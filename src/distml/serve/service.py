@@ -23,6 +23,7 @@ import httpx
 
 from distml.core.errors import DistmlError
 from distml.core.liveness import pid_alive, process_identity
+from distml.core.refs import ModelRef
 from distml.serve.config import ServeConfig, parse_serve_config
 from distml.workspace import Workspace, atomic_write
 
@@ -104,18 +105,17 @@ def _admin(
 def swap_model(url: str, ref: str, token: str | None = None) -> None:
     """Roll the service's replicas onto `ref` (a new replica is ready before an old one drains)."""
     _admin(url, "POST", "/admin/replicas/roll", {"models": [ref]}, token)
-    name, version = ref.split(":")
-    _admin(url, "POST", f"/admin/models/{name}/promote", {"version": version}, token)
+    pinned = ModelRef.pinned(ref)
+    _admin(url, "POST", f"/admin/models/{pinned.name}/promote", {"version": str(pinned.version)}, token)
 
 
 def start_canary(url: str, ref: str, policy: dict[str, Any] | None = None, token: str | None = None) -> dict:
     """Start a canary of `ref` ("name:version") on the service at `url`: the gateway loads it into every
     replica, sends it `policy["weight"]` of the traffic and promotes or rolls it back by itself
     (policy fields: see `distml.serve.canary.CanaryPolicy`). Returns the canary's state."""
-    name, sep, version = ref.rpartition(":")
-    if not sep or not name or not version:
-        raise DistmlError(f"canary reference {ref!r} is not valid; expected NAME:VERSION such as cnn:3")
-    return _admin(url, "POST", f"/admin/models/{name}/canary", {**(policy or {}), "version": version}, token)
+    pinned = ModelRef.pinned(ref)
+    body = {**(policy or {}), "version": str(pinned.version)}
+    return _admin(url, "POST", f"/admin/models/{pinned.name}/canary", body, token)
 
 
 def canary_status(url: str, model: str, token: str | None = None, client: httpx.Client | None = None) -> dict:
