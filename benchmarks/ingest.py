@@ -75,10 +75,11 @@ def normalize_step():
 
 def load_data(workspace: str | None, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """The Fashion-MNIST training split if the workspace already holds its 4 files, else generated."""
+    from distml.core import HOME_ENV
     from distml.data.datasets import FASHION_MNIST_FILES
-    from distml.workspace import default_root
+    from distml.workspace import DEFAULT_ROOT
 
-    root = Path(workspace) if workspace else default_root()
+    root = Path(workspace or os.environ.get(HOME_ENV) or DEFAULT_ROOT)
     folder = root / "datasets" / "fashion-mnist"
     if all((folder / f.name).is_file() for f in FASHION_MNIST_FILES):
         from distml.data.datasets import fashion_mnist

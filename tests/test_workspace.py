@@ -41,13 +41,22 @@ def test_newer_schema_is_refused_without_damage(workspace):
         assert conn.execute(sa.select(sa.func.max(metadata.schema_version.c.version))).scalar() == 999
 
 
-def test_metadata_store_on_postgresql(postgres_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTML_DB_URL", postgres_url)
-    ws = Workspace(tmp_path / "pg")
+def test_metadata_store_on_postgresql(postgres_url, tmp_path):
+    ws = Workspace(tmp_path / "pg", postgres_url)
     dataset_id = metadata.record_dataset(
         ws.engine, name="d", split="s", fingerprint="a" * 64, num_records=1, uri="u", schema={}
     )
     assert ws.engine.dialect.name == "postgresql" and dataset_id >= 1
+    ws.close()
+
+
+def test_the_environment_is_read_at_the_cli_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTML_DB_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("DISTML_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    ws = Workspace()
+    assert ws.root == tmp_path.joinpath(".distml").relative_to(tmp_path) and ws.engine.dialect.name == "sqlite"
+    assert ws.db_url == f"sqlite:///{tmp_path / '.distml' / 'distml.db'}"
     ws.close()
 
 

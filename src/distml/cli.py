@@ -34,10 +34,17 @@ class _Group(click.Group):
     default=None,
     help="Workspace folder (metadata store, artifacts, caches) [default: $DISTML_HOME or .distml].",
 )
+@click.option(
+    "--db-url",
+    envvar="DISTML_DB_URL",
+    default=None,
+    help="Metadata store as a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+    "[default: $DISTML_DB_URL or distml.db in the workspace].",
+)
 @click.pass_context
-def main(ctx: click.Context, workspace_path: str | None) -> None:
+def main(ctx: click.Context, workspace_path: str | None, db_url: str | None) -> None:
     """distml: data ingestion, distributed training, serving, workflows and operations."""
-    ctx.obj = {"workspace_path": workspace_path}
+    ctx.obj = {"workspace_path": workspace_path, "db_url": db_url}
 
 
 def _key_values(items: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -57,7 +64,7 @@ def _key_values(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 def _workspace(ctx: click.Context):
     from distml.workspace import Workspace
 
-    return Workspace(ctx.obj["workspace_path"])
+    return Workspace(ctx.obj["workspace_path"], ctx.obj["db_url"])
 
 
 @main.command()
@@ -285,8 +292,15 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     train_files = [str(Path(p).resolve()) for p in options.pop("train_files")] or None
     for unset in [name for name in ("rdzv_last_call_timeout", "rdzv_keep_alive") if options[name] is None]:
         del options[unset]  # TrainConfig holds the defaults
+    ws = _workspace(ctx)
     config = parse_config(
-        {**options, "model_args": model_args, "train_files": train_files, "workspace": str(_workspace(ctx).root)}
+        {
+            **options,
+            "model_args": model_args,
+            "train_files": train_files,
+            "workspace": str(ws.root),
+            "db_url": ws.db_url,
+        }
     )
     try:
         result = launch(config)

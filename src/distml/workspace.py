@@ -23,11 +23,6 @@ from distml.core.errors import DistmlError
 from distml.ops import metadata
 
 DEFAULT_ROOT = ".distml"
-HOME_ENV = "DISTML_HOME"
-
-
-def default_root() -> Path:
-    return Path(os.environ.get(HOME_ENV, DEFAULT_ROOT))
 
 
 @contextlib.contextmanager
@@ -90,14 +85,17 @@ class Workspace:
     """Root folder, metadata store and artifact store of one distml installation."""
 
     def __init__(self, root: str | os.PathLike | None = None, db_url: str | None = None, migrate: bool = True):
-        self.root = Path(root) if root is not None else default_root()
+        """`db_url` None: the SQLite file `distml.db` in `root`. The environment is not read here
+        (the CLI reads DISTML_HOME and DISTML_DB_URL); a process started for this workspace gets
+        `root` and `db_url` (always a full URL) in its config file."""
+        self.root = Path(root if root is not None else DEFAULT_ROOT)
         if self.root.exists() and not self.root.is_dir():
             raise DistmlError(f"workspace path {self.root} exists and is not a folder; pass a folder path")
         self.root.mkdir(parents=True, exist_ok=True)
         self.cache_dir = self.root / "cache"
         self.datasets_dir = self.root / "datasets"
         self.artifacts = ArtifactStore(self.root / "artifacts")
-        self.db_url = db_url or os.environ.get("DISTML_DB_URL") or f"sqlite:///{(self.root / 'distml.db').resolve()}"
+        self.db_url = db_url or f"sqlite:///{(self.root / 'distml.db').resolve()}"
         self._engine: sa.Engine | None = None
         self._migrate = migrate  # False where a parent process has migrated the store (step processes)
 

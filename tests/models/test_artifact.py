@@ -357,9 +357,8 @@ def test_migration_2_creates_the_registry_tables(workspace):
     assert {"model_versions", "model_aliases"} <= set(tables)
 
 
-def test_model_registry_on_postgresql(postgres_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTML_DB_URL", postgres_url)
-    ws = Workspace(tmp_path / "pg")
+def test_model_registry_on_postgresql(postgres_url, tmp_path):
+    ws = Workspace(tmp_path / "pg", postgres_url)
     try:
         name = f"pg_{tmp_path.name}".replace("-", "_")[:60]
         torch.manual_seed(0)

@@ -240,7 +240,7 @@ WRITER = textwrap.dedent(
     from distml.workspace import Workspace
 
     kind, index, rounds, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    ws = Workspace(os.environ["DISTML_HOME"], migrate=False)
+    ws = Workspace(os.environ["DISTML_HOME"], os.environ["DISTML_DB_URL"], migrate=False)
     engine = ws.engine
     def snapshot(j):  # every writer records the same snapshots at about the same moment
         return dict(name="digits", split="train", fingerprint=f"{j:064x}", uri="mem:digits", num_records=j)

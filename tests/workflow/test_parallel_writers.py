@@ -12,10 +12,11 @@ import textwrap
 import pytest
 import sqlalchemy as sa
 
+from distml.core import HOME_ENV
 from distml.ops import metadata
 from distml.workflow.orchestrator import RunOptions, run_pipeline
 from distml.workflow.target import file_module_name
-from distml.workspace import HOME_ENV, Workspace
+from distml.workspace import Workspace
 
 WIDTH = 40  # writer steps
 METRICS = 30  # metrics each writer logs, one transaction each

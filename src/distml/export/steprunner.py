@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
 
 OUT_DIR = "/tmp/distml-out"  # the container's output parameters are read from here
@@ -139,7 +140,7 @@ def _main(ns: argparse.Namespace) -> None:
             raise DistmlError(f"--input {name}: not JSON ({exc})") from None
     node = _node(build_graph(spec), ns.node)
     args, kwargs = stored_args(node, inputs)
-    ws = Workspace(spec.workspace)
+    ws = Workspace(spec.workspace, os.environ.get(DB_URL_ENV))  # a cluster's pod: the URL from a Secret
     out = Path(ns.out)
     if ns.command in ("key", "prepare"):
         key, parts = memo_key(node, args, kwargs, ws, ns.run_id)

@@ -100,6 +100,7 @@ def train_candidate(watch: dict, train_files: list[str], init_from: str | None =
             "batch_size": watch["batch_size"],
             "lr": watch["lr"],
             "workspace": str(_workspace().root),
+            "db_url": _workspace().db_url,
         }
     )
     result = launch(config)

@@ -95,7 +95,9 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
 
     ctx = current()
     train_split = data["splits"]["train"]
-    config = train_config(model, data, str(ctx.workspace.root), epochs, workers, batch_size, seed)
+    config = train_config(
+        model, data, str(ctx.workspace.root), epochs, workers, batch_size, seed, db_url=ctx.workspace.db_url
+    )
     run_id = config.run_id
     total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
     stop = threading.Event()

@@ -54,6 +54,7 @@ class ReplicaConfig(_Strict):
     """One model-server replica: what it serves, where it listens, how it batches."""
 
     workspace: str = DEFAULT_ROOT
+    db_url: str | None = None  # the workspace's metadata store; None: distml.db in `workspace`
     models: list[str] = Field(min_length=1, description="references: NAME, NAME:VERSION or NAME@ALIAS")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 = a free port")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -28,6 +29,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
 from distml.ops.metrics import GatewayMetrics
 from distml.serve import http, protocol, sharding
@@ -103,10 +105,12 @@ class Deployments:
         changes += [(ref, ref, "running") for ref in self.serving if ref not in before]
         root = Path(self.config.replica.workspace)
         try:
-            if self._workspace is None and (os.environ.get("DISTML_DB_URL") or (root / "distml.db").exists()):
+            replica = self.config.replica
+            own_store = replica.db_url not in (None, f"sqlite:///{(root / 'distml.db').resolve()}")
+            if self._workspace is None and (own_store or (root / "distml.db").exists()):
                 from distml.workspace import Workspace
 
-                self._workspace = Workspace(root)
+                self._workspace = Workspace(root, replica.db_url)
             if self._workspace is None:
                 return
             engine, host, started = self._workspace.engine, socket.gethostname(), process_identity(pid)
@@ -860,6 +864,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config = load_serve_config(args[0])
+        if config.replica.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
+            replica = config.replica.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
+            config = config.model_copy(update={"replica": replica})
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_gateway(config)
     except DistmlError as exc:

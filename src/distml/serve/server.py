@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 import distml
+from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
 from distml.core.refs import parse_version
 from distml.ops.admission import Lease, Resources, SharedPool
@@ -386,7 +387,7 @@ def create_app(config: ReplicaConfig, token: str | None = None, workspace: Works
     and their manifests checked now (a bad one raises DistmlError); weights load in the background
     once the app starts, and /v2/health/ready answers 503 until they are in.
     """
-    ws = workspace or Workspace(config.workspace)
+    ws = workspace or Workspace(config.workspace, config.db_url)
     server = ModelServer(config, ModelRepository(ws, config.models))
     app = http.FrontedApp(title="distml model server", version=distml.__version__, lifespan=server.lifespan)
     app.state.server = server
@@ -457,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lease: Lease | None = None
     try:
         config = load_replica_config(args[0])
+        if config.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
+            config = config.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
         logging.basicConfig(
             level=config.log_level.upper(),
             stream=sys.stderr,
@@ -464,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback POST is noise
         http.clear_port_file(config.port_file)
-        workspace = Workspace(config.workspace)
+        workspace = Workspace(config.workspace, config.db_url)
         # The replica's own place in the workspace's scheduler, held by this process (freed if it dies).
         pool = SharedPool(workspace.engine, queue=config.queue, priority="serving", kind="serve")
         lease = pool.acquire(

@@ -41,7 +41,11 @@ def build_serve_config(ws: Workspace, model: str, options: dict[str, Any]) -> tu
     pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
     ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
     given = {key: value for key, value in options.items() if value is not None}
-    replica: dict[str, Any] = {"workspace": str(Path(ws.root).resolve()), "models": [pinned]}
+    replica: dict[str, Any] = {
+        "workspace": str(Path(ws.root).resolve()),
+        "db_url": ws.db_url,
+        "models": [pinned],
+    }
     for key in ("max_batch_size", "max_batch_delay_ms", "queue"):
         if key in given:
             replica[key] = given.pop(key)

@@ -51,6 +51,7 @@ class TrainConfig(BaseModel):
     ps_mode: Literal["sync", "async"] = "sync"
     ps_staleness: int | None = Field(None, ge=0)
     workspace: str = DEFAULT_ROOT
+    db_url: str | None = None  # the workspace's metadata store; None: distml.db in `workspace`
     run_id: str | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535)
     log_samples: bool = False
@@ -126,6 +127,7 @@ class TrainConfig(BaseModel):
         defining = self.model_dump(
             exclude={
                 "workspace",
+                "db_url",
                 "run_id",
                 "metrics_port",
                 "max_restarts",

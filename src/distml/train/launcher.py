@@ -89,8 +89,9 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     from distml.models.artifact import resolve_model
     from distml.train.worker import build_meta, check_init_from, check_model_fits, training_data
 
-    config = config.model_copy(update={"workspace": str(Path(config.workspace).resolve())})
-    ws = Workspace(config.workspace)
+    ws = Workspace(Path(config.workspace).resolve(), config.db_url)
+    # the workers open the same store: its URL, never the environment, goes with their config
+    config = config.model_copy(update={"workspace": str(ws.root), "db_url": ws.db_url})
     start_worker_forkserver()
     # Bad input fails here, as one error before any process starts: the model's name and arguments,
     # the data set (downloaded and verified once, not per worker), and whether the model fits it.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
@@ -122,6 +123,8 @@ def tune_malloc() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv[0])
+    if config.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
+        config = config.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
     tune_malloc()
     ctx = Context(config)
     threads = config.threads_per_process(ctx.local_world)
@@ -192,7 +195,7 @@ def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader
         seed=ctx.config.seed,
         preprocess=dataset.preprocess,
         cache="disk",
-        workspace=Workspace(ctx.config.workspace),
+        workspace=Workspace(ctx.config.workspace, ctx.config.db_url),
         **kwargs,
     )
 
@@ -365,7 +368,7 @@ class _StalenessLog:
 def _workspace(config: TrainConfig):
     from distml.workspace import Workspace
 
-    return Workspace(config.workspace)
+    return Workspace(config.workspace, config.db_url)
 
 
 # -- training ranks ---------------------------------------------------------------------------

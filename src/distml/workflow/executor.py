@@ -26,11 +26,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from distml.core import DB_URL_ENV, HOME_ENV
 from distml.core.errors import DistmlError
 from distml.ops import lineage, metadata
 from distml.ops.admission import JOB_ENV
 from distml.workflow.values import canonical, decode, encode
-from distml.workspace import HOME_ENV, Workspace
+from distml.workspace import Workspace
 
 _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("distml_step_context", default=None)
 
@@ -148,8 +149,9 @@ def _error_types(exc: BaseException) -> list[str]:
 def run_task(task: Task, conn: Connection | None) -> None:
     """The body of a step process (also callable in-process for debugging)."""
 
+    # for a `distml` command the step starts (the CLI reads these); distml's own code passes them
     os.environ[HOME_ENV] = task.workspace
-    os.environ["DISTML_DB_URL"] = task.db_url
+    os.environ[DB_URL_ENV] = task.db_url
     if task.sched_job is not None:
         os.environ[JOB_ENV] = task.sched_job  # a `distml train` it starts runs in this gang
     ws = Workspace(task.workspace, task.db_url, migrate=False)  # the orchestrator migrated it
