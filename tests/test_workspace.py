@@ -6,8 +6,9 @@ import pytest
 import sqlalchemy as sa
 
 from distml.core.errors import DistmlError
+from distml.core.files import atomic_write
 from distml.ops import metadata
-from distml.workspace import Workspace, atomic_write
+from distml.workspace import Workspace
 
 
 def test_new_workspace_is_migrated(tmp_path):

@@ -380,9 +380,9 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
+    from distml.core.files import atomic_write
     from distml.serve.gateway import run_gateway
     from distml.serve.service import build_serve_config
-    from distml.workspace import atomic_write
 
     config, pinned = build_serve_config(_workspace(ctx), model, options)
     path = config.service_dir() / "config.json"
@@ -404,9 +404,9 @@ def _record_service(path: Any, name: str, model: str, url: str) -> None:
     """Record this foreground gateway as service.json does for detached ones (unless another lives there)."""
     import os
 
+    from distml.core.files import atomic_write
     from distml.core.liveness import process_identity
     from distml.ops.metrics import read_endpoint
-    from distml.workspace import atomic_write
 
     other = read_endpoint(path)
     if other is not None and other.get("pid") != os.getpid():

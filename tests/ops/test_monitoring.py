@@ -7,6 +7,7 @@ Expositions are parsed with prometheus-client's parser; waits poll with a deadli
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from required import require_tool
 
+from distml.ops.admission import pool_state
 from distml.workspace import Workspace
 
 DISTML = str(Path(sys.executable).with_name("distml"))
@@ -222,7 +224,7 @@ def test_scheduler_metrics_follow_passes_and_the_store(workspace, tmp_path):
 
     set_node(workspace.engine, cpus=2)
     where = tmp_path / "launcher.json"
-    endpoint = metrics.serve_scheduler(workspace.engine, where, run="r")
+    endpoint = metrics.serve_scheduler(functools.partial(pool_state, workspace.engine), where, run="r")
     pool = SharedPool(workspace.engine)
     try:
         url = json.loads(where.read_text())["url"]

@@ -108,7 +108,7 @@ def validate(columns: Columns, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
 def write_snapshot(folder: Path, image: np.ndarray, label: np.ndarray) -> tuple[Path, str]:
     """Store a validated batch as an uncompressed .npz named by its content (written atomically,
     a second write of the same batch is a no-op); returns (path, fingerprint)."""
-    from distml.workspace import atomic_write
+    from distml.core.files import atomic_write
 
     digest = digest_arrays({"image": image, "label": label})
     path = Path(folder) / f"{digest[:32]}.npz"

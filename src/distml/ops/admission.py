@@ -621,6 +621,17 @@ def list_jobs(engine: sa.Engine, *, include_done: int = 0) -> list[dict[str, Any
     return rows
 
 
+def passes(engine: sa.Engine) -> int:
+    """Scheduling passes run in this workspace so far, by every process."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(md.sched_lock.c.passes).where(md.sched_lock.c.id == 1)).scalar() or 0)
+
+
+def pool_state(engine: sa.Engine) -> dict[str, Any]:
+    """`snapshot` with the pass count: what the scheduler's metrics endpoint reports at each scrape."""
+    return {**snapshot(engine), "passes": passes(engine)}
+
+
 def snapshot(engine: sa.Engine) -> dict[str, Any]:
     """The pool as `distml queue` and `distml top` show it: this host's node with what is used,
     each queue's weight, nominal share, current share and jobs, and every job not done."""

@@ -61,8 +61,8 @@ def serve(
 ) -> MetricsEndpoint:
     """Serve `registry` at /metrics (a free port when `port` is 0); when `endpoint_file` is given,
     write {url, port, pid, started, host, **info} there atomically once the port is bound."""
+    from distml.core.files import atomic_write
     from distml.core.liveness import process_identity
-    from distml.workspace import atomic_write
 
     server = make_server(addr, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
     # prometheus_client's start_http_server polls for shutdown every 0.5 s: every close (the end of
@@ -310,21 +310,12 @@ JOB_STATES = ("waiting", "running", "preempting")
 RESOURCES = ("cpus", "gpus", "memory_gb")
 
 
-def scheduler_passes(engine: Any) -> int:
-    """Scheduling passes run in this workspace so far, by every process."""
-    import sqlalchemy as sa
-
-    from distml.ops import metadata as md
-
-    with engine.connect() as conn:
-        return int(conn.execute(sa.select(md.sched_lock.c.passes).where(md.sched_lock.c.id == 1)).scalar() or 0)
-
-
 class PoolCollector(Collector):
-    """The workspace pool's queues, jobs and capacity, read from the metadata store at each scrape."""
+    """The workspace pool's queues, jobs and capacity, read from the metadata store at each scrape
+    through `read_pool` (the scheduler's `distml.ops.admission.pool_state`, which owns those tables)."""
 
-    def __init__(self, engine: Any):
-        self.engine = engine
+    def __init__(self, read_pool: Callable[[], dict[str, Any]]):
+        self.read_pool = read_pool
 
     def describe(self):
         return list(self._families())
@@ -354,12 +345,10 @@ class PoolCollector(Collector):
         )
 
     def collect(self):
-        from distml.ops.admission import snapshot
-
         jobs, weight, share, capacity, used, passes, up = self._families()
         try:
-            pool = snapshot(self.engine)
-            passes.add_metric([], scheduler_passes(self.engine))
+            pool = self.read_pool()
+            passes.add_metric([], pool["passes"])
         except Exception:  # the store is busy or gone: say so instead of failing the whole scrape
             up.add_metric([], 0)
             yield up
@@ -381,18 +370,20 @@ class PoolCollector(Collector):
         yield from (jobs, weight, share, capacity, used, passes, up)
 
 
-def expose_scheduler(registry: CollectorRegistry, engine: Any) -> CollectorRegistry:
-    """Add this process's scheduler metrics and the workspace pool's state to `registry`."""
+def expose_scheduler(registry: CollectorRegistry, read_pool: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """Add this process's scheduler metrics and the workspace pool's state (`read_pool()`) to `registry`."""
     for collector in scheduler_metrics().collectors:
         registry.register(collector)
-    registry.register(PoolCollector(engine))
+    registry.register(PoolCollector(read_pool))
     return registry
 
 
-def serve_scheduler(engine: Any, endpoint_file: str | os.PathLike | None = None, **info: Any) -> MetricsEndpoint:
+def serve_scheduler(
+    read_pool: Callable[[], dict[str, Any]], endpoint_file: str | os.PathLike | None = None, **info: Any
+) -> MetricsEndpoint:
     """Serve the scheduler metrics alone on a free port (a process that schedules but has no
     registry of its own, such as `distml train`'s launcher); close() it when done."""
-    return serve(expose_scheduler(CollectorRegistry(), engine), endpoint_file=endpoint_file, **info)
+    return serve(expose_scheduler(CollectorRegistry(), read_pool), endpoint_file=endpoint_file, **info)
 
 
 # -- serving -----------------------------------------------------------------------------------------

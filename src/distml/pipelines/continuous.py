@@ -160,9 +160,9 @@ def decide(evaluation: dict, margin: float) -> tuple[bool, str]:
 def promote(watch: dict, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
     """Register the candidate and, if it is better, serve it: start the service (first model) or
     try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
+    from distml.core.files import atomic_write
     from distml.models.artifact import register_as, set_alias
     from distml.serve.service import ensure_serving, service_record, start_canary, wait_canary
-    from distml.workspace import atomic_write
 
     ws, ctx = _workspace(), current()
     name, service = watch["name"], watch["service"] or watch["name"]

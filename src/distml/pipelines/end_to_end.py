@@ -230,8 +230,8 @@ def example_request(ws: Any, name: str) -> tuple[str, str]:
     import json
     from pathlib import Path
 
+    from distml.core.files import atomic_write
     from distml.models.artifact import resolve_model
-    from distml.workspace import atomic_write
 
     record = resolve_model(ws, f"{name}@production")
     images, labels, classes = client_images(ws, record.manifest["preprocessing"]["dataset"], None, 1)

@@ -25,9 +25,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distml.core.errors import DistmlError
+from distml.core.files import atomic_write
 from distml.serve import protocol
 from distml.serve.protocol import ProtocolError
-from distml.workspace import atomic_write
 
 log = logging.getLogger("distml.serve")
 

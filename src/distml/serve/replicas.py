@@ -29,9 +29,9 @@ from pathlib import Path
 import aiohttp
 
 from distml.core.errors import DistmlError
+from distml.core.files import atomic_write
 from distml.core.refs import ModelRef
 from distml.serve.config import TOKEN_ENV, ReplicaConfig
-from distml.workspace import atomic_write
 
 log = logging.getLogger("distml.serve.replicas")
 

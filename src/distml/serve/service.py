@@ -22,10 +22,11 @@ from typing import Any
 import httpx
 
 from distml.core.errors import DistmlError
+from distml.core.files import atomic_write
 from distml.core.liveness import pid_alive, process_identity
 from distml.core.refs import ModelRef
 from distml.serve.config import ServeConfig, parse_serve_config
-from distml.workspace import Workspace, atomic_write
+from distml.workspace import Workspace
 
 START_TIMEOUT_S = 180.0
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distml.core.errors import DistmlError
-from distml.workspace import atomic_write
+from distml.core.files import atomic_write
 
 LATEST = "LATEST"
 

@@ -12,6 +12,7 @@ waits in its queue again and the run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from distml.core.errors import DistmlError
-from distml.ops.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus
+from distml.core.files import atomic_write
+from distml.ops.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus, pool_state
 from distml.ops.metrics import serve_scheduler
 from distml.train.config import TrainConfig
-from distml.workspace import Workspace, atomic_write
+from distml.workspace import Workspace
 
 
 def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
@@ -149,7 +151,8 @@ def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_
         on_preempt=stop_for_preemption,
     )
     run_id = config.resolved_run_id()
-    endpoint = serve_scheduler(ws.engine, config.run_dir() / "metrics" / "launcher.json", run=run_id)
+    read_pool = functools.partial(pool_state, ws.engine)
+    endpoint = serve_scheduler(read_pool, config.run_dir() / "metrics" / "launcher.json", run=run_id)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
 

@@ -178,7 +178,7 @@ def start_metrics(ctx: Context):
     endpoint = metrics.serve(port, endpoint_file=ctx.run_dir / "metrics" / f"rank-{ctx.rank}.json")
     if ctx.is_lead and ctx.config.metrics_port is not None:
         ctx.log(f"Prometheus metrics at {endpoint.url}")
-        from distml.workspace import atomic_write
+        from distml.core.files import atomic_write
 
         with atomic_write(ctx.run_dir / "metrics_port", "w") as handle:  # a reader never sees it half written
             handle.write(str(endpoint.port))

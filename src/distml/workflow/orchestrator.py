@@ -12,6 +12,7 @@ fan-in (`best_of`) re-triggers its downstream whenever a better input arrives.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import secrets
@@ -731,10 +732,11 @@ class Orchestrator:
 def _workflow_metrics(orchestrator: Orchestrator) -> Any:
     """The run's Prometheus metrics (steps by state read at scrape time, durations, cache, retries)
     and the workspace pool's scheduler metrics, served while `run()` runs."""
+    from distml.ops.admission import pool_state
     from distml.ops.metrics import WorkflowMetrics, expose_scheduler
 
     metrics = WorkflowMetrics(orchestrator.run_id, lambda: [s.status for s in orchestrator.states.values()])
-    expose_scheduler(metrics.registry, orchestrator.engine)
+    expose_scheduler(metrics.registry, functools.partial(pool_state, orchestrator.engine))
     return metrics
 
 
