@@ -380,7 +380,10 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
+    import os
+
     from distml.core.files import atomic_write
+    from distml.core.layout import ServiceRecord
     from distml.serve.gateway import run_gateway
     from distml.serve.service import build_serve_config
 
@@ -388,45 +391,22 @@ def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     path = config.service_dir() / "config.json"
     with atomic_write(path, "w") as handle:
         handle.write(config.model_dump_json(indent=1))
-    record = config.service_dir() / "service.json"  # where `distml top` finds running services
+    ws_root = config.replica.workspace
+    mine: list[ServiceRecord] = []
 
     def ready(url: str) -> None:
         click.echo(f"serving {pinned} at {url}")
-        _record_service(record, config.name, pinned, url)
+        # recorded as detached services are, for `distml top`, unless another gateway lives there
+        other = ServiceRecord.read(ws_root, config.name)
+        if other is None or other.pid == os.getpid():
+            mine.append(ServiceRecord.for_this_process(config.name, url, pinned))
+            mine[-1].write(ws_root)
 
     try:
         run_gateway(config, on_ready=ready)
     finally:
-        _forget_service(record)
-
-
-def _record_service(path: Any, name: str, model: str, url: str) -> None:
-    """Record this foreground gateway as service.json does for detached ones (unless another lives there)."""
-    import os
-
-    from distml.core.files import atomic_write
-    from distml.core.liveness import process_identity
-    from distml.ops.metrics import read_endpoint
-
-    other = read_endpoint(path)
-    if other is not None and other.get("pid") != os.getpid():
-        return
-    url = url.replace("://0.0.0.0:", "://127.0.0.1:")
-    record = {"pid": os.getpid(), "started": process_identity(os.getpid()), "url": url, "model": model, "name": name}
-    with atomic_write(path, "w") as handle:
-        json.dump(record, handle)
-
-
-def _forget_service(path: Any) -> None:
-    import contextlib
-    import os
-
-    from distml.ops.metrics import read_endpoint
-
-    record = read_endpoint(path, alive=False)
-    if record is not None and record.get("pid") == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        for record in mine:
+            record.forget(ws_root)
 
 
 @main.command("deploy")

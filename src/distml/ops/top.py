@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from distml.core.layout import ServiceRecord, run_dir, workflow_dir
 from distml.ops.metrics import read_endpoint
 
 SCRAPE_TIMEOUT_S = 0.8
@@ -224,7 +225,7 @@ class Top:
             title_justify="left",
         )
         for run_id in shown[:MAX_ROWS]:
-            config = _read_json(self.root / "runs" / run_id / "config.json")
+            config = _read_json(run_dir(self.root, run_id) / "config.json")
             if not config and run_id in rows:
                 config = json.loads(rows[run_id].config_json)
             model = f"{config.get('model', '?')}/{config.get('dataset', '?')}" if config else ""
@@ -273,7 +274,7 @@ class Top:
             return [Text("Pipeline runs: none yet", style="dim")]
         endpoints = {}
         for run in running:
-            record = read_endpoint(self.root / "workflows" / run["run_id"] / "metrics.json")
+            record = read_endpoint(workflow_dir(self.root, run["run_id"]) / "metrics.json")
             if record is not None:
                 endpoints[run["run_id"]] = record["url"]
         scrapes = self.scrape_all(endpoints.values())
@@ -335,11 +336,7 @@ class Top:
     # -- services ----------------------------------------------------------------------------
 
     def services(self) -> list[RenderableType]:
-        records = []
-        for path in sorted(self.root.glob("services/*/service.json")):
-            record = read_endpoint(path)
-            if record is not None and isinstance(record.get("url"), str):
-                records.append(record)
+        records = [asdict(record) for record in ServiceRecord.all(self.root)]
         if not records:
             return [Text("Services: none running", style="dim")]
         scrapes = self.scrape_all(r["url"].rstrip("/") + "/metrics" for r in records)

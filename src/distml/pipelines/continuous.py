@@ -160,7 +160,6 @@ def decide(evaluation: dict, margin: float) -> tuple[bool, str]:
 def promote(watch: dict, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
     """Register the candidate and, if it is better, serve it: start the service (first model) or
     try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
-    from distml.core.files import atomic_write
     from distml.models.artifact import register_as, set_alias
     from distml.serve.service import ensure_serving, service_record, start_canary, wait_canary
 
@@ -180,14 +179,13 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
         return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": time.time()}
     token = os.environ.get("DISTML_SERVE_TOKEN")
     policy = watch["canary"]
-    start_canary(running["url"], record.ref, policy, token)  # returns once loaded everywhere and sent its share
+    start_canary(running.url, record.ref, policy, token)  # returns once loaded everywhere and sent its share
     answering = time.time()
-    final = wait_canary(running["url"], name, policy["window_s"] * 4 + 120, token)
-    out.update(url=running["url"], swap_started=started, answering=answering, canary=final)
+    final = wait_canary(running.url, name, policy["window_s"] * 4 + 120, token)
+    out.update(url=running.url, swap_started=started, answering=answering, canary=final)
     if final["state"] == "promoted" and str(final.get("canary")) == str(record.version):
         set_alias(ws, name, "production", record.version)
-        with atomic_write(Path(ws.root) / "services" / service / "service.json", "w") as handle:
-            json.dump({**running, "model": record.ref}, handle)  # what the service now serves
+        running.serving(record.ref).write(ws.root)  # what the service now serves
         return {**out, "action": "promoted", "reason": f"{reason}; canary: {final.get('reason', '')}"}
     return {**out, "action": "rolled_back", "reason": f"{reason}; canary rolled back: {final.get('reason', '')}"}
 

@@ -9,7 +9,6 @@ served model was, and the requests answered and failed during that wave.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 from rich.table import Table
 
 from distml.core.errors import DistmlError
+from distml.core.layout import ServiceRecord
 from distml.ops import metadata
 from distml.pipelines.end_to_end import client_images, v2_request
 
@@ -138,9 +138,9 @@ def run_waves(
             echo(f"wave {i + 1}: {path.name} dropped into the inbox")
             _wait(lambda n=i + 1: _finished(ws, name, n), f"the cycle of wave {i + 1}", log, proc)
             if load is None:
-                record = json.loads((Path(ws.root) / "services" / name / "service.json").read_text())
+                record = ServiceRecord.read(ws.root, name, alive=False)
                 images, _, _ = client_images(ws, dataset, data_dir, 4)
-                load = SteadyLoad(record["url"], name, v2_request(images))
+                load = SteadyLoad(record.url, name, v2_request(images))
                 _wait(lambda current=load: current.counts()[0] >= 20, "the first answers", log, proc)
             after = load.counts()
             per_wave.append((after[0] - before[0], after[1] - before[1]))

@@ -13,6 +13,7 @@ import math
 import threading
 from typing import Any
 
+from distml.core.layout import service_dir
 from distml.ops.admission import Resources
 from distml.workflow import best_of, current, step
 
@@ -235,7 +236,7 @@ def example_request(ws: Any, name: str) -> tuple[str, str]:
 
     record = resolve_model(ws, f"{name}@production")
     images, labels, classes = client_images(ws, record.manifest["preprocessing"]["dataset"], None, 1)
-    path = Path(ws.root).resolve() / "services" / name / "example-request.json"
+    path = service_dir(Path(ws.root).resolve(), name) / "example-request.json"
     with atomic_write(path, "w") as handle:
         json.dump(v2_request(images), handle)
     return str(path), classes[labels[0]]

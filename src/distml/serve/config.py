@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from distml.core.errors import DistmlError
+from distml.core.layout import service_dir
 from distml.workspace import DEFAULT_ROOT
 
 TOKEN_ENV = "DISTML_SERVE_TOKEN"
@@ -140,7 +141,7 @@ class ServeConfig(_Strict):
         return self.token.get_secret_value() if self.token is not None else None
 
     def service_dir(self) -> Path:
-        return Path(self.replica.workspace) / "services" / self.name
+        return service_dir(self.replica.workspace, self.name)
 
 
 def _problems(exc: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:

@@ -10,12 +10,12 @@ model through the gateway's admin API (rolling replicas: no request fails).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import httpx
 
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
+from distml.core.layout import ServiceRecord
 from distml.core.liveness import pid_alive, process_identity
 from distml.core.refs import ModelRef
 from distml.serve.config import ServeConfig, parse_serve_config
@@ -75,17 +76,13 @@ def build_serve_config(ws: Workspace, model: str, options: dict[str, Any]) -> tu
     return parse_serve_config(values), pinned
 
 
-def service_record(ws: Workspace, name: str) -> dict[str, Any] | None:
-    """The running service `name` ({pid, url, model}), or None when it is not running."""
-    path = Path(ws.root) / "services" / name / "service.json"
-    try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not pid_alive(record.get("pid", 0)):
+def service_record(ws: Workspace, name: str) -> ServiceRecord | None:
+    """The running service `name`, or None when its gateway is gone or does not answer."""
+    record = ServiceRecord.read(ws.root, name)
+    if record is None:
         return None
     try:
-        httpx.get(record["url"] + "/v2/health/live", timeout=5).raise_for_status()
+        httpx.get(record.url + "/v2/health/live", timeout=5).raise_for_status()
     except httpx.HTTPError:
         return None
     return record
@@ -152,13 +149,12 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
     token = config.token_value()
     running = service_record(ws, name)
     if running is not None:
-        if running["model"] == pinned:
-            return {**running, "action": "unchanged"}
-        swap_model(running["url"], pinned, token)
-        record = {**running, "model": pinned}
-        with atomic_write(config.service_dir() / "service.json", "w") as handle:
-            json.dump(record, handle)
-        return {**record, "action": f"swapped from {running['model']}"}
+        if running.model == pinned:
+            return {**asdict(running), "action": "unchanged"}
+        swap_model(running.url, pinned, token)
+        record = running.serving(pinned)
+        record.write(ws.root)
+        return {**asdict(record), "action": f"swapped from {running.model}"}
     folder = config.service_dir()
     folder.mkdir(parents=True, exist_ok=True)
     port_file = folder / "gateway.port"
@@ -200,23 +196,20 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
         raise
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     url = f"http://{host}:{int(port_file.read_text().strip())}"
-    record = {"pid": process.pid, "started": process_identity(process.pid), "url": url, "model": pinned, "name": name}
-    with atomic_write(folder / "service.json", "w") as handle:
-        json.dump(record, handle)
-    return {**record, "action": "started"}
+    record = ServiceRecord(name, url, pinned, process.pid, process_identity(process.pid))
+    record.write(ws.root)
+    return {**asdict(record), "action": "started"}
 
 
 def stop_service(ws: Workspace, name: str, timeout: float = 60.0) -> bool:
     """Stop service `name` (SIGTERM: the gateway drains and stops its replicas); False if not running."""
-    path = Path(ws.root) / "services" / name / "service.json"
-    try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    record = ServiceRecord.read(ws.root, name, alive=False)
+    if record is None:
         return False
-    pid = record.get("pid", 0)
+    pid = record.pid
     # The same process, not a later one that reused its pid (a stale record after a reboot).
-    if not pid or not pid_alive(pid) or process_identity(pid) != record.get("started", process_identity(pid)):
-        path.unlink(missing_ok=True)
+    if not record.alive():
+        record.forget(ws.root)
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -226,5 +219,5 @@ def stop_service(ws: Workspace, name: str, timeout: float = 60.0) -> bool:
     if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
+    record.forget(ws.root)
     return True

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distml.core.errors import DistmlError
+from distml.core.layout import run_dir
 from distml.workspace import DEFAULT_ROOT
 
 
@@ -149,7 +150,7 @@ class TrainConfig(BaseModel):
         return f"{self.model}-{self.dataset}-{digest}"
 
     def run_dir(self) -> Path:
-        return Path(self.workspace) / "runs" / self.resolved_run_id()
+        return run_dir(self.workspace, self.resolved_run_id())
 
 
 def parse_config(values: dict[str, Any]) -> TrainConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from distml.core.errors import DistmlError
+from distml.core.layout import workflow_dir
 from distml.core.liveness import pid_alive, process_identity
 from distml.ops import lineage, metadata
 from distml.ops.admission import Lease, LocalPool, SharedPool
@@ -171,7 +172,7 @@ class Orchestrator:
                         pool.check(state.node.id, state.node.step.policy.resources)
         self.processes = StepProcesses(options.preload)
         self.code_cache: dict[int, Any] = {}
-        self.logs_dir = Path(workspace.root) / "workflows" / run_id / "logs"
+        self.logs_dir = workflow_dir(workspace.root, run_id) / "logs"
         self.stopping = False
         self.metrics = _workflow_metrics(self)
 
@@ -267,7 +268,7 @@ class Orchestrator:
 
     def run(self) -> RunResult:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-        endpoint = self.metrics.serve(Path(self.ws.root) / "workflows" / self.run_id / "metrics.json")
+        endpoint = self.metrics.serve(workflow_dir(self.ws.root, self.run_id) / "metrics.json")
         try:
             while not all(s.final for s in self.states.values()):
                 if self._schedule():
