@@ -73,3 +73,47 @@ def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert name in out.stderr
     assert "--data-dir" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "config"),
+    [
+        ("train", "distml.train.config:TrainConfig"),
+        ("watch", "distml.pipelines.continuous:WatchConfig"),
+    ],
+)
+def test_each_setting_has_one_default_the_config_models(command, config):
+    """A flag that sets a config field either takes its default from the model (ConfigDefault) or
+    has none (None: the model's applies); a second copy of a default in the CLI fails here."""
+    import importlib
+
+    import click
+
+    from distml.cli import ConfigDefault, main
+
+    module, _, name = config.partition(":")
+    fields = getattr(importlib.import_module(module), name).model_fields
+    ctx = click.Context(main.commands[command])
+    checked = 0
+    for param in main.commands[command].params:
+        if isinstance(param, ConfigDefault):
+            source = importlib.import_module(param.config.partition(":")[0])
+            model = getattr(source, param.config.partition(":")[2])
+            assert param.get_default(ctx) == model.model_fields[param.field].get_default(call_default_factory=True)
+            checked += 1
+        elif param.name in fields and not (param.required or param.multiple or param.is_flag):
+            if param.name in ("queue", "priority"):  # the scheduler's flags, shared by every command
+                continue
+            assert param.default is None, f"--{param.name} copies a default its config model holds"
+    assert checked >= 8
+
+
+def test_a_changed_config_default_shows_in_the_help(monkeypatch):
+    from click.testing import CliRunner
+
+    from distml.cli import main
+    from distml.train.config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig.model_fields["epochs"], "default", 7)
+    out = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--epochs INTEGER" in out and "[default: 7]" in out

@@ -79,6 +79,43 @@ def data() -> None:
 
 
 DATASET_OPTION = click.option("--dataset", required=True, help="fashion-mnist or digits")
+
+
+class ConfigDefault(click.Option):
+    """An option whose default is its config model's field (or its pipeline function's parameter):
+    one default per setting, read from there (imported only when the command runs or shows its
+    help), never a second copy here."""
+
+    def __init__(self, param_decls: Any, *, config: str, field: str | None = None, **kwargs: Any):
+        super().__init__(param_decls, show_default=True, **kwargs)
+        self.config, self.field = config, field or self.name
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        import importlib
+        import inspect
+
+        module, _, name = self.config.partition(":")
+        source = getattr(importlib.import_module(module), name)
+        if hasattr(source, "model_fields"):  # a pydantic config model
+            return source.model_fields[self.field].get_default(call_default_factory=True)
+        return inspect.signature(source).parameters[self.field].default  # a pipeline's parameter
+
+
+def config_option(config: str) -> Any:
+    """`@option(...)` for the flags of one config model: `click.option` with `ConfigDefault`."""
+
+    def option(*decls: str, field: str | None = None, **kwargs: Any) -> Any:
+        return click.option(*decls, cls=ConfigDefault, config=config, field=field, **kwargs)
+
+    return option
+
+
+train_option = config_option("distml.train.config:TrainConfig")
+watch_option = config_option("distml.pipelines.continuous:WatchConfig")
+canary_option = config_option("distml.serve.canary:CanaryPolicy")
+end_to_end_option = config_option("distml.pipelines.end_to_end:pipeline")
+
+
 DATA_DIR_OPTION = click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
@@ -216,11 +253,9 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
 
 
 @main.command("train")
-@click.option(
-    "--model", default="cnn", show_default=True, help="cnn, dropout, batch_norm, mlp or package.module:factory"
-)
+@train_option("--model", help="cnn, dropout, batch_norm, mlp or package.module:factory")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
-@click.option("--dataset", default="digits", show_default=True, help="fashion-mnist or digits")
+@train_option("--dataset", help="fashion-mnist or digits")
 @DATA_DIR_OPTION
 @click.option(
     "--train-file",
@@ -230,47 +265,35 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
     help="Train on this .npz (image, label; raw pixels like the data set's) instead of its train split (repeatable).",
 )
 @click.option("--init-from", default=None, metavar="NAME:VERSION", help="Warm start: begin from this model's weights.")
-@click.option("--workers", default=2, show_default=True, type=int, help="Worker processes per node.")
-@click.option(
-    "--strategy", default="allreduce", show_default=True, type=click.Choice(["allreduce", "parameter-server"])
-)
-@click.option("--epochs", default=10, show_default=True, type=int)
+@train_option("--workers", type=int, help="Worker processes per node.")
+@train_option("--strategy", type=click.Choice(["allreduce", "parameter-server"]))
+@train_option("--epochs", type=int)
 @click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Per worker.")
+@train_option("--batch-size", type=int, help="Per worker.")
 @click.option(
     "--lr",
     default=None,
     type=float,
     help="Learning rate for the global batch [default: 1e-3 x sqrt(global batch / 64)].",
 )
-@click.option(
-    "--optimizer",
-    default="adam",
-    show_default=True,
-    type=click.Choice(["adam", "sgd"]),
-    help="adam (fused) or plain sgd (needs --lr).",
-)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--checkpoint-every", default=50, show_default=True, type=int, help="Optimizer steps.")
-@click.option("--max-restarts", default=0, show_default=True, type=int)
-@click.option("--nnodes", default="1", show_default=True, help="N or MIN:MAX (elastic).")
+@train_option("--optimizer", type=click.Choice(["adam", "sgd"]), help="adam (fused) or plain sgd (needs --lr).")
+@train_option("--seed", type=int)
+@train_option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@train_option("--checkpoint-every", type=int, help="Optimizer steps.")
+@train_option("--max-restarts", type=int)
+@train_option("--nnodes", help="N or MIN:MAX (elastic).")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
-@click.option(
+@train_option(
     "--rdzv-last-call",
     "rdzv_last_call_timeout",
-    default=None,
     type=int,
-    help="Elastic: seconds a rendezvous that has its minimum of nodes waits for more [default: 5].",
+    help="Elastic: seconds a rendezvous that has its minimum of nodes waits for more.",
 )
-@click.option(
-    "--rdzv-keep-alive",
-    default=None,
-    type=int,
-    help="Elastic: seconds between a node's heartbeats; a node that misses 3 is dropped [default: 5].",
+@train_option(
+    "--rdzv-keep-alive", type=int, help="Elastic: seconds between a node's heartbeats; a node that misses 3 is dropped."
 )
-@click.option("--ps-shards", default=1, show_default=True, type=int, help="Parameter servers.")
-@click.option("--ps-mode", default="sync", show_default=True, type=click.Choice(["sync", "async"]))
+@train_option("--ps-shards", type=int, help="Parameter servers.")
+@train_option("--ps-mode", type=click.Choice(["sync", "async"]))
 @click.option("--ps-staleness", default=None, type=int, help="Async: max steps a worker may run ahead.")
 @click.option(
     "--run-id",
@@ -290,8 +313,6 @@ def train_command(ctx: click.Context, **options: Any) -> None:
 
     model_args = _key_values(options.pop("model_args"), "--model-arg")
     train_files = [str(Path(p).resolve()) for p in options.pop("train_files")] or None
-    for unset in [name for name in ("rdzv_last_call_timeout", "rdzv_keep_alive") if options[name] is None]:
-        del options[unset]  # TrainConfig holds the defaults
     ws = _workspace(ctx)
     config = parse_config(
         {
@@ -473,7 +494,9 @@ def deploy_command(
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
 @click.option("--dataset", default=None, help="The end-to-end pipeline's data set: fashion-mnist (default) or digits.")
 @DATA_DIR_OPTION
-@click.option("--epochs", default=None, type=int, help="The end-to-end pipeline: epochs per candidate [5].")
+@click.option(
+    "--epochs", default=None, type=int, help="The pipeline's `epochs` parameter [default: the pipeline's own]."
+)
 @click.option("--no-serve", is_flag=True, help="The end-to-end pipeline: stop after registering the best model.")
 @click.option("--async-selection", is_flag=True, help="Serve the first trained model, swap to better ones.")
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID", help="Continue a stopped or killed run.")
@@ -572,7 +595,7 @@ def _run_pipeline(
 @main.command("demo")
 @click.option("--dataset", default="digits", show_default=True, help="digits (offline) or fashion-mnist.")
 @DATA_DIR_OPTION
-@click.option("--epochs", default=5, show_default=True, type=int, help="Epochs per candidate.")
+@end_to_end_option("--epochs", type=int, help="Epochs per candidate.")
 @click.option("--requests", "count", default=8, show_default=True, type=int, help="Test images to send.")
 @click.option("--keep-serving", is_flag=True, help="Leave the service running at the end.")
 @click.pass_context
@@ -604,24 +627,24 @@ def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs:
 @click.option("--table", default=None, help="SQL source: the table new rows arrive in.")
 @click.option("--order-column", default=None, help="SQL source: an increasing id or timestamp column.")
 @click.option("--name", default=None, help="Watch and registered model name [default: <dataset>-continuous].")
-@click.option("--dataset", default="digits", show_default=True, help="Schema, preprocessing and holdout of the data.")
+@watch_option("--dataset", help="Schema, preprocessing and holdout of the data.")
 @DATA_DIR_OPTION
-@click.option("--model", default="cnn", show_default=True)
+@watch_option("--model")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
-@click.option("--epochs", default=3, show_default=True, type=int)
-@click.option("--workers", default=1, show_default=True, type=int, help="Training workers per candidate.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@watch_option("--epochs", type=int)
+@watch_option("--workers", type=int, help="Training workers per candidate.")
+@watch_option("--batch-size", type=int)
 @click.option("--warm-start/--cold-start", default=False, show_default=True, help="Start from production's weights.")
-@click.option("--margin", default=0.0, show_default=True, type=float, help="Holdout accuracy a candidate must gain.")
+@watch_option("--margin", type=float, help="Holdout accuracy a candidate must gain.")
 @click.option("--service", default=None, help="Service name [default: the watch name].")
-@click.option("--replicas", default=1, show_default=True, type=int)
-@click.option("--port", default=0, show_default=True, type=int, help="Gateway port (0: a free one).")
-@click.option("--canary-weight", default=0.2, show_default=True, type=float, help="Canary's share of requests.")
-@click.option("--canary-window", default=10.0, show_default=True, type=float, help="Seconds before promotion.")
-@click.option("--canary-min-requests", default=20, show_default=True, type=int)
-@click.option("--max-error-rate-increase", default=0.05, show_default=True, type=float)
-@click.option("--max-p99-ratio", default=2.0, show_default=True, type=float)
-@click.option("--poll", "poll_s", default=0.2, show_default=True, type=float, help="Seconds between polls.")
+@watch_option("--replicas", type=int)
+@watch_option("--port", type=int, help="Gateway port (0: a free one).")
+@canary_option("--canary-weight", field="weight", type=float, help="Canary's share of requests.")
+@canary_option("--canary-window", field="window_s", type=float, help="Seconds before promotion.")
+@canary_option("--canary-min-requests", field="min_requests", type=int)
+@canary_option("--max-error-rate-increase", type=float)
+@canary_option("--max-p99-ratio", type=float)
+@watch_option("--poll", "poll_s", type=float, help="Seconds between polls.")
 @click.option("--max-cycles", default=None, type=int, help="Stop after this many cycles.")
 @click.pass_context
 def watch_command(ctx: click.Context, **options: Any) -> None:
