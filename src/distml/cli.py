@@ -448,44 +448,22 @@ def deploy_command(
     ctx: click.Context, model: str, url: str, canary: float, action: str | None, token: str | None
 ) -> None:
     """Load MODEL:VERSION into a running service without downtime; canary, promote or roll back."""
-    import httpx
-
     from distml.models.artifact import resolve_model
+    from distml.serve.admin import GatewayAdmin
 
     record = resolve_model(_workspace(ctx), model)
-    name, version = record.name, str(record.version)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    def call(method: str, path: str, body: Any = None) -> Any:
-        try:
-            response = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=300)
-        except httpx.HTTPError as exc:
-            raise DistmlError(f"cannot reach the gateway at {url}: {exc}") from None
-        if response.status_code >= 400:
-            raise DistmlError(f"gateway answered {response.status_code} to {method} {path}: {response.text[:300]}")
-        return response.json()
-
-    if action in ("promote", "rollback"):
-        call("POST", f"/admin/models/{name}/promote", {"version": version})
-        click.echo(f"all traffic for {name} goes to version {version}")
-        return
-    current = call("GET", "/admin/replicas")["groups"][0]["models"]
-    from distml.core.refs import ModelRef
-
-    # the versions of MODEL loaded now, where pinned ('cnn@champion' names no version to split with)
-    old = [ref.version for ref in map(ModelRef.parse, current) if ref.name == name and ref.version is not None]
-    old = [str(v) for v in old if str(v) != version]
-    call(
-        "POST",
-        "/admin/replicas/roll",
-        {"models": [f"{name}:{version}", *[r for r in current if r != f"{name}:{version}"]]},
-    )
-    if canary > 0 and old:
-        old_version = old[0]
-        call("POST", f"/admin/models/{name}/traffic", {"versions": {old_version: 100 - canary, version: canary}})
-        click.echo(f"{name}:{version} loaded; {canary:g}% of traffic to it, {100 - canary:g}% to version {old_version}")
+    name, version = record.name, record.version
+    with GatewayAdmin(url, token) as admin:
+        if action in ("promote", "rollback"):
+            admin.promote(name, version)
+            click.echo(f"all traffic for {name} goes to version {version}")
+            return
+        done = admin.deploy(name, version, canary)
+    if done.previous is not None:
+        click.echo(
+            f"{name}:{version} loaded; {canary:g}% of traffic to it, {100 - canary:g}% to version {done.previous}"
+        )
     else:
-        call("POST", f"/admin/models/{name}/promote", {"version": version})
         click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
 
 

@@ -151,7 +151,7 @@ def test_a_roll_ends_a_deployment_and_a_killed_gateway_is_not_reported_serving(p
     import torch
 
     from distml.models.artifact import load_model, save_model
-    from distml.serve.service import swap_model
+    from distml.serve.admin import GatewayAdmin
 
     ws, _ = pipeline
     service = json.loads((Path(ws.root) / "services" / SERVICE / "service.json").read_text())
@@ -161,7 +161,8 @@ def test_a_roll_ends_a_deployment_and_a_killed_gateway_is_not_reported_serving(p
             p.mul_(0.5)  # other weights: a new version
     keys = ("architecture", "arch_args", "input_spec", "preprocessing", "class_names", "training", "data_fingerprint")
     third = save_model(ws, model, name=SERVICE, metrics={}, **{k: manifest[k] for k in keys})
-    swap_model(service["url"], third.ref)  # what `distml run` does when a better model is chosen
+    with GatewayAdmin(service["url"]) as admin:
+        admin.swap(third.ref)  # what `distml run` does when a better model is chosen
 
     second = lineage_json(ws, f"{SERVICE}:2")["downstream"]
     assert [(d["status"], d["recorded_state"]) for d in second["deployments"]] == [("ended", "ended")]

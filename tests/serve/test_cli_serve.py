@@ -409,16 +409,17 @@ def canary_workspace(serve_workspace, tmp_path) -> Path:
 
 
 def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_under_load(canary_workspace):
-    from distml.serve.service import canary_status, start_canary, wait_canary
+    from distml.serve.admin import GatewayAdmin
 
     service = Service(canary_workspace, "cnn:1")
     images = digits_images(8)
+    admin = GatewayAdmin(service.url)
     try:
         replica = service.group()["replicas"][0]
         direct = f"http://127.0.0.1:{replica['port']}/v2/repository/models/cnn/load"
         missing = httpx.post(direct, json={"parameters": {"version": "9"}}, timeout=60)
         assert missing.status_code == 404 and "cannot load cnn:9" in missing.json()["error"], missing.text
-        assert canary_status(service.url, "cnn")["state"] == "none"
+        assert admin.canary_status("cnn")["state"] == "none"
         bad = service.admin("POST", "/admin/models/cnn/canary", json={"version": "2", "weight": 1.5})
         assert bad.status_code == 400 and "weight: Input should be less than 1" in bad.json()["error"]
         assert service.admin("DELETE", "/admin/models/cnn/canary").status_code == 404
@@ -428,11 +429,11 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
             # either side, whatever the load): a p99 of ~100 samples on 2 shared cores is noise, so
             # max_p99_ratio 1e6 keeps latency out of it; half the traffic gets both 20 answers soon.
             policy = {"weight": 0.5, "window_s": 3, "max_p99_ratio": 1e6}
-            started = start_canary(service.url, "cnn:2", policy)
+            started = admin.start_canary("cnn:2", policy)
             assert (started["state"], started["stable"], started["canary"]) == ("running", "1", "2")
             again = service.admin("POST", "/admin/models/cnn/canary", json={"version": "3"})
             assert again.status_code == 409 and "is running" in again.json()["error"]
-            promoted = wait_canary(service.url, "cnn", timeout=120)
+            promoted = admin.wait_canary("cnn", timeout=120)
             assert promoted["state"] == "promoted", promoted
             assert promoted["reason"].startswith("no regression"), promoted["reason"]
             assert promoted["stats"]["2"]["requests"] >= 20 and promoted["stats"]["2"]["errors"] == 0
@@ -442,8 +443,8 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
             wait_for(lambda: len(load.results) >= at_promote + 30, "30 answers after the promotion")
             # cnn:3 fails every request: rolled back on its error rate as soon as both versions have 20
             # answers, whatever the load (a canary that passed would be promoted after its 30 s window)
-            start_canary(service.url, "cnn:3", {"weight": 0.2, "window_s": 30})
-            rolled = wait_canary(service.url, "cnn", timeout=120)
+            admin.start_canary("cnn:3", {"weight": 0.2, "window_s": 30})
+            rolled = admin.wait_canary("cnn", timeout=120)
             assert rolled["state"] == "rolled_back", rolled
             assert "canary error rate 100.0%" in rolled["reason"] and "stable's 0.0%" in rolled["reason"], rolled
             canary_stats, stable_stats = rolled["stats"]["3"], rolled["stats"]["2"]
@@ -467,6 +468,7 @@ def test_canary_is_loaded_in_place_then_promoted_or_rolled_back_by_its_analysis_
         assert gone.status_code == 404  # unloaded from the replica
         assert service.metric('distml_gateway_canary_state{model="cnn",state="rolled_back"}') == 1
     finally:
+        admin.close()
         service.stop()
 
 

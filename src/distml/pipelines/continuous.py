@@ -161,7 +161,8 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
     """Register the candidate and, if it is better, serve it: start the service (first model) or
     try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
     from distml.models.artifact import register_as, set_alias
-    from distml.serve.service import ensure_serving, service_record, start_canary, wait_canary
+    from distml.serve.admin import GatewayAdmin
+    from distml.serve.service import ensure_serving, service_record
 
     ws, ctx = _workspace(), current()
     name, service = watch["name"], watch["service"] or watch["name"]
@@ -179,9 +180,10 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
         return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": time.time()}
     token = os.environ.get("DISTML_SERVE_TOKEN")
     policy = watch["canary"]
-    start_canary(running.url, record.ref, policy, token)  # returns once loaded everywhere and sent its share
-    answering = time.time()
-    final = wait_canary(running.url, name, policy["window_s"] * 4 + 120, token)
+    with GatewayAdmin(running.url, token) as admin:
+        admin.start_canary(record.ref, policy)  # returns once loaded everywhere and sent its share
+        answering = time.time()
+        final = admin.wait_canary(name, policy["window_s"] * 4 + 120)
     out.update(url=running.url, swap_started=started, answering=answering, canary=final)
     if final["state"] == "promoted" and str(final.get("canary")) == str(record.version):
         set_alias(ws, name, "production", record.version)

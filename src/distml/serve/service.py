@@ -25,7 +25,7 @@ from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
 from distml.core.layout import ServiceRecord
 from distml.core.liveness import pid_alive, process_identity
-from distml.core.refs import ModelRef
+from distml.serve.admin import GatewayAdmin
 from distml.serve.config import ServeConfig, parse_serve_config
 from distml.workspace import Workspace
 
@@ -88,60 +88,6 @@ def service_record(ws: Workspace, name: str) -> ServiceRecord | None:
     return record
 
 
-def _admin(
-    url: str, method: str, path: str, body: Any = None, token: str | None = None, client: httpx.Client | None = None
-) -> Any:
-    """One request to the gateway's admin API; `client` reuses a connection (a new httpx client
-    costs 40 ms of CPU for its TLS context, which a loop polling five times a second would pay each time)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    send = client.request if client is not None else httpx.request
-    try:
-        response = send(method, url + path, json=body, headers=headers, timeout=START_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise DistmlError(f"cannot reach the gateway at {url}: {exc}") from None
-    if response.status_code >= 400:
-        raise DistmlError(f"gateway answered {response.status_code} to {method} {path}: {response.text[:300]}")
-    return response.json()
-
-
-def swap_model(url: str, ref: str, token: str | None = None) -> None:
-    """Roll the service's replicas onto `ref` (a new replica is ready before an old one drains)."""
-    _admin(url, "POST", "/admin/replicas/roll", {"models": [ref]}, token)
-    pinned = ModelRef.pinned(ref)
-    _admin(url, "POST", f"/admin/models/{pinned.name}/promote", {"version": str(pinned.version)}, token)
-
-
-def start_canary(url: str, ref: str, policy: dict[str, Any] | None = None, token: str | None = None) -> dict:
-    """Start a canary of `ref` ("name:version") on the service at `url`: the gateway loads it into every
-    replica, sends it `policy["weight"]` of the traffic and promotes or rolls it back by itself
-    (policy fields: see `distml.serve.canary.CanaryPolicy`). Returns the canary's state."""
-    pinned = ModelRef.pinned(ref)
-    body = {**(policy or {}), "version": str(pinned.version)}
-    return _admin(url, "POST", f"/admin/models/{pinned.name}/canary", body, token)
-
-
-def canary_status(url: str, model: str, token: str | None = None, client: httpx.Client | None = None) -> dict:
-    """The last canary of `model`: {state: running|promoted|rolled_back|none, stable, canary, reason, stats, ...}."""
-    return _admin(url, "GET", f"/admin/models/{model}/canary", token=token, client=client)
-
-
-def wait_canary(url: str, model: str, timeout: float, token: str | None = None, interval: float = 0.2) -> dict:
-    """Poll the canary of `model` until it is promoted or rolled back; its final state."""
-    deadline = time.monotonic() + timeout
-    with httpx.Client() as client:
-        while True:
-            status = canary_status(url, model, token, client)
-            if status["state"] in ("promoted", "rolled_back"):
-                return status
-            if status["state"] == "none":
-                raise DistmlError(f"no canary of {model!r} on the service at {url}")
-            if time.monotonic() > deadline:
-                raise DistmlError(
-                    f"the canary of {model}:{status['canary']} was not decided after {timeout:g} s: {status}"
-                )
-            time.sleep(interval)
-
-
 def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]) -> dict[str, Any]:
     """Serve `model` as service `name`: a no-op if it already does, a hot swap if it serves
     another model, a detached start otherwise. Returns {url, model, pid, action}."""
@@ -151,7 +97,8 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
     if running is not None:
         if running.model == pinned:
             return {**asdict(running), "action": "unchanged"}
-        swap_model(running.url, pinned, token)
+        with GatewayAdmin(running.url, token) as admin:
+            admin.swap(pinned)
         record = running.serving(pinned)
         record.write(ws.root)
         return {**asdict(record), "action": f"swapped from {running.model}"}
