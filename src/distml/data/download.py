@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distml.core.errors import DistmlError
 
@@ -178,15 +179,35 @@ def _transfer(
         have = 0
     if have and have == remote.size:
         return  # complete from an earlier attempt; verification decides
+    response = _open(opener, url, have, timeout)
+    if response is None:
+        return  # nothing past what we hold: treat as complete, verification decides
+    with response:
+        mode, have = _resumed_at(response, part, have)
+        length = response.headers.get("Content-Length", "")
+        end = have + int(length) if length.strip().isdigit() else None
+        report.start(remote, url, have)
+        have = _copy_body(response, part, mode, have, remote, report)
+    if have > remote.size:
+        return  # already longer than the table says; verification reports the mismatch
+    if end is not None and have < end:
+        raise _Transient(f"connection closed after {have} of {end} bytes (truncated body)")
+    if end is None and have < remote.size:
+        raise _Transient(f"connection closed after {have} of {remote.size} bytes (truncated body)")
+
+
+def _open(opener: urllib.request.OpenerDirector, url: str, have: int, timeout: float) -> Any:
+    """The response to a GET of `url` from byte `have`; None when the server has nothing past it (416).
+    Errors are sorted into _Transient (worth a retry) and _Permanent."""
     headers = {"Accept-Encoding": "identity", "User-Agent": "distml"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:
-            return  # nothing past what we hold: treat as complete, verification decides
+            return None
         if exc.code in (408, 425, 429) or exc.code >= 500:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
         raise _Permanent(f"HTTP {exc.code} {exc.reason}") from exc
@@ -195,48 +216,47 @@ def _transfer(
     except (OSError, http.client.HTTPException) as exc:  # URLError, ConnectionError, timeout are OSErrors
         raise _Transient(_reason(exc)) from exc
 
-    with response:
-        status = response.status or 200  # file:// responses carry no status
-        mode = "ab"
-        if status == 206:
-            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-            if match is None or int(match.group(1)) != have:
-                part.unlink(missing_ok=True)
-                raise _Transient(
-                    f"asked for bytes {have}- and got Content-Range {response.headers.get('Content-Range')!r}; "
-                    "starting over"
-                )
-        else:  # 200 (or another 2xx): the whole file from byte 0, Range or not
-            mode, have = "wb", 0
-        length = response.headers.get("Content-Length", "")
-        end = have + int(length) if length.strip().isdigit() else None
-        report.start(remote, url, have)
-        try:
-            out = open(part, mode)
-        except OSError as exc:
-            raise DistmlError(f"cannot write {part}: {exc}; pass a writable download folder") from exc
-        with out:
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
-                    raise _Transient(f"{_reason(exc)} after {have} bytes") from exc
-                if not chunk:
-                    break
-                try:
-                    out.write(chunk)
-                except OSError as exc:
-                    raise DistmlError(f"cannot write {part}: {exc}; free space or pass another folder") from exc
-                have += len(chunk)
-                report.advance(len(chunk))
-                if have > remote.size:
-                    return  # already longer than the table says; verification reports the mismatch
-            out.flush()
-            os.fsync(out.fileno())
-    if end is not None and have < end:
-        raise _Transient(f"connection closed after {have} of {end} bytes (truncated body)")
-    if end is None and have < remote.size:
-        raise _Transient(f"connection closed after {have} of {remote.size} bytes (truncated body)")
+
+def _resumed_at(response: Any, part: Path, have: int) -> tuple[str, int]:
+    """(file mode, offset) the body is written at: appended after `have` bytes for a 206 that starts
+    there, from byte 0 for a 200 (or another 2xx: the whole file, Range or not)."""
+    status = response.status or 200  # file:// responses carry no status
+    if status != 206:
+        return "wb", 0
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    if match is None or int(match.group(1)) != have:
+        part.unlink(missing_ok=True)
+        raise _Transient(
+            f"asked for bytes {have}- and got Content-Range {response.headers.get('Content-Range')!r}; starting over"
+        )
+    return "ab", have
+
+
+def _copy_body(response: Any, part: Path, mode: str, have: int, remote: RemoteFile, report: _Report) -> int:
+    """Copy the body into `part` (durably); the bytes `part` holds after it."""
+    try:
+        out = open(part, mode)
+    except OSError as exc:
+        raise DistmlError(f"cannot write {part}: {exc}; pass a writable download folder") from exc
+    with out:
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
+                raise _Transient(f"{_reason(exc)} after {have} bytes") from exc
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                raise DistmlError(f"cannot write {part}: {exc}; free space or pass another folder") from exc
+            have += len(chunk)
+            report.advance(len(chunk))
+            if have > remote.size:
+                return have  # already longer than the table says; verification reports the mismatch
+        out.flush()
+        os.fsync(out.fileno())
+    return have
 
 
 def _fetch_one(

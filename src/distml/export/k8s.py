@@ -462,174 +462,19 @@ def _duration(seconds: float | None) -> str:
 
 def workflow_template(options: ExportOptions, graph: Any, name: str) -> Any:
     """The pipeline as an Argo WorkflowTemplate (a hera object): one DAG task per local node."""
-    from hera.workflows import DAG, Container, Parameter, Resource, Task, WorkflowTemplate
-    from hera.workflows import models as m
+    from hera.workflows import DAG, Parameter, Task, WorkflowTemplate
 
-    storage = parse_storage(options.storage)
-    names = task_names(graph)
-    volumes = [
-        m.Volume(
-            name="workspace", persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=storage.claim)
-        ),
-        m.Volume(name="pipeline-config", config_map=m.ConfigMapVolumeSource(name="distml-pipeline")),
-    ]
-    mounts = [
-        m.VolumeMount(name="workspace", mount_path=WORKSPACE_MOUNT, sub_path=storage.path or None),
-        m.VolumeMount(name="pipeline-config", mount_path=str(Path(PIPELINE_CONFIG).parent), read_only=True),
-    ]
-    env = [m.EnvVar(**_camel_to_model(e)) for e in _env()]
-
-    def runner(tname: str, command: str, node: Any, outputs: list[str], resources: dict | None = None, **extra: Any):
-        ups = [up.id for up in node.upstream if up not in node.ordering]
-        args = [PIPELINE_CONFIG, command, node.id, "--run-id", "{{workflow.name}}", "--out", OUT_DIR]
-        for up in ups:
-            args += ["--input", f"{up}={{{{inputs.parameters.in-{names[up]}}}}}"]
-        return Container(
-            name=tname,
-            image=options.image,
-            command=["python", "-m", "distml.export.steprunner"],
-            args=args,
-            env=env,
-            volume_mounts=mounts,
-            resources=m.ResourceRequirements(**(resources or _resources(0.25, 0, 1.0))),
-            inputs=[Parameter(name=f"in-{names[up]}") for up in ups] + list(extra.pop("inputs", [])),
-            outputs=[Parameter(name=o, value_from=m.ValueFrom(path=f"{OUT_DIR}/{o}")) for o in outputs],
-            labels=_labels(options),  # Kueue admits each step pod (its `pod` integration) in the run's queue
-            **extra,
-        )
-
-    def policy_fields(node: Any) -> dict[str, Any]:
-        policy = node.step.policy
-        fields: dict[str, Any] = {}
-        if policy.retries:
-            fields["retry_strategy"] = m.RetryStrategy(
-                limit=str(policy.retries),
-                retry_policy="Always",
-                backoff=m.Backoff(
-                    duration=_duration(policy.retry_backoff),
-                    factor="2",
-                    max_duration=_duration(policy.retry_backoff_max),
-                ),
-            )
-        if policy.timeout is not None:
-            fields["timeout"] = _duration(policy.timeout)
-        return fields
-
-    def memoize(node: Any) -> m.Memoize:
-        return m.Memoize(
-            key="{{inputs.parameters.memo-key}}",
-            max_age=_duration(node.step.policy.max_age),
-            cache=m.Cache(config_map=m.LocalObjectReference(name=MEMO_CACHE)),
-        )
-
-    in_params = {
-        nid: [Parameter(name=f"in-{names[u.id]}") for u in n.upstream if u not in n.ordering]
-        for nid, n in graph.nodes.items()
-    }
-
-    def pass_inputs(node: Any) -> list[Parameter]:
-        return [Parameter(name=p.name, value=f"{{{{inputs.parameters.{p.name}}}}}") for p in in_params[node.id]]
-
+    build = _ArgoTemplates(options, graph)
+    names = build.names
     with WorkflowTemplate(
         name=name,
         namespace=options.namespace,
         entrypoint="pipeline",
         service_account_name=SERVICE_ACCOUNT,
-        volumes=volumes,
+        volumes=build.volumes,
         labels={"app.kubernetes.io/part-of": "distml"},
     ) as wt:
-        node_templates: dict[str, Any] = {}
-        for node_id, node in graph.nodes.items():
-            tname = names[node_id]
-            policy = node.step.policy
-            res = policy.resources
-            step_resources = _resources(res.cpus, res.gpus, res.memory_gb)
-            if _is(node, "train"):
-                job_name = f"{{{{workflow.name}}}}-{tname}"[:63]
-                success, failure = job_conditions(options.trainer)
-                prepare = runner(f"{tname}-prepare", "prepare", node, ["key", "run-id"])
-                job = training_job(options, node, job_name, "{{inputs.parameters.run-id}}")
-                create = Resource(
-                    name=f"{tname}-job",
-                    action="create",
-                    set_owner_reference=True,
-                    success_condition=success,
-                    failure_condition=failure,
-                    manifest=to_yaml(job),
-                    inputs=[Parameter(name="memo-key"), Parameter(name="run-id")],
-                    outputs=[Parameter(name="job", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
-                    memoize=memoize(node) if policy.memoize else None,
-                    **policy_fields(node),
-                )
-                collect = runner(f"{tname}-collect", "collect", node, ["result"])
-                with DAG(
-                    name=tname,
-                    inputs=in_params[node_id],
-                    outputs=[
-                        Parameter(
-                            name="result",
-                            value_from=m.ValueFrom(parameter="{{tasks.collect.outputs.parameters.result}}"),
-                        )
-                    ],
-                ) as tmpl:
-                    t_prep = Task(name="prepare", template=prepare, arguments=pass_inputs(node))
-                    t_job = Task(
-                        name="job",
-                        template=create,
-                        arguments=[
-                            Parameter(name="memo-key", value="{{tasks.prepare.outputs.parameters.key}}"),
-                            Parameter(name="run-id", value="{{tasks.prepare.outputs.parameters.run-id}}"),
-                        ],
-                    )
-                    t_col = Task(name="collect", template=collect, arguments=pass_inputs(node))
-                    t_prep >> t_job >> t_col
-            elif _is(node, "serve"):
-                isvc = inference_service(
-                    options, node, f"{{{{=jsonpath(inputs.parameters['in-{names[node.upstream[0].id]}'], '$.model')}}}}"
-                )
-                tmpl = Resource(
-                    name=tname,
-                    action="apply",
-                    success_condition='status.conditions.#(type=="Ready").status == True',
-                    manifest=to_yaml(isvc),
-                    inputs=in_params[node_id],
-                    outputs=[Parameter(name="result", value_from=m.ValueFrom(json_path="{.status.url}"))],
-                    **policy_fields(node),
-                )
-            elif policy.memoize:
-                key = runner(f"{tname}-key", "key", node, ["key"])
-                run = runner(
-                    f"{tname}-run",
-                    "run",
-                    node,
-                    ["result"],
-                    step_resources,
-                    inputs=[Parameter(name="memo-key")],
-                    memoize=memoize(node),
-                    **policy_fields(node),
-                )
-                with DAG(
-                    name=tname,
-                    inputs=in_params[node_id],
-                    outputs=[
-                        Parameter(
-                            name="result", value_from=m.ValueFrom(parameter="{{tasks.run.outputs.parameters.result}}")
-                        )
-                    ],
-                ) as tmpl:
-                    t_key = Task(name="key", template=key, arguments=pass_inputs(node))
-                    t_run = Task(
-                        name="run",
-                        template=run,
-                        arguments=[
-                            *pass_inputs(node),
-                            Parameter(name="memo-key", value="{{tasks.key.outputs.parameters.key}}"),
-                        ],
-                    )
-                    t_key >> t_run
-            else:
-                tmpl = runner(tname, "run", node, ["result"], step_resources, **policy_fields(node))
-            node_templates[node_id] = tmpl
+        node_templates = {node_id: build.node_template(node) for node_id, node in graph.nodes.items()}
         with DAG(name="pipeline"):
             for node_id, node in graph.nodes.items():
                 Task(
@@ -645,6 +490,185 @@ def workflow_template(options: ExportOptions, graph: Any, name: str) -> Any:
                     ],
                 )
     return wt
+
+
+class _ArgoTemplates:
+    """The Argo templates of one pipeline's nodes (created inside an open hera WorkflowTemplate):
+    a training step as prepare, create its PyTorchJob/TrainJob, collect; a serving step as an
+    InferenceService; a memoized step as key, then a memoized run; any other step as one run."""
+
+    def __init__(self, options: ExportOptions, graph: Any):
+        from hera.workflows import Parameter
+        from hera.workflows import models as m
+
+        self.options, self.m = options, m
+        storage = parse_storage(options.storage)
+        self.names = names = task_names(graph)
+        self.volumes = [
+            m.Volume(
+                name="workspace", persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=storage.claim)
+            ),
+            m.Volume(name="pipeline-config", config_map=m.ConfigMapVolumeSource(name="distml-pipeline")),
+        ]
+        self.mounts = [
+            m.VolumeMount(name="workspace", mount_path=WORKSPACE_MOUNT, sub_path=storage.path or None),
+            m.VolumeMount(name="pipeline-config", mount_path=str(Path(PIPELINE_CONFIG).parent), read_only=True),
+        ]
+        self.env = [m.EnvVar(**_camel_to_model(e)) for e in _env()]
+        self.in_params = {
+            nid: [Parameter(name=f"in-{names[u.id]}") for u in n.upstream if u not in n.ordering]
+            for nid, n in graph.nodes.items()
+        }
+
+    def node_template(self, node: Any) -> Any:
+        policy = node.step.policy
+        res = policy.resources
+        if _is(node, "train"):
+            return self.training(node)
+        if _is(node, "serve"):
+            return self.serving(node)
+        step_resources = _resources(res.cpus, res.gpus, res.memory_gb)
+        if policy.memoize:
+            return self.memoized(node, step_resources)
+        return self.runner(self.names[node.id], "run", node, ["result"], step_resources, **self.policy_fields(node))
+
+    def runner(self, tname: str, command: str, node: Any, outputs: list[str], resources: dict | None = None, **extra):
+        from hera.workflows import Container, Parameter
+
+        m, names = self.m, self.names
+        ups = [up.id for up in node.upstream if up not in node.ordering]
+        args = [PIPELINE_CONFIG, command, node.id, "--run-id", "{{workflow.name}}", "--out", OUT_DIR]
+        for up in ups:
+            args += ["--input", f"{up}={{{{inputs.parameters.in-{names[up]}}}}}"]
+        return Container(
+            name=tname,
+            image=self.options.image,
+            command=["python", "-m", "distml.export.steprunner"],
+            args=args,
+            env=self.env,
+            volume_mounts=self.mounts,
+            resources=m.ResourceRequirements(**(resources or _resources(0.25, 0, 1.0))),
+            inputs=[Parameter(name=f"in-{names[up]}") for up in ups] + list(extra.pop("inputs", [])),
+            outputs=[Parameter(name=o, value_from=m.ValueFrom(path=f"{OUT_DIR}/{o}")) for o in outputs],
+            labels=_labels(self.options),  # Kueue admits each step pod (its `pod` integration) in the run's queue
+            **extra,
+        )
+
+    def policy_fields(self, node: Any) -> dict[str, Any]:
+        m, policy = self.m, node.step.policy
+        fields: dict[str, Any] = {}
+        if policy.retries:
+            fields["retry_strategy"] = m.RetryStrategy(
+                limit=str(policy.retries),
+                retry_policy="Always",
+                backoff=m.Backoff(
+                    duration=_duration(policy.retry_backoff),
+                    factor="2",
+                    max_duration=_duration(policy.retry_backoff_max),
+                ),
+            )
+        if policy.timeout is not None:
+            fields["timeout"] = _duration(policy.timeout)
+        return fields
+
+    def memoize(self, node: Any) -> Any:
+        m = self.m
+        return m.Memoize(
+            key="{{inputs.parameters.memo-key}}",
+            max_age=_duration(node.step.policy.max_age),
+            cache=m.Cache(config_map=m.LocalObjectReference(name=MEMO_CACHE)),
+        )
+
+    def pass_inputs(self, node: Any) -> list[Any]:
+        from hera.workflows import Parameter
+
+        return [Parameter(name=p.name, value=f"{{{{inputs.parameters.{p.name}}}}}") for p in self.in_params[node.id]]
+
+    def _result_of(self, task: str) -> Any:
+        from hera.workflows import Parameter
+
+        value = f"{{{{tasks.{task}.outputs.parameters.result}}}}"
+        return Parameter(name="result", value_from=self.m.ValueFrom(parameter=value))
+
+    def training(self, node: Any) -> Any:
+        from hera.workflows import DAG, Parameter, Resource, Task
+
+        m, tname, policy = self.m, self.names[node.id], node.step.policy
+        job_name = f"{{{{workflow.name}}}}-{tname}"[:63]
+        success, failure = job_conditions(self.options.trainer)
+        prepare = self.runner(f"{tname}-prepare", "prepare", node, ["key", "run-id"])
+        job = training_job(self.options, node, job_name, "{{inputs.parameters.run-id}}")
+        create = Resource(
+            name=f"{tname}-job",
+            action="create",
+            set_owner_reference=True,
+            success_condition=success,
+            failure_condition=failure,
+            manifest=to_yaml(job),
+            inputs=[Parameter(name="memo-key"), Parameter(name="run-id")],
+            outputs=[Parameter(name="job", value_from=m.ValueFrom(json_path="{.metadata.name}"))],
+            memoize=self.memoize(node) if policy.memoize else None,
+            **self.policy_fields(node),
+        )
+        collect = self.runner(f"{tname}-collect", "collect", node, ["result"])
+        with DAG(name=tname, inputs=self.in_params[node.id], outputs=[self._result_of("collect")]) as tmpl:
+            t_prep = Task(name="prepare", template=prepare, arguments=self.pass_inputs(node))
+            t_job = Task(
+                name="job",
+                template=create,
+                arguments=[
+                    Parameter(name="memo-key", value="{{tasks.prepare.outputs.parameters.key}}"),
+                    Parameter(name="run-id", value="{{tasks.prepare.outputs.parameters.run-id}}"),
+                ],
+            )
+            t_col = Task(name="collect", template=collect, arguments=self.pass_inputs(node))
+            t_prep >> t_job >> t_col
+        return tmpl
+
+    def serving(self, node: Any) -> Any:
+        from hera.workflows import Parameter, Resource
+
+        upstream = self.names[node.upstream[0].id]
+        isvc = inference_service(
+            self.options, node, f"{{{{=jsonpath(inputs.parameters['in-{upstream}'], '$.model')}}}}"
+        )
+        return Resource(
+            name=self.names[node.id],
+            action="apply",
+            success_condition='status.conditions.#(type=="Ready").status == True',
+            manifest=to_yaml(isvc),
+            inputs=self.in_params[node.id],
+            outputs=[Parameter(name="result", value_from=self.m.ValueFrom(json_path="{.status.url}"))],
+            **self.policy_fields(node),
+        )
+
+    def memoized(self, node: Any, step_resources: dict) -> Any:
+        from hera.workflows import DAG, Parameter, Task
+
+        tname = self.names[node.id]
+        key = self.runner(f"{tname}-key", "key", node, ["key"])
+        run = self.runner(
+            f"{tname}-run",
+            "run",
+            node,
+            ["result"],
+            step_resources,
+            inputs=[Parameter(name="memo-key")],
+            memoize=self.memoize(node),
+            **self.policy_fields(node),
+        )
+        with DAG(name=tname, inputs=self.in_params[node.id], outputs=[self._result_of("run")]) as tmpl:
+            t_key = Task(name="key", template=key, arguments=self.pass_inputs(node))
+            t_run = Task(
+                name="run",
+                template=run,
+                arguments=[
+                    *self.pass_inputs(node),
+                    Parameter(name="memo-key", value="{{tasks.key.outputs.parameters.key}}"),
+                ],
+            )
+            t_key >> t_run
+        return tmpl
 
 
 def _camel_to_model(value: dict[str, Any]) -> dict[str, Any]:

@@ -510,6 +510,25 @@ class Scheduler:
                 extra[index][dim] -= demand[dim]
         return _Reservation(head, shadow, extra)
 
+    def _place_in_leftover(self, reserved: _Reservation, resources: Resources, slack: float) -> list[int] | None:
+        """A placement in what the reservation leaves over (free now and not promised to its head),
+        taken out of that leftover; None when the job does not fit there."""
+        extra = reserved.extra
+        if reserved.bounded is None:
+            reserved.bounded = [list(map(min, f, e)) for f, e in zip(self.free, extra, strict=True)]
+        if reserved.bounded_total is None:
+            reserved.bounded_total = [sum(column) + slack for column in zip(*reserved.bounded, strict=True)]
+        need_cpus, need_gpus, need_memory = resources.totals
+        room_cpus, room_gpus, room_memory = reserved.bounded_total
+        if need_cpus > room_cpus or need_gpus > room_gpus or need_memory > room_memory:
+            return None
+        demand = resources.per_task
+        placement = self._place(demand, resources.workers, reserved.bounded)
+        for index in placement or ():
+            for dim in range(3):
+                extra[index][dim] -= demand[dim]
+        return placement
+
     def _backfill_line(self, line: str, reserved: _Reservation, now: float, decision: Decision) -> bool:
         """Start the first job among the next `lookahead` of `line` that fits now and cannot delay
         the reserved job: it ends before the reservation's start, or it fits in what the
@@ -536,21 +555,10 @@ class Scheduler:
             if shape in failed or reserved.dominated(shape):
                 job.reason = blocked
                 continue
-            placement = None
             if ends_in_time:
                 placement = self._place(demand, tasks, self.free)
             else:
-                if reserved.bounded is None:
-                    reserved.bounded = [list(map(min, f, e)) for f, e in zip(self.free, extra, strict=True)]
-                if reserved.bounded_total is None:
-                    reserved.bounded_total = [sum(column) + slack for column in zip(*reserved.bounded, strict=True)]
-                b_cpus, b_gpus, b_memory = reserved.bounded_total
-                if need_cpus <= b_cpus and need_gpus <= b_gpus and need_memory <= b_memory:
-                    placement = self._place(demand, tasks, reserved.bounded)
-                if placement is not None:
-                    for index in placement:
-                        for dim in range(3):
-                            extra[index][dim] -= demand[dim]
+                placement = self._place_in_leftover(reserved, resources, slack)
             if placement is not None:
                 self._start(job, placement, now, decision)
                 reserved.free_total = reserved.bounded_total = None

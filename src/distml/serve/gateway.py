@@ -682,7 +682,28 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = http.FrontedApp(title="distml gateway", lifespan=lifespan)
     http.install_error_handlers(app)
-    limit = gateway.config.replica.max_body_bytes
+    _health_routes(app, gateway)
+    hot = _inference_routes(app, gateway)
+    _admin_routes(app, gateway)
+    _repository_routes(app, gateway)
+
+    # everything else under /v2 and /v1 (metadata, model readiness, jobs) goes to a replica
+    @app.api_route("/v2", methods=["GET"])
+    @app.api_route("/v2/{rest:path}", methods=["GET", "POST"])
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
+    async def passthrough(request: Request, rest: str = ""):
+        return await gateway.proxy(request, retry=request.method == "GET")
+
+    http.document_bodies(app, [protocol.InferRequestBody, protocol.PredictRequestBody])
+    app.front = [
+        (http.BearerAuth, {"token": gateway.config.token_value()}),
+        (http.FastRoutes, {"routes": [(method, path, endpoint) for method, path, endpoint, _ in hot]}),
+    ]
+    return app
+
+
+def _health_routes(app: FastAPI, gateway: Gateway) -> None:
+    """Liveness, readiness (some replica of every group ready) and the gateway's /metrics."""
 
     @app.get("/v2/health/live", responses={200: {"model": protocol.LiveBody}})
     async def live():
@@ -697,6 +718,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics():
         body, content_type = gateway.metrics.exposition()
         return Response(body, media_type=content_type)
+
+
+def _inference_routes(app: FastAPI, gateway: Gateway) -> list[tuple[str, str, Callable, dict]]:
+    """The V2 and V1 inference routes, documented here and answered by `http.FastRoutes`, which
+    skips FastAPI's routing on the hot path; returns them as (method, path, endpoint, docs)."""
 
     infer_docs = {
         "responses": {200: {"model": protocol.InferResponseBody}, "4XX": {"model": protocol.ErrorBody}},
@@ -721,6 +747,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     ]
     for method, path, endpoint, docs in hot:
         app.add_api_route(path, endpoint, methods=[method], **docs)  # documented; FastRoutes answers them
+    return hot
+
+
+def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    """/admin: replicas (list, scale, roll), traffic splits, canaries and promotion."""
+    limit = gateway.config.replica.max_body_bytes
 
     @app.get("/admin/replicas")
     async def replicas():
@@ -780,6 +812,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise DistmlError(f'expected {{"version": "<version>"}}, got {version!r}')
         return {"model": model, "versions": gateway.set_traffic(model, {str(version): 100})}
 
+
+def _repository_routes(app: FastAPI, gateway: Gateway) -> None:
+    limit = gateway.config.replica.max_body_bytes
+
     @app.post("/v2/repository/models/{model}/{action}")
     async def repository(model: str, action: str, request: Request):
         """The model-repository extension on the whole service: every replica of every group loads (or
@@ -793,20 +829,6 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise ProtocolError(400, f"request body names no version to {action}; expected {expected}")
         await gateway.repository(model, str(int(version)), action)
         return {"name": model, "version": str(int(version)), "state": f"{action}ed"}
-
-    # everything else under /v2 and /v1 (metadata, model readiness, jobs) goes to a replica
-    @app.api_route("/v2", methods=["GET"])
-    @app.api_route("/v2/{rest:path}", methods=["GET", "POST"])
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
-    async def passthrough(request: Request, rest: str = ""):
-        return await gateway.proxy(request, retry=request.method == "GET")
-
-    http.document_bodies(app, [protocol.InferRequestBody, protocol.PredictRequestBody])
-    app.front = [
-        (http.BearerAuth, {"token": gateway.config.token_value()}),
-        (http.FastRoutes, {"routes": [(method, path, endpoint) for method, path, endpoint, _ in hot]}),
-    ]
-    return app
 
 
 async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:

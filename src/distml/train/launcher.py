@@ -133,16 +133,15 @@ def gang_request(config: TrainConfig, pool_cpus: float) -> Resources:
     return Resources(cpus=cpus, gpus=gpus, workers=config.procs_per_node)
 
 
-def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_path: Path) -> dict[str, Any] | None:
-    """Run under a lease of the workspace's scheduler; on preemption, requeue and resume."""
-    log = logging.getLogger("distml.train")
-    training = threading.Event()  # SIGTERM is only ours to send while torchrun's handlers are in place
+def _preemptible_pool(ws: Workspace, config: TrainConfig, training: threading.Event) -> SharedPool:
+    """The run's handle on the workspace's scheduler: preempted while `training` is set, it sends
+    this process SIGTERM, which torchrun passes to the workers, which checkpoint and stop."""
 
     def stop_for_preemption(lease: Lease) -> None:
         if training.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
 
-    pool = SharedPool(
+    return SharedPool(
         ws.engine,
         queue=config.queue,
         priority=config.priority,
@@ -150,6 +149,13 @@ def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_
         preemptible=True,
         on_preempt=stop_for_preemption,
     )
+
+
+def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_path: Path) -> dict[str, Any] | None:
+    """Run under a lease of the workspace's scheduler; on preemption, requeue and resume."""
+    log = logging.getLogger("distml.train")
+    training = threading.Event()  # SIGTERM is only ours to send while torchrun's handlers are in place
+    pool = _preemptible_pool(ws, config, training)
     run_id = config.resolved_run_id()
     read_pool = functools.partial(pool_state, ws.engine)
     endpoint = serve_scheduler(read_pool, config.run_dir() / "metrics" / "launcher.json", run=run_id)

@@ -375,6 +375,8 @@ def _workspace(config: TrainConfig):
 
 
 def train(ctx: Context, stop: StopFlag) -> None:
+    """The rank's loop: resume from the last checkpoint, then step, report and checkpoint until the
+    planned steps are done or every rank agreed to stop (SIGTERM)."""
     from distml.train.progress import Reporter
 
     config = ctx.config
@@ -383,25 +385,8 @@ def train(ctx: Context, stop: StopFlag) -> None:
     loader = make_loader(ctx, dataset, with_index=config.log_samples)
     loader.fill_cache()
     model = build(config)
-    lr = config.learning_rate(ctx.num_workers)
-    if config.strategy == "allreduce":
-        from distml.train.allreduce import AllReduceTrainer
-
-        trainer: Any = AllReduceTrainer(model, lr, ctx.device, ctx.world, config.optimizer)
-    else:
-        from distml.train.parameter_server import PSWorker
-
-        trainer = PSWorker(model.to(ctx.device), list(range(ctx.servers)), config.ps_mode, ctx.device)
-
-    step = checkpoint.latest_step(ctx.run_dir) or 0
-    if step:
-        state = checkpoint.load_part(ctx.run_dir, step, "trainer")
-        trainer.load_state_dict(state["trainer"])
-        loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        ctx.log(f"resumed from the checkpoint of step {step} (epoch {loader.epoch}, world size {ctx.world})")
-    if config.strategy == "parameter-server":
-        trainer.pull()
+    trainer = _make_trainer(ctx, model)
+    step = _resume(ctx, trainer, loader)
     total = planned_steps(config, loader, step)
 
     metrics = ctx.metrics
@@ -427,24 +412,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
             metrics.observe_step(step, loss, seconds, len(y))
             if reporter is not None:
                 reporter.step(step, float(loss), seconds, loader.epoch)
-            boundary = step % config.checkpoint_every == 0 or step >= total
-            if config.strategy == "allreduce":
-                # ranks agree on a SIGTERM every few steps (and at checkpoints): one collective per
-                # step cost 3% of a cnn step and more on large models
-                if ctx.world == 1:
-                    stopped = stop.requested
-                elif boundary or step % STOP_CHECK_EVERY == 0:
-                    stopped = agree_stop(stop.requested, ctx.device)
-                if (boundary or stopped) and ctx.is_lead:
-                    save_checkpoint(ctx, step, trainer, loader, reporter)
-            elif boundary:
-                if ctx.is_lead:
-                    checkpoint.save_part(ctx.run_dir, step, "trainer", _trainer_state(step, trainer, loader))
-                stopped = agree_stop(stop.requested, torch.device("cpu"))  # all parts are on disk now
-                if ctx.is_lead:
-                    checkpoint.commit(ctx.run_dir, step)
-                    if reporter is not None:
-                        reporter.flush()
+            stopped = _checkpoint_or_stop(ctx, stop, step, total, trainer, loader, reporter)
             if stopped or step >= total:
                 break
     if stopped:
@@ -452,6 +420,64 @@ def train(ctx: Context, stop: StopFlag) -> None:
         return
     if ctx.is_lead:
         finish(ctx, dataset, trainer, model, step, reporter)
+
+
+def _make_trainer(ctx: Context, model: torch.nn.Module) -> Any:
+    """The strategy's trainer: DDP allreduce, or a worker of the parameter servers."""
+    config = ctx.config
+    if config.strategy == "allreduce":
+        from distml.train.allreduce import AllReduceTrainer
+
+        lr = config.learning_rate(ctx.num_workers)
+        return AllReduceTrainer(model, lr, ctx.device, ctx.world, config.optimizer)
+    from distml.train.parameter_server import PSWorker
+
+    return PSWorker(model.to(ctx.device), list(range(ctx.servers)), config.ps_mode, ctx.device)
+
+
+def _resume(ctx: Context, trainer: Any, loader: Loader) -> int:
+    """Restore the trainer, the loader's position and the RNGs from the run's last checkpoint
+    (written at any world size); the step to go on from, 0 for a new run."""
+    step = checkpoint.latest_step(ctx.run_dir) or 0
+    if step:
+        state = checkpoint.load_part(ctx.run_dir, step, "trainer")
+        trainer.load_state_dict(state["trainer"])
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        ctx.log(f"resumed from the checkpoint of step {step} (epoch {loader.epoch}, world size {ctx.world})")
+    if ctx.config.strategy == "parameter-server":
+        trainer.pull()
+    return step
+
+
+def _checkpoint_or_stop(
+    ctx: Context, stop: StopFlag, step: int, total: int, trainer: Any, loader: Loader, reporter: Any
+) -> bool:
+    """After `step`: write a checkpoint at each boundary (every checkpoint_every steps, and the
+    last), and tell whether every rank agreed to stop; a stopping run checkpoints first."""
+    config = ctx.config
+    boundary = step % config.checkpoint_every == 0 or step >= total
+    if config.strategy == "allreduce":
+        # ranks agree on a SIGTERM every few steps (and at checkpoints): one collective per
+        # step cost 3% of a cnn step and more on large models
+        stopped = False
+        if ctx.world == 1:
+            stopped = stop.requested
+        elif boundary or step % STOP_CHECK_EVERY == 0:
+            stopped = agree_stop(stop.requested, ctx.device)
+        if (boundary or stopped) and ctx.is_lead:
+            save_checkpoint(ctx, step, trainer, loader, reporter)
+        return stopped
+    if not boundary:
+        return False
+    if ctx.is_lead:
+        checkpoint.save_part(ctx.run_dir, step, "trainer", _trainer_state(step, trainer, loader))
+    stopped = agree_stop(stop.requested, torch.device("cpu"))  # all parts are on disk now
+    if ctx.is_lead:
+        checkpoint.commit(ctx.run_dir, step)
+        if reporter is not None:
+            reporter.flush()
+    return stopped
 
 
 def _trainer_state(step: int, trainer: Any, loader: Loader) -> dict[str, Any]:
