@@ -6,6 +6,9 @@ they hold a `_SUCCESS` marker, as Spark and Hive write them); names starting wit
 in progress and ignored, and a file counts only once its size and mtime held still for one poll.
 A table source reads the rows whose order column (an increasing id or timestamp) is above the
 last one ingested. `validate` turns a batch into (image, label) arrays or says why it cannot.
+
+Pattern: event-driven processing: each arrival triggers a cycle of the continuous pipeline
+(pipelines/continuous.py).
 """
 
 from __future__ import annotations

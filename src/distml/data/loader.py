@@ -8,6 +8,9 @@ source itself one shuffle window at a time. `state_dict()` / `load_state_dict()`
 mid-epoch, on the same or another world size. torch's DataLoader + DistributedSampler were
 considered: per-sample `__getitem__` + collate costs ~10x a vectorised gather, and its
 sampler cannot resume mid-epoch or reshard.
+
+Pattern: batching, sharding and caching of ingestion, and the resumable iterator that elastic
+training needs (state_dict at one world size, load_state_dict at another).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 `Autoscaler` is the pure decision (desired = ceil(mean in-flight / target); at 2x target it panics,
 scales up at once and never down until calm; zero after an idle period); `AutoscalerLoop` applies it
 to a ReplicaSet. Knative's own autoscaler needs Kubernetes; no in-process library implements KPA.
+
+Pattern: event-driven serving: the replica count follows the requests in flight, down to zero.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Rows of `inference_jobs` (migration 4) are claimed by a conditional UPDATE and h
 renewed lease; a dead owner's rows are reclaimed (at once on its own host), so a restarted server
 finishes them. Celery, RQ and arq were considered; they need a broker (Redis, RabbitMQ) besides
 the metadata store that every replica already shares.
+
+Pattern: event-driven serving: a request becomes a stored job, answered when a replica runs it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ parameter-server shard); the `LATEST` file names the newest complete checkpoint 
 replaced after every part is on disk, so a crash mid-write leaves the previous one in force.
 Files are written with torch.save and read with `torch.load(weights_only=True)`, which
 restores tensors and plain containers only and never runs pickled code.
+
+Pattern: fault tolerance (a restarted or resized run resumes here; see launcher.py).
 """
 
 from __future__ import annotations

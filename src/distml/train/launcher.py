@@ -8,6 +8,9 @@ latest checkpoint. Returns the run's result, or None when the run was stopped by
 On one machine the run's gang (a cpu slot, and a gpu on CUDA, per process) is admitted by the
 workspace's scheduler first; when it is preempted, the workers checkpoint on SIGTERM, the gang
 waits in its queue again and the run resumes where it stopped.
+
+Pattern: elasticity and fault tolerance, with checkpoint.py (state at any world size), worker.py
+(resume, agreed stop) and data/loader.py (an epoch resumed on another world size).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ of the data, checkpoints every K steps, and on SIGTERM checkpoints and exits cle
 parameter-server mode the first `ps_shards` ranks serve parameters and the rest train.
 `distml train` forks it from a forkserver through torchrun (launcher.py); a cluster's pods run
 `torchrun -m distml.train.worker CONFIG.json` (export/k8s.py).
+
+Pattern: elasticity and fault tolerance on the worker's side (resume at any world size, stop
+together on SIGTERM); collective communication or parameter servers through its trainer.
 """
 
 from __future__ import annotations
