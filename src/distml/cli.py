@@ -501,13 +501,14 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
         result = _run_pipeline(ctx, resume_id=options["resume_id"])
     else:
         params = {k.replace("-", "_"): v for k, v in _key_values(options["params"], "--param").items()}
+        flags: dict[str, str] = {}  # parameter -> the flag that set it, for a pipeline without it
         for flag, key in (("dataset", "dataset"), ("data_dir", "data_dir"), ("epochs", "epochs")):
             if options[flag] is not None:
-                params[key] = options[flag]
+                params[key], flags[key] = options[flag], "--" + flag.replace("_", "-")
         if options["no_serve"]:
-            params["serve_model"] = False
+            params["serve_model"], flags["serve_model"] = False, "--no-serve"
         if options["async_selection"]:
-            params["async_selection"] = True
+            params["async_selection"], flags["async_selection"] = True, "--async-selection"
         refresh = set(options["refresh"])
         run_options = RunOptions(
             refresh=True if "*" in refresh else frozenset(refresh),
@@ -516,7 +517,7 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             queue=options["queue"],
             priority=options["priority"],
         )
-        result = _run_pipeline(ctx, target, params, run_options)
+        result = _run_pipeline(ctx, target, params, run_options, flags=flags)
     served = result.result.get("served") if isinstance(result.result, dict) else None
     if isinstance(served, dict) and "url" in served:
         from distml.core.refs import ModelRef
@@ -533,14 +534,30 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
         click.echo(json.dumps(result.result, indent=1, default=str))
 
 
+def _check_flags(target: Any, flags: dict[str, str]) -> None:
+    import inspect
+
+    accepted = inspect.signature(target.function).parameters
+    for key, flag in flags.items():
+        if key not in accepted:
+            takes = ", ".join(accepted) or "no parameters"
+            raise DistmlError(
+                f"{flag} sets a pipeline's `{key}` parameter, which {target.spec} does not have; "
+                f"it takes {takes} (set those with --param KEY=VALUE)"
+            )
+
+
 def _run_pipeline(
     ctx: click.Context,
     target: str | None = None,
     params: dict[str, Any] | None = None,
     options: Any = None,
     resume_id: str | None = None,
+    flags: dict[str, str] | None = None,
 ) -> Any:
-    """Run (or resume) a pipeline with the live view; exit 1 if it fails, 130 if stopped."""
+    """Run (or resume) a pipeline with the live view; exit 1 if it fails, 130 if stopped. `flags`
+    names the flag that set each of `params` that has one (--epochs...): they go only to a
+    pipeline that declares that parameter; any other pipeline's parameters are set with --param."""
     from rich.console import Console
 
     from distml.workflow.orchestrator import new_run_id, resume_run, run_pipeline
@@ -550,6 +567,7 @@ def _run_pipeline(
     ws = _workspace(ctx)
     if resume_id is None:
         pipeline = load_target(target or DEFAULT_TARGET)
+        _check_flags(pipeline, flags or {})
         run_id = new_run_id(pipeline.name)
     else:
         run_id = resume_id

@@ -449,6 +449,12 @@ def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
         (["{path}:pipeline", "--param", "n=abc"], "pipeline parameter n='abc'"),
         (["{path}:pipeline", "--param", "m=1"], "unknown pipeline parameter(s) m; pipeline accepts: n"),
         (["{path}:pipeline", "--param", "novalue"], "--param expects KEY=VALUE"),
+        (
+            ["{path}:pipeline", "--epochs", "2"],
+            "--epochs sets a pipeline's `epochs` parameter, which {path}:pipeline does not have; it takes n "
+            "(set those with --param KEY=VALUE)",
+        ),
+        (["{path}:pipeline", "--no-serve"], "--no-serve sets a pipeline's `serve_model` parameter"),
         (["{path}:nothing"], "has no function 'nothing'"),
         (["{tmp}/missing.py:pipeline"], "pipeline file {tmp}/missing.py does not exist"),
         (["nocolon"], "must be path/to/file.py:function"),
@@ -483,7 +489,7 @@ def test_bad_input_gets_one_clear_error(tmp_path, args, message):
     argv = [a.format(path=path, tmp=tmp_path) for a in args]
     out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", *argv])
     assert out.exit_code == 2, out.output
-    assert message.format(tmp=tmp_path) in out.output
+    assert message.format(tmp=tmp_path, path=path) in out.output
     assert out.output.count("error:") == 1
 
 
