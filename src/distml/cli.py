@@ -776,28 +776,12 @@ def runs_show(ctx: click.Context, run_id: str) -> None:
 @click.pass_context
 def logs_command(ctx: click.Context, run_id: str, step: str) -> None:
     """Print the captured stdout/stderr of STEP (a node id such as train[cnn]) in RUN_ID."""
-    from pathlib import Path
+    from distml.workflow.logs import step_logs
 
-    from distml.ops.metadata import get_workflow_run, list_step_executions
-
-    engine = _workspace(ctx).engine
-    if get_workflow_run(engine, run_id) is None:
-        raise DistmlError(f"no workflow run {run_id!r}; `distml runs` lists them")
-    rows = [r for r in list_step_executions(engine, run_id) if r["node_id"] == step]
-    if not rows:
-        nodes = sorted({r["node_id"] for r in list_step_executions(engine, run_id)})
-        raise DistmlError(f"run {run_id} has no step {step!r}; its steps are: {', '.join(nodes)}")
-    rows = sorted(rows, key=lambda r: r["generation"])
-    paths = [r["log_path"] for r in rows if r["log_path"]]
-    if not paths:
-        raise DistmlError(f"step {step} of run {run_id} has no log: it did not run a process ({rows[-1]['status']})")
-    if rows[-1]["status"] == "cached":
+    logs = step_logs(_workspace(ctx).engine, run_id, step)
+    if logs.cached:
         click.echo(f"# {step} was a cache hit in {run_id}; this is the log of the execution it reused", err=True)
-    for path in dict.fromkeys(paths):
-        try:
-            click.echo(Path(path).read_text(errors="replace"), nl=False)
-        except FileNotFoundError:
-            raise DistmlError(f"the log of {step} ({path}) was removed from the workspace") from None
+    click.echo(logs.read(), nl=False)
 
 
 @main.group("models", invoke_without_command=True)

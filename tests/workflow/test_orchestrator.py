@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from distml.cli import main
+from distml.core.errors import DistmlError
 from distml.core.liveness import pid_alive
 from distml.ops import metadata
 from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
@@ -685,3 +686,32 @@ def test_an_adopted_step_keeps_its_timeout_after_resume(tmp_path):
         (folder / "go").write_text("1")
         if orchestrator.poll() is None:
             orchestrator.kill()
+
+
+def test_the_logs_of_a_step_and_each_way_of_asking_for_one_that_is_not_there(tmp_path, workspace):
+    from distml.workflow.logs import step_logs
+
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def hello() -> int:
+            print("hello from the step")
+            return 1
+
+        def pipeline():
+            return hello()
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {})
+    logs = step_logs(workspace.engine, result.run_id, "hello")
+    assert not logs.cached and "hello from the step" in logs.read()
+    with pytest.raises(DistmlError, match="no workflow run 'nope'; `distml runs` lists them"):
+        step_logs(workspace.engine, "nope", "hello")
+    with pytest.raises(DistmlError, match=rf"run {result.run_id} has no step 'bye'; its steps are: hello"):
+        step_logs(workspace.engine, result.run_id, "bye")
+    logs.paths[0].unlink()
+    out = CliRunner().invoke(main, ["--workspace", str(workspace.root), "logs", result.run_id, "hello"])
+    assert out.exit_code == 2 and "was removed from the workspace" in out.output, out.output
