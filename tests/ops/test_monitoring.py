@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from required import require_tool
 
+from distml.ops import metadata
 from distml.ops.admission import pool_state
 from distml.workspace import Workspace
 
@@ -287,6 +288,11 @@ def test_top_once_says_unreachable_for_a_dead_endpoint(tmp_path):
         rank = ws / "runs" / "lost" / "metrics" / "rank-0.json"
         rank.parent.mkdir(parents=True)
         rank.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}/metrics", "port": dead}))
+        store = Workspace(ws)  # what the lead rank stored before its endpoint stopped answering
+        metadata.record_train_run(store.engine, "lost", {"model": "cnn", "dataset": "digits"}, status="running")
+        step = {"epoch": 0, "loss": 0.5, "samples_per_s": 700.0, "step_seconds": 0.01}
+        metadata.record_train_steps(store.engine, "lost", [{**step, "step": 6}, {**step, "step": 7, "loss": 0.25}])
+        store.close()
         out = subprocess.run(
             [DISTML, "--workspace", str(ws), "top", "--once", "--interval", "0.1"],
             capture_output=True,
@@ -296,7 +302,8 @@ def test_top_once_says_unreachable_for_a_dead_endpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any("ghost" in line and "unreachable" in line for line in lines), out.stdout
-    assert any("lost" in line and "unreachable" in line for line in lines), out.stdout
+    lost = [line for line in lines if "lost" in line and "unreachable" in line]
+    assert lost and "cnn/digits" in lost[0] and "0.2500" in lost[0] and "700 (stored)" in lost[0], out.stdout
     assert "Pipeline runs: none yet" in out.stdout and "default" in out.stdout
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -300,6 +301,56 @@ train_steps = sa.Table(
     sa.Column("step_seconds", sa.Float, nullable=False),
     sa.Column("recorded_at", UTCDateTime, nullable=False),
 )
+
+
+@dataclass(frozen=True)
+class TrainingRunRow:
+    """A training run as views show it: its stored state and its latest recorded step (None before
+    the lead rank recorded one)."""
+
+    run_id: str
+    status: str
+    config: dict[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    step: int | None
+    loss: float | None
+    samples_per_s: float | None
+    recorded_at: dt.datetime | None
+
+
+def list_training_runs(engine: sa.Engine, include: Iterable[str] = (), limit: int = 50) -> list[TrainingRunRow]:
+    """The runs still marked running, and those named in `include`, newest first, each with its
+    latest recorded step: one query, whatever the number of runs."""
+    latest = (
+        sa.select(train_steps.c.run_id, sa.func.max(train_steps.c.step).label("step"))
+        .group_by(train_steps.c.run_id)
+        .subquery()
+    )
+    last = train_steps.alias("last")
+    query = (
+        sa.select(train_runs, last.c.step, last.c.loss, last.c.samples_per_s, last.c.recorded_at)
+        .outerjoin(latest, latest.c.run_id == train_runs.c.run_id)
+        .outerjoin(last, sa.and_(last.c.run_id == latest.c.run_id, last.c.step == latest.c.step))
+        .where(sa.or_(train_runs.c.status == "running", train_runs.c.run_id.in_(list(include))))
+        .order_by(train_runs.c.updated_at.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [
+            TrainingRunRow(
+                r.run_id,
+                r.status,
+                json.loads(r.config_json),
+                r.created_at,
+                r.updated_at,
+                r.step,
+                r.loss,
+                r.samples_per_s,
+                r.recorded_at,
+            )
+            for r in conn.execute(query)
+        ]
 
 
 def _m3_training(conn: sa.Connection) -> None:
@@ -978,6 +1029,12 @@ def _m8_continuous(conn: sa.Connection) -> None:
 
 
 MIGRATIONS.append((8, _m8_continuous))
+
+
+def list_watches(engine: sa.Engine) -> list[dict[str, Any]]:
+    """Every watch, by name."""
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(sa.select(watches).order_by(watches.c.name)).mappings()]
 
 
 def get_watch(engine: sa.Engine, name: str) -> dict[str, Any] | None:

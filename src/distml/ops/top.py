@@ -174,7 +174,6 @@ class Top:
     # -- training ----------------------------------------------------------------------------
 
     def training(self) -> list[RenderableType]:
-        import sqlalchemy as sa
 
         from distml.ops import metadata as md
 
@@ -183,32 +182,13 @@ class Top:
             record = read_endpoint(path)
             if record is not None:
                 ranks.setdefault(path.parent.parent.name, []).append(record)
-        with self.ws.engine.connect() as conn:
-            rows = {
-                r.run_id: r
-                for r in conn.execute(
-                    sa.select(md.train_runs)
-                    .where(sa.or_(md.train_runs.c.status == "running", md.train_runs.c.run_id.in_(list(ranks))))
-                    .order_by(md.train_runs.c.updated_at.desc())
-                    .limit(50)
-                )
-            }
-            latest = {}
-            for run_id in set(rows) | set(ranks):
-                step = conn.execute(
-                    sa.select(md.train_steps)
-                    .where(md.train_steps.c.run_id == run_id)
-                    .order_by(md.train_steps.c.step.desc())
-                    .limit(1)
-                ).first()
-                if step is not None:
-                    latest[run_id] = step
+        rows = {r.run_id: r for r in md.list_training_runs(self.ws.engine, include=ranks)}
         now = dt.datetime.now(dt.UTC)
         shown = [run_id for run_id in ranks]  # live first
         for run_id, row in rows.items():
             if run_id in ranks or row.status != "running":
                 continue
-            last = latest[run_id].recorded_at if run_id in latest else row.updated_at
+            last = row.recorded_at or row.updated_at
             if (now - last).total_seconds() < 600:  # stopped or killed recently: still worth a line
                 shown.append(run_id)
         scrapes = self.scrape_all(r["url"] for run_id in shown for r in ranks.get(run_id, []))
@@ -227,7 +207,7 @@ class Top:
         for run_id in shown[:MAX_ROWS]:
             config = _read_json(run_dir(self.root, run_id) / "config.json")
             if not config and run_id in rows:
-                config = json.loads(rows[run_id].config_json)
+                config = rows[run_id].config
             model = f"{config.get('model', '?')}/{config.get('dataset', '?')}" if config else ""
             records = ranks.get(run_id, [])
             answers = [scrapes[r["url"]] for r in records if scrapes[r["url"]].ok]
@@ -244,15 +224,15 @@ class Top:
                     f"{max(s.total('distml_train_restarts') for s in answers):.0f}",
                 )
                 continue
-            step = latest.get(run_id)
+            step = rows.get(run_id)
             state = "unreachable" if records else "no live rank"
             table.add_row(
                 run_id,
                 model,
                 Text(state, style="yellow"),
-                f"{step.step}" if step else "-",
-                f"{step.loss:.4f}" if step else "-",
-                f"{step.samples_per_s:,.0f} (stored)" if step else "-",
+                f"{step.step}" if step and step.step is not None else "-",
+                f"{step.loss:.4f}" if step and step.loss is not None else "-",
+                f"{step.samples_per_s:,.0f} (stored)" if step and step.samples_per_s is not None else "-",
                 "-",
                 "-",
             )
@@ -390,13 +370,11 @@ class Top:
     # -- continuous training ---------------------------------------------------------------
 
     def watches(self) -> list[RenderableType]:
-        import sqlalchemy as sa
 
         from distml.core.liveness import pid_alive
         from distml.ops import metadata as md
 
-        with self.ws.engine.connect() as conn:
-            watches = [dict(r) for r in conn.execute(sa.select(md.watches).order_by(md.watches.c.name)).mappings()]
+        watches = md.list_watches(self.ws.engine)
         live = [w for w in watches if w["pid"] and pid_alive(w["pid"])]
         if not live:
             return [Text("Watches: none running", style="dim")]
