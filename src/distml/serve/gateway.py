@@ -32,7 +32,7 @@ from fastapi.responses import Response
 from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
 from distml.ops.metrics import GatewayMetrics
-from distml.serve import http, protocol, sharding
+from distml.serve import http, openapi, protocol, sharding
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop
 from distml.serve.canary import CANARY_STATES, CanaryAnalysis, CanaryRun, Verdict, parse_canary_policy
 from distml.serve.config import ServeConfig, load_serve_config
@@ -694,7 +694,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def passthrough(request: Request, rest: str = ""):
         return await gateway.proxy(request, retry=request.method == "GET")
 
-    http.document_bodies(app, [protocol.InferRequestBody, protocol.PredictRequestBody])
+    http.document_bodies(app, [openapi.InferRequestBody, openapi.PredictRequestBody])
     app.front = [
         (http.BearerAuth, {"token": gateway.config.token_value()}),
         (http.FastRoutes, {"routes": [(method, path, endpoint) for method, path, endpoint, _ in hot]}),
@@ -705,11 +705,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 def _health_routes(app: FastAPI, gateway: Gateway) -> None:
     """Liveness, readiness (some replica of every group ready) and the gateway's /metrics."""
 
-    @app.get("/v2/health/live", responses={200: {"model": protocol.LiveBody}})
+    @app.get("/v2/health/live", responses={200: {"model": openapi.LiveBody}})
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", responses={200: {"model": protocol.ReadyBody}})
+    @app.get("/v2/health/ready", responses={200: {"model": openapi.ReadyBody}})
     async def ready():
         ok = gateway.ready()
         return Response(f'{{"ready": {str(ok).lower()}}}', 200 if ok else 503, media_type="application/json")
@@ -725,12 +725,12 @@ def _inference_routes(app: FastAPI, gateway: Gateway) -> list[tuple[str, str, Ca
     skips FastAPI's routing on the hot path; returns them as (method, path, endpoint, docs)."""
 
     infer_docs = {
-        "responses": {200: {"model": protocol.InferResponseBody}, "4XX": {"model": protocol.ErrorBody}},
-        "openapi_extra": http.request_body(protocol.InferRequestBody),
+        "responses": {200: {"model": openapi.InferResponseBody}, "4XX": {"model": openapi.ErrorBody}},
+        "openapi_extra": http.request_body(openapi.InferRequestBody),
     }
     predict_docs = {
-        "responses": {200: {"model": protocol.PredictResponseBody}, "4XX": {"model": protocol.ErrorBody}},
-        "openapi_extra": http.request_body(protocol.PredictRequestBody),
+        "responses": {200: {"model": openapi.PredictResponseBody}, "4XX": {"model": openapi.ErrorBody}},
+        "openapi_extra": http.request_body(openapi.PredictRequestBody),
     }
 
     async def infer_v2(request: Request):

@@ -15,11 +15,10 @@ import math
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
-import pydantic
 
 from distml.core.errors import DistmlError
 from distml.models.datatypes import DATATYPES, FLOAT_TYPES, INTEGER_TYPES, NUMERIC_TYPES
@@ -706,104 +705,6 @@ def parse_predict_response(body: bytes) -> PredictResponse:
 
 def encode_predict_response(response: PredictResponse) -> bytes:
     return _dump({**response.extra, "predictions": response.predictions}, "the response", 500)
-
-
-# --- JSON schemas of the bodies, for the API docs (/docs); parsing above stays hand-written ------
-
-
-class _Doc(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")
-
-
-class TensorBody(_Doc):
-    name: str
-    shape: list[int]
-    datatype: Literal[tuple(DATATYPES)]  # type: ignore[valid-type]
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = pydantic.Field(None, description="row-major, flat or nested as the shape")
-
-
-class RequestedOutputBody(_Doc):
-    name: str
-    parameters: dict[str, Any] | None = pydantic.Field(None, examples=[{"binary_data": True}])
-
-
-class InferRequestBody(_Doc):
-    """Open Inference Protocol (V2) infer request; raw tensors may follow the JSON (binary extension)."""
-
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[TensorBody]
-    outputs: list[RequestedOutputBody] | None = None
-
-
-class InferResponseBody(_Doc):
-    model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[TensorBody]
-
-
-class ErrorBody(_Doc):
-    error: str
-
-
-class LiveBody(_Doc):
-    live: bool
-
-
-class ReadyBody(_Doc):
-    ready: bool
-
-
-class ModelReadyBody(_Doc):
-    name: str
-    version: str | None = None
-    ready: bool
-
-
-class ServerMetadataBody(_Doc):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class TensorMetadataBody(_Doc):
-    name: str
-    datatype: str
-    shape: list[int] = pydantic.Field(description="-1: any size")
-
-
-class ModelMetadataBody(_Doc):
-    name: str
-    versions: list[str] | None = None
-    platform: str
-    inputs: list[TensorMetadataBody]
-    outputs: list[TensorMetadataBody]
-    parameters: dict[str, Any] | None = None
-
-
-class JobBody(_Doc):
-    id: str
-    status: str
-    model: str | None = None
-    model_version: str | int | None = None
-
-
-class V1ModelBody(_Doc):
-    name: str
-    ready: bool
-
-
-class PredictRequestBody(_Doc):
-    """V1 `:predict`: one instance per image, a nested list of pixels or {"image_bytes": {"b64": ...}}."""
-
-    instances: list[Any]
-
-
-class PredictResponseBody(_Doc):
-    predictions: list[Any]
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from distml.core.errors import DistmlError
 from distml.core.refs import parse_version
 from distml.ops.admission import Lease, Resources, SharedPool
 from distml.ops.metrics import ServingMetrics
-from distml.serve import http, protocol
+from distml.serve import http, openapi, protocol
 from distml.serve.config import TOKEN_ENV, ReplicaConfig, load_replica_config
 from distml.serve.jobs import JobRunner, create_job, get_job, job_view
 from distml.serve.model import ModelRepository, ServedModel
@@ -362,13 +362,13 @@ class ServingMiddleware:
             )
 
 
-class RepositoryRequestBody(protocol._Doc):
+class RepositoryRequestBody(openapi.Doc):
     """Model-repository extension: which version of the path's model to load or unload."""
 
     parameters: dict[str, str | int] = Field(examples=[{"version": "3"}])
 
 
-class RepositoryBody(protocol._Doc):
+class RepositoryBody(openapi.Doc):
     name: str
     version: str
     state: str = Field(description="loaded, already_loaded or unloaded")
@@ -377,7 +377,7 @@ class RepositoryBody(protocol._Doc):
 
 
 def _documented(model: type, status: int = 200) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": model}, "4XX": {"model": protocol.ErrorBody}, "503": {"model": protocol.ErrorBody}}
+    return {status: {"model": model}, "4XX": {"model": openapi.ErrorBody}, "503": {"model": openapi.ErrorBody}}
 
 
 def create_app(config: ReplicaConfig, token: str | None = None, workspace: Workspace | None = None) -> FastAPI:
@@ -392,7 +392,7 @@ def create_app(config: ReplicaConfig, token: str | None = None, workspace: Works
     app = http.FrontedApp(title="distml model server", version=distml.__version__, lifespan=server.lifespan)
     app.state.server = server
     http.install_error_handlers(app)
-    p = protocol
+    p = openapi
     infer_body = http.request_body(p.InferRequestBody)
     routes: list[tuple[str, str, Any, dict[str, Any]]] = [
         ("GET", "/v2/health/live", server.health_live, {"responses": _documented(p.LiveBody)}),
