@@ -117,3 +117,80 @@ def test_defaults_and_a_canary_equal_to_the_stable_version():
     assert (policy.max_error_rate_increase, policy.max_p99_ratio, policy.failure_threshold) == (0.05, 2.0, 1)
     with pytest.raises(DistmlError, match="is the stable version"):
         CanaryAnalysis("2", "2", policy, now=0.0)
+
+
+# -- CanaryController: the canary's moves on the traffic and the replica groups, without a gateway
+
+
+class Group:
+    """A replica group's version calls as the controller makes them (ReplicaSet's contract)."""
+
+    def __init__(self, fail_load: bool = False):
+        self.loaded: set[str] = set()
+        self.fail_load = fail_load
+
+    async def load_version(self, ref: str) -> None:
+        if self.fail_load:
+            raise DistmlError(f"cannot load {ref}")
+        self.loaded.add(ref)
+
+    async def unload_version(self, ref: str) -> None:
+        self.loaded.discard(ref)
+
+
+def _controller(groups, traffic):
+    from distml.serve.canary import CanaryController
+
+    changes = []
+
+    async def stable_version(model: str) -> str:
+        return "1"
+
+    async def drain(model: str, version: str) -> None:
+        return None
+
+    return CanaryController(traffic, groups, stable_version, drain, changes.append), changes
+
+
+def test_a_canary_splits_the_traffic_and_a_failing_version_is_rolled_back_everywhere():
+    import asyncio
+
+    from distml.serve.protocol import ProtocolError
+
+    async def scenario():
+        groups, traffic = [Group(), Group()], {}
+        controller, changes = _controller(groups, traffic)
+        policy = {"version": "cnn:2", "weight": 0.25, "window_s": 60, "interval_s": 0.01, "min_requests": 5}
+        run = await controller.start("cnn", policy)
+        assert (run.stable, run.canary, run.state) == ("1", "2", "running")
+        assert traffic["cnn"] == {"1": 0.75, "2": 0.25} and all(g.loaded == {"cnn:2"} for g in groups)
+        with pytest.raises(ProtocolError, match="a canary of cnn:2 .stable 1. is running"):
+            await controller.start("cnn", {"version": "3"})
+        assert controller.uses("cnn", "2") and not controller.uses("cnn", "3")
+        for _ in range(5):
+            assert controller.observe("cnn", "1", True, 0.01) and controller.observe("cnn", "2", False, 0.01)
+        assert not controller.observe("cnn", "7", True, 0.01), "a version outside the canary is not counted"
+        await asyncio.wait_for(run.task, 10)
+        assert run.state == "rolled_back" and "canary error rate 100.0%" in run.reason
+        assert traffic["cnn"] == {"1": 100.0} and all(g.loaded == set() for g in groups)
+        assert [state for state in (c.state for c in changes)][-1] == "rolled_back"
+        assert controller.view("cnn")["state"] == "rolled_back" and controller.view("mlp")["state"] == "none"
+
+    asyncio.run(scenario())
+
+
+def test_a_canary_that_cannot_load_everywhere_leaves_nothing_behind():
+    import asyncio
+
+    async def scenario():
+        groups, traffic = [Group(), Group(fail_load=True)], {"cnn": {"1": 100.0}}
+        controller, _ = _controller(groups, traffic)
+        with pytest.raises(DistmlError, match="cannot load cnn:2"):
+            await controller.start("cnn", {"version": "2"})
+        assert traffic == {"cnn": {"1": 100.0}}, "the split before the canary is restored"
+        assert groups[0].loaded == set(), "unloaded from the group that had loaded it"
+        assert controller.view("cnn")["state"] == "none"
+        with pytest.raises(DistmlError, match="expected a positive integer"):
+            await controller.start("cnn", {"version": "x"})
+
+    asyncio.run(scenario())

@@ -3,14 +3,18 @@
 `CanaryAnalysis` is the pure decision (Flagger's / Argo Rollouts' analysis reduced to two checks over
 a sliding window: the error-rate increase and the p99-latency ratio; `failure_threshold` failed checks
 in a row roll back, a window without one promotes); the gateway feeds it every answer and applies its
-verdicts (`Gateway.start_canary`). Flagger and Argo Rollouts need Kubernetes and a Prometheus to
+verdicts (`CanaryController`, which the gateway holds). Flagger and Argo Rollouts need Kubernetes and a Prometheus to
 query; no in-process library judges a canary, so this one is small and written here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +22,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distml.core.errors import DistmlError
+from distml.core.refs import parse_version
+from distml.serve.protocol import ProtocolError
+
+log = logging.getLogger("distml.serve.gateway")
 
 MAX_SAMPLES = 100_000  # per version and window: memory stays bounded whatever the request rate
 
@@ -245,9 +253,173 @@ class CanaryRun:
         }
 
 
+CANARY_BODY = (
+    '{"version": "<version>"} and optionally the policy: weight (0..1, default 0.2), window_s, interval_s, '
+    "min_requests, max_error_rate_increase, max_p99_ratio, failure_threshold"
+)
+
+
+class CanaryController:
+    """Runs the canaries of a gateway: loads the candidate into every replica group, sets the traffic
+    split, feeds the answers to its `CanaryAnalysis` and applies the verdict (all traffic to the
+    winner, the loser unloaded once no request is in flight to it). The gateway proxies requests;
+    this holds the canary state and moves `traffic` (the gateway's split, shared) and nothing else.
+
+    `stable_version(model)` tells the version taking all of a model's traffic (asking a replica when
+    no split says), `drain(model, version)` waits for its in-flight requests, and `on_change(run)` is
+    called as a run changes state (the gateway's metrics)."""
+
+    def __init__(
+        self,
+        traffic: dict[str, dict[str, float]],
+        groups: list[Any],
+        stable_version: Callable[[str], Awaitable[str]],
+        drain: Callable[[str, str], Awaitable[None]],
+        on_change: Callable[[CanaryRun], None] = lambda run: None,
+    ):
+        self.traffic, self.groups = traffic, groups
+        self.runs: dict[str, CanaryRun] = {}  # the last canary of each model, running or decided
+        self._stable_version, self._drain, self._on_change = stable_version, drain, on_change
+
+    def observe(self, model: str, version: str, ok: bool, seconds: float) -> bool:
+        """Count one answer of `model` by `version` in its running analysis; whether it was counted."""
+        run = self.runs.get(model)
+        if run is None or run.analysis is None or run.decided_at is not None or version not in run.versions:
+            return False
+        run.analysis.observe(version, ok, seconds, time.monotonic())
+        return True
+
+    def uses(self, model: str, version: str) -> bool:
+        """Is `version` of `model` in a canary still running?"""
+        run = self.runs.get(model)
+        return run is not None and run.state == "running" and version in run.versions
+
+    async def close(self) -> None:
+        tasks = [run.task for run in self.runs.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def start(self, model: str, body: dict[str, Any]) -> CanaryRun:
+        """Load version `body["version"]` into every replica of every group, then send it
+        `policy.weight` of the traffic beside the stable version (the one taking all of it) and judge it
+        (`CanaryAnalysis`) until it is promoted or rolled back. The split is set only once every ready
+        replica answers the version, and the losing version is unloaded only once no request is in
+        flight to it: under load no request fails. 409 while another canary of `model` runs."""
+        version = body.get("version")
+        if isinstance(version, bool) or not isinstance(version, (str, int)) or str(version) == "":
+            raise DistmlError(f"expected {CANARY_BODY}; got version {version!r}")
+        canary = str(parse_version(str(version), model))
+        policy = parse_canary_policy({k: v for k, v in body.items() if k != "version"})
+        current = self.runs.get(model)
+        if current is not None and current.state == "running":
+            raise ProtocolError(
+                409,
+                f"a canary of {model}:{current.canary} (stable {current.stable}) is running; wait until it is "
+                f"promoted or rolled back (GET /admin/models/{model}/canary) or abort it (DELETE)",
+            )
+        run = CanaryRun(model, "", canary, policy, started_at=time.time())
+        self.runs[model] = run  # held from here: a second canary gets 409 while this one loads
+        previous_split = self.traffic.get(model)
+        loaded: list[Any] = []
+        try:
+            run.stable = stable = await self._stable_version(model)
+            if stable == canary:
+                raise DistmlError(f"version {canary} of {model!r} already takes all traffic; a canary needs another")
+            # Pin first: loading a higher version changes a replica's default (its highest) version.
+            self.traffic[model] = {stable: 100.0}
+            await self._drain(model, "")
+            results = await asyncio.gather(
+                *(rs.load_version(f"{model}:{canary}") for rs in self.groups), return_exceptions=True
+            )
+            loaded = [rs for rs, res in zip(self.groups, results) if not isinstance(res, BaseException)]
+            failed = [res for res in results if isinstance(res, BaseException)]
+            if failed:
+                raise failed[0]
+        except BaseException:
+            await asyncio.gather(*(rs.unload_version(f"{model}:{canary}") for rs in loaded), return_exceptions=True)
+            if previous_split is None:
+                self.traffic.pop(model, None)
+            else:
+                self.traffic[model] = previous_split
+            if current is not None:
+                self.runs[model] = current
+            else:
+                self.runs.pop(model, None)
+            raise
+        run.analysis = CanaryAnalysis(stable, canary, policy, time.monotonic())
+        run.reason = "analysing"
+        self.traffic[model] = {stable: 1.0 - policy.weight, canary: policy.weight}
+        log.warning("canary %s:%s started beside %s: %s", model, canary, stable, self.traffic[model])
+        self._on_change(run)
+        run.task = asyncio.create_task(self._run(run), name=f"canary-{model}")
+        return run
+
+    async def _run(self, run: CanaryRun) -> None:
+        try:
+            while True:
+                await asyncio.sleep(run.policy.interval_s)
+                verdict = run.analysis.decide(time.monotonic())
+                run.verdict, run.reason = verdict, verdict.reason
+                if verdict.action != "wait":
+                    await self._end(run, verdict)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: never leave a half-judged canary taking traffic
+            log.exception("canary analysis of %s", run.model)
+            await self._end(run, Verdict("rollback", f"the analysis failed: {exc}", {}))
+
+    async def _end(self, run: CanaryRun, verdict: Verdict) -> None:
+        """Move all traffic to the winner, wait for the loser's in-flight requests, unload it."""
+        run.decided_at = time.time()
+        run.reason = verdict.reason
+        if verdict.stats:
+            run.verdict = verdict
+        promote = verdict.action == "promote"
+        winner, loser = (run.canary, run.stable) if promote else (run.stable, run.canary)
+        self.traffic[run.model] = {winner: 100.0}
+        log.warning("canary %s:%s %s: %s", run.model, run.canary, "promoted" if promote else "rolled back", run.reason)
+        await self._drain(run.model, loser)
+        results = await asyncio.gather(
+            *(rs.unload_version(f"{run.model}:{loser}") for rs in self.groups), return_exceptions=True
+        )
+        failed = [res for res in results if isinstance(res, BaseException)]
+        if failed:
+            log.warning("unloading %s:%s after its canary failed: %s", run.model, loser, failed[0])
+            run.reason += f"; unloading version {loser} failed: {failed[0]}"
+        run.state = "promoted" if promote else "rolled_back"
+        self._on_change(run)
+
+    async def abort(self, model: str) -> CanaryRun:
+        """Roll the running canary of `model` back now, with reason "aborted"."""
+        run = self.runs.get(model)
+        if run is None or run.state != "running":
+            raise ProtocolError(404, f"no canary of model {model!r} is running")
+        if run.analysis is None or run.task is None:
+            raise ProtocolError(409, f"the canary {model}:{run.canary} is still loading into the replicas; retry")
+        if run.decided_at is not None:
+            raise ProtocolError(409, f"the canary {model}:{run.canary} is already decided: {run.reason}")
+        run.task.cancel()
+        await asyncio.gather(run.task, return_exceptions=True)
+        verdict = Verdict("rollback", "aborted", run.analysis.stats(time.monotonic()))
+        run.analysis.final = verdict
+        await self._end(run, verdict)
+        return run
+
+    def view(self, model: str) -> dict[str, Any]:
+        run = self.runs.get(model)
+        if run is None:
+            return {"model": model, "state": "none", "stable": None, "canary": None, "reason": None, "stats": {},
+                    "started_at": None, "decided_at": None}  # fmt: skip
+        return run.view()
+
+
 __all__ = [
+    "CANARY_BODY",
     "CANARY_STATES",
     "CanaryAnalysis",
+    "CanaryController",
     "CanaryPolicy",
     "CanaryRun",
     "Verdict",

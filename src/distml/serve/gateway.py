@@ -34,7 +34,7 @@ from distml.core.errors import DistmlError
 from distml.ops.metrics import GatewayMetrics
 from distml.serve import http, openapi, protocol, sharding
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop
-from distml.serve.canary import CANARY_STATES, CanaryAnalysis, CanaryRun, Verdict, parse_canary_policy
+from distml.serve.canary import CANARY_BODY, CANARY_STATES, CanaryController, CanaryRun
 from distml.serve.config import ServeConfig, load_serve_config
 from distml.serve.model import parse_version
 from distml.serve.protocol import ProtocolError
@@ -59,10 +59,6 @@ RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 SHARD_KEY_HEADER = "x-shard-key"
 VERSION_HEADER = "x-model-version"
 BINARY_HEADER = protocol.HEADER_LENGTH.lower()
-CANARY_BODY = (
-    '{"version": "<version>"} and optionally the policy: weight (0..1, default 0.2), window_s, interval_s, '
-    "min_requests, max_error_rate_increase, max_p99_ratio, failure_threshold"
-)
 
 
 @dataclass
@@ -165,7 +161,9 @@ class Gateway:
         self.ring = sharding.HashRing(range(config.shards))
         self.autoscalers: list[AutoscalerLoop] = []
         self.traffic: dict[str, dict[str, float]] = {}
-        self.canaries: dict[str, CanaryRun] = {}  # the last canary of each model, running or decided
+        self.canary = CanaryController(
+            self.traffic, self.groups, self._stable_version, self._drain_version, self._canary_metric
+        )
         self._version_in_flight: dict[tuple[str, str], int] = {}  # (model, version or ""): requests in flight
         self._rng = random.Random(config.seed)
         self._rr = 0
@@ -193,10 +191,7 @@ class Gateway:
         self.started = True
 
     async def close(self) -> None:
-        for run in self.canaries.values():
-            if run.task is not None:
-                run.task.cancel()
-        await asyncio.gather(*(r.task for r in self.canaries.values() if r.task is not None), return_exceptions=True)
+        await self.canary.close()
         for loop in self.autoscalers:
             await loop.stop()
         await asyncio.gather(*(rs.close(graceful=True) for rs in self.groups), return_exceptions=True)
@@ -313,10 +308,8 @@ class Gateway:
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels(model=label, status=str(result.status)).inc()
         self.metrics.latency.labels(model=label).observe(elapsed)
-        run = self.canaries.get(model)
-        if run is not None and run.analysis is not None and run.decided_at is None and version in run.versions:
-            ok = result.status < 500  # a 4xx is the client's error; 5xx, failed or timed out upstreams count
-            run.analysis.observe(version, ok, elapsed, time.monotonic())
+        ok = result.status < 500  # a 4xx is the client's error; 5xx, failed or timed out upstreams count
+        if version is not None and self.canary.observe(model, version, ok, elapsed):
             self.metrics.canary_requests.labels(model=label, version=version, outcome="ok" if ok else "error").inc()
         return to_response(result)
 
@@ -453,61 +446,6 @@ class Gateway:
 
     # ------------------------------------------------------------ canary with automatic analysis
 
-    async def start_canary(self, model: str, body: dict[str, Any]) -> CanaryRun:
-        """Load version `body["version"]` into every replica of every group, then send it
-        `policy.weight` of the traffic beside the stable version (the one taking all of it) and judge it
-        (`CanaryAnalysis`) until it is promoted or rolled back. The split is set only once every ready
-        replica answers the version, and the losing version is unloaded only once no request is in
-        flight to it: under load no request fails. 409 while another canary of `model` runs."""
-        version = body.get("version")
-        if isinstance(version, bool) or not isinstance(version, (str, int)) or str(version) == "":
-            raise DistmlError(f"expected {CANARY_BODY}; got version {version!r}")
-        canary = str(parse_version(model, str(version)))
-        policy = parse_canary_policy({k: v for k, v in body.items() if k != "version"})
-        current = self.canaries.get(model)
-        if current is not None and current.state == "running":
-            raise ProtocolError(
-                409,
-                f"a canary of {model}:{current.canary} (stable {current.stable}) is running; wait until it is "
-                f"promoted or rolled back (GET /admin/models/{model}/canary) or abort it (DELETE)",
-            )
-        run = CanaryRun(model, "", canary, policy, started_at=time.time())
-        self.canaries[model] = run  # held from here: a second canary gets 409 while this one loads
-        previous_split = self.traffic.get(model)
-        loaded: list[ReplicaSet] = []
-        try:
-            run.stable = stable = await self._stable_version(model)
-            if stable == canary:
-                raise DistmlError(f"version {canary} of {model!r} already takes all traffic; a canary needs another")
-            # Pin first: loading a higher version changes a replica's default (its highest) version.
-            self.traffic[model] = {stable: 100.0}
-            await self._drain_version(model, "")
-            results = await asyncio.gather(
-                *(rs.load_version(f"{model}:{canary}") for rs in self.groups), return_exceptions=True
-            )
-            loaded = [rs for rs, res in zip(self.groups, results) if not isinstance(res, BaseException)]
-            failed = [res for res in results if isinstance(res, BaseException)]
-            if failed:
-                raise failed[0]
-        except BaseException:
-            await asyncio.gather(*(rs.unload_version(f"{model}:{canary}") for rs in loaded), return_exceptions=True)
-            if previous_split is None:
-                self.traffic.pop(model, None)
-            else:
-                self.traffic[model] = previous_split
-            if current is not None:
-                self.canaries[model] = current
-            else:
-                self.canaries.pop(model, None)
-            raise
-        run.analysis = CanaryAnalysis(stable, canary, policy, time.monotonic())
-        run.reason = "analysing"
-        self.traffic[model] = {stable: 1.0 - policy.weight, canary: policy.weight}
-        log.warning("canary %s:%s started beside %s: %s", model, canary, stable, self.traffic[model])
-        self._canary_metric(run)
-        run.task = asyncio.create_task(self._run_canary(run), name=f"canary-{model}")
-        return run
-
     async def _stable_version(self, model: str) -> str:
         """The version taking all of `model`'s traffic: the one in its split, else the highest the
         replicas serve (what a request that names no version gets)."""
@@ -540,47 +478,10 @@ class Gateway:
         while self._version_in_flight.get((model, version), 0) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def _run_canary(self, run: CanaryRun) -> None:
-        try:
-            while True:
-                await asyncio.sleep(run.policy.interval_s)
-                verdict = run.analysis.decide(time.monotonic())
-                run.verdict, run.reason = verdict, verdict.reason
-                if verdict.action != "wait":
-                    await self._end_canary(run, verdict)
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug: never leave a half-judged canary taking traffic
-            log.exception("canary analysis of %s", run.model)
-            await self._end_canary(run, Verdict("rollback", f"the analysis failed: {exc}", {}))
-
-    async def _end_canary(self, run: CanaryRun, verdict: Verdict) -> None:
-        """Move all traffic to the winner, wait for the loser's in-flight requests, unload it."""
-        run.decided_at = time.time()
-        run.reason = verdict.reason
-        if verdict.stats:
-            run.verdict = verdict
-        promote = verdict.action == "promote"
-        winner, loser = (run.canary, run.stable) if promote else (run.stable, run.canary)
-        self.traffic[run.model] = {winner: 100.0}
-        log.warning("canary %s:%s %s: %s", run.model, run.canary, "promoted" if promote else "rolled back", run.reason)
-        await self._drain_version(run.model, loser)
-        results = await asyncio.gather(
-            *(rs.unload_version(f"{run.model}:{loser}") for rs in self.groups), return_exceptions=True
-        )
-        failed = [res for res in results if isinstance(res, BaseException)]
-        if failed:
-            log.warning("unloading %s:%s after its canary failed: %s", run.model, loser, failed[0])
-            run.reason += f"; unloading version {loser} failed: {failed[0]}"
-        run.state = "promoted" if promote else "rolled_back"
-        self._canary_metric(run)
-
     async def repository(self, model: str, version: str, action: str) -> None:
         """Load or unload `model:version` on every replica; an unload of a version that the traffic
         split still sends requests to, or that a running canary uses, is refused (409)."""
-        run = self.canaries.get(model)
-        if run is not None and run.state == "running" and version in run.versions:
+        if self.canary.uses(model, version):
             raise ProtocolError(409, f"version {version} of {model!r} is in a running canary; abort it first")
         if action == "unload" and self.traffic.get(model, {}).get(version):
             raise ProtocolError(
@@ -595,29 +496,6 @@ class Gateway:
             await self._drain_version(model, version)
             await asyncio.gather(*(rs.unload_version(ref) for rs in self.groups))
 
-    async def abort_canary(self, model: str) -> CanaryRun:
-        """Roll the running canary of `model` back now, with reason "aborted"."""
-        run = self.canaries.get(model)
-        if run is None or run.state != "running":
-            raise ProtocolError(404, f"no canary of model {model!r} is running")
-        if run.analysis is None or run.task is None:
-            raise ProtocolError(409, f"the canary {model}:{run.canary} is still loading into the replicas; retry")
-        if run.decided_at is not None:
-            raise ProtocolError(409, f"the canary {model}:{run.canary} is already decided: {run.reason}")
-        run.task.cancel()
-        await asyncio.gather(run.task, return_exceptions=True)
-        verdict = Verdict("rollback", "aborted", run.analysis.stats(time.monotonic()))
-        run.analysis.final = verdict
-        await self._end_canary(run, verdict)
-        return run
-
-    def canary_view(self, model: str) -> dict[str, Any]:
-        run = self.canaries.get(model)
-        if run is None:
-            return {"model": model, "state": "none", "stable": None, "canary": None, "reason": None, "stats": {},
-                    "started_at": None, "decided_at": None}  # fmt: skip
-        return run.view()
-
     def _canary_metric(self, run: CanaryRun) -> None:
         for state in CANARY_STATES:
             self.metrics.canary_state.labels(model=self.metrics.model_label(run.model), state=state).set(
@@ -626,8 +504,8 @@ class Gateway:
 
     def snapshot(self) -> dict:
         out: dict[str, Any] = {"groups": [rs.snapshot() for rs in self.groups], "traffic": self.traffic}
-        if self.canaries:
-            out["canaries"] = {model: run.view() for model, run in self.canaries.items()}
+        if self.canary.runs:
+            out["canaries"] = {model: run.view() for model, run in self.canary.runs.items()}
         if self.autoscalers:
             out["autoscaler"] = [
                 None
@@ -794,16 +672,16 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/admin/models/{model}/canary")
     async def start_canary(model: str, request: Request):
-        run = await gateway.start_canary(model, await http.read_json(request, limit, CANARY_BODY))
+        run = await gateway.canary.start(model, await http.read_json(request, limit, CANARY_BODY))
         return run.view()
 
     @app.get("/admin/models/{model}/canary")
     async def canary_status(model: str):
-        return gateway.canary_view(model)
+        return gateway.canary.view(model)
 
     @app.delete("/admin/models/{model}/canary")
     async def abort_canary(model: str):
-        return (await gateway.abort_canary(model)).view()
+        return (await gateway.canary.abort(model)).view()
 
     @app.post("/admin/models/{model}/promote")
     async def promote(model: str, request: Request):
