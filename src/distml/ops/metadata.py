@@ -56,6 +56,19 @@ MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
 _now = utc_now
 
 
+def _rows(engine: sa.Engine, query: sa.Select) -> list[dict[str, Any]]:
+    """Every row of `query`, each as a dict of its columns."""
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def _first(engine: sa.Engine, query: sa.Select) -> dict[str, Any] | None:
+    """The first row of `query` as a dict of its columns, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    return dict(row) if row is not None else None
+
+
 def migrate(engine: sa.Engine) -> int:
     """Bring the schema up to date; return the version now in force.
 
@@ -121,8 +134,7 @@ def list_datasets(engine: sa.Engine, name: str | None = None) -> list[dict[str, 
     query = sa.select(datasets).order_by(datasets.c.id.desc())
     if name is not None:
         query = query.where(datasets.c.name == name)
-    with engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(query)]
+    return _rows(engine, query)
 
 
 # --- model registry (migration 2) -------------------------------------------------------
@@ -207,9 +219,7 @@ def get_model_version(engine: sa.Engine, name: str, version: int | None = None) 
         if version is None
         else query.where(model_versions.c.version == version)
     )
-    with engine.connect() as conn:
-        row = conn.execute(query.limit(1)).first()
-    return dict(row._mapping) if row is not None else None
+    return _first(engine, query.limit(1))
 
 
 def find_model_version_by_manifest(engine: sa.Engine, manifest_digest: str) -> dict[str, Any] | None:
@@ -220,9 +230,7 @@ def find_model_version_by_manifest(engine: sa.Engine, manifest_digest: str) -> d
         .order_by(model_versions.c.id)
         .limit(1)
     )
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return dict(row._mapping) if row is not None else None
+    return _first(engine, query)
 
 
 def set_model_alias(engine: sa.Engine, name: str, alias: str, version: int) -> None:
@@ -390,9 +398,7 @@ def record_train_steps(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]
 
 
 def train_history(engine: sa.Engine, run_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        query = sa.select(train_steps).where(train_steps.c.run_id == run_id).order_by(train_steps.c.step)
-        return [dict(row._mapping) for row in conn.execute(query)]
+    return _rows(engine, sa.select(train_steps).where(train_steps.c.run_id == run_id).order_by(train_steps.c.step))
 
 
 # -- asynchronous inference jobs (migration 4) ---------------------------------------------------
@@ -528,11 +534,9 @@ def update_workflow_run(engine: sa.Engine, run_id: str, **values: Any) -> None:
 
 
 def get_workflow_run(engine: sa.Engine, run_id: str) -> dict[str, Any] | None:
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(workflow_runs).where(workflow_runs.c.run_id == run_id)).first()
-    if row is None:
+    run = _first(engine, sa.select(workflow_runs).where(workflow_runs.c.run_id == run_id))
+    if run is None:
         return None
-    run = dict(row._mapping)
     run["params"] = json.loads(run.pop("params_json"))
     run["options"] = json.loads(run.pop("options_json"))
     return run
@@ -617,13 +621,12 @@ def finish_step_execution(engine: sa.Engine, execution_id: int, attempt: int, **
 
 
 def list_step_executions(engine: sa.Engine, run_id: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        query = (
-            sa.select(step_executions)
-            .where(step_executions.c.run_id == run_id)
-            .order_by(step_executions.c.id, step_executions.c.generation)
-        )
-        return [dict(r._mapping) for r in conn.execute(query)]
+    query = (
+        sa.select(step_executions)
+        .where(step_executions.c.run_id == run_id)
+        .order_by(step_executions.c.id, step_executions.c.generation)
+    )
+    return _rows(engine, query)
 
 
 def find_memo_hit(engine: sa.Engine, step_name: str, memo_key: str, not_before: dt.datetime | None) -> dict | None:
@@ -640,9 +643,7 @@ def find_memo_hit(engine: sa.Engine, step_name: str, memo_key: str, not_before: 
     )
     if not_before is not None:
         query = query.where(step_executions.c.finished_at >= not_before)
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return dict(row._mapping) if row is not None else None
+    return _first(engine, query)
 
 
 def last_memoized_execution(engine: sa.Engine, step_name: str, exclude_run: str) -> dict | None:
@@ -658,9 +659,7 @@ def last_memoized_execution(engine: sa.Engine, step_name: str, exclude_run: str)
         .order_by(step_executions.c.finished_at.desc())
         .limit(1)
     )
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
-    return dict(row._mapping) if row is not None else None
+    return _first(engine, query)
 
 
 def record_step_metrics(engine: sa.Engine, run_id: str, node_id: str, rows: list[dict[str, Any]]) -> None:
@@ -679,8 +678,7 @@ def list_step_metrics(engine: sa.Engine, run_id: str, node_id: str | None = None
     query = sa.select(step_metrics).where(step_metrics.c.run_id == run_id).order_by(step_metrics.c.id)
     if node_id is not None:
         query = query.where(step_metrics.c.node_id == node_id)
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(query)]
+    return _rows(engine, query)
 
 
 # -- the scheduler's shared state (migration 6) -----------------------------------------------
@@ -1033,14 +1031,11 @@ MIGRATIONS.append((8, _m8_continuous))
 
 def list_watches(engine: sa.Engine) -> list[dict[str, Any]]:
     """Every watch, by name."""
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(sa.select(watches).order_by(watches.c.name)).mappings()]
+    return _rows(engine, sa.select(watches).order_by(watches.c.name))
 
 
 def get_watch(engine: sa.Engine, name: str) -> dict[str, Any] | None:
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(watches).where(watches.c.name == name)).mappings().first()
-    return dict(row) if row is not None else None
+    return _first(engine, sa.select(watches).where(watches.c.name == name))
 
 
 def save_watch(engine: sa.Engine, name: str, **values: Any) -> None:
@@ -1081,11 +1076,7 @@ def known_arrival_keys(engine: sa.Engine, watch: str) -> set[str]:
 
 
 def list_arrivals(engine: sa.Engine, watch: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(watch_arrivals).where(watch_arrivals.c.watch == watch).order_by(watch_arrivals.c.id)
-        ).mappings()
-        return [dict(r) for r in rows]
+    return _rows(engine, sa.select(watch_arrivals).where(watch_arrivals.c.watch == watch).order_by(watch_arrivals.c.id))
 
 
 def claim_cycle(engine: sa.Engine, watch: str, production: str | None) -> tuple[int, list[dict[str, Any]]] | None:
@@ -1142,8 +1133,4 @@ def finish_cycle(engine: sa.Engine, watch: str, cycle: int, status: str, **value
 
 
 def list_cycles(engine: sa.Engine, watch: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(watch_cycles).where(watch_cycles.c.watch == watch).order_by(watch_cycles.c.cycle)
-        ).mappings()
-        return [dict(r) for r in rows]
+    return _rows(engine, sa.select(watch_cycles).where(watch_cycles.c.watch == watch).order_by(watch_cycles.c.cycle))
