@@ -33,37 +33,76 @@ def _templates(export) -> dict[str, dict]:
     return {t["name"]: t for t in wt["spec"]["templates"]}
 
 
-def test_every_object_validates_strictly(e2e_export) -> None:
-    wt, wf = e2e_export.files["workflow.yaml"]
+def _validate_every_object(export) -> dict[str, dict]:
+    """Every object `export` writes, validated strictly; the manifests its Workflow creates, by name."""
+    wt, wf = export.files["workflow.yaml"]
     validate_argo(wt)
     validate_argo(wf)
-    for obj in e2e_export.objects():
+    for obj in export.objects():
         if obj["apiVersion"] in ("v1", "rbac.authorization.k8s.io/v1"):
             validate_core(obj)
-    for job in e2e_export.jobs.values():
+    for job in export.jobs.values():
         validate_pytorchjob(job)
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
             validate_pod_template(replica["template"]["spec"], replica["template"]["metadata"])
-    for isvc in e2e_export.services.values():
+    for isvc in export.services.values():
         validate_inference_service(isvc)
         predictor = isvc["spec"]["predictor"]
         validate_pod_template({"containers": predictor["containers"], "volumes": predictor["volumes"]})
-    volumes = wt["spec"]["volumes"]
     for template in wt["spec"]["templates"]:
         if "container" in template:
             container = {"name": "main", **template["container"]}
-            validate_pod_template({"containers": [container], "volumes": volumes})
-    # The Workflow's resource templates create exactly these objects.
+            validate_pod_template({"containers": [container], "volumes": wt["spec"]["volumes"]})
     embedded = embedded_manifests(wt)
-    assert len(e2e_export.jobs) == 3 and len(e2e_export.services) == 1  # none of the loops above ran empty
+    for manifest in embedded.values():
+        {"PyTorchJob": validate_pytorchjob, "InferenceService": validate_inference_service}[manifest["kind"]](manifest)
+    return embedded
+
+
+USER_PIPELINE = "examples/digits_mlp.py:pipeline"
+
+
+def test_a_user_pipelines_own_training_and_serving_steps_become_a_pytorchjob_and_an_inference_service(
+    tmp_path,
+) -> None:
+    export = export_k8s(e2e_options(target=USER_PIPELINE, params={"epochs": 1}))
+    embedded = _validate_every_object(export)
+    assert sorted(m["kind"] for m in embedded.values()) == ["InferenceService", "PyTorchJob"]
+    ((train_node, job),) = export.jobs.items()
+    assert train_node == "train"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (
+        sum(r["replicas"] for r in replicas.values())
+        == 2
+        == job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"]
+    )
+    ((isvc),) = export.services.values()
+    assert isvc["metadata"]["name"] == "digits-mlp" and isvc["spec"]["predictor"]["minReplicas"] == 1
+    configs = {c["metadata"]["name"]: c for c in export.files["configs.yaml"]}
+    replica = json.loads(configs["distml-replica"]["data"]["replica.json"])
+    assert replica["models"] == ["digits-mlp@production"]
+    # the step runner's `prepare` writes the user's own TrainConfig, one worker per pod
+    spec = json.loads(configs["distml-pipeline"]["data"]["pipeline.json"])
+    spec_path = tmp_path / "pipeline.json"
+    spec_path.write_text(json.dumps({**spec, "workspace": str(tmp_path / "ws")}))
+    out = tmp_path / "out"
+    assert steprunner.main([str(spec_path), "prepare", "train", "--out", str(out)]) == 0
+    run_id = (out / "run-id").read_text()
+    config = json.loads((tmp_path / "ws" / "runs" / run_id / "config.json").read_text())
+    assert (config["model"], config["model_args"], config["epochs"]) == ("mlp", {"width": 256, "depth": 2}, 1)
+    assert (config["workers"], config["nnodes"], config["db_url"]) == (1, "2", None)
+
+
+def test_every_object_validates_strictly(e2e_export) -> None:
+    embedded = _validate_every_object(e2e_export)
+    # The Workflow's resource templates create exactly these objects.
+    assert len(e2e_export.jobs) == 3 and len(e2e_export.services) == 1  # none of the loops ran empty
     assert sorted(m["kind"] for m in embedded.values()) == [
         "InferenceService",
         "PyTorchJob",
         "PyTorchJob",
         "PyTorchJob",
     ]
-    for manifest in embedded.values():
-        {"PyTorchJob": validate_pytorchjob, "InferenceService": validate_inference_service}[manifest["kind"]](manifest)
 
 
 def test_trainjob_validates_strictly() -> None:

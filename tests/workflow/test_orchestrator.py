@@ -598,6 +598,11 @@ def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(t
         ({"max_age": -5}, "max_age must be a positive number of seconds, got -5"),
         ({"resources": {"cpus": 2}}, "resources must be a distml.workflow.Resources"),
         ({"memoise": True}, "@step got unknown option(s) memoise; it takes name, memoize, max_age"),
+        ({"kind": "train"}, "kind must be one of task, training, serving, got 'train'"),
+        ({"kind": "training"}, 'a step of kind "training" needs spec=, a function of its arguments returning the'),
+        ({"kind": "serving", "spec": 3}, 'a step of kind "serving" needs spec='),
+        ({"spec": len}, 'spec= and collect= describe a "training" or "serving" step; set kind= too'),
+        ({"kind": "serving", "spec": len, "collect": len}, "collect= is a function (config, result"),
     ],
 )
 def test_bad_step_options_are_refused_where_the_step_is_declared(options, message):

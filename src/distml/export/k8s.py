@@ -135,11 +135,22 @@ class ExportOptions:
 # -- the pipeline's graph -------------------------------------------------------------------
 
 
-def _is(node: Any, fn_name: str) -> bool:
-    from distml.pipelines import end_to_end
+def _is(node: Any, kind: str) -> bool:
+    """Does `node` call a step of `kind` (training, serving: see `distml.workflow.dag.Policy`)?"""
+    return node.step is not None and node.step.policy.kind == kind
 
-    step = getattr(end_to_end, fn_name)
-    return node.step is not None and node.step.fn is step.fn
+
+def serving_spec(node: Any) -> dict[str, Any]:
+    """{service, model, replicas} of a serving node, from its step's spec and literal arguments."""
+    from distml.workflow import memo
+
+    spec = node.step.policy.spec(**memo.bind(node.step, node.args, node.kwargs))
+    if not isinstance(spec, dict) or not {"service", "model", "replicas"} <= set(spec):
+        raise DistmlError(
+            f"the spec of serving step {node.id} returned {spec!r}; expected "
+            '{"service": NAME, "model": REGISTERED_NAME, "replicas": N}'
+        )
+    return spec
 
 
 def pipeline_graph(options: ExportOptions) -> tuple[Any, Any]:
@@ -265,13 +276,10 @@ def training_job(options: ExportOptions, node: Any, name: str, run_id: str) -> d
 
     `run_id` may be an Argo parameter reference; the config at runs/RUN_ID/config.json was written
     onto the workspace volume by the step's `prepare` task."""
-    from distml.workflow import memo
-
     storage = parse_storage(options.storage)
-    bound = memo.bind(node.step, node.args, node.kwargs)
-    workers = int(bound["workers"])
-    low, high = parse_nnodes(options.nnodes) or (workers, workers)
     per_pod = node.step.policy.resources
+    workers = per_pod.workers  # the step's gang: one pod per worker
+    low, high = parse_nnodes(options.nnodes) or (workers, workers)
     resources = _resources(per_pod.cpus, per_pod.gpus, per_pod.memory_gb)
     config_path = f"$(DISTML_HOME)/runs/{run_id}/config.json"
     command = worker_command(config_path)
@@ -407,17 +415,16 @@ def replica_command() -> list[str]:
 def inference_service(options: ExportOptions, node: Any, model_annotation: str) -> dict[str, Any]:
     """The KServe InferenceService for a serve node: the distml replica as a custom V2 predictor."""
     from distml.serve.config import ScalingPolicy
-    from distml.workflow import memo
 
-    bound = memo.bind(node.step, node.args, node.kwargs)
+    spec = serving_spec(node)
     scaling = ScalingPolicy()
-    replicas = int(bound["replicas"])
+    replicas = int(spec["replicas"])
     storage = parse_storage(options.storage)
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
-            "name": k8s_name(bound["service"]),
+            "name": k8s_name(spec["service"]),
             "namespace": options.namespace,
             "labels": {"app.kubernetes.io/part-of": "distml"},
             "annotations": {"distml.io/model": model_annotation},
@@ -523,9 +530,9 @@ class _ArgoTemplates:
     def node_template(self, node: Any) -> Any:
         policy = node.step.policy
         res = policy.resources
-        if _is(node, "train"):
+        if _is(node, "training"):
             return self.training(node)
-        if _is(node, "serve"):
+        if _is(node, "serving"):
             return self.serving(node)
         step_resources = _resources(res.cpus, res.gpus, res.memory_gb)
         if policy.memoize:
@@ -899,7 +906,6 @@ class Export:
 
 def export_k8s(options: ExportOptions) -> Export:
     """Build every object for the pipeline `options.target` names."""
-    from distml.workflow import memo
 
     options.check()
     graph, target = pipeline_graph(options)
@@ -913,10 +919,10 @@ def export_k8s(options: ExportOptions) -> Export:
     jobs = {
         nid: training_job(options, n, f"{name}-{names[nid]}", "RUN-ID")
         for nid, n in graph.nodes.items()
-        if _is(n, "train")
+        if _is(n, "training")
     }
-    services = {nid: inference_service(options, n, "MODEL") for nid, n in graph.nodes.items() if _is(n, "serve")}
-    serve_names = [memo.bind(n.step, n.args, n.kwargs)["name"] for n in graph.nodes.values() if _is(n, "serve")]
+    services = {nid: inference_service(options, n, "MODEL") for nid, n in graph.nodes.items() if _is(n, "serving")}
+    serve_names = [serving_spec(n)["model"] for n in graph.nodes.values() if _is(n, "serving")]
     files = _core_objects(options, spec, serve_names)
     if options.scheduler == "volcano":
         files["volcano.yaml"] = volcano_objects(options)

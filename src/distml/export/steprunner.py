@@ -92,18 +92,32 @@ def _write(out_dir: Path, name: str, text: str) -> None:
     (out_dir / name).write_text(text)
 
 
-def training_config(spec: PipelineSpec, node: Any, args: list, kwargs: dict, ws: Any) -> Any:
-    """The TrainConfig the cluster's training job runs for a training node: one process per pod."""
-    from distml.pipelines.end_to_end import train_config
-    from distml.workflow import memo
+def training_config(spec: PipelineSpec, node: Any, args: list, kwargs: dict, ws: Any, run_id: str) -> Any:
+    """The TrainConfig the cluster's training job runs for a training node (the step's own spec):
+    one worker per pod, the pods meeting at the job's master, the store's URL from the pods' Secret."""
+    from distml.train.config import TrainConfig
+    from distml.workflow.executor import StepContext, using_context
     from distml.workflow.values import decode
 
-    bound = memo.bind(node.step, tuple(decode(ws, args)), decode(ws, kwargs))
-    workers = bound.pop("workers")
+    with using_context(StepContext(run_id, node.id, 0, ws, None)):
+        config = node.step.policy.spec(*decode(ws, args), **decode(ws, kwargs))
+    if not isinstance(config, TrainConfig):
+        raise DistmlError(
+            f"the spec of training step {node.id} returned {type(config).__name__}; expected a TrainConfig"
+        )
+    workers = node.step.policy.resources.workers
     nnodes = spec.nnodes if spec.nnodes != "1" else str(workers)
-    config = train_config(workspace=str(ws.root), workers=workers, nnodes=nnodes, rdzv_endpoint="master:29400", **bound)
-    # Each pod runs one worker: the gang is `workers` pods (or MIN:MAX with --nnodes).
-    return config.model_copy(update={"workers": 1})
+    # Each pod runs one worker: the gang is `workers` pods (or MIN:MAX with --nnodes). The URL of the
+    # metadata store stays out of the file on the volume: each pod reads it from the Secret.
+    update = {
+        "workers": 1,
+        "nnodes": nnodes,
+        "rdzv_endpoint": "master:29400",
+        "workspace": str(ws.root),
+        "db_url": None,
+        "run_id": config.resolved_run_id(),  # the job finds its config at runs/RUN_ID/config.json
+    }
+    return config.model_copy(update=update)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,22 +161,21 @@ def _main(ns: argparse.Namespace) -> None:
         _write(out, "key", key)
         _write(out, "key-parts.json", canonical(parts))
         if ns.command == "prepare":
-            config = training_config(spec, node, args, kwargs, ws)
+            config = training_config(spec, node, args, kwargs, ws, ns.run_id)
             run_dir = config.run_dir()
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
             _write(out, "run-id", config.run_id)
         return
     if ns.command == "collect":
-        from distml.pipelines.end_to_end import train_output
-        from distml.workflow import memo
-
-        bound = memo.bind(node.step, tuple(decode(ws, args)), decode(ws, kwargs))
-        config = training_config(spec, node, args, kwargs, ws)
+        config = training_config(spec, node, args, kwargs, ws, ns.run_id)
         result_path = config.run_dir() / "result.json"
         if not result_path.is_file():
             raise DistmlError(f"training run {config.run_id} has no result ({result_path}); did its job succeed?")
-        result = train_output(bound["model"], bound["data"], config.run_id, json.loads(result_path.read_text()))
+        result = json.loads(result_path.read_text())
+        collect = node.step.policy.collect
+        if collect is not None:
+            result = collect(config, result, *decode(ws, args), **decode(ws, kwargs))
         _write(out, "result", canonical(encode(ws, result, f"the result of step {node.id}")))
         return
     fn = node.step.fn

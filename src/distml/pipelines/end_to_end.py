@@ -88,7 +88,18 @@ def train_output(model: str, data: dict, run_id: str, result: dict) -> dict:
     }
 
 
-@step(memoize=True, retries=1)
+def train_spec(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> Any:
+    """The run `train` launches (what a cluster's training job runs too)."""
+    ws = current().workspace
+    return train_config(model, data, str(ws.root), epochs, workers, batch_size, seed, db_url=ws.db_url)
+
+
+def train_collect(config: Any, result: dict, model: str, data: dict, *args: Any, **kwargs: Any) -> dict:
+    """`train`'s value from its finished run."""
+    return train_output(model, data, config.run_id, result)
+
+
+@step(kind="training", spec=train_spec, collect=train_collect, memoize=True, retries=1)
 def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> dict:
     """Train one candidate with allreduce on `workers` processes (PyTorch's elastic launcher)."""
     from distml.core.errors import DistmlError
@@ -96,9 +107,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
 
     ctx = current()
     train_split = data["splits"]["train"]
-    config = train_config(
-        model, data, str(ctx.workspace.root), epochs, workers, batch_size, seed, db_url=ctx.workspace.db_url
-    )
+    config = train_spec(model, data, epochs, workers, batch_size, seed)
     run_id = config.run_id
     total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
     stop = threading.Event()
@@ -111,7 +120,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
     if result is None:
         raise DistmlError(f"training run {run_id} stopped before the end")
     ctx.progress(result["steps"], total, f"test accuracy {result['test_accuracy']:.4f}")
-    return train_output(model, data, run_id, result)
+    return train_collect(config, result, model, data)
 
 
 @step(memoize=True)
@@ -148,7 +157,12 @@ def select(candidates: list, data: dict, name: str, alias: str = "production") -
 
 # A control step: it starts or swaps a detached service and returns, so it holds no cpu slot and
 # can swap in a better model while the next candidate's gang holds the machine.
-@step(resources=Resources(cpus=0))
+def serve_spec(best: Any, name: str, service: str, replicas: int = 1, port: int = 0) -> dict:
+    """What `serve` serves, for a cluster: service SERVICE with NAME@production on REPLICAS replicas."""
+    return {"service": service, "model": name, "replicas": replicas}
+
+
+@step(kind="serving", spec=serve_spec, resources=Resources(cpus=0))
 def serve(best: dict, name: str, service: str, replicas: int = 1, port: int = 0) -> dict:
     """Serve the chosen model as SERVICE: start it, leave it as it is, or hot-swap its model."""
     from distml.models.artifact import register_as

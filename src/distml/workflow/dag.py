@@ -26,6 +26,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,150}$")
 _building: contextvars.ContextVar[Graph | None] = contextvars.ContextVar("distml_building_graph", default=None)
 
 
+KINDS = {
+    "task": "",
+    "training": "returning the TrainConfig of the run it launches",
+    "serving": 'returning {"service": ..., "model": ..., "replicas": ...}',
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """How a step executes; every field has exactly one default, here."""
@@ -41,6 +48,14 @@ class Policy:
     resources: Resources = dataclasses.field(default_factory=Resources)
     fingerprint: Callable[..., str] | None = None  # content of outside data the step reads
     when: Callable[..., bool] | None = None  # run only if true for the step's arguments
+    # What the step is, for a cluster: "task" runs its function in a container; "training" is run
+    # as a Kubeflow training job whose TrainConfig is spec(*args, **kwargs), its value then
+    # collect(config, result, *args, **kwargs) (default: the run's result); "serving" is a KServe
+    # InferenceService from spec(*args, **kwargs) -> {"service", "model", "replicas"}, called with
+    # the step's literal arguments (upstream values are not known when the manifests are written).
+    kind: str = "task"
+    spec: Callable[..., Any] | None = None
+    collect: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.retry_backoff < 0:
@@ -55,6 +70,16 @@ class Policy:
         object.__setattr__(self, "retry_on", retry_on)
         if not isinstance(self.resources, Resources):
             raise DistmlError(f"resources must be a distml.workflow.Resources, got {self.resources!r}")
+        if self.kind not in KINDS:
+            raise DistmlError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind != "task" and not callable(self.spec):
+            raise DistmlError(
+                f'a step of kind "{self.kind}" needs spec=, a function of its arguments {KINDS[self.kind]}'
+            )
+        if self.kind == "task" and (self.spec is not None or self.collect is not None):
+            raise DistmlError('spec= and collect= describe a "training" or "serving" step; set kind= too')
+        if self.collect is not None and (self.kind != "training" or not callable(self.collect)):
+            raise DistmlError('collect= is a function (config, result, *args, **kwargs) of a "training" step')
 
 
 class Step:
@@ -105,7 +130,8 @@ class Step:
 
 def step(fn: Callable[..., Any] | None = None, *, name: str | None = None, **policy: Any) -> Any:
     """Decorator: `@step` or `@step(memoize=True, max_age=3600, retries=2, timeout=600,
-    resources=Resources(cpus=1, workers=2), fingerprint=fn, when=predicate, version="v2")`."""
+    resources=Resources(cpus=1, workers=2), fingerprint=fn, when=predicate, version="v2",
+    kind="training", spec=fn, collect=fn)` (see `Policy`)."""
     if fn is not None:
         return Step(fn, name, **policy)
     return lambda f: Step(f, name, **policy)
