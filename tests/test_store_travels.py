@@ -17,7 +17,7 @@ from distml.workspace import Workspace
 
 
 @pytest.mark.slow
-@pytest.mark.heavy("training")
+@pytest.mark.heavy("pipelines")
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_workspace_made_in_python_reaches_steps_ranks_and_replicas(db_url, tmp_path):
     ws = Workspace(tmp_path / "ws", db_url)

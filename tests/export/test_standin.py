@@ -23,7 +23,7 @@ from conftest import e2e_options, embedded_manifests
 from distml.export import steprunner
 from distml.export.k8s import PIPELINE_CONFIG, REPLICA_CONFIG, WORKSPACE_MOUNT, export_k8s
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]  # it trains, then serves: with the serving tests
 
 
 def _reserve_port() -> socket.socket:
