@@ -21,7 +21,7 @@ from distml.workspace import Workspace
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_workspace_made_in_python_reaches_steps_ranks_and_replicas(db_url, tmp_path):
     ws = Workspace(tmp_path / "ws", db_url)
-    params = {"dataset": "digits", "models": ["cnn"], "epochs": 1, "workers": 2, "service": "travels"}
+    params = {"dataset": "digits", "models": ["cnn"], "epochs": 1, "workers": 1, "service": "travels"}
     try:
         result = run_pipeline(ws, "distml.pipelines.end_to_end:pipeline", params)
         assert result.status == "succeeded", result
