@@ -597,6 +597,13 @@ class _ArgoTemplates:
         value = f"{{{{tasks.{task}.outputs.parameters.result}}}}"
         return Parameter(name="result", value_from=self.m.ValueFrom(parameter=value))
 
+    @staticmethod
+    def _output_of(task: str, output: str, name: str) -> Any:
+        """Argument `name` of a DAG task: output parameter `output` of the earlier task `task`."""
+        from hera.workflows import Parameter
+
+        return Parameter(name=name, value=f"{{{{tasks.{task}.outputs.parameters.{output}}}}}")
+
     def training(self, node: Any) -> Any:
         from hera.workflows import DAG, Parameter, Resource, Task
 
@@ -624,8 +631,8 @@ class _ArgoTemplates:
                 name="job",
                 template=create,
                 arguments=[
-                    Parameter(name="memo-key", value="{{tasks.prepare.outputs.parameters.key}}"),
-                    Parameter(name="run-id", value="{{tasks.prepare.outputs.parameters.run-id}}"),
+                    self._output_of("prepare", "key", "memo-key"),
+                    self._output_of("prepare", "run-id", "run-id"),
                 ],
             )
             t_col = Task(name="collect", template=collect, arguments=self.pass_inputs(node))
@@ -669,10 +676,7 @@ class _ArgoTemplates:
             t_run = Task(
                 name="run",
                 template=run,
-                arguments=[
-                    *self.pass_inputs(node),
-                    Parameter(name="memo-key", value="{{tasks.key.outputs.parameters.key}}"),
-                ],
+                arguments=[*self.pass_inputs(node), self._output_of("key", "key", "memo-key")],
             )
             t_key >> t_run
         return tmpl
