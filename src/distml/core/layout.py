@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from distml.core.files import atomic_write
-from distml.core.liveness import process_identity
+from distml.core.liveness import is_running, process_identity
 
 PathLike = str | os.PathLike
 
@@ -55,8 +55,7 @@ class ServiceRecord:
 
     def alive(self) -> bool:
         """Its gateway still runs: the same pid with the same start time."""
-        identity = process_identity(self.pid)
-        return identity is not None and self.started in (None, identity)
+        return is_running(self.pid, self.started)
 
     def write(self, root: PathLike) -> None:
         with atomic_write(service_dir(root, self.name) / "service.json", "w") as handle:

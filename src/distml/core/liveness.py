@@ -25,6 +25,13 @@ def process_identity(pid: int) -> str | None:
         return "unknown" if pid_alive(pid) else None
 
 
+def is_running(pid: object, started: str | None) -> bool:
+    """Is the process recorded as (`pid`, `started`) still running? With no recorded start time,
+    any live process with that pid counts; with one, only the process that started then."""
+    identity = process_identity(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
+    return identity is not None and started in (None, identity)
+
+
 def pid_alive(pid: int) -> bool:
     """True while process `pid` runs (a zombie does not)."""
     if pid <= 0:

@@ -41,7 +41,6 @@ WEIGHTS_FORMAT = "safetensors"
 #: The input spec of the zoo's models, in the V2 inference protocol's terms.
 IMAGE_INPUT_SPEC: dict[str, Any] = {"name": "image", "shape": [28, 28], "datatype": "FP32"}
 
-_DIGEST = DIGEST_PATTERN
 
 # key -> (accepted types, description) for format version 1.
 _MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -347,7 +346,7 @@ def _validate_manifest(raw: bytes, digest: str) -> dict[str, Any]:
         )
     if manifest["weights_format"] != WEIGHTS_FORMAT:
         raise DistmlError(f"{where}: weights_format {manifest['weights_format']!r}, expected {WEIGHTS_FORMAT!r}")
-    if not _DIGEST.match(manifest["weights_digest"]):
+    if not DIGEST_PATTERN.match(manifest["weights_digest"]):
         raise DistmlError(
             f"{where}: weights_digest {manifest['weights_digest']!r} is not a 64-character SHA-256 hex digest"
         )

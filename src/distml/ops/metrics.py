@@ -84,7 +84,7 @@ def serve(
 def read_endpoint(path: str | os.PathLike, alive: bool = True) -> dict[str, Any] | None:
     """An endpoint file's record; with `alive`, None unless its process still runs (on this host,
     the same pid and start time; on another host it cannot be told, so it counts as running)."""
-    from distml.core.liveness import process_identity
+    from distml.core.liveness import is_running
 
     try:
         record = json.loads(Path(path).read_text())
@@ -92,11 +92,9 @@ def read_endpoint(path: str | os.PathLike, alive: bool = True) -> dict[str, Any]
         return None
     if not isinstance(record, dict):
         return None
-    if alive and record.get("host", socket.gethostname()) == socket.gethostname():
-        pid = record.get("pid")
-        identity = process_identity(pid) if isinstance(pid, int) else None
-        if identity is None or record.get("started") not in (None, identity):
-            return None
+    here = record.get("host", socket.gethostname()) == socket.gethostname()
+    if alive and here and not is_running(record.get("pid"), record.get("started")):
+        return None
     return record
 
 

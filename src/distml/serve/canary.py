@@ -281,7 +281,7 @@ class CanaryController:
         self.runs: dict[str, CanaryRun] = {}  # the last canary of each model, running or decided
         self._stable_version, self._drain, self._on_change = stable_version, drain, on_change
 
-    def observe(self, model: str, version: str, ok: bool, seconds: float) -> bool:
+    def observe(self, model: str, version: str | None, ok: bool, seconds: float) -> bool:
         """Count one answer of `model` by `version` in its running analysis; whether it was counted."""
         run = self.runs.get(model)
         if run is None or run.analysis is None or run.decided_at is not None or version not in run.versions:

@@ -309,7 +309,7 @@ class Gateway:
         self.metrics.requests.labels(model=label, status=str(result.status)).inc()
         self.metrics.latency.labels(model=label).observe(elapsed)
         ok = result.status < 500  # a 4xx is the client's error; 5xx, failed or timed out upstreams count
-        if version is not None and self.canary.observe(model, version, ok, elapsed):
+        if self.canary.observe(model, version, ok, elapsed):
             self.metrics.canary_requests.labels(model=label, version=version, outcome="ok" if ok else "error").inc()
         return to_response(result)
 
