@@ -47,7 +47,7 @@ def create_engine(url: str) -> sa.Engine:
     """An engine for the metadata store at `url`, or one error naming what a URL looks like."""
     try:
         engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+    except sa.exc.ArgumentError as exc:  # NoSuchModuleError (an unknown dialect) is one too
         raise DistmlError(
             f"metadata store URL {url!r} is not a valid SQLAlchemy URL "
             "(expected e.g. sqlite:///path/distml.db or postgresql+psycopg://user@host/db)"
