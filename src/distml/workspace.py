@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from distml.core.db import create_engine
 from distml.core.errors import DistmlError
 from distml.core.files import ArtifactStore
+from distml.core.layout import DEFAULT_ROOT, WorkspaceRef
 from distml.ops import metadata
 
-DEFAULT_ROOT = ".distml"
+__all__ = ["DEFAULT_ROOT", "Workspace", "WorkspaceRef"]
 
 
 class Workspace:
@@ -31,12 +32,18 @@ class Workspace:
         if self.root.exists() and not self.root.is_dir():
             raise DistmlError(f"workspace path {self.root} exists and is not a folder; pass a folder path")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = self.root / "cache"
-        self.datasets_dir = self.root / "datasets"
-        self.artifacts = ArtifactStore(self.root / "artifacts")
-        self.db_url = db_url or f"sqlite:///{(self.root / 'distml.db').resolve()}"
+        self.ref = WorkspaceRef.of(self.root, db_url)
+        self.cache_dir = self.ref.cache_dir
+        self.datasets_dir = self.ref.datasets_dir
+        self.artifacts = ArtifactStore(self.ref.artifacts_dir)
+        self.db_url = self.ref.url
         self._engine: sa.Engine | None = None
         self._migrate = migrate  # False where a parent process has migrated the store (step processes)
+
+    @classmethod
+    def open(cls, ref: WorkspaceRef, migrate: bool = True) -> Workspace:
+        """The workspace a process's config names."""
+        return cls(ref.root, ref.db_url, migrate=migrate)
 
     @property
     def engine(self) -> sa.Engine:

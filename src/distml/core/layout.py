@@ -1,8 +1,9 @@
-"""Where things live in a workspace folder, and the record of a running service.
+"""Where things live in a workspace, and the record of a running service.
 
-One function per folder (`run_dir`, `workflow_dir`, `service_dir`) instead of paths rebuilt by
-hand, and `ServiceRecord`: the one reader and writer of `services/NAME/service.json`, which
-tells `distml top`, the pipelines and `distml serve` which gateway serves a service now.
+`WorkspaceRef(root, db_url)` names a workspace in every process's config file and knows its
+folders (`run_dir`, `workflow_dir`, `service_dir`, caches) so that no path is rebuilt by hand;
+`ServiceRecord` is the one reader and writer of `services/NAME/service.json`, which tells
+`distml top`, the pipelines and `distml serve` which gateway serves a service now.
 """
 
 from __future__ import annotations
@@ -13,10 +14,66 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from distml.core.files import atomic_write
 from distml.core.liveness import is_running, process_identity
 
 PathLike = str | os.PathLike
+
+DEFAULT_ROOT = ".distml"
+DB_FILE = "distml.db"
+
+
+class WorkspaceRef(BaseModel):
+    """A workspace by value: its folder and its metadata store's URL (None: the SQLite file
+    `distml.db` in the folder). It crosses every process boundary inside the process's config
+    file, so a store chosen in Python reaches the training ranks, step processes and replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    root: str = DEFAULT_ROOT
+    db_url: str | None = None
+
+    @classmethod
+    def of(cls, root: PathLike, db_url: str | None = None) -> WorkspaceRef:
+        """An absolute reference (a process started elsewhere finds the same folder) whose URL is
+        always spelt out (a process started for it opens the same store)."""
+        root = Path(root).resolve()
+        return cls(root=str(root), db_url=db_url or f"sqlite:///{root / DB_FILE}")
+
+    @property
+    def url(self) -> str:
+        """The metadata store's URL."""
+        return self.db_url or f"sqlite:///{Path(self.root).resolve() / DB_FILE}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root)
+
+    def run_dir(self, run_id: str) -> Path:
+        return run_dir(self.root, run_id)
+
+    def workflow_dir(self, run_id: str) -> Path:
+        return workflow_dir(self.root, run_id)
+
+    def service_dir(self, name: str) -> Path:
+        return service_dir(self.root, name)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Cached, preprocessed data sets (`data/cache.py`)."""
+        return Path(self.root) / "cache"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Downloaded data sets."""
+        return Path(self.root) / "datasets"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """The content-addressed artifact store."""
+        return Path(self.root) / "artifacts"
 
 
 def run_dir(root: PathLike, run_id: str) -> Path:
