@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from distml.ops import metadata
+    from distml.pipelines import watches as watch_store
     from distml.pipelines.continuous import cycle_rows
     from distml.pipelines.demo_continuous import run_waves, write_waves
     from distml.workspace import Workspace
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     overhead = round(statistics.mean(r["freshness"]["overhead"] for r in swaps), 3)
 
     # warm start against from scratch, on the last cycle's data, from the production it started from
-    arrivals = metadata.list_arrivals(ws.engine, NAME)
+    arrivals = watch_store.list_arrivals(ws.engine, NAME)
     last = rows[-1]
-    files = [a["snapshot"] for a in arrivals if a["cycle"] is not None and a["cycle"] <= last["cycle"]]
-    previous = metadata.list_cycles(ws.engine, NAME)[-1]["production"]
+    files = [a.snapshot for a in arrivals if a.cycle is not None and a.cycle <= last["cycle"]]
+    previous = watch_store.list_cycles(ws.engine, NAME)[-1].production
     log(f"warm start from {previous} against from scratch on {len(files)} snapshots")
     comparison = warm_against_cold(ws_root, files, previous, epochs, (1 if args.quick else 8) * epochs)
     cold = comparison["cold_tries"][-1]

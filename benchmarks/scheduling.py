@@ -1,5 +1,5 @@
 """Scheduling benchmark: FIFO without gangs, FIFO with gangs, weighted DRF and DRF + priority preemption sharing a
-contended GPU cluster, each the same core (`distml.ops.scheduler`) driven event by event through one seeded synthetic
+contended GPU cluster, each the same core (`distml.scheduling.core`) driven event by event through one seeded synthetic
 Philly/Helios-like trace on 32 nodes x 8 GPUs with 3 weighted queues. Run `python benchmarks/scheduling.py [--quick]
 [--check] [--plot] [--out DIR]`; the last stdout line is JSON (also written to DIR/scheduling.json).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler
+from distml.scheduling.core import Job, Node, Policy, Resources, Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"

@@ -120,7 +120,7 @@ def worker_main(spec_path: str) -> int:
     from distml.models.zoo import build_model, count_parameters
     from distml.train import parameter_server
     from distml.train.allreduce import AllReduceTrainer
-    from distml.train.config import TrainConfig
+    from distml.train.config import DataSection, ModelSection, ParallelismSection, TrainConfig
     from distml.train.worker import STOP_CHECK_EVERY, agree_stop
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -134,12 +134,11 @@ def worker_main(spec_path: str) -> int:
     model = build_model(spec["model"], **spec["model_args"])
     n_workers = world - servers
     config = TrainConfig(
-        model=spec["model"],
-        model_args=spec["model_args"],
-        batch_size=spec["batch"],
-        workers=n_workers,
-        strategy="parameter-server" if servers else "allreduce",
-        ps_shards=max(servers, 1),
+        model=ModelSection(name=spec["model"], args=spec["model_args"]),
+        data=DataSection(batch_size=spec["batch"]),
+        parallelism=ParallelismSection(
+            workers=n_workers, strategy="parameter-server" if servers else "allreduce", ps_shards=max(servers, 1)
+        ),
     )
     lr = config.learning_rate(n_workers)
     total = spec["warmup"] + spec["steps"]
@@ -639,7 +638,7 @@ def run_tf(name: str, spec: dict[str, Any], tmp: Path, timeout: float = 600) -> 
 
 def run_distml_train(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """`distml train` as a user runs it; samples/s from the per-step history its lead records in the workspace."""
-    from distml.ops.metadata import train_history
+    from distml.train.store import train_history
     from distml.workspace import Workspace
 
     folder = tmp / name
@@ -665,7 +664,7 @@ def run_distml_train(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, An
     global_batch = spec["workers"] * spec["batch"]
     # each row's samples_per_s is global batch / wall time since the previous step (data wait, metrics,
     # checkpoint writes included); the first row after start-up is the warm-up's
-    walls = [global_batch / r["samples_per_s"] for r in rows[spec["warmup"] :]]
+    walls = [global_batch / r.samples_per_s for r in rows[spec["warmup"] :]]
     window = spec["window"]
     rates = [global_batch * window / sum(walls[lo : lo + window]) for lo in range(0, len(walls) - window + 1, window)]
     summary = {
@@ -675,8 +674,8 @@ def run_distml_train(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, An
         "wall_s": round(wall, 1),
         "threads": [spec["threads"]] * spec["workers"],
         "source": "train_steps rows of the run's metadata store (lead worker, wall time between steps)",
-        "checkpoints_in_timed_steps": sum(1 for r in rows[spec["warmup"] :] if r["step"] % 50 == 0),
-        "step_compute_ms": round(1e3 * statistics.mean(r["step_seconds"] for r in rows[spec["warmup"] :]), 2),
+        "checkpoints_in_timed_steps": sum(1 for r in rows[spec["warmup"] :] if r.step % 50 == 0),
+        "step_compute_ms": round(1e3 * statistics.mean(r.step_seconds for r in rows[spec["warmup"] :]), 2),
     }
     log(
         f"{name}: {summary['samples_per_s']:,.0f} samples/s (median of {len(rates)} windows of {window} steps; "

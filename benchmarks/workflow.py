@@ -378,7 +378,7 @@ def tail(done: subprocess.CompletedProcess) -> str:
 def bench_memoized(tmp: Path, repeats: int) -> dict[str, Any]:
     """Populate the cache with one `distml run` (untimed), then time `repeats` identical reruns, each of
     which must succeed with every step a cache hit (read back from the metadata store)."""
-    from distml.ops import metadata
+    from distml.workflow import store as workflow_store
     from distml.workspace import Workspace
 
     ws_path = tmp / "ws-memo"
@@ -391,18 +391,18 @@ def bench_memoized(tmp: Path, repeats: int) -> dict[str, Any]:
     times: list[float] = []
     failures: list[dict[str, Any]] = []
     try:
-        n_steps = len(metadata.list_step_executions(ws.engine, run_id_of(done) or ""))
+        n_steps = len(workflow_store.list_step_executions(ws.engine, run_id_of(done) or ""))
         for r in range(repeats):
             seconds, done = cli_run(ws_path)
-            rows = metadata.list_workflow_runs(ws.engine, limit=1)
+            rows = workflow_store.list_workflow_runs(ws.engine, limit=1)
             run = rows[0] if rows else None
-            steps = metadata.list_step_executions(ws.engine, run["run_id"]) if run else []
-            statuses = sorted({row["status"] for row in steps})
-            cached = [row for row in steps if row["status"] == "cached"]
+            steps = workflow_store.list_step_executions(ws.engine, run.run_id) if run else []
+            statuses = sorted({row.status for row in steps})
+            cached = [row for row in steps if row.status == "cached"]
             ok = done.returncode == 0 and run is not None and statuses == ["cached"] and len(cached) == n_steps > 0
             log(
                 f"memoized rerun #{r + 1}: {seconds:.2f}s rc {done.returncode}, run "
-                f"{run['run_id'] if run else None} {run['status'] if run else ''}, steps {statuses} "
+                f"{run.run_id if run else None} {run.status if run else ''}, steps {statuses} "
                 f"({len(cached)}/{n_steps} cached), load {load()}"
             )
             if ok:
@@ -412,8 +412,8 @@ def bench_memoized(tmp: Path, repeats: int) -> dict[str, Any]:
                     {
                         "seconds": round(seconds, 2),
                         "rc": done.returncode,
-                        "run_status": run["status"] if run else None,
-                        "steps": [f"{row['node_id']} #{row['generation']}: {row['status']}" for row in steps],
+                        "run_status": run.status if run else None,
+                        "steps": [f"{row.node_id} #{row.generation}: {row.status}" for row in steps],
                         "output_tail": tail(done),
                     }
                 )

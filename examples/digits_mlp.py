@@ -11,7 +11,7 @@ from __future__ import annotations
 from distml.core.errors import DistmlError
 from distml.models.artifact import register_as, set_alias
 from distml.serve.service import ensure_serving
-from distml.train.config import TrainConfig
+from distml.train.config import DataSection, ModelSection, ParallelismSection, TrainConfig, TrainingSection
 from distml.train.launcher import launch
 from distml.workflow import Resources, current, step
 
@@ -22,13 +22,11 @@ def mlp_run(dataset: str, width: int, epochs: int) -> TrainConfig:
     """The training run of `train`, here and on a cluster."""
     ws = current().workspace
     return TrainConfig(
-        model="mlp",
-        model_args={"width": width, "depth": 2},
-        dataset=dataset,
-        epochs=epochs,
-        workers=WORKERS,
-        workspace=str(ws.root),
-        db_url=ws.db_url,
+        model=ModelSection(name="mlp", args={"width": width, "depth": 2}),
+        data=DataSection(dataset=dataset),
+        training=TrainingSection(epochs=epochs),
+        parallelism=ParallelismSection(workers=WORKERS),
+        workspace=ws.ref,
     )
 
 

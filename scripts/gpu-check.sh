@@ -24,7 +24,7 @@ python3 - "$WS" "$OUT/gpu-check.json" <<'PY'
 import json, statistics, sys, time
 import torch
 from distml.models.zoo import build_model
-from distml.ops.metadata import train_history
+from distml.train.store import train_history
 from distml.train.allreduce import AllReduceTrainer
 from distml.workspace import Workspace
 
@@ -35,7 +35,7 @@ for run in ("nccl-1", "gloo-2-on-1-gpu", "ps-cuda"):
         result = json.loads((ws.root / "runs" / run / "result.json").read_text())
         rows = train_history(ws.engine, run)[5:]
         summary["runs"][run] = {"test_accuracy": result["test_accuracy"], "steps": result["steps"],
-                                "median_samples_per_s": statistics.median(r["samples_per_s"] for r in rows)}
+                                "median_samples_per_s": statistics.median(r.samples_per_s for r in rows)}
     except Exception as exc:  # report, do not hide
         summary["runs"][run] = {"error": f"{type(exc).__name__}: {exc}"}
 device = torch.device("cuda", 0)

@@ -3,7 +3,7 @@
 The run (batch_norm and cnn, async selection, clients sending all along), its memoized re-run,
 `distml runs show` and an answer table from the live service happen once per session
 (`digits_pipeline` in tests/conftest.py); tests/pipelines/test_end_to_end.py asserts on what they
-gave, tests/ops/test_lineage.py walks the lineage the run recorded (its last test rolls and kills
+gave, tests/lineage/test_lineage.py walks the lineage the run recorded (its last test rolls and kills
 the service, after the end-to-end test's live requests were made here).
 """
 
@@ -90,8 +90,8 @@ class PipelineRun:
 
 def run_digits_pipeline(ws_root: Path) -> PipelineRun:
     """`distml run --async-selection` under load, then the memoized re-run; the service stays up."""
-    from distml.ops import metadata
     from distml.pipelines.demo import answer_table
+    from distml.workflow import store as workflow_store
     from distml.workspace import Workspace
 
     ws = Workspace(ws_root)
@@ -102,15 +102,15 @@ def run_digits_pipeline(ws_root: Path) -> PipelineRun:
     finally:
         production = _production_version(ws)
         load.finish(production)
-    run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"] if run.returncode == 0 else ""
+    run_id = workflow_store.list_workflow_runs(ws.engine)[0].run_id if run.returncode == 0 else ""
     table = rerun = shown = None
     rerun_id = ""
     if run.returncode == 0:
-        final = json.loads(next(r for r in metadata.list_step_executions(ws.engine, run_id)
-                                if r["node_id"] == "serve")["output_json"])  # fmt: skip
+        final = json.loads(next(r for r in workflow_store.list_step_executions(ws.engine, run_id)
+                                if r.node_id == "serve").output_json)  # fmt: skip
         table = answer_table(ws, final["url"], final["model"], "digits", None, 4)
         rerun = distml(ws_root, *RUN_ARGS)
-        rerun_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
+        rerun_id = workflow_store.list_workflow_runs(ws.engine)[0].run_id
         shown = distml(ws_root, "runs", "show", rerun_id)
     return PipelineRun(ws, run_id, run, load, rerun, rerun_id, shown, table)
 

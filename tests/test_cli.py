@@ -39,11 +39,11 @@ def test_prepare_and_inspect_digits(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "8x8" in out.stdout and "uint8" in out.stdout and "class balance" in out.stdout
     assert "142" in out.stdout  # train images of digit 0
-    from distml.ops.metadata import list_datasets
+    from distml.lineage.store import list_datasets
     from distml.workspace import Workspace
 
     rows = list_datasets(Workspace(tmp_path / "ws").engine, "digits")
-    assert sorted(r["split"] for r in rows) == ["test", "train"]
+    assert sorted(r.split for r in rows) == ["test", "train"]
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,18 @@ def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path):
     assert "--data-dir" in out.stderr
 
 
+def _settings(model) -> dict:
+    """The fields of a config model by dotted location, through its sections (nested models)."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out.update({f"{name}.{inner}": f for inner, f in _settings(field.annotation).items()})
+        out[name] = field
+    return out
+
+
 @pytest.mark.parametrize(
     ("command", "config"),
     [
@@ -92,28 +104,50 @@ def test_each_setting_has_one_default_the_config_models(command, config):
     from distml.cli import ConfigDefault, main
 
     module, _, name = config.partition(":")
-    fields = getattr(importlib.import_module(module), name).model_fields
+    settings = _settings(getattr(importlib.import_module(module), name))
+    names = {location.rpartition(".")[2] for location in settings}
     ctx = click.Context(main.commands[command])
     checked = 0
     for param in main.commands[command].params:
         if isinstance(param, ConfigDefault):
             source = importlib.import_module(param.config.partition(":")[0])
             model = getattr(source, param.config.partition(":")[2])
-            assert param.get_default(ctx) == model.model_fields[param.field].get_default(call_default_factory=True)
+            field = _settings(model)[param.field]  # a dotted location that exists
+            assert param.get_default(ctx) == field.get_default(call_default_factory=True)
             checked += 1
-        elif param.name in fields and not (param.required or param.multiple or param.is_flag):
+        elif param.name in names and not (param.required or param.multiple or param.is_flag):
             if param.name in ("queue", "priority"):  # the scheduler's flags, shared by every command
                 continue
             assert param.default is None, f"--{param.name} copies a default its config model holds"
     assert checked >= 8
 
 
+def test_train_flags_set_the_settings_of_the_sections(tmp_path):
+    """Each `distml train` flag lands at its setting's location; unset flags give the models' defaults."""
+    from distml.cli import config_values, main
+    from distml.train.config import TrainConfig, parse_config
+
+    command = main.commands["train"]
+    args = ["--model", "mlp", "--workers", "3", "--epochs", "2", "--checkpoint-every", "5", "--lr", "0.1"]
+    args += ["--strategy", "parameter-server", "--ps-shards", "2", "--queue", "q", "--rdzv-last-call", "9"]
+    ctx = command.make_context("train", args)
+    options = dict(ctx.params)
+    values = config_values(ctx, options)
+    assert set(options) == {"model_args", "train_files", "data_dir"}, "every other flag names its setting"
+    config = parse_config(values)
+    assert (config.model.name, config.parallelism.workers, config.training.epochs) == ("mlp", 3, 2)
+    assert (config.checkpoint.every, config.optimizer.lr, config.parallelism.ps_shards) == (5, 0.1, 2)
+    assert (config.job.queue, config.parallelism.rdzv_last_call_timeout) == ("q", 9)
+    defaults = parse_config(config_values(ctx := command.make_context("train", []), dict(ctx.params)))
+    assert defaults == TrainConfig()
+
+
 def test_a_changed_config_default_shows_in_the_help(monkeypatch):
     from click.testing import CliRunner
 
     from distml.cli import main
-    from distml.train.config import TrainConfig
+    from distml.train.config import TrainingSection
 
-    monkeypatch.setattr(TrainConfig.model_fields["epochs"], "default", 7)
+    monkeypatch.setattr(TrainingSection.model_fields["epochs"], "default", 7)
     out = CliRunner().invoke(main, ["train", "--help"]).output
     assert "--epochs INTEGER" in out and "[default: 7]" in out

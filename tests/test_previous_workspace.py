@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from distml.core import db
 from distml.models.artifact import list_models, resolve_model
-from distml.ops import lineage
-from distml.ops import metadata as md
+from distml.train import store as train_store
+from distml.views import lineage
+from distml.workflow import store as workflow_store
 from distml.workspace import Workspace
 
 ARCHIVE = Path(__file__).parent / "fixtures" / "previous-release-workspace.tar.gz"
@@ -34,8 +36,8 @@ def old(tmp_path):
 
 def test_its_store_opens_at_the_same_schema_version(old):
     with old.engine.connect() as conn:
-        versions = [r.version for r in conn.execute(sa.select(md.schema_version.c.version))]
-    assert max(versions) == md.MIGRATIONS[-1][0], "no migration was needed"
+        versions = [r.version for r in conn.execute(sa.select(db.schema_version.c.version))]
+    assert max(versions) == db.LATEST, "no migration was needed"
 
 
 def test_its_registry_resolves_every_form_of_reference(old):
@@ -44,16 +46,16 @@ def test_its_registry_resolves_every_form_of_reference(old):
     assert resolve_model(old, "mlp:1").manifest_digest == by_alias.manifest_digest
     assert resolve_model(old, by_alias.manifest_digest).weights_digest == by_alias.weights_digest
     (row,) = list_models(old, "mlp")
-    assert row["aliases"] == ["production"] and row["created_at"].tzinfo == dt.UTC
+    assert row.aliases == ["production"] and row.created_at.tzinfo == dt.UTC
 
 
 def test_its_runs_and_lineage_read_with_aware_times(old):
-    (run,) = md.list_training_runs(old.engine, include=["mlp-digits-0ba507445e6b"])
+    (run,) = train_store.list_training_runs(old.engine, include=["mlp-digits-0ba507445e6b"])
     assert run.status == "complete" and run.step == 23 and run.config["model"] == "mlp"
     assert run.updated_at.tzinfo == dt.UTC and run.recorded_at.tzinfo == dt.UTC
-    (workflow,) = md.list_workflow_runs(old.engine)
-    assert workflow["status"] == "succeeded" and workflow["created_at"].tzinfo == dt.UTC
-    steps = {r["node_id"]: r["status"] for r in md.list_step_executions(old.engine, workflow["run_id"])}
+    (workflow,) = workflow_store.list_workflow_runs(old.engine)
+    assert workflow.status == "succeeded" and workflow.created_at.tzinfo == dt.UTC
+    steps = {r.node_id: r.status for r in workflow_store.list_step_executions(old.engine, workflow.run_id)}
     assert steps == {f"measure[{w}]": "succeeded" for w in ("distributed", "machine", "learning")} | {
         "total": "succeeded",
         "report": "succeeded",

@@ -8,10 +8,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from distml.ops import metadata as md
-from distml.ops.lineage import DEPLOYMENT
+from distml.lineage import store as lineage_store
+from distml.lineage.store import DEPLOYMENT
 from distml.pipelines.end_to_end import client_images, v2_request
 from distml.serve.service import stop_service
+from distml.train import store as train_store
+from distml.workflow import store as workflow_store
 from distml.workflow.orchestrator import run_pipeline
 from distml.workspace import Workspace
 
@@ -33,10 +35,12 @@ def test_a_workspace_made_in_python_reaches_steps_ranks_and_replicas(db_url, tmp
     finally:
         stop_service(ws, "travels")
     with ws.engine.connect() as conn:
-        steps = {row.step_name for row in conn.execute(sa.select(md.step_executions.c.step_name))}
-        ranks = conn.execute(sa.select(sa.func.count()).select_from(md.train_steps)).scalar()
+        steps = {row.step_name for row in conn.execute(sa.select(workflow_store.step_executions.c.step_name))}
+        ranks = conn.execute(sa.select(sa.func.count()).select_from(train_store.train_steps)).scalar()
         deployments = conn.execute(
-            sa.select(sa.func.count()).select_from(md.executions).where(md.executions.c.type == DEPLOYMENT)
+            sa.select(sa.func.count())
+            .select_from(lineage_store.executions)
+            .where(lineage_store.executions.c.type == DEPLOYMENT)
         ).scalar()
     assert {"ingest", "train", "select", "serve"} <= steps, "the step processes wrote to PostgreSQL"
     assert ranks > 0, "the training ranks recorded their steps in PostgreSQL"

@@ -5,46 +5,47 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from distml.core import db
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
-from distml.ops import metadata
+from distml.lineage import store as lineage_store
 from distml.workspace import Workspace
 
 
 def test_new_workspace_is_migrated(tmp_path):
     ws = Workspace(tmp_path / "w")
     assert (tmp_path / "w" / "distml.db").exists() is False  # the store opens lazily
-    assert metadata.migrate(ws.engine) == metadata.MIGRATIONS[-1][0]
-    assert metadata.migrate(ws.engine) == metadata.MIGRATIONS[-1][0], "migrating twice changes nothing"
+    assert db.migrate(ws.engine) == db.LATEST
+    assert db.migrate(ws.engine) == db.LATEST, "migrating twice changes nothing"
     assert "datasets" in sa.inspect(ws.engine).get_table_names()
 
 
 def test_record_dataset_is_idempotent(workspace):
     kw = dict(name="digits", split="train", fingerprint="f" * 64, num_records=10, uri="x", schema={"a": 1})
-    first = metadata.record_dataset(workspace.engine, **kw)
-    assert metadata.record_dataset(workspace.engine, **kw) == first
-    other = metadata.record_dataset(workspace.engine, **{**kw, "fingerprint": "e" * 64})
+    first = lineage_store.record_dataset(workspace.engine, **kw)
+    assert lineage_store.record_dataset(workspace.engine, **kw) == first
+    other = lineage_store.record_dataset(workspace.engine, **{**kw, "fingerprint": "e" * 64})
     assert other != first
-    assert [row["fingerprint"][0] for row in metadata.list_datasets(workspace.engine, "digits")] == ["e", "f"]
+    assert [row.fingerprint[0] for row in lineage_store.list_datasets(workspace.engine, "digits")] == ["e", "f"]
 
 
 def test_newer_schema_is_refused_without_damage(workspace):
     engine = workspace.engine
     kw = dict(name="digits", split="train", fingerprint="f" * 64, num_records=10, uri="x", schema={"a": 1})
-    metadata.record_dataset(engine, **kw)
+    lineage_store.record_dataset(engine, **kw)
     with engine.begin() as conn:
-        conn.execute(metadata.schema_version.insert().values(version=999, applied_at=metadata._now()))
+        conn.execute(db.schema_version.insert().values(version=999, applied_at=db.utc_now()))
     with pytest.raises(DistmlError, match="schema version 999, newer than this distml"):
-        metadata.migrate(engine)
+        db.migrate(engine)
     # nothing stored was lost: the record and the newer version are still there, readable
-    assert [row["fingerprint"] for row in metadata.list_datasets(engine, "digits")] == ["f" * 64]
+    assert [row.fingerprint for row in lineage_store.list_datasets(engine, "digits")] == ["f" * 64]
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.max(metadata.schema_version.c.version))).scalar() == 999
+        assert conn.execute(sa.select(sa.func.max(db.schema_version.c.version))).scalar() == 999
 
 
 def test_metadata_store_on_postgresql(postgres_url, tmp_path):
     ws = Workspace(tmp_path / "pg", postgres_url)
-    dataset_id = metadata.record_dataset(
+    dataset_id = lineage_store.record_dataset(
         ws.engine, name="d", split="s", fingerprint="a" * 64, num_records=1, uri="u", schema={}
     )
     assert ws.engine.dialect.name == "postgresql" and dataset_id >= 1

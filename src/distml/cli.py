@@ -84,7 +84,8 @@ DATASET_OPTION = click.option("--dataset", required=True, help="fashion-mnist or
 class ConfigDefault(click.Option):
     """An option whose default is its config model's field (or its pipeline function's parameter):
     one default per setting, read from there (imported only when the command runs or shows its
-    help), never a second copy here."""
+    help), never a second copy here. `field` is the setting's dotted location in a model of
+    sections ("parallelism.workers"); the option's name by default."""
 
     def __init__(self, param_decls: Any, *, config: str, field: str | None = None, **kwargs: Any):
         super().__init__(param_decls, show_default=True, **kwargs)
@@ -97,8 +98,34 @@ class ConfigDefault(click.Option):
         module, _, name = self.config.partition(":")
         source = getattr(importlib.import_module(module), name)
         if hasattr(source, "model_fields"):  # a pydantic config model
-            return source.model_fields[self.field].get_default(call_default_factory=True)
+            return model_field(source, self.field).get_default(call_default_factory=True)
         return inspect.signature(source).parameters[self.field].default  # a pipeline's parameter
+
+
+def model_field(model: Any, location: str) -> Any:
+    """The pydantic field at a dotted location ("parallelism.workers") of a model of sections."""
+    *sections, name = location.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name]
+
+
+def _put(values: dict[str, Any], location: str, value: Any) -> None:
+    """Set `value` at a dotted location of nested config values."""
+    *sections, name = location.split(".")
+    for section in sections:
+        values = values.setdefault(section, {})
+    values[name] = value
+
+
+def config_values(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Take the values of the command's ConfigDefault flags out of `options`, each at its field's
+    dotted location: the nested values of the config those flags set."""
+    values: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if isinstance(param, ConfigDefault) and param.name in options:
+            _put(values, param.field, options.pop(param.name))
+    return values
 
 
 def config_option(config: str) -> Any:
@@ -201,7 +228,7 @@ def queue_group(ctx: click.Context, as_json: bool) -> None:
     """Queues, shares, running and waiting jobs of this machine's pool, and why each waits."""
     if ctx.invoked_subcommand is not None:
         return
-    from distml.ops.admission import schedule_pass, snapshot
+    from distml.scheduling.admission import schedule_pass, snapshot
 
     engine = _workspace(ctx).engine
     schedule_pass(engine)  # reclaims dead holders' gangs and brings every reason up to date
@@ -215,7 +242,7 @@ def queue_group(ctx: click.Context, as_json: bool) -> None:
 def _print_queue(state: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from distml.ops.top import queue_view
+    from distml.views.top import queue_view
 
     console = Console()
     for part in queue_view(state):
@@ -228,7 +255,7 @@ def _print_queue(state: dict[str, Any]) -> None:
 @click.pass_context
 def queue_set(ctx: click.Context, name: str, weight: float) -> None:
     """Create queue NAME or change its weight."""
-    from distml.ops.admission import set_queue
+    from distml.scheduling.admission import set_queue
 
     set_queue(_workspace(ctx).engine, name, weight)
     click.echo(f"queue {name}: weight {weight:g}")
@@ -241,7 +268,7 @@ def queue_set(ctx: click.Context, name: str, weight: float) -> None:
 @click.pass_context
 def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_gb: float | None) -> None:
     """Show or change what this machine offers the scheduler."""
-    from distml.ops.admission import ensure_node, set_node
+    from distml.scheduling.admission import ensure_node, set_node
 
     engine = _workspace(ctx).engine
     node = (
@@ -253,9 +280,9 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
 
 
 @main.command("train")
-@train_option("--model", help="cnn, dropout, batch_norm, mlp or package.module:factory")
+@train_option("--model", field="model.name", help="cnn, dropout, batch_norm, mlp or package.module:factory")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Model argument (repeatable).")
-@train_option("--dataset", help="fashion-mnist or digits")
+@train_option("--dataset", field="data.dataset", help="fashion-mnist or digits")
 @DATA_DIR_OPTION
 @click.option(
     "--train-file",
@@ -264,65 +291,82 @@ def queue_pool(ctx: click.Context, cpus: float | None, gpus: int | None, memory_
     type=click.Path(exists=True, dir_okay=False),
     help="Train on this .npz (image, label; raw pixels like the data set's) instead of its train split (repeatable).",
 )
-@click.option("--init-from", default=None, metavar="NAME:VERSION", help="Warm start: begin from this model's weights.")
-@train_option("--workers", type=int, help="Worker processes per node.")
-@train_option("--strategy", type=click.Choice(["allreduce", "parameter-server"]))
-@train_option("--epochs", type=int)
-@click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
-@train_option("--batch-size", type=int, help="Per worker.")
-@click.option(
+@train_option(
+    "--init-from", field="model.init_from", metavar="NAME:VERSION", help="Warm start: begin from this model's weights."
+)
+@train_option("--workers", field="parallelism.workers", type=int, help="Worker processes per node.")
+@train_option("--strategy", field="parallelism.strategy", type=click.Choice(["allreduce", "parameter-server"]))
+@train_option("--epochs", field="training.epochs", type=int)
+@train_option("--max-steps", field="training.max_steps", type=int, help="Stop after this many optimizer steps.")
+@train_option("--batch-size", field="data.batch_size", type=int, help="Per worker.")
+@train_option(
     "--lr",
-    default=None,
+    field="optimizer.lr",
     type=float,
     help="Learning rate for the global batch [default: 1e-3 x sqrt(global batch / 64)].",
 )
-@train_option("--optimizer", type=click.Choice(["adam", "sgd"]), help="adam (fused) or plain sgd (needs --lr).")
-@train_option("--seed", type=int)
-@train_option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@train_option("--checkpoint-every", type=int, help="Optimizer steps.")
-@train_option("--max-restarts", type=int)
-@train_option("--nnodes", help="N or MIN:MAX (elastic).")
-@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node).")
+@train_option(
+    "--optimizer",
+    field="optimizer.name",
+    type=click.Choice(["adam", "sgd"]),
+    help="adam (fused) or plain sgd (needs --lr).",
+)
+@train_option("--seed", field="training.seed", type=int)
+@train_option("--device", field="training.device", type=click.Choice(["auto", "cpu", "cuda"]))
+@train_option("--checkpoint-every", field="checkpoint.every", type=int, help="Optimizer steps.")
+@train_option("--max-restarts", field="checkpoint.max_restarts", type=int)
+@train_option("--nnodes", field="parallelism.nnodes", help="N or MIN:MAX (elastic).")
+@train_option(
+    "--rdzv-endpoint", field="parallelism.rdzv_endpoint", help="HOST:PORT of the c10d rendezvous (multi-node)."
+)
 @train_option(
     "--rdzv-last-call",
     "rdzv_last_call_timeout",
+    field="parallelism.rdzv_last_call_timeout",
     type=int,
     help="Elastic: seconds a rendezvous that has its minimum of nodes waits for more.",
 )
 @train_option(
-    "--rdzv-keep-alive", type=int, help="Elastic: seconds between a node's heartbeats; a node that misses 3 is dropped."
+    "--rdzv-keep-alive",
+    field="parallelism.rdzv_keep_alive",
+    type=int,
+    help="Elastic: seconds between a node's heartbeats; a node that misses 3 is dropped.",
 )
-@train_option("--ps-shards", type=int, help="Parameter servers.")
-@train_option("--ps-mode", type=click.Choice(["sync", "async"]))
-@click.option("--ps-staleness", default=None, type=int, help="Async: max steps a worker may run ahead.")
-@click.option(
+@train_option("--ps-shards", field="parallelism.ps_shards", type=int, help="Parameter servers.")
+@train_option("--ps-mode", field="parallelism.ps_mode", type=click.Choice(["sync", "async"]))
+@train_option(
+    "--ps-staleness", field="parallelism.ps_staleness", type=int, help="Async: max steps a worker may run ahead."
+)
+@train_option(
     "--run-id",
-    default=None,
+    field="job.run_id",
     help="Name of the run [default: derived from the settings, so the same command resumes the same run].",
 )
-@click.option("--metrics-port", default=None, type=int, help="Serve Prometheus metrics (0 = a free port).")
-@click.option("--threads", default=None, type=int, help="Intra-op threads per worker [default: cores / workers].")
-@click.option("--log-samples", is_flag=True, hidden=True, help="Log the sample ids of every step (tests).")
-@QUEUE_OPTION
-@PRIORITY_OPTION
+@train_option("--metrics-port", field="job.metrics_port", type=int, help="Serve Prometheus metrics (0 = a free port).")
+@train_option(
+    "--threads", field="training.threads", type=int, help="Intra-op threads per worker [default: cores / workers]."
+)
+@train_option(
+    "--log-samples",
+    field="training.log_samples",
+    is_flag=True,
+    hidden=True,
+    help="Log the sample ids of every step (tests).",
+)
+@train_option("--queue", field="job.queue", help="Scheduler queue to wait in (see `distml queue`).")
+@train_option("--priority", field="job.priority", help="low, normal, high or an integer; higher may preempt lower.")
 @click.pass_context
 def train_command(ctx: click.Context, **options: Any) -> None:
     """Train a model on several workers through PyTorch's elastic launcher."""
     from distml.train.config import parse_config
     from distml.train.launcher import Stopped, launch
 
-    model_args = _key_values(options.pop("model_args"), "--model-arg")
-    train_files = [str(Path(p).resolve()) for p in options.pop("train_files")] or None
-    ws = _workspace(ctx)
-    config = parse_config(
-        {
-            **options,
-            "model_args": model_args,
-            "train_files": train_files,
-            "workspace": str(ws.root),
-            "db_url": ws.db_url,
-        }
-    )
+    values = config_values(ctx, options)  # every flag with its setting's location and default
+    _put(values, "model.args", _key_values(options.pop("model_args"), "--model-arg"))
+    _put(values, "data.train_files", [str(Path(p).resolve()) for p in options.pop("train_files")] or None)
+    _put(values, "data.data_dir", options.pop("data_dir"))
+    values["workspace"] = _workspace(ctx).ref
+    config = parse_config(values)
     try:
         result = launch(config)
     except (Stopped, KeyboardInterrupt) as exc:
@@ -412,7 +456,7 @@ def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
     path = config.service_dir() / "config.json"
     with atomic_write(path, "w") as handle:
         handle.write(config.model_dump_json(indent=1))
-    ws_root = config.replica.workspace
+    ws_root = config.replica.workspace.root
     mine: list[ServiceRecord] = []
 
     def ready(url: str) -> None:
@@ -676,11 +720,11 @@ def cycles_command(ctx: click.Context, name: str, as_json: bool) -> None:
     """The cycles of watch NAME: new data, candidate, holdout accuracy, decision and why, freshness."""
     from rich.console import Console
 
-    from distml.ops import metadata
     from distml.pipelines.continuous import cycle_rows, cycles_table
+    from distml.pipelines.watches import get_watch
 
     engine = _workspace(ctx).engine
-    if metadata.get_watch(engine, name) is None:
+    if get_watch(engine, name) is None:
         raise DistmlError(f"no watch {name!r} in this workspace; start one with distml watch --name {name}")
     rows = cycle_rows(engine, name)
     if as_json:
@@ -736,7 +780,7 @@ def runs_list(ctx: click.Context, limit: int = 20) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from distml.ops.metadata import list_workflow_runs
+    from distml.workflow.store import list_workflow_runs
 
     runs = list_workflow_runs(_workspace(ctx).engine, limit)
     if not runs:
@@ -746,8 +790,8 @@ def runs_list(ctx: click.Context, limit: int = 20) -> None:
     for column in ("run", "status", "target", "started", "steps"):
         table.add_column(column)
     for run in runs:
-        steps = ", ".join(f"{n} {s}" for s, n in sorted(run["steps"].items()))
-        table.add_row(run["run_id"], run["status"], run["target"], f"{run['created_at']:%Y-%m-%d %H:%M:%S}", steps)
+        steps = ", ".join(f"{n} {s}" for s, n in sorted(run.steps.items()))
+        table.add_row(run.run_id, run.status, run.target, f"{run.created_at:%Y-%m-%d %H:%M:%S}", steps)
     Console().print(table)
 
 
@@ -760,7 +804,7 @@ def runs_show(ctx: click.Context, run_id: str) -> None:
 
     from rich.console import Console
 
-    from distml.ops.metadata import get_workflow_run, list_step_executions
+    from distml.workflow.store import get_workflow_run, list_step_executions
     from distml.workflow.view import run_view
 
     engine = _workspace(ctx).engine
@@ -818,7 +862,7 @@ def models_list(ctx: click.Context, name: str | None = None) -> None:
         if name is None:
             click.echo(f"no models are registered in {ws.root}; `distml train` registers one")
             return
-        names = sorted({row["name"] for row in list_models(ws)})
+        names = sorted({row.name for row in list_models(ws)})
         known = "registered models: " + ", ".join(names) if names else "no models are registered yet"
         raise DistmlError(f"no model named {name!r} is registered; {known}")
     table = Table(title=f"models in {ws.root}")
@@ -826,11 +870,11 @@ def models_list(ctx: click.Context, name: str | None = None) -> None:
         table.add_column(column, justify="right" if column == "version" else "left")
     for row in rows:
         table.add_row(
-            row["name"],
-            str(row["version"]),
-            row["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
-            " ".join(f"{key}={_format_metric(value)}" for key, value in sorted(row["metrics"].items())),
-            ", ".join(row["aliases"]),
+            row.name,
+            str(row.version),
+            row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            " ".join(f"{key}={_format_metric(value)}" for key, value in sorted(row.metrics.items())),
+            ", ".join(row.aliases),
         )
     Console().print(table)
 
@@ -849,7 +893,7 @@ def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> Non
     """
     from distml.core.refs import ModelRef
     from distml.models.artifact import list_models, set_alias, unset_alias
-    from distml.ops.metadata import get_model_alias
+    from distml.models.registry import get_model_alias
 
     ref = ModelRef.parse(model)
     if ref.alias is not None or ref.digest is not None:
@@ -866,7 +910,7 @@ def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> Non
     if version is None:
         rows = list_models(ws, name)
         # No versions: set_alias names the real problem (an invalid or unregistered name).
-        version = rows[0]["version"] if rows else 1
+        version = rows[0].version if rows else 1
     previous = get_model_alias(ws.engine, name, alias)
     set_alias(ws, name, alias, version)
     moved = f" (moved from {name}:{previous})" if previous is not None and previous != version else ""
@@ -882,7 +926,7 @@ def models_alias(ctx: click.Context, model: str, alias: str, unset: bool) -> Non
 @click.pass_context
 def top_command(ctx: click.Context, once: bool, interval: float, token: str | None) -> None:
     """Live view of queues, training runs, pipeline runs and services (Ctrl-C quits)."""
-    from distml.ops.top import run_top
+    from distml.views.top import run_top
 
     run_top(_workspace(ctx), once=once, interval=interval, token=token)
 
@@ -895,7 +939,7 @@ def top_command(ctx: click.Context, once: bool, interval: float, token: str | No
 def lineage_command(ctx: click.Context, model: str | None, fingerprint: str | None, as_json: bool) -> None:
     """Where MODEL came from (data snapshots, training run, parameters, code, workflow steps) and
     where it went (deployments, what serves it now); with --data, everything trained from a snapshot."""
-    from distml.ops import lineage
+    from distml.views import lineage
 
     if model is not None and fingerprint is not None:
         raise DistmlError("give either a model or --data FINGERPRINT, not both")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from distml.core import db as metadata
 from distml.core.db import create_engine
 from distml.core.errors import DistmlError
 from distml.core.files import ArtifactStore
 from distml.core.layout import DEFAULT_ROOT, WorkspaceRef
-from distml.ops import metadata
 
 __all__ = ["DEFAULT_ROOT", "Workspace", "WorkspaceRef"]
 

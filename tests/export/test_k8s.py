@@ -89,8 +89,10 @@ def test_a_user_pipelines_own_training_and_serving_steps_become_a_pytorchjob_and
     assert steprunner.main([str(spec_path), "prepare", "train", "--out", str(out)]) == 0
     run_id = (out / "run-id").read_text()
     config = json.loads((tmp_path / "ws" / "runs" / run_id / "config.json").read_text())
-    assert (config["model"], config["model_args"], config["epochs"]) == ("mlp", {"width": 256, "depth": 2}, 1)
-    assert (config["workers"], config["nnodes"], config["db_url"]) == (1, "2", None)
+    assert config["model"]["name"] == "mlp" and config["model"]["args"] == {"width": 256, "depth": 2}
+    assert config["training"]["epochs"] == 1
+    assert (config["parallelism"]["workers"], config["parallelism"]["nnodes"]) == (1, "2")
+    assert config["workspace"]["db_url"] is None
 
 
 def test_every_object_validates_strictly(e2e_export) -> None:

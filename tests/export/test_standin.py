@@ -127,8 +127,16 @@ def test_exported_commands_train_and_serve(tmp_path, monkeypatch) -> None:
     (isvc,) = export.services.values()
     container = isvc["spec"]["predictor"]["containers"][0]
     replica = json.loads(configs["distml-replica"]["data"]["replica.json"])
-    assert replica["workspace"] == WORKSPACE_MOUNT and replica["port"] == container["ports"][0]["containerPort"]
-    replica |= {"workspace": str(ws), "host": "127.0.0.1", "port": 0, "port_file": str(tmp_path / "port")}
+    assert (
+        replica["workspace"] == {"root": WORKSPACE_MOUNT, "db_url": None}
+        and replica["port"] == container["ports"][0]["containerPort"]
+    )
+    replica |= {
+        "workspace": {"root": str(ws), "db_url": None},
+        "host": "127.0.0.1",
+        "port": 0,
+        "port_file": str(tmp_path / "port"),
+    }
     replica_path = tmp_path / "replica.json"
     replica_path.write_text(json.dumps(replica))
     argv = [a.replace(REPLICA_CONFIG, str(replica_path)) for a in container["command"]]

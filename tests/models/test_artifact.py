@@ -109,9 +109,9 @@ def test_versions_auto_increment_per_name(workspace):
     assert torch.equal(_outputs(load_model(workspace, "fashion")[0]), _outputs(models[2])), "bare name is the latest"
     assert torch.equal(_outputs(load_model(workspace, "fashion:1")[0]), _outputs(models[0]))
     rows = list_models(workspace)
-    assert [(r["name"], r["version"]) for r in rows] == [("fashion", 3), ("fashion", 2), ("fashion", 1), ("other", 1)]
-    assert rows[0]["metrics"] == {"accuracy": 0.7} and rows[0]["manifest_digest"] == records[2].manifest_digest
-    assert [r["version"] for r in list_models(workspace, "other")] == [1]
+    assert [(r.name, r.version) for r in rows] == [("fashion", 3), ("fashion", 2), ("fashion", 1), ("other", 1)]
+    assert rows[0].metrics == {"accuracy": 0.7} and rows[0].manifest_digest == records[2].manifest_digest
+    assert [r.version for r in list_models(workspace, "other")] == [1]
     with pytest.raises(DistmlError, match="model 'fashion' has no version 9; its versions are 1 to 3"):
         load_model(workspace, "fashion:9")
     with pytest.raises(DistmlError, match="no model named 'nope' is registered; registered models: fashion, other"):
@@ -147,7 +147,7 @@ def test_aliases(workspace):
     set_alias(workspace, "fashion", "champion", 2)  # moving an alias
     assert resolve_model(workspace, "fashion@champion").version == 2
     set_alias(workspace, "fashion", "canary", 2)
-    listed = [(r["version"], r["aliases"]) for r in list_models(workspace)]
+    listed = [(r.version, r.aliases) for r in list_models(workspace)]
     assert listed == [(2, ["canary", "champion"]), (1, [])]
     with pytest.raises(DistmlError, match="model 'fashion' has no alias 'staging'"):
         load_model(workspace, "fashion@staging")
@@ -253,10 +253,10 @@ def test_weights_changed_on_disk_or_registry_mismatch_are_detected(workspace):
     with pytest.raises(DistmlError, match="model weights .* is corrupted"):
         load_model(workspace, "fashion")
     path.write_bytes(good)
-    from distml.ops import metadata
+    from distml.models import registry
 
     with workspace.engine.begin() as conn:
-        conn.execute(metadata.model_versions.update().values(weights_digest="2" * 64))
+        conn.execute(registry.model_versions.update().values(weights_digest="2" * 64))
     with pytest.raises(DistmlError, match="registry entry is inconsistent"):
         load_model(workspace, "fashion")
 
@@ -343,7 +343,7 @@ def test_save_refuses_a_non_module(workspace):
 def test_numpy_and_tensor_scalars_in_metrics_become_numbers(workspace):
     record = _save(workspace, metrics={"accuracy": np.float32(0.5), "loss": torch.tensor(0.25), "n": np.int64(3)})
     assert record.manifest["metrics"] == {"accuracy": 0.5, "loss": 0.25, "n": 3}
-    assert list_models(workspace)[0]["metrics"] == record.manifest["metrics"]
+    assert list_models(workspace)[0].metrics == record.manifest["metrics"]
 
 
 def test_identical_weights_share_one_blob(workspace):
@@ -367,7 +367,7 @@ def test_model_registry_on_postgresql(postgres_url, tmp_path):
         set_alias(ws, name, "champion", 1)
         loaded, _ = load_model(ws, f"{name}@champion")
         assert torch.equal(_outputs(loaded), _outputs(model))
-        assert [r["aliases"] for r in list_models(ws, name)] == [[], ["champion"]]
+        assert [r.aliases for r in list_models(ws, name)] == [[], ["champion"]]
     finally:
         ws.close()
 

@@ -10,8 +10,8 @@ import pytest
 
 from distml.core.errors import DistmlError
 from distml.models.artifact import IMAGE_INPUT_SPEC, list_models, resolve_model, save_model, set_alias, unset_alias
+from distml.models.registry import delete_model_alias, get_model_alias
 from distml.models.zoo import build_model
-from distml.ops.metadata import delete_model_alias, get_model_alias
 
 PREPROCESSING = {
     "input": {"shape": [28, 28], "dtype": "UINT8"},
@@ -95,7 +95,7 @@ def test_alias_set_then_resolve_and_move(registry):
     assert resolve_model(registry, "cnn@champion").version == 2
     assert _ok(distml(registry, "alias", "cnn:1", "champion")).strip() == "cnn@champion -> cnn:1 (moved from cnn:2)"
     assert resolve_model(registry, "cnn@champion").version == 1
-    assert [(r["version"], r["aliases"]) for r in list_models(registry)] == [(2, []), (1, ["champion"])]
+    assert [(r.version, r.aliases) for r in list_models(registry)] == [(2, []), (1, ["champion"])]
 
 
 def test_unset_then_resolving_fails_clearly(registry):
@@ -104,15 +104,15 @@ def test_unset_then_resolving_fails_clearly(registry):
     assert _ok(distml_in_process(registry, "alias", "cnn:2", "champion", "--unset")).strip() == (
         "removed cnn@champion (it pointed at cnn:2)"
     )
-    with pytest.raises(DistmlError, match="model 'cnn' has no alias 'champion'; set one with"):
+    with pytest.raises(DistmlError, match=r"model 'cnn' has no alias 'champion'; its aliases are canary \(-> cnn:1\)"):
         resolve_model(registry, "cnn@champion")
     # MODEL alone removes the alias whatever version it points at.
     assert "removed cnn@canary (it pointed at cnn:1)" in _ok(
         distml_in_process(registry, "alias", "cnn", "canary", "--unset")
     )
-    assert all(r["aliases"] == [] for r in list_models(registry))
+    assert all(r.aliases == [] for r in list_models(registry))
     # The versions themselves are untouched.
-    assert [r["version"] for r in list_models(registry)] == [2, 1]
+    assert [r.version for r in list_models(registry)] == [2, 1]
 
 
 def test_unset_of_an_alias_moved_elsewhere_removes_nothing(registry):

@@ -24,9 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from distml.data.datasets import _read_bundled_digits, stratified_split
-from distml.ops import lineage, metadata
+from distml.models import registry
+from distml.pipelines import watches as watch_store
 from distml.pipelines.end_to_end import client_images, v2_request
 from distml.serve.service import stop_service
+from distml.views import lineage
+from distml.workflow import store as workflow_store
 from distml.workspace import Workspace
 
 DISTML = str(Path(sys.executable).with_name("distml"))
@@ -78,12 +81,12 @@ def wait_for(predicate, what: str, log: Path, timeout: float = 180):
 
 
 def cycles(ws: Workspace) -> list[dict]:
-    return metadata.list_cycles(ws.engine, NAME)
+    return watch_store.list_cycles(ws.engine, NAME)
 
 
 def finished(ws: Workspace, n: int) -> bool:
     rows = cycles(ws)
-    return len(rows) >= n and all(r["status"] != "running" for r in rows[:n])
+    return len(rows) >= n and all(r.status != "running" for r in rows[:n])
 
 
 class Load:
@@ -139,7 +142,7 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
     procs.append(start_watch(ws.root, inbox, log, "--warm-start"))
     drop(waves[0], inbox)
     wait_for(lambda: finished(ws, 1), "cycle 1", log)
-    assert cycles(ws)[0]["status"] == "promoted"  # the first model starts the service
+    assert cycles(ws)[0].status == "promoted"  # the first model starts the service
     load = Load(ws)
     try:
         wait_for(lambda: len(load.versions) >= 5, "answers from the first model", log)
@@ -153,7 +156,7 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
         for path in (waves[2], tmp_path / "bad.parquet", waves[3], tmp_path / "damaged.parquet"):
             drop(path, inbox)
         wait_for(lambda: finished(ws, 3), "cycle 3", log)
-        assert [r["status"] for r in cycles(ws)] == ["promoted"] * 3, log.read_text()[-3000:]
+        assert [r.status for r in cycles(ws)] == ["promoted"] * 3, log.read_text()[-3000:]
         wait_for(lambda: len(load.versions) > 20 and "3" in load.versions[-5:], "answers from version 3", log)
     finally:
         load.finish()
@@ -161,14 +164,14 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
     assert procs[0].wait(60) == 0, log.read_text()[-3000:]
 
     rows = cycles(ws)
-    arrivals = metadata.list_arrivals(ws.engine, NAME)
-    new_in = {r["cycle"]: [a["key"] for a in arrivals if a["cycle"] == r["cycle"]] for r in rows}
+    arrivals = watch_store.list_arrivals(ws.engine, NAME)
+    new_in = {r.cycle: [a.key for a in arrivals if a.cycle == r.cycle] for r in rows}
     coalesced = ["wave3.parquet", "wave4.parquet"]  # one cycle for both, not a run each
     assert new_in == {1: ["wave1.parquet"], 2: ["wave2.parquet"], 3: coalesced}, log.read_text()[-3000:]
-    rejected = {a["key"]: a["reason"] for a in arrivals if a["status"] == "rejected"}
+    rejected = {a.key: a.reason for a in arrivals if a.status == "rejected"}
     assert "1 label(s) out of range (e.g. 12 at row 3)" in rejected["bad.parquet"]
     assert "cannot read damaged.parquet" in rejected["damaged.parquet"]
-    decisions = [json.loads(r["decision_json"]) for r in rows]
+    decisions = [json.loads(r.decision_json) for r in rows]
     assert decisions[0]["action"] == "started"
     # each later candidate, trained on more data from production's weights, beat production on the
     # holdout and went through a canary under load, which the gateway promoted on its analysis
@@ -176,7 +179,7 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
         assert decision["action"] == "promoted", decision
         assert decision["canary"]["state"] == "promoted", decision["canary"]
         assert decision["canary"]["stats"][str(decision["version"])]["requests"] >= 5, decision["canary"]
-    assert [r["status"] for r in rows] == ["promoted"] * 3, rows
+    assert [r.status for r in rows] == ["promoted"] * 3, rows
 
     # no request failed; every answer named a version that was served at the time, and each
     # promoted version answered the clients
@@ -185,14 +188,14 @@ def test_watch_coalesces_rejects_bad_batches_and_swaps_under_load_with_no_failed
     assert promoted == [1, 2, 3]
     assert set(load.versions) == {"1", "2", "3"} and load.versions[0] == "1" and load.versions[-1] == "3"
     assert len(load.versions) > 20
-    production = metadata.get_model_alias(ws.engine, NAME, "production")
+    production = registry.get_model_alias(ws.engine, NAME, "production")
     assert production == 3
 
     # the served version leads back to the snapshots of the waves it was trained on
     view = lineage.model_lineage(ws.engine, f"{NAME}@production")
     upstream = {s["fingerprint"] for s in _snapshots(view)}
-    cycle = next(r["cycle"] for r in rows if json.loads(r["decision_json"])["version"] == production)
-    trained_on = {a["fingerprint"] for a in arrivals if a["cycle"] is not None and a["cycle"] <= cycle}
+    cycle = next(r.cycle for r in rows if json.loads(r.decision_json)["version"] == production)
+    trained_on = {a.fingerprint for a in arrivals if a.cycle is not None and a.cycle <= cycle}
     assert len(trained_on) == sum(len(new_in[c]) for c in range(1, cycle + 1))
     assert trained_on <= upstream
 
@@ -222,10 +225,10 @@ def test_a_watch_killed_mid_cycle_resumes_it_and_trains_each_arrival_as_new_once
 
     def training() -> bool:
         rows = cycles(ws)
-        if not rows or not rows[0]["run_id"]:
+        if not rows or not rows[0].run_id:
             return False
-        steps = metadata.list_step_executions(ws.engine, rows[0]["run_id"])
-        return any(s["node_id"] == "train_candidate" and s["status"] == "running" for s in steps)
+        steps = workflow_store.list_step_executions(ws.engine, rows[0].run_id)
+        return any(s.node_id == "train_candidate" and s.status == "running" for s in steps)
 
     wait_for(training, "cycle 1 to train", log)
     os.kill(procs[0].pid, signal.SIGKILL)  # the watch only: its step processes live on
@@ -236,15 +239,15 @@ def test_a_watch_killed_mid_cycle_resumes_it_and_trains_each_arrival_as_new_once
     assert "resuming cycle 1" in log.read_text()
 
     rows = cycles(ws)
-    assert [(r["cycle"], r["status"]) for r in rows] == [(1, "promoted"), (2, rows[1]["status"])]
-    assert rows[1]["status"] in ("promoted", "kept")
-    arrivals = metadata.list_arrivals(ws.engine, NAME)
-    assert [(a["key"], a["cycle"], a["status"]) for a in arrivals] == [
+    assert [(r.cycle, r.status) for r in rows] == [(1, "promoted"), (2, rows[1].status)]
+    assert rows[1].status in ("promoted", "kept")
+    arrivals = watch_store.list_arrivals(ws.engine, NAME)
+    assert [(a.key, a.cycle, a.status) for a in arrivals] == [
         ("wave1.parquet", 1, "trained"),
         ("wave2.parquet", 2, "trained"),
     ]
-    runs = {r["cycle"]: metadata.list_step_executions(ws.engine, r["run_id"]) for r in rows}
-    trained = [s for s in runs[1] if s["node_id"] == "train_candidate"]
-    assert len(trained) == 1 and trained[0]["status"] == "succeeded"  # adopted, not trained again
-    decision = json.loads(rows[1]["decision_json"])
+    runs = {r.cycle: workflow_store.list_step_executions(ws.engine, r.run_id) for r in rows}
+    trained = [s for s in runs[1] if s.node_id == "train_candidate"]
+    assert len(trained) == 1 and trained[0].status == "succeeded"  # adopted, not trained again
+    decision = json.loads(rows[1].decision_json)
     assert decision["evaluation"]["production"] is not None  # cycle 2 was compared with cycle 1's model

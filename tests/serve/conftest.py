@@ -121,9 +121,10 @@ class ServerProcess:
 
 def write_replica_config(path: Path, workspace: Path, models: list[str], **settings) -> Path:
     """A replica config file, as the gateway writes one per replica (settings: ReplicaConfig fields)."""
+    from distml.core.layout import WorkspaceRef
     from distml.serve.config import ReplicaConfig
 
-    config = ReplicaConfig(workspace=str(workspace), models=models, **settings)
+    config = ReplicaConfig(workspace=WorkspaceRef(root=str(workspace)), models=models, **settings)
     path.write_text(config.model_dump_json())
     return path
 

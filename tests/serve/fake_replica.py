@@ -394,10 +394,12 @@ def serve(argv: list[str] | None = None) -> int:
 
 def write_serve_config(tmp_path: Path, models: list[str], **settings: Any) -> tuple[Path, Any]:
     """A ServeConfig file for fake replicas (validated here, so a bad setting fails the test at once)."""
+    from distml.core.layout import WorkspaceRef
     from distml.serve.config import ReplicaConfig, ServeConfig
 
     name = settings.pop("name", f"svc-{time.monotonic_ns()}")
-    replica = settings.pop("replica", None) or ReplicaConfig(workspace=str(tmp_path / "ws"), models=list(models))
+    workspace = WorkspaceRef(root=str(tmp_path / "ws"))
+    replica = settings.pop("replica", None) or ReplicaConfig(workspace=workspace, models=list(models))
     values = {
         "replica_command": FAKE_REPLICA_COMMAND,
         "port": 0,

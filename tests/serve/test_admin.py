@@ -100,3 +100,20 @@ def test_an_unreachable_gateway_is_one_clear_error():
         url = f"http://127.0.0.1:{held.getsockname()[1]}"
         with GatewayAdmin(url) as admin, pytest.raises(DistmlError, match=f"cannot reach the gateway at {url}"):
             admin.loaded_models()
+
+
+def test_the_client_builds_its_bodies_with_the_gateways_models_and_refuses_a_bad_one_before_sending(gateway):
+    server, url = gateway()
+    with GatewayAdmin(url) as admin:
+        admin.promote("cnn", 3)
+        admin.start_canary("cnn:2", {"weight": 0.5})
+        with pytest.raises(DistmlError, match=r"^invalid promotion: version: model version 0 is not valid"):
+            admin.promote("cnn", 0)
+        with pytest.raises(DistmlError, match=r"^invalid canary request: weight: Input should be less than 1"):
+            admin.start_canary("cnn:2", {"weight": 1.5})
+        with pytest.raises(DistmlError, match=r"^invalid traffic split: versions.1: Input should be greater"):
+            admin.split("cnn", {1: -5, 2: 105})
+    assert [(m, p, b) for m, p, b, _ in server.seen] == [
+        ("POST", "/admin/models/cnn/promote", {"version": "3"}),
+        ("POST", "/admin/models/cnn/canary", {"weight": 0.5, "version": "2"}),  # unset policy fields: the gateway's
+    ]

@@ -138,6 +138,14 @@ class Group:
         self.loaded.discard(ref)
 
 
+def _start(values: dict):
+    """(version, policy) from the canary request body as the gateway's route parses it (model cnn)."""
+    from distml.serve.admin_api import CanaryRequestBody, parse_body
+
+    body = parse_body(CanaryRequestBody, values, "cnn")
+    return body.version, body.policy
+
+
 def _controller(groups, traffic):
     from distml.serve.canary import CanaryController
 
@@ -161,11 +169,11 @@ def test_a_canary_splits_the_traffic_and_a_failing_version_is_rolled_back_everyw
         groups, traffic = [Group(), Group()], {}
         controller, changes = _controller(groups, traffic)
         policy = {"version": "cnn:2", "weight": 0.25, "window_s": 60, "interval_s": 0.01, "min_requests": 5}
-        run = await controller.start("cnn", policy)
+        run = await controller.start("cnn", *_start(policy))
         assert (run.stable, run.canary, run.state) == ("1", "2", "running")
         assert traffic["cnn"] == {"1": 0.75, "2": 0.25} and all(g.loaded == {"cnn:2"} for g in groups)
         with pytest.raises(ProtocolError, match="a canary of cnn:2 .stable 1. is running"):
-            await controller.start("cnn", {"version": "3"})
+            await controller.start("cnn", *_start({"version": "3"}))
         assert controller.uses("cnn", "2") and not controller.uses("cnn", "3")
         for _ in range(5):
             assert controller.observe("cnn", "1", True, 0.01) and controller.observe("cnn", "2", False, 0.01)
@@ -186,11 +194,11 @@ def test_a_canary_that_cannot_load_everywhere_leaves_nothing_behind():
         groups, traffic = [Group(), Group(fail_load=True)], {"cnn": {"1": 100.0}}
         controller, _ = _controller(groups, traffic)
         with pytest.raises(DistmlError, match="cannot load cnn:2"):
-            await controller.start("cnn", {"version": "2"})
+            await controller.start("cnn", *_start({"version": "2"}))
         assert traffic == {"cnn": {"1": 100.0}}, "the split before the canary is restored"
         assert groups[0].loaded == set(), "unloaded from the group that had loaded it"
         assert controller.view("cnn")["state"] == "none"
-        with pytest.raises(DistmlError, match="expected a positive integer"):
-            await controller.start("cnn", {"version": "x"})
+        with pytest.raises(DistmlError, match="invalid canary request: version: .* expected a positive integer"):
+            _start({"version": "x"})
 
     asyncio.run(scenario())

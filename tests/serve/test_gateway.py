@@ -24,6 +24,7 @@ import fake_replica as fake
 import httpx
 import pytest
 
+from distml.core.layout import WorkspaceRef
 from distml.serve.config import ReplicaConfig
 from distml.serve.replicas import READY, NoReplicaAvailable, Replica, ReplicaSet
 
@@ -59,7 +60,7 @@ def test_least_outstanding_with_round_robin_ties():
         def poll(self):
             return None
 
-    template = ReplicaConfig(workspace=".", models=["m"])
+    template = ReplicaConfig(workspace=WorkspaceRef(root="."), models=["m"])
 
     async def scenario():
         rs = ReplicaSet(["unused"], template, replicas=0)
@@ -101,7 +102,7 @@ def test_replica_set_add_remove_drains_first_and_close(tmp_path):
     async def scenario():
         rs = ReplicaSet(
             fake.FAKE_REPLICA_COMMAND,
-            ReplicaConfig(workspace=str(tmp_path / "ws"), models=["echo:1"]),
+            ReplicaConfig(workspace=WorkspaceRef(root=str(tmp_path / "ws")), models=["echo:1"]),
             run_dir=tmp_path / "run",
             replicas=1,
             health_interval=0.25,
@@ -130,6 +131,64 @@ def test_replica_set_add_remove_drains_first_and_close(tmp_path):
         finally:
             await rs.close()
         assert not first.alive() and rs.replicas == []
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- admin bodies, in process
+
+
+def test_admin_bodies_name_a_version_one_way_and_a_bad_one_is_one_clear_400(tmp_path):
+    """Every admin route that takes a model version parses it with the same type (`admin_api`): a
+    positive integer, "3" or 3, or "echo:3" under model echo's routes; anything else is one 400 in
+    the gateway's error shape, naming the body, the field and the body expected. The app runs in
+    process without its lifespan: no replica starts, and no bad body reaches one."""
+    from distml.serve.gateway import Gateway, create_app
+
+    _, config = fake.write_serve_config(tmp_path, ["echo:1"])
+    gateway = Gateway(config)
+    app = create_app(gateway)
+    version_error = "model version {!r} is not valid; expected a positive integer such as 3 or echo:3"
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+
+            async def refused(path: str, body) -> str:
+                resp = await client.post(path, json=body)
+                assert resp.status_code == 400, (path, body, resp.text)
+                assert list(resp.json()) == ["error"], resp.text
+                return resp.json()["error"]
+
+            promote = '{"version": "<version>"}'
+            for bad in ("latest", "0", 0, -2, True, 2.0, "other:3", "", None):
+                error = await refused("/admin/models/echo/promote", {"version": bad})
+                assert error == f"invalid promotion: version: {version_error.format(bad)}; expected {promote}"
+            assert await refused("/admin/models/echo/promote", {}) == (
+                f"invalid promotion: version: Field required; expected {promote}"
+            )
+            error = await refused("/admin/models/echo/traffic", {"versions": {"1": 50, "latest": 50}})
+            assert error.startswith(f"invalid traffic split: versions.latest: {version_error.format('latest')}; ")
+            error = await refused("/admin/models/echo/canary", {"version": "x", "weight": 0.5})
+            assert error.startswith(f"invalid canary request: version: {version_error.format('x')}; expected "), error
+            error = await refused("/v2/repository/models/echo/load", {"parameters": {"version": "two"}})
+            assert error == (
+                f"invalid repository request: parameters.version: {version_error.format('two')}; "
+                'expected {"parameters": {"version": "<version number>"}}'
+            )
+            assert gateway.traffic == {} and gateway.canary.view("echo")["state"] == "none", "nothing changed"
+
+            # what clients send today, and its spellings, all name version 3
+            for good in ("3", 3, "echo:3"):
+                resp = await client.post("/admin/models/echo/promote", json={"version": good})
+                assert resp.status_code == 200 and resp.json() == {"model": "echo", "versions": {"3": 100.0}}
+            resp = await client.post("/admin/models/echo/traffic", json={"versions": {"echo:3": 70, "4": 30, "5": 0}})
+            assert resp.status_code == 200 and resp.json()["versions"] == {"3": 70.0, "4": 30.0}
+
+            # /docs shows the bodies the routes parse
+            schema = (await client.get("/openapi.json")).json()
+            promote_doc = schema["paths"]["/admin/models/{model}/promote"]["post"]["requestBody"]
+            assert promote_doc["content"]["application/json"]["schema"]["$ref"].endswith("/PromoteRequestBody")
+            assert "version" in schema["components"]["schemas"]["CanaryRequestBody"]["properties"]
 
     asyncio.run(scenario())
 

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from distml.core.layout import WorkspaceRef
 from distml.serve.config import ReplicaConfig
 from distml.serve.protocol import HEADER_LENGTH, Tensor, encode_infer_request, parse_infer_response
 
@@ -414,7 +415,9 @@ def test_a_model_without_recorded_preprocessing_is_refused_at_load(tmp_path):
                training={}, data_fingerprint=None)  # fmt: skip
     ws.close()
     config = tmp_path / "replica.json"
-    config.write_text(ReplicaConfig(workspace=str(tmp_path / "ws"), models=["old:1"]).model_dump_json())
+    config.write_text(
+        ReplicaConfig(workspace=WorkspaceRef(root=str(tmp_path / "ws")), models=["old:1"]).model_dump_json()
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "distml.serve.server", str(config)], capture_output=True, text=True, timeout=60
     )
@@ -527,7 +530,9 @@ def test_bad_model_reference_exits_2_with_a_clear_message(serve_workspace, tmp_p
     port_file = tmp_path / "port"
     config = tmp_path / "replica.json"
     config.write_text(
-        ReplicaConfig(workspace=str(serve_workspace), models=["cnn:9"], port_file=str(port_file)).model_dump_json()
+        ReplicaConfig(
+            workspace=WorkspaceRef(root=str(serve_workspace)), models=["cnn:9"], port_file=str(port_file)
+        ).model_dump_json()
     )
     proc = subprocess.run(
         [sys.executable, "-m", "distml.serve.server", str(config)], capture_output=True, text=True, timeout=60
@@ -554,6 +559,32 @@ def test_bad_replica_config_exits_2_with_one_clear_line(tmp_path, content, messa
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_a_replica_config_names_its_workspace_by_value_and_an_old_flat_file_still_loads(tmp_path, monkeypatch):
+    from distml.core import DB_URL_ENV
+    from distml.core.errors import DistmlError
+    from distml.serve.config import load_replica_config, parse_replica_config, store_from_env
+
+    old = tmp_path / "old.json"  # as written before WorkspaceRef: workspace a path, db_url beside it
+    old.write_text(json.dumps({"workspace": str(tmp_path / "ws"), "db_url": "sqlite:///x.db", "models": ["cnn"]}))
+    config = load_replica_config(old)
+    assert config.workspace == WorkspaceRef(root=str(tmp_path / "ws"), db_url="sqlite:///x.db")
+    written = json.loads(config.model_dump_json())
+    assert (
+        written["workspace"] == {"root": str(tmp_path / "ws"), "db_url": "sqlite:///x.db"} and "db_url" not in written
+    )
+    new = tmp_path / "new.json"
+    new.write_text(config.model_dump_json())
+    assert load_replica_config(new) == config
+    assert ReplicaConfig(models=["cnn"]).workspace == WorkspaceRef()  # ./.distml with its distml.db
+    with pytest.raises(DistmlError, match="db_url goes inside workspace"):
+        parse_replica_config({"workspace": {"root": "w"}, "db_url": "sqlite:///x.db", "models": ["cnn"]})
+    # a cluster's pod: DISTML_DB_URL names the store of a workspace whose config names none
+    monkeypatch.setenv(DB_URL_ENV, "postgresql://db/distml")
+    assert store_from_env(config) == config
+    bare = ReplicaConfig(workspace=WorkspaceRef(root="/workspace"), models=["cnn"])
+    assert store_from_env(bare).workspace == WorkspaceRef(root="/workspace", db_url="postgresql://db/distml")
 
 
 # --- asynchronous jobs --------------------------------------------------------------------------
@@ -692,7 +723,7 @@ def test_ready_is_503_until_the_models_are_loaded(serve_workspace, tmp_path, mak
 
     shutil.copytree(serve_workspace, tmp_path / "ws")
     workspace = Workspace(tmp_path / "ws")
-    config = ReplicaConfig(workspace=str(tmp_path / "ws"), models=["cnn", "cnn@champion", "cnn:1"])
+    config = ReplicaConfig(workspace=workspace.ref, models=["cnn", "cnn@champion", "cnn:1"])
     app = create_app(config, workspace=workspace)
     assert {m.tag for m in app.state.server.repository} == {"cnn:1", "cnn:2"}
     body = v2_body(make_pixels(1))

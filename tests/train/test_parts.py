@@ -73,23 +73,39 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_torchrun_arguments(tmp_path):
-    single = torchrun_args(parse_config({"workers": 2}), tmp_path / "c.json")
+    single = torchrun_args(parse_config({"parallelism": {"workers": 2}}), tmp_path / "c.json")
     assert "--standalone" in single and single[single.index("--nproc-per-node") + 1] == "2"
     multi = torchrun_args(
-        parse_config({"workers": 1, "nnodes": "1:2", "rdzv_endpoint": "127.0.0.1:29400", "max_restarts": 3}),
+        parse_config(
+            {
+                "parallelism": {"workers": 1, "nnodes": "1:2", "rdzv_endpoint": "127.0.0.1:29400"},
+                "checkpoint": {"max_restarts": 3},
+            }
+        ),
         tmp_path / "c.json",
     )
     assert multi[multi.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in multi
     conf = multi[multi.index("--rdzv-conf") + 1].split(",")
     assert {"last_call_timeout=5", "keep_alive_interval=5", "keep_alive_max_attempt=3"} <= set(conf), conf
     tuned = torchrun_args(
-        parse_config({"nnodes": "1:2", "rdzv_endpoint": "h:1", "rdzv_last_call_timeout": 1, "rdzv_keep_alive": 2}),
+        parse_config(
+            {
+                "parallelism": {
+                    "nnodes": "1:2",
+                    "rdzv_endpoint": "h:1",
+                    "rdzv_last_call_timeout": 1,
+                    "rdzv_keep_alive": 2,
+                }
+            }
+        ),
         tmp_path / "c.json",
     )
     conf = tuned[tuned.index("--rdzv-conf") + 1].split(",")
     assert {"last_call_timeout=1", "keep_alive_interval=2"} <= set(conf), conf
     assert multi[multi.index("--max-restarts") + 1] == "3"
-    ps = torchrun_args(parse_config({"workers": 2, "strategy": "parameter-server", "ps_shards": 3}), tmp_path / "c")
+    ps = torchrun_args(
+        parse_config({"parallelism": {"workers": 2, "strategy": "parameter-server", "ps_shards": 3}}), tmp_path / "c"
+    )
     assert ps[ps.index("--nproc-per-node") + 1] == "5", "servers run beside the workers"
     from distml.train import worker
 
@@ -99,12 +115,14 @@ def test_torchrun_arguments(tmp_path):
 
 
 def test_learning_rate_rule_and_run_id():
-    config = parse_config({"batch_size": 64})
+    config = parse_config({"data": {"batch_size": 64}})
     assert config.learning_rate(1) == pytest.approx(1e-3)
     assert config.learning_rate(4) == pytest.approx(2e-3), "square-root scaling with the global batch"
-    assert parse_config({"lr": 0.01}).learning_rate(8) == 0.01
-    assert parse_config({"workers": 1}).resolved_run_id() == parse_config({"workers": 4}).resolved_run_id()
-    assert parse_config({"seed": 1}).resolved_run_id() != parse_config({"seed": 2}).resolved_run_id()
+    assert parse_config({"optimizer": {"lr": 0.01}}).learning_rate(8) == 0.01
+    one, four = ({"parallelism": {"workers": n}} for n in (1, 4))
+    assert parse_config(one).resolved_run_id() == parse_config(four).resolved_run_id()
+    seed1, seed2 = ({"training": {"seed": n}} for n in (1, 2))
+    assert parse_config(seed1).resolved_run_id() != parse_config(seed2).resolved_run_id()
 
 
 @pytest.mark.parametrize("staleness", [0, 1, 3])

@@ -120,15 +120,15 @@ def logged_steps(workspace: Path, run_id: str, attempt: int = 0) -> int:
 
 def test_config_errors_are_clear():
     with pytest.raises(DistmlError, match="nnodes must be N or MIN:MAX"):
-        parse_config({"nnodes": "2:1", "rdzv_endpoint": "h:1"})
+        parse_config({"parallelism": {"nnodes": "2:1", "rdzv_endpoint": "h:1"}})
     with pytest.raises(DistmlError, match="needs rdzv_endpoint"):
-        parse_config({"nnodes": "1:2"})
+        parse_config({"parallelism": {"nnodes": "1:2"}})
     with pytest.raises(DistmlError, match="only to strategy 'parameter-server'"):
-        parse_config({"ps_shards": 2})
-    with pytest.raises(DistmlError, match="workers"):
-        parse_config({"workers": 0})
-    with pytest.raises(DistmlError, match="strategy"):
-        parse_config({"strategy": "gossip"})
+        parse_config({"parallelism": {"ps_shards": 2}})
+    with pytest.raises(DistmlError, match=r"parallelism\.workers"):
+        parse_config({"parallelism": {"workers": 0}})
+    with pytest.raises(DistmlError, match=r"parallelism\.strategy"):
+        parse_config({"parallelism": {"strategy": "gossip"}})
 
 
 def test_cli_rejects_bad_flags(tmp_path):
@@ -461,11 +461,11 @@ def test_digits_default_settings_reach_95_percent(tmp_path):
     line = next(l for l in out.stdout.splitlines() if l.startswith("test accuracy"))
     accuracy = float(line.split()[2])
     assert accuracy >= 0.95, line
-    from distml.ops.metadata import train_history
+    from distml.train.store import train_history
 
     run_id = next(p.name for p in (tmp_path / "runs").iterdir())
     history = train_history(Workspace(tmp_path).engine, run_id)
-    assert len(history) == result(tmp_path, run_id)["steps"] and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == result(tmp_path, run_id)["steps"] and history[-1].loss < history[0].loss
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distml.ops.metadata import get_workflow_run, list_step_executions
+from distml.workflow.store import get_workflow_run, list_step_executions
 from distml.workflow.target import file_module_name
 from distml.workspace import Workspace
 
@@ -142,7 +142,7 @@ def _steps(ws: Path, run_id: str) -> dict[str, dict]:
         rows = list_step_executions(workspace.engine, run_id)
     finally:
         workspace.close()
-    return {row["node_id"]: row for row in sorted(rows, key=lambda r: r["generation"])}
+    return {row.node_id: row for row in sorted(rows, key=lambda r: r.generation)}
 
 
 def _drive(project: Path, ws: Path, target: str, params: dict) -> dict:
@@ -174,8 +174,8 @@ def base(tmp_path_factory) -> Base:
     assert out["status"] == "succeeded" and out["result"] == {"value": 19, "label": "unrelated"}
     steps = _steps(ws, out["run_id"])
     for name in (*MEMOIZED, "stamp"):
-        assert (steps[name]["status"], steps[name]["cache"]) == ("succeeded", "miss")
-        assert steps[name]["cache_reason"] == "no earlier successful execution"
+        assert (steps[name].status, steps[name].cache) == ("succeeded", "miss")
+        assert steps[name].cache_reason == "no earlier successful execution"
     return Base(project, ws, out["run_id"])
 
 
@@ -218,12 +218,12 @@ def project(base, tmp_path) -> Project:
 
 
 def _hit(row: dict, base: Base) -> bool:
-    assert row["cache"] in ("hit", "miss"), row
-    if row["cache"] == "hit":
-        assert row["status"] == "cached"
-        assert row["cache_reason"] == f"same key as {base.run_id} {row['node_id']}"
+    assert row.cache in ("hit", "miss"), row
+    if row.cache == "hit":
+        assert row.status == "cached"
+        assert row.cache_reason == f"same key as {base.run_id} {row.node_id}"
         return True
-    assert row["status"] == "succeeded"
+    assert row.status == "succeeded"
     return False
 
 
@@ -304,7 +304,7 @@ def test_an_expired_result_runs_again_and_says_so(project):
     _, steps = project.run()
     assert [name for name in MEMOIZED if _hit(steps[name], project.base)] == list(MEMOIZED)
     assert not _hit(steps["stamp"], project.base)
-    assert re.fullmatch(r"expired: the last result is \d+ s old, max_age is 0.5 s", steps["stamp"]["cache_reason"])
+    assert re.fullmatch(r"expired: the last result is \d+ s old, max_age is 0.5 s", steps["stamp"].cache_reason)
 
 
 # -- changes that must invalidate --------------------------------------------------------------
@@ -314,8 +314,8 @@ def test_changed_data_invalidates_the_step_that_fingerprints_it_and_its_consumer
     (project.folder / "data.csv").write_text("1\n2\n4\n")
     out, steps = project.run()
     assert out["result"]["value"] == 22
-    assert not _hit(steps["load"], project.base) and steps["load"]["cache_reason"] == "data changed"
-    assert not _hit(steps["compute"], project.base) and steps["compute"]["cache_reason"] == "input total changed"
+    assert not _hit(steps["load"], project.base) and steps["load"].cache_reason == "data changed"
+    assert not _hit(steps["compute"], project.base) and steps["compute"].cache_reason == "input total changed"
 
 
 def test_a_changed_parameter_invalidates_and_runs_show_says_why(project):
@@ -323,7 +323,7 @@ def test_a_changed_parameter_invalidates_and_runs_show_says_why(project):
     assert out["result"]["value"] == 37
     assert _hit(steps["load"], project.base)
     assert not _hit(steps["compute"], project.base)
-    assert steps["compute"]["cache_reason"] == "parameter scale: 1 -> 2"
+    assert steps["compute"].cache_reason == "parameter scale: 1 -> 2"
     shown = project.cli("runs", "show", out["run_id"])
     assert shown.returncode == 0, shown.stderr
     lines = {m.group(1): m.string for m in map(re.compile(r"[✓✗] (\S+) ").search, shown.stdout.splitlines()) if m}
@@ -338,7 +338,7 @@ def test_a_change_to_the_step_code_invalidates_it(project):
     assert _hit(steps["load"], project.base)
     module = file_module_name(project.folder / "pipeline.py")
     assert not _hit(steps["compute"], project.base)
-    assert steps["compute"]["cache_reason"] == f"code changed: {module}.compute"
+    assert steps["compute"].cache_reason == f"code changed: {module}.compute"
 
 
 def test_a_change_to_a_helper_two_calls_deep_invalidates_the_step(project):
@@ -347,7 +347,7 @@ def test_a_change_to_a_helper_two_calls_deep_invalidates_the_step(project):
     assert out["result"]["value"] == 25
     assert _hit(steps["load"], project.base)
     assert not _hit(steps["compute"], project.base)
-    assert steps["compute"]["cache_reason"] == "code changed: helpers2.deep"
+    assert steps["compute"].cache_reason == "code changed: helpers2.deep"
 
 
 # -- failures and --refresh --------------------------------------------------------------------
@@ -358,8 +358,8 @@ def test_a_failed_step_is_never_cached(project, tmp_path):
     for attempt in (1, 2):
         out, steps = project.run("failing", log=str(log))
         assert out["status"] == "failed"
-        assert (steps["boom"]["status"], steps["boom"]["cache"]) == ("failed", "miss")
-        assert steps["boom"]["cache_reason"] == "no earlier successful execution"
+        assert (steps["boom"].status, steps["boom"].cache) == ("failed", "miss")
+        assert steps["boom"].cache_reason == "no earlier successful execution"
         assert log.read_text() == "ran\n" * attempt  # it really ran again
 
 
@@ -373,7 +373,7 @@ def test_refresh_runs_memoized_steps_again(project, flags, refreshed):
     run_id = re.search(r"^run (\S+) succeeded$", out.stdout, re.MULTILINE).group(1)
     steps = _steps(project.ws, run_id)
     for name in refreshed:
-        assert not _hit(steps[name], project.base) and steps[name]["cache_reason"] == "--refresh"
+        assert not _hit(steps[name], project.base) and steps[name].cache_reason == "--refresh"
     for name in set(MEMOIZED) - refreshed:
         assert _hit(steps[name], project.base)
 

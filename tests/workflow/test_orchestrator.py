@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from distml.cli import main
 from distml.core.errors import DistmlError
 from distml.core.liveness import pid_alive
-from distml.ops import metadata
+from distml.workflow import store as workflow_store
 from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
 from distml.workspace import Workspace
 
@@ -38,8 +38,8 @@ def write(tmp_path: Path, code: str, name: str = "pipe.py") -> str:
 
 def rows_by_node(ws: Workspace, run_id: str) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for row in metadata.list_step_executions(ws.engine, run_id):
-        out.setdefault(row["node_id"], []).append(row)
+    for row in workflow_store.list_step_executions(ws.engine, run_id):
+        out.setdefault(row.node_id, []).append(row)
     return out
 
 
@@ -86,10 +86,10 @@ def test_fan_out_fan_in_logs_and_metrics(tmp_path, workspace):
     assert result.result == {"sum": 0 + 1 + 4 + 9 + 16, "n": 5}
     rows = rows_by_node(workspace, result.run_id)
     assert sorted(rows) == ["square[0]", "square[1]", "square[2]", "square[3]", "square[4]", "total"]
-    assert {r[0]["status"] for r in rows.values()} == {"succeeded"}
-    assert json.loads(rows["total"][0]["upstream_json"]) == [f"square[{i}]" for i in range(5)]
-    metrics = metadata.list_step_metrics(workspace.engine, result.run_id)
-    assert sorted((m["node_id"], m["value"]) for m in metrics) == [(f"square[{i}]", float(i)) for i in range(5)]
+    assert {r[0].status for r in rows.values()} == {"succeeded"}
+    assert json.loads(rows["total"][0].upstream_json) == [f"square[{i}]" for i in range(5)]
+    metrics = workflow_store.list_step_metrics(workspace.engine, result.run_id)
+    assert sorted((m.node_id, m.value) for m in metrics) == [(f"square[{i}]", float(i)) for i in range(5)]
     out = CliRunner().invoke(main, ["--workspace", str(workspace.root), "logs", result.run_id, "square[3]"])
     assert out.exit_code == 0, out.output
     assert "squaring 3" in out.output
@@ -122,18 +122,18 @@ def test_retries_until_success_and_only_on_listed_errors(tmp_path, workspace):
     result = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 2})
     assert result.status == "succeeded" and result.result == 3
     row = rows_by_node(workspace, result.run_id)["flaky"][0]
-    assert row["status"] == "succeeded" and row["attempt"] == 2
+    assert row.status == "succeeded" and row.attempt == 2
     assert len(result.states["flaky"].history) == 2
 
     counter.unlink()
     failed = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 5})  # more failures than retries
     assert failed.status == "failed" and counter.read_text() == "3"
-    assert "attempt 3 fails" in rows_by_node(workspace, failed.run_id)["flaky"][0]["error"]
+    assert "attempt 3 fails" in rows_by_node(workspace, failed.run_id)["flaky"][0].error
 
     counter.unlink()
     other = run_pipeline(workspace, f"{path}:pipeline", {"fail_times": 1, "error": "type"})  # not in retry_on
     assert other.status == "failed" and counter.read_text() == "1"
-    assert "TypeError: attempt 1 fails" in rows_by_node(workspace, other.run_id)["flaky"][0]["error"]
+    assert "TypeError: attempt 1 fails" in rows_by_node(workspace, other.run_id)["flaky"][0].error
 
 
 def test_timeout_stops_the_step_and_everything_it_started(tmp_path, workspace):
@@ -165,7 +165,7 @@ def test_timeout_stops_the_step_and_everything_it_started(tmp_path, workspace):
     result = run_pipeline(workspace, f"{path}:pipeline", {})
     assert result.status == "failed"
     row = rows_by_node(workspace, result.run_id)["slow"][0]
-    assert row["status"] == "failed" and "timed out after 1.5 s" in row["error"]
+    assert row.status == "failed" and "timed out after 1.5 s" in row.error
     assert pidfile.exists(), "the step was stopped before its function wrote the pid file: its start-up counted"
     child = int(pidfile.read_text())
     wait_for(lambda: not pid_alive(child), "the step's own child process to be stopped", 30)
@@ -304,11 +304,11 @@ def test_async_fan_in_runs_downstream_on_first_result_and_on_each_better_one(tmp
     assert (seen / "announced").read_text().split() == ["a", "b"]  # after() waited for every run of deploy
     nodes = rows_by_node(workspace, result.run_id)
     rows = nodes["deploy"]
-    assert sorted(r["generation"] for r in rows) == [0, 1]
+    assert sorted(r.generation for r in rows) == [0, 1]
     # every run of deploy and of its best_of node records its name and what it waits for, as lineage reads them
-    [best] = json.loads(rows[0]["upstream_json"])
-    assert [(r["step_name"], json.loads(r["upstream_json"])) for r in rows] == [("deploy", [best])] * 2
-    assert {tuple(json.loads(r["upstream_json"])) for r in nodes[best]} == {("candidate", "candidate-2", "candidate-3")}
+    [best] = json.loads(rows[0].upstream_json)
+    assert [(r.step_name, json.loads(r.upstream_json)) for r in rows] == [("deploy", [best])] * 2
+    assert {tuple(json.loads(r.upstream_json)) for r in nodes[best]} == {("candidate", "candidate-2", "candidate-3")}
 
 
 def test_gangs_that_do_not_fit_together_run_one_after_the_other(tmp_path, workspace):
@@ -389,21 +389,21 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
     log = open(tmp_path / "orchestrator.log", "w")
     ws, orchestrator = start_orchestrator(tmp_path, path, stdout=log, stderr=subprocess.STDOUT)
     try:
-        runs = wait_for(lambda: metadata.list_workflow_runs(ws.engine), "the run to be recorded")
-        run_id = runs[0]["run_id"]
+        runs = wait_for(lambda: workflow_store.list_workflow_runs(ws.engine), "the run to be recorded")
+        run_id = runs[0].run_id
 
         def second_running():
             rows = rows_by_node(ws, run_id).get("second", [])
-            return rows and rows[-1]["status"] == "running" and rows[-1]["pid"] and (folder / "second").exists()
+            return rows and rows[-1].status == "running" and rows[-1].pid and (folder / "second").exists()
 
         wait_for(second_running, "step `second` to run", log=tmp_path / "orchestrator.log")
-        step_pid = rows_by_node(ws, run_id)["second"][-1]["pid"]
+        step_pid = rows_by_node(ws, run_id)["second"][-1].pid
         orchestrator.send_signal(signal.SIGKILL)
         orchestrator.wait()
         if not step_survives:
             os.killpg(step_pid, signal.SIGKILL)
             wait_for(lambda: not pid_alive(step_pid), "the step process to die")
-        assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "running"  # nobody recorded an end
+        assert workflow_store.get_workflow_run(ws.engine, run_id).status == "running"  # nobody recorded an end
         (folder / "go").write_text("1")
         result = resume_run(ws, run_id)
     finally:
@@ -416,7 +416,7 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
     assert len((folder / "third").read_text().split()) == 1
     history = " ".join(result.states["second"].history)
     assert ("adopted" in history) if step_survives else ("gone" in history)
-    assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "succeeded"
+    assert workflow_store.get_workflow_run(ws.engine, run_id).status == "succeeded"
 
 
 def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
@@ -434,10 +434,10 @@ def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):
             orchestrator.kill()
             (folder / "go").write_text("1")  # no step process waits forever
     assert orchestrator.returncode == 130
-    run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
+    run_id = workflow_store.list_workflow_runs(ws.engine)[0].run_id
     assert f"distml run --resume {run_id}" in err
-    assert metadata.get_workflow_run(ws.engine, run_id)["status"] == "stopped"
-    assert rows_by_node(ws, run_id)["second"][-1]["status"] == "cancelled"
+    assert workflow_store.get_workflow_run(ws.engine, run_id).status == "stopped"
+    assert rows_by_node(ws, run_id)["second"][-1].status == "cancelled"
     (folder / "go").write_text("1")
     resumed = CliRunner().invoke(main, ["--workspace", str(ws.root), "run", "--resume", run_id])
     assert resumed.exit_code == 0, resumed.output
@@ -510,7 +510,7 @@ def test_a_result_that_is_not_json_fails_the_step_with_a_clear_error(tmp_path, w
     )
     result = run_pipeline(workspace, f"{path}:pipeline", {})
     assert result.status == "failed"
-    error = rows_by_node(workspace, result.run_id)["bad"][0]["error"]
+    error = rows_by_node(workspace, result.run_id)["bad"][0].error
     assert "the result of step bad is a object" in error and "Artifact" in error
 
 
@@ -555,8 +555,8 @@ def test_the_example_user_pipeline_runs_and_its_memoized_step_hits_the_cache_aga
     second = CliRunner().invoke(main, argv)
     assert second.exit_code == 0, second.output
     ws = Workspace(tmp_path / "ws")
-    latest = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
-    states = {k: rows[-1]["status"] for k, rows in rows_by_node(ws, latest).items()}
+    latest = workflow_store.list_workflow_runs(ws.engine)[0].run_id
+    states = {k: rows[-1].status for k, rows in rows_by_node(ws, latest).items()}
     assert states == {"measure[Data]": "cached", "measure[1]": "cached", "total": "succeeded", "report": "succeeded"}
     log = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "logs", latest, "measure[Data]"])
     assert log.exit_code == 0 and "was a cache hit" in log.output and "step measure[Data] attempt 1" in log.output
@@ -585,8 +585,8 @@ def test_a_data_fingerprint_that_fails_ends_the_run_as_failed_with_its_message(t
     out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", f"{path}:pipeline"])
     assert out.exit_code == 2 and "error: data file nowhere.csv is missing" in out.output
     ws = Workspace(tmp_path / "ws")
-    run = metadata.list_workflow_runs(ws.engine)[0]
-    assert run["status"] == "failed" and "nowhere.csv is missing" in run["error"]
+    run = workflow_store.list_workflow_runs(ws.engine)[0]
+    assert run.status == "failed" and "nowhere.csv is missing" in run.error
 
 
 @pytest.mark.parametrize(
@@ -647,8 +647,8 @@ def test_a_condition_that_raises_is_one_clear_error_and_a_failed_run(tmp_path):
     out = CliRunner().invoke(main, ["--workspace", str(tmp_path / "ws"), "run", f"{path}:pipeline"])
     assert out.exit_code == 2 and out.output.count("error:") == 1, out.output
     assert "TypeError: 'float' object is not subscriptable" in out.output and "Traceback" not in out.output
-    run = metadata.list_workflow_runs(Workspace(tmp_path / "ws").engine)[0]
-    assert run["status"] == "failed" and "not subscriptable" in run["error"]
+    run = workflow_store.list_workflow_runs(Workspace(tmp_path / "ws").engine)[0]
+    assert run.status == "failed" and "not subscriptable" in run.error
 
 
 @pytest.mark.slow
@@ -677,15 +677,15 @@ def test_an_adopted_step_keeps_its_timeout_after_resume(tmp_path):
     ws, orchestrator = start_orchestrator(tmp_path, path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (folder / "started").exists(), "the step to start")
-        run_id = metadata.list_workflow_runs(ws.engine)[0]["run_id"]
-        wait_for(lambda: rows_by_node(ws, run_id)["hang"][-1]["pid"], "the step's pid to be recorded")
-        pid = rows_by_node(ws, run_id)["hang"][-1]["pid"]
+        run_id = workflow_store.list_workflow_runs(ws.engine)[0].run_id
+        wait_for(lambda: rows_by_node(ws, run_id)["hang"][-1].pid, "the step's pid to be recorded")
+        pid = rows_by_node(ws, run_id)["hang"][-1].pid
         orchestrator.send_signal(signal.SIGKILL)
         orchestrator.wait()
         result = resume_run(ws, run_id)  # adopts the live step; its 4 s still run out
         assert result.status == "failed"
         assert "adopted" in " ".join(result.states["hang"].history)
-        assert "timed out after 4 s" in rows_by_node(ws, run_id)["hang"][-1]["error"]
+        assert "timed out after 4 s" in rows_by_node(ws, run_id)["hang"][-1].error
         wait_for(lambda: not pid_alive(pid), "the adopted step to be stopped", 30)
     finally:
         (folder / "go").write_text("1")
@@ -720,3 +720,40 @@ def test_the_logs_of_a_step_and_each_way_of_asking_for_one_that_is_not_there(tmp
     logs.paths[0].unlink()
     out = CliRunner().invoke(main, ["--workspace", str(workspace.root), "logs", result.run_id, "hello"])
     assert out.exit_code == 2 and "was removed from the workspace" in out.output, out.output
+
+
+def test_a_step_receives_its_settings_as_the_pydantic_model_it_declares(tmp_path, workspace):
+    """Typed settings cross the process boundary as JSON and arrive validated, as the model."""
+    path = write(
+        tmp_path,
+        """
+        from pydantic import BaseModel, Field
+        from distml.workflow import step
+
+        class Settings(BaseModel):
+            name: str
+            epochs: int = Field(3, ge=1)
+
+        @step(memoize=True)
+        def train(settings: Settings, scale: int) -> dict:
+            assert isinstance(settings, Settings), type(settings)
+            return {"name": settings.name, "epochs": settings.epochs * scale}
+
+        @step
+        def broken(settings: Settings) -> int:
+            return 1
+
+        def pipeline(settings: Settings, bad: bool = False):
+            if bad:
+                return broken({"name": "x", "epochs": 0})
+            return train(settings, 2)
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline", {"settings": {"name": "cnn", "epochs": 4}})
+    assert result.status == "succeeded" and result.result == {"name": "cnn", "epochs": 8}
+    again = run_pipeline(workspace, f"{path}:pipeline", {"settings": {"name": "cnn", "epochs": 4}})
+    assert again.states["train"].status == "cached"  # the model's JSON is its memo key
+    failed = run_pipeline(workspace, f"{path}:pipeline", {"settings": {"name": "cnn"}, "bad": True})
+    assert failed.status == "failed"
+    error = rows_by_node(workspace, failed.run_id)["broken"][0].error
+    assert "step argument settings is not a valid Settings: epochs: Input should be greater than or equal to 1" in error

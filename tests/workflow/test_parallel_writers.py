@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from distml.core import HOME_ENV
-from distml.ops import metadata
+from distml.workflow import store as workflow_store
 from distml.workflow.orchestrator import RunOptions, run_pipeline
 from distml.workflow.target import file_module_name
 from distml.workspace import Workspace
@@ -63,26 +63,26 @@ def test_parallel_step_processes_lose_no_writes(db_url, tmp_path, monkeypatch):
         assert result.status == "succeeded", errors
         assert result.result == sum(range(WIDTH))
 
-        run = metadata.get_workflow_run(ws.engine, result.run_id)
-        assert run["status"] == "succeeded" and run["error"] is None
+        run = workflow_store.get_workflow_run(ws.engine, result.run_id)
+        assert run.status == "succeeded" and run.error is None
 
         writers = {f"writer[{i}]": i for i in range(WIDTH)}
-        executions = metadata.list_step_executions(ws.engine, result.run_id)
-        assert sorted(r["node_id"] for r in executions) == sorted([*writers, "total"])
+        executions = workflow_store.list_step_executions(ws.engine, result.run_id)
+        assert sorted(r.node_id for r in executions) == sorted([*writers, "total"])
         for row in executions:
-            assert (row["status"], row["generation"], row["attempt"], row["error"]) == ("succeeded", 0, 0, None), row
-            assert row["finished_at"] is not None and row["pid"] is not None, row
-            expected = sum(range(WIDTH)) if row["node_id"] == "total" else writers[row["node_id"]]
-            assert json.loads(row["output_json"]) == expected, row
+            assert (row.status, row.generation, row.attempt, row.error) == ("succeeded", 0, 0, None), row
+            assert row.finished_at is not None and row.pid is not None, row
+            expected = sum(range(WIDTH)) if row.node_id == "total" else writers[row.node_id]
+            assert json.loads(row.output_json) == expected, row
 
-        metrics = metadata.list_step_metrics(ws.engine, result.run_id)
-        got = [(m["node_id"], m["name"], m["value"], m["step"]) for m in metrics]
+        metrics = workflow_store.list_step_metrics(ws.engine, result.run_id)
+        got = [(m.node_id, m.name, m.value, m.step) for m in metrics]
         want = {(f"writer[{i}]", f"m{j:02d}", float(i * 1000 + j), j) for i in range(WIDTH) for j in range(METRICS)}
         assert len(got) == WIDTH * METRICS, f"{len(got)} metric rows, expected {WIDTH * METRICS}"
         assert len(set(got)) == len(got), "a metric was recorded twice"
         assert set(got) == want
         with ws.engine.connect() as conn:
-            stored = conn.execute(sa.select(sa.func.count()).select_from(metadata.step_metrics)).scalar()
+            stored = conn.execute(sa.select(sa.func.count()).select_from(workflow_store.step_metrics)).scalar()
         assert stored == WIDTH * METRICS, f"{stored} metric rows in the store, expected those of this run only"
     finally:
         ws.close()

@@ -1,13 +1,19 @@
-"""The metadata store's engine and the column type its times are kept in.
+"""The metadata store: its engine, its schema's history, and the column type its times are kept in.
 
 `create_engine` opens any SQLAlchemy URL with one error message for a bad one and SQLite's
-pragmas for concurrent processes; `UTCDateTime` hands back aware UTC datetimes on every
-backend (SQLite stores them naive), so no caller repairs a time it reads.
+pragmas for concurrent processes; `migrate` applies the numbered migrations each owner package
+declares (SCHEMA says which); `UTCDateTime` hands back aware UTC datetimes on every backend
+(SQLite stores them naive), so no caller repairs a time it reads. SQLAlchemy Core on any URL;
+Alembic was considered, but its script directory and env.py are heavy for migrations that ship
+inside the package and run on every open.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -66,3 +72,113 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # and spares an fsync per commit: workflow steps commit a few rows each.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+# -- the schema: one MetaData, the history of migrations and who owns each -------------------------
+# Every owner (the package of a concept) declares its tables on METADATA and its migrations in a
+# `MIGRATIONS` dict of its own module; SCHEMA is the history: migration N belongs to that owner. A
+# released migration never changes; a new one gets the next number. Like Django's INSTALLED_APPS,
+# owners are named, not imported, here: `migrate` imports only the owners of migrations still to
+# apply, so the floor imports nothing above it and a store that is up to date costs one query.
+
+METADATA = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    METADATA,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+SCHEMA: dict[int, str] = {
+    1: "distml.lineage.store",  # datasets
+    2: "distml.models.registry",  # model_versions, model_aliases
+    3: "distml.train.store",  # train_runs, train_steps
+    4: "distml.serve.jobs",  # inference_jobs
+    5: "distml.workflow.store",  # workflow_runs, step_executions, step_metrics
+    6: "distml.scheduling.store",  # sched_nodes, sched_queues, sched_jobs, sched_lock
+    7: "distml.lineage.store",  # artifacts, executions, contexts, events, attributions, associations
+    8: "distml.pipelines.watches",  # watches, watch_arrivals, watch_cycles
+}
+LATEST = max(SCHEMA)
+
+
+def migration(version: int) -> Callable[[sa.Connection], None]:
+    """Migration `version`, from the module SCHEMA names as its owner."""
+    owner = importlib.import_module(SCHEMA[version])
+    try:
+        return owner.MIGRATIONS[version]
+    except (AttributeError, KeyError):
+        raise DistmlError(f"{SCHEMA[version]} declares no migration {version}") from None
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Bring the schema up to date; return the version now in force.
+
+    Each migration runs in its own transaction together with its `schema_version` row, so a
+    crash leaves the store at the previous version, never half-migrated.
+    """
+    schema_version.create(engine, checkfirst=True)
+    with engine.connect() as conn:
+        current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+    if current > LATEST:
+        raise DistmlError(
+            f"the metadata store is at schema version {current}, newer than this distml "
+            f"knows ({LATEST}); upgrade distml to open it"
+        )
+    for version in range(current + 1, LATEST + 1):
+        step = migration(version)
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(schema_version.insert().values(version=version, applied_at=utc_now()))
+        current = version
+    return current
+
+
+# -- helpers every owner's queries share -----------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], R], attempts: int = 20) -> R:
+    """Run `work(conn)` in one transaction and return its result. On SQLite and PostgreSQL the
+    owners never collide on a unique key (`insert_once`: `INSERT ... ON CONFLICT DO NOTHING`); on
+    other databases a collision runs `work` again from the start, and the next try finds the other's row."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except sa.exc.IntegrityError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def insert_once(conn: sa.Connection, table: sa.Table, values: dict[str, Any], unique: tuple[str, ...]) -> bool:
+    """Insert the row unless one with the same `unique` columns exists (a concurrent writer's
+    included); True if this call inserted it."""
+    if conn.dialect.name in ("sqlite", "postgresql"):
+        if conn.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        statement = insert(table).values(**values).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        return conn.execute(statement).first() is not None  # (rowcount is -1 on PostgreSQL)
+    where = [table.c[column] == values[column] for column in unique]
+    if conn.execute(sa.select(*[table.c[c] for c in unique]).where(*where)).first() is not None:
+        return False
+    conn.execute(table.insert().values(**values))
+    return True
+
+
+def fetch_all(engine: sa.Engine, query: sa.Select, row_type: Callable[..., R]) -> list[R]:
+    """Every row of `query` as `row_type(**columns)` (a dataclass of the owner's)."""
+    with engine.connect() as conn:
+        return [row_type(**row) for row in conn.execute(query).mappings()]
+
+
+def fetch_one(engine: sa.Engine, query: sa.Select, row_type: Callable[..., R]) -> R | None:
+    """The first row of `query` as `row_type(**columns)`, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(query).mappings().first()
+    return row_type(**row) if row is not None else None

@@ -216,8 +216,8 @@ def prepare_dataset(name: str, workspace: Any, data_dir: str | Path | None = Non
     """Locate or download `name`, fill the preprocessed cache of each split and record each as a
     data set snapshot; return one row per split (records, fingerprint, cache key, snapshot id)."""
     from distml.data.loader import Loader
-    from distml.ops import lineage
-    from distml.ops.metadata import record_dataset
+    from distml.lineage import record as lineage
+    from distml.lineage.store import record_dataset
 
     ds = get_dataset(name, workspace, data_dir, progress=True)
     rows = []

@@ -45,7 +45,7 @@ SCHEDULERS = ("kueue", "volcano")
 MAX_QUEUE_WEIGHT = 65535  # Volcano's Queue CRD bounds spec.weight to 1..65535 (v1.12+)
 #: The queue's quota, shared by Kueue's ClusterQueue (nominalQuota) and Volcano's Queue (capability).
 QUEUE_QUOTA = {"cpu": "16", "memory": "64Gi"}
-PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}  # distml.ops.scheduler's classes
+PRIORITY_CLASSES = {"low": -100, "normal": 0, "high": 100, "serving": 1000}  # distml.scheduling.core's classes
 _DNS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

@@ -109,15 +109,14 @@ def training_config(spec: PipelineSpec, node: Any, args: list, kwargs: dict, ws:
     nnodes = spec.nnodes if spec.nnodes != "1" else str(workers)
     # Each pod runs one worker: the gang is `workers` pods (or MIN:MAX with --nnodes). The URL of the
     # metadata store stays out of the file on the volume: each pod reads it from the Secret.
-    update = {
-        "workers": 1,
-        "nnodes": nnodes,
-        "rdzv_endpoint": "master:29400",
-        "workspace": str(ws.root),
-        "db_url": None,
-        "run_id": config.resolved_run_id(),  # the job finds its config at runs/RUN_ID/config.json
+    changes = {
+        "parallelism.workers": 1,
+        "parallelism.nnodes": nnodes,
+        "parallelism.rdzv_endpoint": "master:29400",
+        "workspace": {"root": str(ws.root), "db_url": None},
+        "job.run_id": config.resolved_run_id(),  # the job finds its config at runs/RUN_ID/config.json
     }
-    return config.model_copy(update=update)
+    return config.updated(changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +164,13 @@ def _main(ns: argparse.Namespace) -> None:
             run_dir = config.run_dir()
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
-            _write(out, "run-id", config.run_id)
+            _write(out, "run-id", config.job.run_id)
         return
     if ns.command == "collect":
         config = training_config(spec, node, args, kwargs, ws, ns.run_id)
         result_path = config.run_dir() / "result.json"
         if not result_path.is_file():
-            raise DistmlError(f"training run {config.run_id} has no result ({result_path}); did its job succeed?")
+            raise DistmlError(f"training run {config.job.run_id} has no result ({result_path}); did its job succeed?")
         result = json.loads(result_path.read_text())
         collect = node.step.policy.collect
         if collect is not None:

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 import distml
 from distml.core.errors import DistmlError
 from distml.core.refs import DIGEST_PATTERN, ModelRef, check_name
-from distml.models import BUILTIN_MODELS
+from distml.lineage import record as lineage_graph
+from distml.models import BUILTIN_MODELS, registry
 from distml.models.datatypes import DATATYPES
-from distml.ops import lineage as lineage_graph
-from distml.ops import metadata
 from distml.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -279,7 +278,7 @@ def _register(workspace: Workspace, manifest: dict[str, Any], derived_from: str 
         json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False).encode("utf-8")
     )
     name, weights_digest = manifest["name"], manifest["weights_digest"]
-    version = metadata.record_model_version(
+    version = registry.record_model_version(
         workspace.engine,
         name=name,
         manifest_digest=manifest_digest,
@@ -299,13 +298,6 @@ def _register(workspace: Workspace, manifest: dict[str, Any], derived_from: str 
 
 
 # --- resolving and loading ---------------------------------------------------------------
-
-
-def _registered_names(workspace: Workspace) -> str:
-    names = sorted({row["name"] for row in metadata.list_model_versions(workspace.engine)})
-    if not names:
-        return "no models are registered yet"
-    return "registered models: " + ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def _verified_bytes(workspace: Workspace, digest: str, what: str) -> bytes:
@@ -367,30 +359,15 @@ def _check_architecture(name: str) -> None:
     zoo.resolve_factory(name)
 
 
-def _resolve_row(workspace: Workspace, ref: str | ModelRef) -> dict[str, Any] | None:
-    """The metadata row `ref` names; None for a manifest digest that is only in the artifact store."""
+def _resolve_row(workspace: Workspace, ref: str | ModelRef) -> registry.ModelVersion | None:
+    """The registered version `ref` names; None for a manifest digest that is only in the artifact store."""
     parsed = ModelRef.parse(ref)
-    engine = workspace.engine
     if parsed.digest is not None:
-        row = metadata.find_model_version_by_manifest(engine, parsed.digest)
-        if row is None and not workspace.artifacts.exists(parsed.digest):
+        found = registry.find_model_version_by_manifest(workspace.engine, parsed.digest)
+        if found is None and not workspace.artifacts.exists(parsed.digest):
             raise DistmlError(f"no model manifest with digest {parsed.digest} in the metadata or artifact store")
-        return row
-    name, version = parsed.name, parsed.version
-    if parsed.alias is not None:
-        version = metadata.get_model_alias(engine, name, parsed.alias)
-        if version is None:
-            raise DistmlError(
-                f"model {name!r} has no alias {parsed.alias!r}; "
-                f"set one with `distml models alias {name}:VERSION {parsed.alias}`"
-            )
-    row = metadata.get_model_version(engine, name, version)
-    if row is None:
-        if metadata.get_model_version(engine, name) is None:
-            raise DistmlError(f"no model named {name!r} is registered; {_registered_names(workspace)}")
-        latest = metadata.get_model_version(engine, name)["version"]
-        raise DistmlError(f"model {name!r} has no version {version}; its versions are 1 to {latest}")
-    return row
+        return found
+    return registry.resolve(workspace.engine, parsed)
 
 
 def resolve_model(workspace: Workspace, ref: str | ModelRef) -> ModelRecord:
@@ -398,11 +375,11 @@ def resolve_model(workspace: Workspace, ref: str | ModelRef) -> ModelRecord:
     not loaded). Every form resolves here, against the registry: the one place that does."""
     parsed = ModelRef.parse(ref)
     row = _resolve_row(workspace, parsed)
-    manifest_digest = row["manifest_digest"] if row is not None else parsed.digest
+    manifest_digest = row.manifest_digest if row is not None else parsed.digest
     manifest = _validate_manifest(_verified_bytes(workspace, manifest_digest, "model manifest"), manifest_digest)
-    if row is not None and row["weights_digest"] != manifest["weights_digest"]:
+    if row is not None and row.weights_digest != manifest["weights_digest"]:
         raise DistmlError(
-            f"model {row['name']}:{row['version']}: the metadata store records weights {row['weights_digest']} "
+            f"model {row.ref}: the metadata store records weights {row.weights_digest} "
             f"but its manifest names {manifest['weights_digest']}; the registry entry is inconsistent"
         )
     if not workspace.artifacts.exists(manifest["weights_digest"]):
@@ -411,7 +388,7 @@ def resolve_model(workspace: Workspace, ref: str | ModelRef) -> ModelRecord:
             f"the artifact store at {workspace.artifacts.root}"
         )
     if row is not None:
-        return ModelRecord(row["name"], row["version"], manifest_digest, row["weights_digest"], manifest)
+        return ModelRecord(row.name, row.version, manifest_digest, row.weights_digest, manifest)
     return ModelRecord(manifest["name"], None, manifest_digest, manifest["weights_digest"], manifest)
 
 
@@ -458,9 +435,9 @@ def register_as(workspace: Workspace, ref: str, name: str, lineage: dict[str, An
     returned as it is, so registering again does not multiply versions."""
     check_name("model name", name)
     record = resolve_model(workspace, ref)
-    for row in metadata.list_model_versions(workspace.engine, name):
-        if row["weights_digest"] == record.weights_digest:
-            return resolve_model(workspace, f"{name}:{row['version']}")
+    for row in registry.list_model_versions(workspace.engine, name):
+        if row.weights_digest == record.weights_digest:
+            return resolve_model(workspace, row.ref)
     manifest = {
         **record.manifest,
         "name": name,
@@ -476,12 +453,8 @@ def set_alias(workspace: Workspace, name: str, alias: str, version: int) -> None
     check_name("alias", alias)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DistmlError(f"alias version must be a positive integer, got {version!r}")
-    if metadata.get_model_version(workspace.engine, name, version) is None:
-        latest = metadata.get_model_version(workspace.engine, name)
-        if latest is None:
-            raise DistmlError(f"no model named {name!r} is registered; {_registered_names(workspace)}")
-        raise DistmlError(f"model {name!r} has no version {version}; its versions are 1 to {latest['version']}")
-    metadata.set_model_alias(workspace.engine, name, alias, version)
+    registry.resolve(workspace.engine, ModelRef(name=name, version=version))  # one error if there is none
+    registry.set_model_alias(workspace.engine, name, alias, version)
 
 
 def unset_alias(workspace: Workspace, name: str, alias: str, version: int | None = None) -> int:
@@ -495,32 +468,22 @@ def unset_alias(workspace: Workspace, name: str, alias: str, version: int | None
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
         raise DistmlError(f"alias version must be a positive integer or None, got {version!r}")
     engine = workspace.engine
-    latest = metadata.get_model_version(engine, name)
-    if latest is None:
-        raise DistmlError(f"no model named {name!r} is registered; {_registered_names(workspace)}")
-    if version is not None and version > latest["version"]:
-        raise DistmlError(f"model {name!r} has no version {version}; its versions are 1 to {latest['version']}")
-    removed = metadata.delete_model_alias(engine, name, alias, version)
+    registry.resolve(engine, ModelRef(name=name, version=version))  # one error if there is none
+    removed = registry.delete_model_alias(engine, name, alias, version)
     if removed is not None:
         return removed
-    current = metadata.get_model_alias(engine, name, alias)
+    current = registry.get_model_alias(engine, name, alias)
     if current is None:
-        aliases = sorted(
-            f"{row_alias} (-> {name}:{row['version']})"
-            for row in metadata.list_model_versions(engine, name)
-            for row_alias in row["aliases"]
-        )
-        known = "its aliases are " + ", ".join(aliases) if aliases else "it has no aliases"
-        raise DistmlError(f"model {name!r} has no alias {alias!r}; {known}")
+        registry.resolve(engine, ModelRef(name=name, alias=alias))  # one error that lists its aliases
     raise DistmlError(
         f"alias {name}@{alias} points at version {current}, not {version}; nothing was removed. "
         f"Give {name}:{current}, or {name} alone, to remove it"
     )
 
 
-def list_models(workspace: Workspace, name: str | None = None) -> list[dict[str, Any]]:
+def list_models(workspace: Workspace, name: str | None = None) -> list[registry.ModelVersion]:
     """Registered versions (name ascending, newest first): name, version, digests, metrics, aliases."""
-    return metadata.list_model_versions(workspace.engine, name)
+    return registry.list_model_versions(workspace.engine, name)
 
 
 __all__ = [

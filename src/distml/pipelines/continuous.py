@@ -24,8 +24,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distml.core.errors import DistmlError
-from distml.ops import metadata
-from distml.ops.admission import Resources
+from distml.models import registry
+from distml.pipelines import watches as watch_store
+from distml.scheduling.core import Resources
 from distml.serve.canary import CanaryPolicy
 from distml.workflow import current, step
 
@@ -33,8 +34,9 @@ CYCLE_MODULE = "distml.pipelines.continuous"
 CYCLE_TARGET = f"{CYCLE_MODULE}:cycle"
 
 
-class WatchConfig(BaseModel):
-    """Everything one watch needs, validated before anything starts (`distml watch`'s flags)."""
+class CycleSettings(BaseModel):
+    """What each cycle's steps need: the source, the model and its training, the promotion rule
+    and the service. The steps receive it typed (`watch: CycleSettings`), validated in their process."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -57,12 +59,20 @@ class WatchConfig(BaseModel):
     port: int = Field(0, ge=0, le=65535)
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
     poll_s: float = Field(0.2, gt=0, le=60)
-    max_cycles: int | None = Field(None, ge=1, description="stop after this many cycles (demos, benchmarks)")
-    workspace: str
 
     @property
     def service_name(self) -> str:
         return self.service or self.name
+
+
+class WatchConfig(CycleSettings):
+    """Everything one watch needs, validated before anything starts (`distml watch`'s flags)."""
+
+    max_cycles: int | None = Field(None, ge=1, description="stop after this many cycles (demos, benchmarks)")
+    workspace: str
+
+    def cycle_settings(self) -> CycleSettings:
+        return CycleSettings(**self.model_dump(exclude={"max_cycles", "workspace"}))
 
 
 def parse_watch_config(values: dict[str, Any]) -> WatchConfig:
@@ -81,7 +91,7 @@ def _workspace():
 
 
 @step(memoize=True)
-def train_candidate(watch: dict, train_files: list[str], init_from: str | None = None) -> dict:
+def train_candidate(watch: CycleSettings, train_files: list[str], init_from: str | None = None) -> dict:
     """Train the watch's model on `train_files` (from `init_from`'s weights when given)."""
     from distml.train.config import parse_config
     from distml.train.launcher import launch
@@ -89,18 +99,17 @@ def train_candidate(watch: dict, train_files: list[str], init_from: str | None =
     started = time.time()
     config = parse_config(
         {
-            "model": watch["model"],
-            "model_args": watch["model_args"],
-            "dataset": watch["dataset"],
-            "data_dir": watch["data_dir"],
-            "train_files": train_files,
-            "init_from": init_from,
-            "epochs": watch["epochs"],
-            "workers": watch["workers"],
-            "batch_size": watch["batch_size"],
-            "lr": watch["lr"],
-            "workspace": str(_workspace().root),
-            "db_url": _workspace().db_url,
+            "model": {"name": watch.model, "args": watch.model_args, "init_from": init_from},
+            "data": {
+                "dataset": watch.dataset,
+                "data_dir": watch.data_dir,
+                "train_files": train_files,
+                "batch_size": watch.batch_size,
+            },
+            "optimizer": {"lr": watch.lr},
+            "training": {"epochs": watch.epochs},
+            "parallelism": {"workers": watch.workers},
+            "workspace": _workspace().ref,
         }
     )
     result = launch(config)
@@ -109,7 +118,9 @@ def train_candidate(watch: dict, train_files: list[str], init_from: str | None =
     return {**{k: result[k] for k in ("model", "run_id", "test_accuracy", "steps")}, "started": started}
 
 
-def accuracy_on(ws: Any, ref: str, watch: dict, newest_files: list[str], holdout: bool = True) -> dict[str, float]:
+def accuracy_on(
+    ws: Any, ref: str, watch: CycleSettings, newest_files: list[str], holdout: bool = True
+) -> dict[str, float]:
     """`ref`'s accuracy on the data set's fixed test split (the holdout) and on the newest snapshots."""
     import dataclasses
 
@@ -119,7 +130,7 @@ def accuracy_on(ws: Any, ref: str, watch: dict, newest_files: list[str], holdout
     from distml.models.artifact import load_model
     from distml.train.worker import evaluate
 
-    dataset = get_dataset(watch["dataset"], ws, watch["data_dir"], progress=False)
+    dataset = get_dataset(watch.dataset, ws, watch.data_dir, progress=False)
     model, _ = load_model(ws, ref)
     out = {"holdout": evaluate(model, dataset, torch.device("cpu"), ws)} if holdout else {}
     if newest_files:
@@ -129,7 +140,7 @@ def accuracy_on(ws: Any, ref: str, watch: dict, newest_files: list[str], holdout
 
 
 @step(memoize=True)
-def evaluate_candidate(watch: dict, candidate: dict, production: str | None, newest_files: list[str]) -> dict:
+def evaluate_candidate(watch: CycleSettings, candidate: dict, production: str | None, newest_files: list[str]) -> dict:
     """Candidate and production side by side on the holdout and on the newest data. The candidate's
     holdout accuracy is its training run's own, measured on the same test split as it finished."""
     started = time.time()
@@ -157,7 +168,7 @@ def decide(evaluation: dict, margin: float) -> tuple[bool, str]:
 
 
 @step(resources=Resources(cpus=0))
-def promote(watch: dict, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
+def promote(watch: CycleSettings, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
     """Register the candidate and, if it is better, serve it: start the service (first model) or
     try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
     from distml.models.artifact import register_as, set_alias
@@ -165,8 +176,8 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
     from distml.serve.service import ensure_serving, service_record
 
     ws, ctx = _workspace(), current()
-    name, service = watch["name"], watch["service"] or watch["name"]
-    accept, reason = decide(evaluation, watch["margin"])
+    name, service = watch.name, watch.service_name
+    accept, reason = decide(evaluation, watch.margin)
     lineage = {"workflow_run": ctx.run_id, "step": ctx.node_id, "watch": name, "cycle": cycle}
     record = register_as(ws, candidate["model"], name, lineage)
     out = {"version": record.version, "model": record.ref, "reason": reason, "evaluation": evaluation}
@@ -175,15 +186,15 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
     started = time.time()
     running = service_record(ws, service)
     if running is None:
-        served = ensure_serving(ws, service, record.ref, {"replicas": watch["replicas"], "port": watch["port"]})
+        served = ensure_serving(ws, service, record.ref, {"replicas": watch.replicas, "port": watch.port})
         set_alias(ws, name, "production", record.version)
         return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": time.time()}
     token = os.environ.get("DISTML_SERVE_TOKEN")
-    policy = watch["canary"]
+    policy = watch.canary
     with GatewayAdmin(running.url, token) as admin:
-        admin.start_canary(record.ref, policy)  # returns once loaded everywhere and sent its share
+        admin.start_canary(record.ref, policy.model_dump())  # returns once loaded everywhere and sent its share
         answering = time.time()
-        final = admin.wait_canary(name, policy["window_s"] * 4 + 120)
+        final = admin.wait_canary(name, policy.window_s * 4 + 120)
     out.update(url=running.url, swap_started=started, answering=answering, canary=final)
     if final["state"] == "promoted" and str(final.get("canary")) == str(record.version):
         set_alias(ws, name, "production", record.version)
@@ -192,11 +203,13 @@ def promote(watch: dict, candidate: dict, evaluation: dict, production: str | No
     return {**out, "action": "rolled_back", "reason": f"{reason}; canary rolled back: {final.get('reason', '')}"}
 
 
-def cycle(watch: dict, cycle: int, train_files: list[str], newest_files: list[str], production: str | None = None):
+def cycle(
+    watch: CycleSettings, cycle: int, train_files: list[str], newest_files: list[str], production: str | None = None
+):
     """One cycle of a watch: train a candidate on all data so far, evaluate it against production,
     promote it if it is better."""
-    trainer = train_candidate.options(resources=Resources(cpus=1, workers=watch["workers"]))
-    candidate = trainer(watch, train_files, production if watch["warm_start"] else None)
+    trainer = train_candidate.options(resources=Resources(cpus=1, workers=watch.workers))
+    candidate = trainer(watch, train_files, production if watch.warm_start else None)
     evaluation = evaluate_candidate(watch, candidate, production, newest_files)
     return promote(watch, candidate, evaluation, production, cycle)
 
@@ -214,14 +227,14 @@ def _seconds(value: dt.datetime | None) -> float | None:
     return value.timestamp()
 
 
-def freshness(arrivals: list[dict[str, Any]], cycle_started: float, decision: dict) -> dict[str, float] | None:
+def freshness(arrivals: list[watch_store.Arrival], cycle_started: float, decision: dict) -> dict[str, float] | None:
     """Seconds from the first new arrival to the new model answering, in parts that add up:
     detect, ingest, wait (for the previous cycle), start (of the training step), train, evaluate
     (with the hand-over to promotion) and swap (loading it everywhere and sending it traffic)."""
     if "answering" not in decision or not arrivals:
         return None
-    first = min(arrivals, key=lambda a: _seconds(a["arrived_at"]))
-    arrived, detected, ingested = (_seconds(first[k]) for k in ("arrived_at", "detected_at", "ingested_at"))
+    first = min(arrivals, key=lambda a: _seconds(a.arrived_at))
+    arrived, detected, ingested = (_seconds(first.arrived_at), _seconds(first.detected_at), _seconds(first.ingested_at))
     train_started = decision["train"]["started"]
     train_finished = decision["evaluation"]["started"]
     parts = {
@@ -260,13 +273,13 @@ class Watcher:
     def _claim_watch(self) -> None:
         from distml.core.liveness import process_identity
 
-        row = metadata.get_watch(self.engine, self.config.name)
-        other = row is not None and row["pid"] and row["pid"] != os.getpid() and row["host"] == socket.gethostname()
-        if other and process_identity(row["pid"]) == row["pid_started"]:  # None once the process is gone
-            raise DistmlError(f"watch {self.config.name!r} is already running (pid {row['pid']}); stop it first")
+        row = watch_store.get_watch(self.engine, self.config.name)
+        other = row is not None and row.pid and row.pid != os.getpid() and row.host == socket.gethostname()
+        if other and process_identity(row.pid) == row.pid_started:  # None once the process is gone
+            raise DistmlError(f"watch {self.config.name!r} is already running (pid {row.pid}); stop it first")
         settings = self.config.model_dump(exclude={"max_cycles"})
         settings["source_detail"] = self.source.describe()
-        metadata.save_watch(
+        watch_store.save_watch(
             self.engine,
             self.config.name,
             settings_json=json.dumps(settings, sort_keys=True),
@@ -278,12 +291,14 @@ class Watcher:
     def ingest_once(self) -> int:
         """Poll the source once; check, snapshot and record every new arrival. Returns how many."""
         from distml.data.arrivals import BadBatch, TableArrivals, validate, write_snapshot
-        from distml.ops import lineage
+        from distml.lineage import record as lineage
 
         if isinstance(self.source, TableArrivals):
-            arrivals = self.source.poll((metadata.get_watch(self.engine, self.config.name) or {}).get("watermark"))
+            arrivals = self.source.poll(
+                getattr(watch_store.get_watch(self.engine, self.config.name), "watermark", None)
+            )
         else:
-            arrivals = self.source.poll(metadata.known_arrival_keys(self.engine, self.config.name))
+            arrivals = self.source.poll(watch_store.known_arrival_keys(self.engine, self.config.name))
         for arrival in arrivals:
             detected = time.time()
             values: dict[str, Any] = {"arrived_at": _utc(arrival.arrived_at), "detected_at": _utc(detected)}
@@ -292,16 +307,16 @@ class Watcher:
                 path, fingerprint = write_snapshot(self.snapshots, image, label)
                 same = [
                     a
-                    for a in metadata.list_arrivals(self.engine, self.config.name)
-                    if a["fingerprint"] == fingerprint and a["status"] != "rejected"
+                    for a in watch_store.list_arrivals(self.engine, self.config.name)
+                    if a.fingerprint == fingerprint and a.status != "rejected"
                 ]
                 if same:
-                    raise BadBatch(f"the same records as {same[0]['key']} (fingerprint {fingerprint[:12]})")
+                    raise BadBatch(f"the same records as {same[0].key} (fingerprint {fingerprint[:12]})")
                 values.update(status="pending", snapshot=str(path), fingerprint=fingerprint, num_records=len(label))
             except BadBatch as exc:
                 values.update(status="rejected", reason=str(exc))
             values["ingested_at"] = _utc(time.time())
-            if not metadata.record_arrival(self.engine, self.config.name, arrival.key, arrival.watermark, **values):
+            if not watch_store.record_arrival(self.engine, self.config.name, arrival.key, arrival.watermark, **values):
                 continue
             if values["status"] == "pending":
                 lineage.record_data_snapshot(
@@ -329,33 +344,33 @@ class Watcher:
     # ------------------------------------------------------------ cycles
 
     def production(self) -> str | None:
-        version = metadata.get_model_alias(self.engine, self.config.name, "production")
+        version = registry.get_model_alias(self.engine, self.config.name, "production")
         return f"{self.config.name}:{version}" if version is not None else None
 
     def _run_cycle(self, number: int, resume_run: str | None = None) -> dict[str, Any]:
         from distml.workflow.orchestrator import RunOptions, new_run_id, run_pipeline
         from distml.workflow.orchestrator import resume_run as resume
 
-        arrivals = metadata.list_arrivals(self.engine, self.config.name)
-        used = [a for a in arrivals if a["snapshot"] and a["cycle"] is not None and a["cycle"] <= number]
-        new = [a for a in used if a["cycle"] == number]
-        row = next(c for c in metadata.list_cycles(self.engine, self.config.name) if c["cycle"] == number)
-        production = row["production"]
-        keys = ", ".join(a["key"] for a in new) or "nothing new"
-        self.say(f"cycle {number}: {keys}; training on {sum(a['num_records'] for a in used)} records")
+        arrivals = watch_store.list_arrivals(self.engine, self.config.name)
+        used = [a for a in arrivals if a.snapshot and a.cycle is not None and a.cycle <= number]
+        new = [a for a in used if a.cycle == number]
+        row = next(c for c in watch_store.list_cycles(self.engine, self.config.name) if c.cycle == number)
+        production = row.production
+        keys = ", ".join(a.key for a in new) or "nothing new"
+        self.say(f"cycle {number}: {keys}; training on {sum(a.num_records for a in used)} records")
         try:
             if resume_run:
                 result = resume(self.ws, resume_run)
             else:
                 params = {
-                    "watch": self.config.model_dump(exclude={"max_cycles", "workspace"}),
+                    "watch": self.config.cycle_settings().model_dump(mode="json"),
                     "cycle": number,
-                    "train_files": [a["snapshot"] for a in used],
-                    "newest_files": [a["snapshot"] for a in new],
+                    "train_files": [a.snapshot for a in used],
+                    "newest_files": [a.snapshot for a in new],
                     "production": production,
                 }
                 run_id = new_run_id(f"watch-{self.config.name}")
-                metadata.update_cycle(self.engine, self.config.name, number, run_id=run_id)
+                watch_store.update_cycle(self.engine, self.config.name, number, run_id=run_id)
                 # every step needs torch and distml's training code: imported once, in the forkserver
                 options = RunOptions(preload=("torch", "distml.train.worker", "distml.models.artifact", CYCLE_MODULE))
                 result = run_pipeline(self.ws, CYCLE_TARGET, params, options, run_id=run_id)
@@ -363,16 +378,16 @@ class Watcher:
                 failed = [f"{s.node.id}: {s.error}" for s in result.states.values() if s.status == "failed"]
                 raise DistmlError("; ".join(failed) or f"workflow run {result.run_id} {result.status}")
         except DistmlError as exc:
-            metadata.finish_cycle(
+            watch_store.finish_cycle(
                 self.engine, self.config.name, number, "failed", decision_json=json.dumps({"error": str(exc)})
             )
             self.say(f"cycle {number} failed: {exc}")
             return {"status": "failed", "error": str(exc)}
         decision = dict(result.result)
         decision["train"] = _node_value(result, "train_candidate")
-        timings = freshness(new, _seconds(row["started_at"]), decision)
+        timings = freshness(new, _seconds(row.started_at), decision)
         status = {"started": "promoted"}.get(decision["action"], decision["action"])
-        metadata.finish_cycle(
+        watch_store.finish_cycle(
             self.engine,
             self.config.name,
             number,
@@ -395,10 +410,10 @@ class Watcher:
         stop = stop or threading.Event()
         self._claim_watch()
         self.say(f"watching {self.config.source} as {self.config.name!r} (service {self.config.service_name})")
-        for row in metadata.list_cycles(self.engine, self.config.name):
-            if row["status"] == "running":  # this watch was stopped or killed inside it
-                self.say(f"resuming cycle {row['cycle']}")
-                self._run_cycle(row["cycle"], resume_run=row["run_id"])
+        for row in watch_store.list_cycles(self.engine, self.config.name):
+            if row.status == "running":  # this watch was stopped or killed inside it
+                self.say(f"resuming cycle {row.cycle}")
+                self._run_cycle(row.cycle, resume_run=row.run_id)
                 self.cycles_done += 1
         self.ingest_once()
         poller = threading.Thread(target=self._ingest_loop, args=(stop,), name="distml-watch-poll", daemon=True)
@@ -407,7 +422,7 @@ class Watcher:
             while not stop.is_set():
                 if self.config.max_cycles is not None and self.cycles_done >= self.config.max_cycles:
                     break
-                claimed = metadata.claim_cycle(self.engine, self.config.name, self.production())
+                claimed = watch_store.claim_cycle(self.engine, self.config.name, self.production())
                 if claimed is None:
                     self.arrived.wait(self.config.poll_s)
                     self.arrived.clear()
@@ -417,7 +432,7 @@ class Watcher:
         finally:
             stop.set()
             poller.join(timeout=30)
-            metadata.save_watch(self.engine, self.config.name, pid=None, pid_started=None)
+            watch_store.save_watch(self.engine, self.config.name, pid=None, pid_started=None)
 
 
 def _node_value(result: Any, node_id: str) -> Any:
@@ -428,28 +443,28 @@ def _node_value(result: Any, node_id: str) -> Any:
 def cycle_rows(engine: Any, name: str) -> list[dict[str, Any]]:
     """One row per cycle of watch `name`: its new arrivals, decision, accuracies and freshness,
     plus one row per rejected arrival (cycle None)."""
-    arrivals = metadata.list_arrivals(engine, name)
+    arrivals = watch_store.list_arrivals(engine, name)
     rows = []
-    for c in metadata.list_cycles(engine, name):
-        decision = json.loads(c["decision_json"]) if c["decision_json"] else {}
+    for c in watch_store.list_cycles(engine, name):
+        decision = c.decision
         evaluation = decision.get("evaluation") or {}
         rows.append(
             {
-                "cycle": c["cycle"],
-                "status": c["status"],
-                "arrivals": [a["key"] for a in arrivals if a["cycle"] == c["cycle"]],
-                "records": sum(a["num_records"] or 0 for a in arrivals if a["cycle"] == c["cycle"]),
+                "cycle": c.cycle,
+                "status": c.status,
+                "arrivals": [a.key for a in arrivals if a.cycle == c.cycle],
+                "records": sum(a.num_records or 0 for a in arrivals if a.cycle == c.cycle),
                 "model": decision.get("model"),
                 "candidate": evaluation.get("candidate"),
                 "production": evaluation.get("production"),
                 "reason": decision.get("reason") or decision.get("error"),
-                "freshness": json.loads(c["timings_json"]) if c["timings_json"] else None,
-                "run_id": c["run_id"],
+                "freshness": c.timings or None,
+                "run_id": c.run_id,
             }
         )
     for a in arrivals:
-        if a["status"] == "rejected":
-            rows.append({"cycle": None, "status": "rejected", "arrivals": [a["key"]], "reason": a["reason"]})
+        if a.status == "rejected":
+            rows.append({"cycle": None, "status": "rejected", "arrivals": [a.key], "reason": a.reason})
     return rows
 
 

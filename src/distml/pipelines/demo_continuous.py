@@ -24,7 +24,7 @@ from rich.table import Table
 
 from distml.core.errors import DistmlError
 from distml.core.layout import ServiceRecord
-from distml.ops import metadata
+from distml.pipelines import watches as watch_store
 from distml.pipelines.end_to_end import client_images, v2_request
 
 
@@ -168,8 +168,8 @@ def run_demo(ws: Any, dataset: str, data_dir: str | None, waves: int, epochs: in
 
 
 def _finished(ws: Any, name: str, n: int) -> bool:
-    rows = metadata.list_cycles(ws.engine, name)
-    return len(rows) >= n and rows[n - 1]["status"] != "running"
+    rows = watch_store.list_cycles(ws.engine, name)
+    return len(rows) >= n and rows[n - 1].status != "running"
 
 
 def wave_table(ws: Any, name: str, per_wave: list[tuple[int, int]], load: SteadyLoad | None) -> Table:

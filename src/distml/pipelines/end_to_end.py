@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from distml.core.layout import service_dir
-from distml.ops.admission import Resources
+from distml.scheduling.core import Resources
 from distml.workflow import best_of, current, step
 
 CANDIDATES = ("cnn", "dropout", "batch_norm")
@@ -38,42 +38,37 @@ def ingest(dataset: str, data_dir: str | None = None) -> dict:
 
 def _report_training(ctx: Any, run_id: str, total: int, stop: threading.Event) -> None:
     """Forward the training run's recorded step to the live view until `stop` is set."""
-    from distml.ops import metadata
+    from distml.train.store import train_history
 
     while not stop.wait(1.0):
         try:
-            history = metadata.train_history(ctx.workspace.engine, run_id)
+            history = train_history(ctx.workspace.engine, run_id)
         except Exception:  # the progress line is best effort; training goes on
             continue
         if history:
             last = history[-1]
-            ctx.progress(last["step"], total, f"loss {last['loss']:.3f}")
+            ctx.progress(last.step, total, f"loss {last.loss:.3f}")
 
 
-def train_config(
-    model: str, data: dict, workspace: str, epochs: int, workers: int, batch_size: int, seed: int, **extra: Any
-) -> Any:
-    """The TrainConfig of one candidate's run (also what `distml export k8s` writes for a cluster's job).
+def train_config(model: str, data: dict, workspace: Any, epochs: int, workers: int, batch_size: int, seed: int) -> Any:
+    """The TrainConfig of one candidate's run in `workspace` (a WorkspaceRef; also what `distml
+    export k8s` writes for a cluster's job).
 
     One training run per data snapshot: a re-run after a crash resumes its checkpoint."""
     from distml.train.config import parse_config
 
     config = parse_config(
         {
-            "model": model,
-            "dataset": data["dataset"],
-            "data_dir": data["data_dir"],
-            "workers": workers,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "seed": seed,
-            "checkpoint_every": 10,
+            "model": {"name": model},
+            "data": {"dataset": data["dataset"], "data_dir": data["data_dir"], "batch_size": batch_size},
+            "training": {"epochs": epochs, "seed": seed},
+            "parallelism": {"workers": workers},
+            "checkpoint": {"every": 10},
             "workspace": workspace,
-            **extra,
         }
     )
     run_id = f"{config.resolved_run_id()}-{data['splits']['train']['fingerprint'][:10]}"
-    return config.model_copy(update={"run_id": run_id})
+    return config.updated({"job.run_id": run_id})
 
 
 def train_output(model: str, data: dict, run_id: str, result: dict) -> dict:
@@ -91,12 +86,12 @@ def train_output(model: str, data: dict, run_id: str, result: dict) -> dict:
 def train_spec(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size: int = 64, seed: int = 0) -> Any:
     """The run `train` launches (what a cluster's training job runs too)."""
     ws = current().workspace
-    return train_config(model, data, str(ws.root), epochs, workers, batch_size, seed, db_url=ws.db_url)
+    return train_config(model, data, ws.ref, epochs, workers, batch_size, seed)
 
 
 def train_collect(config: Any, result: dict, model: str, data: dict, *args: Any, **kwargs: Any) -> dict:
     """`train`'s value from its finished run."""
-    return train_output(model, data, config.run_id, result)
+    return train_output(model, data, config.job.run_id, result)
 
 
 @step(kind="training", spec=train_spec, collect=train_collect, memoize=True, retries=1)
@@ -108,7 +103,7 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
     ctx = current()
     train_split = data["splits"]["train"]
     config = train_spec(model, data, epochs, workers, batch_size, seed)
-    run_id = config.run_id
+    run_id = config.job.run_id
     total = epochs * math.ceil(train_split["records"] / (batch_size * workers))
     stop = threading.Event()
     reporter = threading.Thread(target=_report_training, args=(ctx, run_id, total, stop), daemon=True)

@@ -3,6 +3,8 @@
 `GatewayAdmin` wraps the routes under /admin (replicas, roll, promote, traffic, canary) with one
 error message per failure and one reused HTTP connection (a new httpx client costs about 40 ms
 of CPU for its TLS context, which a loop polling a canary five times a second would pay each time).
+It builds every body with the models the gateway parses it with (`admin_api`), so a bad argument
+fails here, before any request, with the message the gateway would answer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ import httpx
 
 from distml.core.errors import DistmlError
 from distml.core.refs import ModelRef
+from distml.serve.admin_api import (
+    CanaryRequestBody,
+    PromoteRequestBody,
+    RollRequestBody,
+    TrafficRequestBody,
+    parse_body,
+    to_json,
+)
 
 TIMEOUT_S = 300.0  # a roll waits for new replicas to load their models
 
@@ -55,15 +65,17 @@ class GatewayAdmin:
 
     def roll(self, models: list[str]) -> None:
         """Replace the replicas with ones that load `models` (each new one ready before an old one drains)."""
-        self.request("POST", "/admin/replicas/roll", {"models": models})
+        self.request("POST", "/admin/replicas/roll", to_json(parse_body(RollRequestBody, {"models": models})))
 
     def promote(self, name: str, version: int) -> None:
         """Send all of model `name`'s traffic to `version` (also a rollback, to an older one)."""
-        self.request("POST", f"/admin/models/{name}/promote", {"version": str(version)})
+        body = parse_body(PromoteRequestBody, {"version": version}, name)
+        self.request("POST", f"/admin/models/{name}/promote", to_json(body))
 
     def split(self, name: str, weights: dict[int, float]) -> None:
         """Split model `name`'s traffic between loaded versions, {version: weight}."""
-        self.request("POST", f"/admin/models/{name}/traffic", {"versions": {str(v): w for v, w in weights.items()}})
+        body = parse_body(TrafficRequestBody, {"versions": weights}, name)
+        self.request("POST", f"/admin/models/{name}/traffic", to_json(body))
 
     def swap(self, ref: str) -> None:
         """Serve `ref` (NAME:VERSION) alone: roll the replicas onto it, then send it all traffic."""
@@ -94,9 +106,8 @@ class GatewayAdmin:
         `policy["weight"]` of the traffic and promotes or rolls it back by itself (policy fields:
         `distml.serve.canary.CanaryPolicy`). Returns the canary's state."""
         pinned = ModelRef.pinned(ref)
-        return self.request(
-            "POST", f"/admin/models/{pinned.name}/canary", {**(policy or {}), "version": str(pinned.version)}
-        )
+        body = parse_body(CanaryRequestBody, {**(policy or {}), "version": pinned.version}, pinned.name)
+        return self.request("POST", f"/admin/models/{pinned.name}/canary", to_json(body))
 
     def canary_status(self, name: str) -> dict:
         """The last canary of model `name`: {state (running, promoted, rolled_back or none), stable,

@@ -22,7 +22,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distml.core.errors import DistmlError
-from distml.core.refs import parse_version
 from distml.serve.protocol import ProtocolError
 
 log = logging.getLogger("distml.serve.gateway")
@@ -253,12 +252,6 @@ class CanaryRun:
         }
 
 
-CANARY_BODY = (
-    '{"version": "<version>"} and optionally the policy: weight (0..1, default 0.2), window_s, interval_s, '
-    "min_requests, max_error_rate_increase, max_p99_ratio, failure_threshold"
-)
-
-
 class CanaryController:
     """Runs the canaries of a gateway: loads the candidate into every replica group, sets the traffic
     split, feeds the answers to its `CanaryAnalysis` and applies the verdict (all traffic to the
@@ -300,17 +293,13 @@ class CanaryController:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def start(self, model: str, body: dict[str, Any]) -> CanaryRun:
-        """Load version `body["version"]` into every replica of every group, then send it
+    async def start(self, model: str, version: int, policy: CanaryPolicy) -> CanaryRun:
+        """Load `version` into every replica of every group, then send it
         `policy.weight` of the traffic beside the stable version (the one taking all of it) and judge it
         (`CanaryAnalysis`) until it is promoted or rolled back. The split is set only once every ready
         replica answers the version, and the losing version is unloaded only once no request is in
         flight to it: under load no request fails. 409 while another canary of `model` runs."""
-        version = body.get("version")
-        if isinstance(version, bool) or not isinstance(version, (str, int)) or str(version) == "":
-            raise DistmlError(f"expected {CANARY_BODY}; got version {version!r}")
-        canary = str(parse_version(str(version), model))
-        policy = parse_canary_policy({k: v for k, v in body.items() if k != "version"})
+        canary = str(version)
         current = self.runs.get(model)
         if current is not None and current.state == "running":
             raise ProtocolError(
@@ -416,7 +405,6 @@ class CanaryController:
 
 
 __all__ = [
-    "CANARY_BODY",
     "CANARY_STATES",
     "CanaryAnalysis",
     "CanaryController",

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
-from distml.core.layout import service_dir
-from distml.workspace import DEFAULT_ROOT
+from distml.core.layout import DEFAULT_ROOT, WorkspaceRef
 
 TOKEN_ENV = "DISTML_SERVE_TOKEN"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -54,8 +54,9 @@ class _Strict(BaseModel):
 class ReplicaConfig(_Strict):
     """One model-server replica: what it serves, where it listens, how it batches."""
 
-    workspace: str = DEFAULT_ROOT
-    db_url: str | None = None  # the workspace's metadata store; None: distml.db in `workspace`
+    workspace: WorkspaceRef = Field(
+        default_factory=WorkspaceRef, description="the workspace's folder and metadata store (db_url None: distml.db)"
+    )
     models: list[str] = Field(min_length=1, description="references: NAME, NAME:VERSION or NAME@ALIAS")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 = a free port")
@@ -75,6 +76,21 @@ class ReplicaConfig(_Strict):
         "it (visible in `distml queue`, freed when it dies) without reserving, as a replica mostly waits",
     )
     queue: str = Field("default", description="scheduler queue the replica asks in (priority class: serving)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_workspace(cls, values: Any) -> Any:
+        """The flat form of the files written before `WorkspaceRef`, `workspace: PATH` with `db_url`
+        beside it, still loads (as does a path given in Python)."""
+        if not isinstance(values, dict):
+            return values
+        workspace = values.get("workspace", DEFAULT_ROOT)
+        if isinstance(workspace, (str, os.PathLike)):
+            flat = {key: value for key, value in values.items() if key != "db_url"}
+            return {**flat, "workspace": {"root": os.fspath(workspace), "db_url": values.get("db_url")}}
+        if "db_url" in values:
+            raise ValueError("db_url goes inside workspace ({root, db_url}) when workspace is an object")
+        return values
 
 
 class ScalingPolicy(_Strict):
@@ -141,7 +157,7 @@ class ServeConfig(_Strict):
         return self.token.get_secret_value() if self.token is not None else None
 
     def service_dir(self) -> Path:
-        return service_dir(self.replica.workspace, self.name)
+        return self.replica.workspace.service_dir(self.name)
 
 
 def _problems(exc: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
@@ -195,6 +211,15 @@ def load_replica_config(path: str | os.PathLike) -> ReplicaConfig:
     return parse_replica_config(_read(path, "replica configuration"))
 
 
+def store_from_env(replica: ReplicaConfig) -> ReplicaConfig:
+    """`replica` with its metadata store's URL from `DISTML_DB_URL` when its workspace names none: on a
+    cluster's pod the URL (with its password) comes from a Secret, never from a config file."""
+    url = os.environ.get(DB_URL_ENV)
+    if replica.workspace.db_url is not None or not url:
+        return replica
+    return replica.model_copy(update={"workspace": replica.workspace.model_copy(update={"db_url": url})})
+
+
 def load_serve_config(path: str | os.PathLike) -> ServeConfig:
     """A ServeConfig from its file; the token comes from `DISTML_SERVE_TOKEN` (it is never stored)."""
     values = _read(path, "serving configuration")
@@ -215,4 +240,5 @@ __all__ = [
     "parse_replica_config",
     "parse_scaling_policy",
     "parse_serve_config",
+    "store_from_env",
 ]

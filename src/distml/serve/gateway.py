@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import random
 import sys
 import time
@@ -29,13 +27,20 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
-from distml.ops.metrics import GatewayMetrics
-from distml.serve import http, openapi, protocol, sharding
+from distml.monitoring.metrics import GatewayMetrics
+from distml.serve import admin_api, http, openapi, protocol, sharding
+from distml.serve.admin_api import (
+    CanaryRequestBody,
+    PromoteRequestBody,
+    RepositoryRequestBody,
+    RollRequestBody,
+    ScaleRequestBody,
+    TrafficRequestBody,
+)
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop
-from distml.serve.canary import CANARY_BODY, CANARY_STATES, CanaryController, CanaryRun
-from distml.serve.config import ServeConfig, load_serve_config
+from distml.serve.canary import CANARY_STATES, CanaryController, CanaryRun
+from distml.serve.config import ServeConfig, load_serve_config, store_from_env
 from distml.serve.model import parse_version
 from distml.serve.protocol import ProtocolError
 from distml.serve.replicas import NoReplicaAvailable, ReplicaSet
@@ -90,34 +95,37 @@ class Deployments:
         """Record the move from what was served to `models`: new ones start, dropped ones end."""
         import os
         import socket
-        from pathlib import Path
 
+        from distml.core.layout import DB_FILE, WorkspaceRef
         from distml.core.liveness import process_identity
-        from distml.ops import lineage
+        from distml.lineage import record as lineage
+        from distml.models import registry
 
         pid, before = os.getpid(), self.serving
         self.serving = {ref: before.get(ref) for ref in models}
         changes = [(ref, before[ref] or ref, "ended") for ref in before if ref not in self.serving]
         changes += [(ref, ref, "running") for ref in self.serving if ref not in before]
-        root = Path(self.config.replica.workspace)
+        ref = self.config.replica.workspace
         try:
-            replica = self.config.replica
-            own_store = replica.db_url not in (None, f"sqlite:///{(root / 'distml.db').resolve()}")
-            if self._workspace is None and (own_store or (root / "distml.db").exists()):
+            own_store = ref.url != WorkspaceRef(root=ref.root).url  # not the folder's distml.db
+            if self._workspace is None and (own_store or (ref.path / DB_FILE).exists()):
                 from distml.workspace import Workspace
 
-                self._workspace = Workspace(root, replica.db_url)
+                self._workspace = Workspace.open(ref)
             if self._workspace is None:
                 return
             engine, host, started = self._workspace.engine, socket.gethostname(), process_identity(pid)
             origin = {"started_by": lineage.enclosing_step()} if not before else {}  # e.g. a pipeline's serve step
             for ref, recorded, state in changes:
-                pinned = lineage.record_deployment(
-                    engine, service=self.config.name, ref=recorded, state=state, url=self.url,
-                    pid=pid, host=host, pid_started=started, properties=origin,
+                version = registry.lookup(engine, recorded)  # pinned as it starts: an alias may move later
+                if version is None:
+                    continue
+                lineage.record_deployment(
+                    engine, service=self.config.name, model=version.ref, manifest_digest=version.manifest_digest,
+                    state=state, url=self.url, pid=pid, host=host, pid_started=started, properties=origin,
                 )  # fmt: skip
                 if state == "running":
-                    self.serving[ref] = pinned
+                    self.serving[ref] = version.ref
         except Exception as exc:
             log.warning("the lineage graph misses what %s serves (%s): %s", self.config.name, list(models), exc)
         if not self.serving and self._workspace is not None:
@@ -418,28 +426,13 @@ class Gateway:
 
     # ------------------------------------------------------------ admin
 
-    def set_traffic(self, model: str, versions: Any) -> dict[str, float]:
-        if not isinstance(versions, dict) or not versions:
-            raise DistmlError('expected {"versions": {"<version>": <weight>, ...}} with at least one version')
-        split: dict[str, float] = {}
-        for version, weight in versions.items():
-            if (
-                isinstance(weight, bool)
-                or not isinstance(weight, (int, float))
-                or not math.isfinite(weight)
-                or weight < 0
-            ):
-                raise DistmlError(f"weight of version {version!r} must be a number >= 0, got {weight!r}")
-            split[str(parse_version(model, str(version)))] = float(weight)
-        if sum(split.values()) <= 0:
-            raise DistmlError("at least one version needs a weight > 0")
-        self.traffic[model] = {v: w for v, w in split.items() if w > 0}
+    def set_traffic(self, model: str, split: TrafficRequestBody) -> dict[str, float]:
+        """Split `model`'s traffic as `split` says (versions without weight get none)."""
+        self.traffic[model] = {str(v): w for v, w in split.versions.items() if w > 0}
         log.info("traffic for %s: %s", model, self.traffic[model])
         return self.traffic[model]
 
-    async def roll(self, models: Any) -> None:
-        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-            raise DistmlError('expected {"models": ["<ref>", ...]} with at least one model reference')
+    async def roll(self, models: list[str]) -> None:
         await asyncio.gather(*(rs.roll(models) for rs in self.groups))
         if self.deployments is not None:
             await asyncio.to_thread(self.deployments.update, self.groups[0].models)
@@ -565,14 +558,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     _admin_routes(app, gateway)
     _repository_routes(app, gateway)
 
-    # everything else under /v2 and /v1 (metadata, model readiness, jobs) goes to a replica
-    @app.api_route("/v2", methods=["GET"])
-    @app.api_route("/v2/{rest:path}", methods=["GET", "POST"])
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"])
+    # everything else under /v2 and /v1 (metadata, model readiness, jobs) goes to a replica, whose
+    # own /docs describe those routes (a catch-all here would only repeat one operation per method)
+    @app.api_route("/v2", methods=["GET"], include_in_schema=False)
+    @app.api_route("/v2/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     async def passthrough(request: Request, rest: str = ""):
         return await gateway.proxy(request, retry=request.method == "GET")
 
-    http.document_bodies(app, [openapi.InferRequestBody, openapi.PredictRequestBody])
+    http.document_bodies(app, [openapi.InferRequestBody, openapi.PredictRequestBody, *admin_api.BODIES])
     app.front = [
         (http.BearerAuth, {"token": gateway.config.token_value()}),
         (http.FastRoutes, {"routes": [(method, path, endpoint) for method, path, endpoint, _ in hot]}),
@@ -628,19 +622,28 @@ def _inference_routes(app: FastAPI, gateway: Gateway) -> list[tuple[str, str, Ca
     return hot
 
 
+async def _read_body(
+    request: Request, limit: int, body: type[admin_api.BodyT], model: str | None = None
+) -> admin_api.BodyT:
+    """The request's JSON body as an admin `body` (`admin_api`), or one 400 saying what is wrong."""
+    return admin_api.parse_body(body, await http.read_json(request, limit, body.expected), model)
+
+
 def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
-    """/admin: replicas (list, scale, roll), traffic splits, canaries and promotion."""
+    """/admin: replicas (list, scale, roll), traffic splits, canaries and promotion; each body is
+    parsed by its model in `admin_api` (documented as such in /docs)."""
     limit = gateway.config.replica.max_body_bytes
+
+    def documented(body: type) -> dict[str, Any]:
+        return {"openapi_extra": http.request_body(body), "responses": {"4XX": {"model": openapi.ErrorBody}}}
 
     @app.get("/admin/replicas")
     async def replicas():
         return gateway.snapshot()
 
-    @app.post("/admin/replicas/scale")
+    @app.post("/admin/replicas/scale", **documented(ScaleRequestBody))
     async def scale(request: Request):
-        n = (await http.read_json(request, limit, '{"replicas": <integer >= 0>}')).get("replicas")
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 256:
-            raise DistmlError(f'expected {{"replicas": <integer 0..256>}}, got {n!r}')
+        n = (await _read_body(request, limit, ScaleRequestBody)).replicas
         if gateway.autoscalers:
             return http.error_response(
                 409,
@@ -651,28 +654,29 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
             rs.scale_to(n)
         return gateway.snapshot()
 
-    @app.post("/admin/replicas/roll")
+    @app.post("/admin/replicas/roll", **documented(RollRequestBody))
     async def roll(request: Request):
-        await gateway.roll((await http.read_json(request, limit, '{"models": ["<ref>", ...]}')).get("models"))
+        await gateway.roll((await _read_body(request, limit, RollRequestBody)).models)
         return gateway.snapshot()
 
     @app.get("/admin/models/{model}/traffic")
     async def get_traffic(model: str):
         return {"model": model, "versions": gateway.traffic.get(model, {})}
 
-    @app.post("/admin/models/{model}/traffic")
+    @app.post("/admin/models/{model}/traffic", **documented(TrafficRequestBody))
     async def set_traffic(model: str, request: Request):
-        body = await http.read_json(request, limit, '{"versions": {"<version>": <weight>, ...}}')
-        return {"model": model, "versions": gateway.set_traffic(model, body.get("versions"))}
+        split = await _read_body(request, limit, TrafficRequestBody, model)
+        return {"model": model, "versions": gateway.set_traffic(model, split)}
 
     @app.delete("/admin/models/{model}/traffic")
     async def clear_traffic(model: str):
         gateway.traffic.pop(model, None)
         return {"model": model, "versions": {}}
 
-    @app.post("/admin/models/{model}/canary")
+    @app.post("/admin/models/{model}/canary", **documented(CanaryRequestBody))
     async def start_canary(model: str, request: Request):
-        run = await gateway.canary.start(model, await http.read_json(request, limit, CANARY_BODY))
+        body = await _read_body(request, limit, CanaryRequestBody, model)
+        run = await gateway.canary.start(model, body.version, body.policy)
         return run.view()
 
     @app.get("/admin/models/{model}/canary")
@@ -683,30 +687,28 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def abort_canary(model: str):
         return (await gateway.canary.abort(model)).view()
 
-    @app.post("/admin/models/{model}/promote")
+    @app.post("/admin/models/{model}/promote", **documented(PromoteRequestBody))
     async def promote(model: str, request: Request):
-        version = (await http.read_json(request, limit, '{"version": "<version>"}')).get("version")
-        if isinstance(version, bool) or not isinstance(version, (str, int)) or str(version) == "":
-            raise DistmlError(f'expected {{"version": "<version>"}}, got {version!r}')
-        return {"model": model, "versions": gateway.set_traffic(model, {str(version): 100})}
+        version = (await _read_body(request, limit, PromoteRequestBody, model)).version
+        return {"model": model, "versions": gateway.set_traffic(model, TrafficRequestBody(versions={version: 100.0}))}
 
 
 def _repository_routes(app: FastAPI, gateway: Gateway) -> None:
     limit = gateway.config.replica.max_body_bytes
 
-    @app.post("/v2/repository/models/{model}/{action}")
+    @app.post(
+        "/v2/repository/models/{model}/{action}",
+        openapi_extra=http.request_body(RepositoryRequestBody),
+        responses={"4XX": {"model": openapi.ErrorBody}},
+    )
     async def repository(model: str, action: str, request: Request):
         """The model-repository extension on the whole service: every replica of every group loads (or
         unloads) the version, and replicas started later do too; traffic is not changed (see canary)."""
         if action not in ("load", "unload"):
             raise ProtocolError(404, f"no route POST {request.url.path}; expected .../load or .../unload")
-        expected = '{"parameters": {"version": "<version number>"}}'
-        parameters = (await http.read_json(request, limit, expected)).get("parameters")
-        version = parameters.get("version") if isinstance(parameters, dict) else None
-        if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).isdigit():
-            raise ProtocolError(400, f"request body names no version to {action}; expected {expected}")
-        await gateway.repository(model, str(int(version)), action)
-        return {"name": model, "version": str(int(version)), "state": f"{action}ed"}
+        version = str((await _read_body(request, limit, RepositoryRequestBody, model)).parameters.version)
+        await gateway.repository(model, version, action)
+        return {"name": model, "version": version, "state": f"{action}ed"}
 
 
 async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:
@@ -764,9 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config = load_serve_config(args[0])
-        if config.replica.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
-            replica = config.replica.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
-            config = config.model_copy(update={"replica": replica})
+        config = config.model_copy(update={"replica": store_from_env(config.replica)})
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_gateway(config)
     except DistmlError as exc:

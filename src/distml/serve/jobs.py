@@ -24,8 +24,40 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from distml.core.db import METADATA, UTCDateTime, utc_now
 from distml.core.liveness import pid_alive
-from distml.ops.metadata import inference_jobs
+
+# -- asynchronous inference jobs (migration 4) ---------------------------------------------------
+# A row is written before the job is acknowledged; a replica claims it by a conditional UPDATE
+# of (status, owner) and holds it under a lease (`lease_expires`, epoch seconds) that it renews.
+
+inference_jobs = sa.Table(
+    "inference_jobs",
+    METADATA,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),  # null: whichever version the runner serves
+    sa.Column("status", sa.String(20), nullable=False),  # queued, running, succeeded, failed
+    sa.Column("request_json", sa.Text, nullable=False),
+    sa.Column("result_json", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("callback_url", sa.Text, nullable=True),
+    sa.Column("callback_status", sa.String(20), nullable=True),  # pending, delivered, failed
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires", sa.Float, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_inference_jobs_status_model", "status", "model"),
+)
+
+
+def _m4_inference_jobs(conn: sa.Connection) -> None:
+    inference_jobs.create(conn)
+
+
+MIGRATIONS = {4: _m4_inference_jobs}
+
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +66,6 @@ TERMINAL = ("succeeded", "failed")
 
 #: (model, version or None, request object) -> (version used, V2 infer response as a JSON dict)
 Execute = Callable[[str, "int | None", dict], Awaitable[tuple[int, dict]]]
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -50,7 +78,7 @@ def create_job(
     engine: sa.Engine, *, model: str, version: int | None, request: dict, callback_url: str | None = None
 ) -> dict[str, Any]:
     """Store a new queued job (committed when this returns); return its row."""
-    now = _now()
+    now = utc_now()
     row = {
         "id": str(uuid.uuid4()),
         "model": model,
@@ -204,7 +232,7 @@ class JobRunner:
             values: dict[str, Any] = {
                 "owner": self.owner,
                 "lease_expires": now + self.lease_seconds,
-                "updated_at": _now(),
+                "updated_at": utc_now(),
             }
             if row.status not in TERMINAL:
                 values["status"] = "running"
@@ -224,7 +252,7 @@ class JobRunner:
             conn.execute(
                 t.update()
                 .where(t.c.id.in_(job_ids), t.c.owner == self.owner, t.c.status == "running")
-                .values(status="queued", owner=None, lease_expires=None, updated_at=_now())
+                .values(status="queued", owner=None, lease_expires=None, updated_at=utc_now())
             )
             conn.execute(
                 t.update().where(t.c.id.in_(job_ids), t.c.owner == self.owner).values(owner=None, lease_expires=None)
@@ -254,7 +282,7 @@ class JobRunner:
         with self.engine.begin() as conn:
             return (
                 conn.execute(
-                    t.update().where(t.c.id == job_id, t.c.owner == self.owner).values(updated_at=_now(), **values)
+                    t.update().where(t.c.id == job_id, t.c.owner == self.owner).values(updated_at=utc_now(), **values)
                 ).rowcount
                 == 1
             )

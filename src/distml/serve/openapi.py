@@ -2,7 +2,8 @@
 
 The wire formats are parsed and written by hand in `protocol.py` (faster, and with errors that
 name the field); these pydantic models describe the same bodies to OpenAPI and are never used
-to parse a request.
+to parse a request. The admin bodies are the other way round: `admin_api` holds the models that
+parse them, and the docs show those.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import aiohttp
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
 from distml.core.refs import ModelRef
+from distml.serve.admin_api import RepositoryRequestBody, parse_body, to_json
 from distml.serve.config import TOKEN_ENV, ReplicaConfig
 
 log = logging.getLogger("distml.serve.replicas")
@@ -171,7 +172,10 @@ class ReplicaSet:
         self.command = list(command)
         if not self.command:
             raise DistmlError("replica command is empty; expected e.g. [python, -m, distml.serve.server]")
-        self.template = template.model_copy(update={"workspace": str(Path(template.workspace).resolve())})
+        ws = template.workspace  # its db_url stays as given: None lets a replica take DISTML_DB_URL
+        self.template = template.model_copy(
+            update={"workspace": ws.model_copy(update={"root": str(ws.path.resolve())})}
+        )
         self.models = tuple(template.models)
         if replicas < 0:
             raise DistmlError(f"replica count must be >= 0, got {replicas}")
@@ -430,7 +434,7 @@ class ReplicaSet:
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         url = f"{replica.url}/v2/repository/models/{quote(name, safe='')}/{action}"
-        body = {"parameters": {"version": str(version)}}
+        body = to_json(parse_body(RepositoryRequestBody, {"parameters": {"version": version}}, name))
         try:
             async with self._session.post(
                 url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.start_timeout)

@@ -25,13 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 import distml
-from distml.core import DB_URL_ENV
 from distml.core.errors import DistmlError
-from distml.core.refs import parse_version
-from distml.ops.admission import Lease, Resources, SharedPool
-from distml.ops.metrics import ServingMetrics
+from distml.monitoring.metrics import ServingMetrics
+from distml.scheduling.admission import Lease, Resources, SharedPool
 from distml.serve import http, openapi, protocol
-from distml.serve.config import TOKEN_ENV, ReplicaConfig, load_replica_config
+from distml.serve.admin_api import RepositoryRequestBody, parse_body
+from distml.serve.config import TOKEN_ENV, ReplicaConfig, load_replica_config, store_from_env
 from distml.serve.jobs import JobRunner, create_job, get_job, job_view
 from distml.serve.model import ModelRepository, ServedModel
 from distml.serve.protocol import ProtocolError
@@ -244,16 +243,8 @@ class ModelServer:
         labels = request.scope["distml.labels"]
         labels["endpoint"] = endpoint
         name = request.path_params["model"]
-        expected = '{"parameters": {"version": "<version number>"}}'
-        obj = await http.read_json(request, self.config.max_body_bytes, expected)
-        parameters = obj.get("parameters")
-        version = parameters.get("version") if isinstance(parameters, dict) else None
-        try:
-            text = str(parse_version(version, name))
-        except DistmlError:
-            raise ProtocolError(
-                400, f"request body names no version to {endpoint.split('_')[1]}; expected {expected}"
-            ) from None
+        obj = await http.read_json(request, self.config.max_body_bytes, RepositoryRequestBody.expected)
+        text = str(parse_body(RepositoryRequestBody, obj, name).parameters.version)  # as the gateway parses it
         if self.draining or not self.ready:
             why = "the server is shutting down" if self.draining else self.load_error or "models are still loading"
             raise ProtocolError(503, f"cannot change the loaded models now: {why}")
@@ -362,12 +353,6 @@ class ServingMiddleware:
             )
 
 
-class RepositoryRequestBody(openapi.Doc):
-    """Model-repository extension: which version of the path's model to load or unload."""
-
-    parameters: dict[str, str | int] = Field(examples=[{"version": "3"}])
-
-
 class RepositoryBody(openapi.Doc):
     name: str
     version: str
@@ -387,7 +372,7 @@ def create_app(config: ReplicaConfig, token: str | None = None, workspace: Works
     and their manifests checked now (a bad one raises DistmlError); weights load in the background
     once the app starts, and /v2/health/ready answers 503 until they are in.
     """
-    ws = workspace or Workspace(config.workspace, config.db_url)
+    ws = workspace or Workspace.open(config.workspace)
     server = ModelServer(config, ModelRepository(ws, config.models))
     app = http.FrontedApp(title="distml model server", version=distml.__version__, lifespan=server.lifespan)
     app.state.server = server
@@ -457,9 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool: SharedPool | None = None
     lease: Lease | None = None
     try:
-        config = load_replica_config(args[0])
-        if config.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
-            config = config.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
+        config = store_from_env(load_replica_config(args[0]))
         logging.basicConfig(
             level=config.log_level.upper(),
             stream=sys.stderr,
@@ -467,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback POST is noise
         http.clear_port_file(config.port_file)
-        workspace = Workspace(config.workspace, config.db_url)
+        workspace = Workspace.open(config.workspace)
         # The replica's own place in the workspace's scheduler, held by this process (freed if it dies).
         pool = SharedPool(workspace.engine, queue=config.queue, priority="serving", kind="serve")
         lease = pool.acquire(

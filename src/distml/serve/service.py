@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,18 +42,14 @@ def build_serve_config(ws: Workspace, model: str, options: dict[str, Any]) -> tu
     pinned = f"{record.name}:{record.version}"  # replicas started later must load the same version
     ServedModel(record.name, record.version, record.manifest)  # refuses a manifest without its preprocessing
     given = {key: value for key, value in options.items() if value is not None}
-    replica: dict[str, Any] = {
-        "workspace": str(Path(ws.root).resolve()),
-        "db_url": ws.db_url,
-        "models": [pinned],
-    }
+    replica: dict[str, Any] = {"workspace": ws.ref, "models": [pinned]}
     for key in ("max_batch_size", "max_batch_delay_ms", "queue"):
         if key in given:
             replica[key] = given.pop(key)
     if "replica_cpus" in given:
         replica["cpus"] = given.pop("replica_cpus")
     if "queue" in replica:
-        from distml.ops.admission import check_queue
+        from distml.scheduling.admission import check_queue
 
         check_queue(ws.engine, replica["queue"])
     autoscale = given.pop("autoscale", None)

@@ -26,8 +26,8 @@ from typing import Any
 
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
-from distml.ops.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus, pool_state
-from distml.ops.metrics import serve_scheduler
+from distml.scheduling.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus, pool_state
+from distml.scheduling.metrics import serve_scheduler
 from distml.train.config import TrainConfig
 from distml.workspace import Workspace
 
@@ -35,25 +35,25 @@ from distml.workspace import Workspace
 def torchrun_args(config: TrainConfig, config_path: Path) -> list[str]:
     args = [
         "--nnodes",
-        config.nnodes,
+        config.parallelism.nnodes,
         "--nproc-per-node",
         str(config.procs_per_node),
         "--max-restarts",
-        str(config.max_restarts),
+        str(config.checkpoint.max_restarts),
         "--monitor-interval",
         "0.1",  # how soon the agent sees a worker exit (or fail): the end of every run waits on it
     ]
-    if config.rdzv_endpoint:
+    if config.parallelism.rdzv_endpoint:
         args += [
             "--rdzv-backend",
             "c10d",
             "--rdzv-endpoint",
-            config.rdzv_endpoint,
+            config.parallelism.rdzv_endpoint,
             "--rdzv-id",
             config.resolved_run_id(),
             "--rdzv-conf",
-            f"last_call_timeout={config.rdzv_last_call_timeout},join_timeout=120,"
-            f"keep_alive_interval={config.rdzv_keep_alive},keep_alive_max_attempt=3",
+            f"last_call_timeout={config.parallelism.rdzv_last_call_timeout},join_timeout=120,"
+            f"keep_alive_interval={config.parallelism.rdzv_keep_alive},keep_alive_max_attempt=3",
         ]
     else:
         args += ["--standalone"]
@@ -94,17 +94,17 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     from distml.models.artifact import resolve_model
     from distml.train.worker import build_meta, check_init_from, check_model_fits, training_data
 
-    ws = Workspace(Path(config.workspace).resolve(), config.db_url)
+    ws = Workspace(Path(config.workspace.root).resolve(), config.workspace.db_url)
     # the workers open the same store: its URL, never the environment, goes with their config
-    config = config.model_copy(update={"workspace": str(ws.root), "db_url": ws.db_url})
+    config = config.model_copy(update={"workspace": ws.ref})
     start_worker_forkserver()
     # Bad input fails here, as one error before any process starts: the model's name and arguments,
     # the data set (downloaded and verified once, not per worker), and whether the model fits it.
     model = build_meta(config)
     dataset = training_data(config, ws, progress=True)
     check_model_fits(config, model, dataset)
-    if config.init_from is not None:  # a wrong warm start fails before any process starts
-        check_init_from(config, resolve_model(ws, config.init_from).manifest)
+    if config.model.init_from is not None:  # a wrong warm start fails before any process starts
+        check_init_from(config, resolve_model(ws, config.model.init_from).manifest)
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
@@ -118,7 +118,7 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     # restarted workers can read the previous round's gloo/NCCL keys and hang in
     # init_process_group (pytorch/pytorch#135712); each round gets a fresh store without it.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if config.rdzv_endpoint is not None or os.environ.get(JOB_ENV):
+    if config.parallelism.rdzv_endpoint is not None or os.environ.get(JOB_ENV):
         # Multi-node: the rendezvous gathers the gang across machines (a cluster's scheduler, Kueue,
         # admits it there). Inside a workflow step: the step's gang is already held.
         return _run(config, config_path, result_path)
@@ -130,8 +130,8 @@ def gang_request(config: TrainConfig, pool_cpus: float) -> Resources:
     each with the cpu slots of its threads (`threads`; by default the run's processes share the
     pool's slots, as they share the cores), and a gpu per process on CUDA when there is one for
     each (fewer gpus than processes are shared, which the scheduler cannot count per task)."""
-    cpus = float(config.threads) if config.threads else pool_cpus / config.procs_per_node
-    cuda = config.device == "cuda" or (config.device == "auto" and count_gpus() > 0)
+    cpus = float(config.training.threads) if config.training.threads else pool_cpus / config.procs_per_node
+    cuda = config.training.device == "cuda" or (config.training.device == "auto" and count_gpus() > 0)
     gpus = 1 if cuda and count_gpus() >= config.procs_per_node else 0
     return Resources(cpus=cpus, gpus=gpus, workers=config.procs_per_node)
 
@@ -146,8 +146,8 @@ def _preemptible_pool(ws: Workspace, config: TrainConfig, training: threading.Ev
 
     return SharedPool(
         ws.engine,
-        queue=config.queue,
-        priority=config.priority,
+        queue=config.job.queue,
+        priority=config.job.priority,
         kind="train",
         preemptible=True,
         on_preempt=stop_for_preemption,
@@ -188,7 +188,7 @@ def _run_admitted(ws: Workspace, config: TrainConfig, config_path: Path, result_
                 training.clear()
                 waiting_handlers()
                 if pool.preempted(lease):
-                    _say(f"{run_id} was preempted: checkpoint written, waiting in queue {config.queue} to resume")
+                    _say(f"{run_id} was preempted: checkpoint written, waiting in queue {config.job.queue} to resume")
                     pool.requeue(lease)
                     continue
                 pool.release(lease, "cancelled")
@@ -227,7 +227,7 @@ def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str,
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:
         raise DistmlError(
-            f"training failed after {config.max_restarts} restart(s): {exc.format_msg()}"
+            f"training failed after {config.checkpoint.max_restarts} restart(s): {exc.format_msg()}"
             if hasattr(exc, "format_msg")
             else f"training failed: {exc}"
         ) from None

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from distml.ops import metadata
+from distml.train import store
 
 
 class Reporter:
@@ -23,7 +23,7 @@ class Reporter:
         self.samples_per_s = 0.0
         self.every = max(1, total // 20)
         self.bar = None
-        metadata.record_train_run(workspace.engine, self.run_id, config.model_dump(), status="running")
+        store.record_train_run(workspace.engine, self.run_id, config.flat(), status="running")
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -36,7 +36,7 @@ class Reporter:
             )
             self.bar.start()
             self.task = self.bar.add_task(
-                "train", total=total, completed=start_step, model=config.model, loss=float("nan"), speed=0.0
+                "train", total=total, completed=start_step, model=config.model.name, loss=float("nan"), speed=0.0
             )
 
     def step(self, step: int, loss: float, seconds: float, epoch: int) -> None:
@@ -61,17 +61,17 @@ class Reporter:
 
     def flush(self) -> None:
         if self.rows:
-            metadata.record_train_steps(self.workspace.engine, self.run_id, self.rows)
+            store.record_train_steps(self.workspace.engine, self.run_id, self.rows)
             self.rows = []
 
     def finish(self, accuracy: float, model_ref: str) -> None:
         self.flush()
         if self.bar is not None:
             self.bar.stop()
-        metadata.record_train_run(
+        store.record_train_run(
             self.workspace.engine,
             self.run_id,
-            self.config.model_dump(),
+            self.config.flat(),
             status="complete",
             result={"test_accuracy": accuracy, "model": model_ref},
         )

@@ -87,12 +87,14 @@ class Context:
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.run_dir = config.run_dir()
-        self.servers = config.ps_shards if config.strategy == "parameter-server" else 0
+        self.servers = config.parallelism.ps_shards if config.parallelism.strategy == "parameter-server" else 0
         self.worker_index = self.rank - self.servers
         self.num_workers = self.world - self.servers
         self.is_server = self.rank < self.servers
         self.is_lead = self.rank == self.servers  # the first worker: checkpoints, evaluates, reports
-        self.device = resolve_device(config.device, self.local_rank) if not self.is_server else torch.device("cpu")
+        self.device = (
+            resolve_device(config.training.device, self.local_rank) if not self.is_server else torch.device("cpu")
+        )
         self.metrics: Any = None  # this rank's TrainingMetrics, served from main()
 
     def log(self, message: str) -> None:
@@ -126,8 +128,8 @@ def tune_malloc() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv[0])
-    if config.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
-        config = config.model_copy(update={"db_url": os.environ[DB_URL_ENV]})
+    if config.workspace.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
+        config = config.updated({"workspace.db_url": os.environ[DB_URL_ENV]})
     tune_malloc()
     ctx = Context(config)
     threads = config.threads_per_process(ctx.local_world)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     # NCCL needs one GPU per rank ("Duplicate GPU detected" otherwise); with more local ranks
     # than GPUs, gloo moves the CUDA tensors instead. Parameter servers talk gloo on CPU tensors.
     nccl_ok = ctx.device.type == "cuda" and ctx.local_world <= torch.cuda.device_count()
-    backend = "nccl" if nccl_ok and config.strategy == "allreduce" else "gloo"
+    backend = "nccl" if nccl_ok and config.parallelism.strategy == "allreduce" else "gloo"
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     dist.init_process_group(backend)
@@ -172,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
 def start_metrics(ctx: Context):
     """Every rank serves its Prometheus metrics on a free port (the lead on `metrics_port` when
     set) and records where in RUN/metrics/rank-N.json."""
-    from distml.ops.metrics import TrainingMetrics
+    from distml.monitoring.metrics import TrainingMetrics
 
     metrics = TrainingMetrics(ctx.config.resolved_run_id(), ctx.rank)
     metrics.world_size.set(ctx.num_workers)
     metrics.restarts.set(ctx.restart)
-    port = ctx.config.metrics_port if ctx.is_lead and ctx.config.metrics_port is not None else 0
+    port = ctx.config.job.metrics_port if ctx.is_lead and ctx.config.job.metrics_port is not None else 0
     endpoint = metrics.serve(port, endpoint_file=ctx.run_dir / "metrics" / f"rank-{ctx.rank}.json")
-    if ctx.is_lead and ctx.config.metrics_port is not None:
+    if ctx.is_lead and ctx.config.job.metrics_port is not None:
         ctx.log(f"Prometheus metrics at {endpoint.url}")
         from distml.core.files import atomic_write
 
@@ -193,12 +195,12 @@ def make_loader(ctx: Context, dataset, split: str = "train", **kwargs) -> Loader
 
     return Loader(
         dataset.splits[split],
-        batch_size=ctx.config.batch_size,
+        batch_size=ctx.config.data.batch_size,
         shard=(max(ctx.worker_index, 0), ctx.num_workers),
-        seed=ctx.config.seed,
+        seed=ctx.config.training.seed,
         preprocess=dataset.preprocess,
         cache="disk",
-        workspace=Workspace(ctx.config.workspace, ctx.config.db_url),
+        workspace=Workspace.open(ctx.config.workspace),
         **kwargs,
     )
 
@@ -207,22 +209,22 @@ def planned_steps(config: TrainConfig, loader: Loader, step: int) -> int:
     """The step at which this attempt ends: the rest of the current epoch plus the remaining
     epochs at the current world size (an elastic resize changes steps per epoch, not epochs)."""
     left = 0
-    if loader.epoch < config.epochs:
-        left = loader.batches_left() + (config.epochs - loader.epoch - 1) * len(loader)
+    if loader.epoch < config.training.epochs:
+        left = loader.batches_left() + (config.training.epochs - loader.epoch - 1) * len(loader)
     total = step + left
-    return min(total, config.max_steps) if config.max_steps else total
+    return min(total, config.training.max_steps) if config.training.max_steps else total
 
 
 def build(config: TrainConfig) -> torch.nn.Module:
     """The model at step 0: the same random weights on every rank, or `init_from`'s (warm start)."""
     from distml.models.zoo import build_model
 
-    torch.manual_seed(config.seed)  # every rank starts from the same weights
-    model = build_model(config.model, **config.model_args)
-    if config.init_from is not None:
+    torch.manual_seed(config.training.seed)  # every rank starts from the same weights
+    model = build_model(config.model.name, **config.model.args)
+    if config.model.init_from is not None:
         from distml.models.artifact import load_model
 
-        source, manifest = load_model(_workspace(config), config.init_from)
+        source, manifest = load_model(_workspace(config), config.model.init_from)
         check_init_from(config, manifest)
         model.load_state_dict(source.state_dict())
     return model
@@ -230,10 +232,10 @@ def build(config: TrainConfig) -> torch.nn.Module:
 
 def check_init_from(config: TrainConfig, manifest: dict[str, Any]) -> None:
     """A warm start needs the same architecture and arguments (the weights must fit)."""
-    if manifest["architecture"] != config.model or manifest.get("arch_args", {}) != config.model_args:
+    if manifest["architecture"] != config.model.name or manifest.get("arch_args", {}) != config.model.args:
         raise DistmlError(
-            f"init_from {config.init_from} is a {manifest['architecture']} {manifest.get('arch_args', {})}; "
-            f"it cannot start a {config.model} {config.model_args}: use a model of the same architecture"
+            f"init_from {config.model.init_from} is a {manifest['architecture']} {manifest.get('arch_args', {})}; "
+            f"it cannot start a {config.model.name} {config.model.args}: use a model of the same architecture"
         )
 
 
@@ -242,7 +244,7 @@ def build_meta(config: TrainConfig) -> torch.nn.Module:
     from distml.models.zoo import build_model
 
     with torch.device("meta"):
-        return build_model(config.model, **config.model_args)
+        return build_model(config.model.name, **config.model.args)
 
 
 # Up to this many parameters the fit check runs on the CPU (milliseconds, a few MB); above, on the
@@ -257,11 +259,11 @@ def check_model_fits(config: TrainConfig, model: torch.nn.Module, dataset: Any) 
     from distml.models.zoo import build_model
 
     shape, classes = tuple(dataset.image_shape), len(dataset.class_names)
-    described = f"model {config.model!r}" + (f" with {config.model_args}" if config.model_args else "")
+    described = f"model {config.model.name!r}" + (f" with {config.model.args}" if config.model.args else "")
     size = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     device = "cpu" if size <= FIT_CHECK_CPU_PARAMETERS else "meta"
     if device == "cpu":
-        model = build_model(config.model, **config.model_args)
+        model = build_model(config.model.name, **config.model.args)
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *shape, device=device))
@@ -282,8 +284,8 @@ def training_data(config: TrainConfig, ws: Any, progress: bool = False) -> Any:
     """The run's data set: the named one, with its train split replaced by `train_files` if given."""
     from distml.data.datasets import with_train_files
 
-    dataset = get_dataset(config.dataset, ws, config.data_dir, progress=progress)
-    return with_train_files(dataset, config.train_files) if config.train_files else dataset
+    dataset = get_dataset(config.data.dataset, ws, config.data.data_dir, progress=progress)
+    return with_train_files(dataset, config.data.train_files) if config.data.train_files else dataset
 
 
 def agree_stop(local: bool, device: torch.device) -> bool:
@@ -305,15 +307,17 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     params = list(model.parameters())
     layout = ShardLayout.balanced(params, ctx.servers)
     worker_ranks = list(range(ctx.servers, ctx.world))
-    staleness_log = _StalenessLog(ctx) if config.log_samples and config.ps_mode == "async" else None
+    staleness_log = (
+        _StalenessLog(ctx) if config.training.log_samples and config.parallelism.ps_mode == "async" else None
+    )
     server = PSServer(
         ctx.rank,
         layout.flat(params, ctx.rank),
         worker_ranks,
         config.learning_rate(ctx.num_workers),
-        config.ps_mode,
-        config.ps_staleness,
-        config.optimizer,
+        config.parallelism.ps_mode,
+        config.parallelism.ps_staleness,
+        config.optimizer.name,
         record=staleness_log.record if staleness_log is not None else None,
     )
     step = checkpoint.latest_step(ctx.run_dir) or 0
@@ -324,7 +328,7 @@ def serve(ctx: Context, stop: StopFlag) -> None:
     ctx.metrics.step.set(step)
     ctx.log(
         f"serving shard {ctx.rank} ({layout.numels[ctx.rank]:,} parameters) to {len(worker_ranks)} workers, "
-        f"{config.ps_mode}, from step {step} of {total}"
+        f"{config.parallelism.ps_mode}, from step {step} of {total}"
     )
     server.broadcast()
     try:
@@ -337,8 +341,8 @@ def serve(ctx: Context, stop: StopFlag) -> None:
 def _serve_segments(ctx: Context, stop: StopFlag, server: Any, step: int, total: int, worker_ranks: list[int]) -> None:
     config = ctx.config
     while step < total:
-        boundary = min(total, (step // config.checkpoint_every + 1) * config.checkpoint_every)
-        if config.ps_mode == "sync":
+        boundary = min(total, (step // config.checkpoint.every + 1) * config.checkpoint.every)
+        if config.parallelism.ps_mode == "sync":
             for _ in range(boundary - step):
                 server.serve_sync_step()
         else:
@@ -371,7 +375,7 @@ class _StalenessLog:
 def _workspace(config: TrainConfig):
     from distml.workspace import Workspace
 
-    return Workspace(config.workspace, config.db_url)
+    return Workspace.open(config.workspace)
 
 
 # -- training ranks ---------------------------------------------------------------------------
@@ -385,7 +389,7 @@ def train(ctx: Context, stop: StopFlag) -> None:
     config = ctx.config
     ws = _workspace(config)
     dataset = training_data(config, ws)
-    loader = make_loader(ctx, dataset, with_index=config.log_samples)
+    loader = make_loader(ctx, dataset, with_index=config.training.log_samples)
     loader.fill_cache()
     model = build(config)
     trainer = _make_trainer(ctx, model)
@@ -396,9 +400,9 @@ def train(ctx: Context, stop: StopFlag) -> None:
     metrics.step.set(step)
     reporter = None
     if ctx.is_lead:  # every rank updates its own metrics below, the reporter only the store and the bar
-        reporter = Reporter(ws, config, total, step, ctx.num_workers * config.batch_size)
+        reporter = Reporter(ws, config, total, step, ctx.num_workers * config.data.batch_size)
         record_lineage(ctx, ws, dataset, "running")
-    sample_log = _sample_log(ctx) if config.log_samples else None
+    sample_log = _sample_log(ctx) if config.training.log_samples else None
 
     stopped = False
     while step < total and not stopped:
@@ -428,14 +432,14 @@ def train(ctx: Context, stop: StopFlag) -> None:
 def _make_trainer(ctx: Context, model: torch.nn.Module) -> Any:
     """The strategy's trainer: DDP allreduce, or a worker of the parameter servers."""
     config = ctx.config
-    if config.strategy == "allreduce":
+    if config.parallelism.strategy == "allreduce":
         from distml.train.allreduce import AllReduceTrainer
 
         lr = config.learning_rate(ctx.num_workers)
-        return AllReduceTrainer(model, lr, ctx.device, ctx.world, config.optimizer)
+        return AllReduceTrainer(model, lr, ctx.device, ctx.world, config.optimizer.name)
     from distml.train.parameter_server import PSWorker
 
-    return PSWorker(model.to(ctx.device), list(range(ctx.servers)), config.ps_mode, ctx.device)
+    return PSWorker(model.to(ctx.device), list(range(ctx.servers)), config.parallelism.ps_mode, ctx.device)
 
 
 def _resume(ctx: Context, trainer: Any, loader: Loader) -> int:
@@ -448,7 +452,7 @@ def _resume(ctx: Context, trainer: Any, loader: Loader) -> int:
         loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
         ctx.log(f"resumed from the checkpoint of step {step} (epoch {loader.epoch}, world size {ctx.world})")
-    if ctx.config.strategy == "parameter-server":
+    if ctx.config.parallelism.strategy == "parameter-server":
         trainer.pull()
     return step
 
@@ -459,8 +463,8 @@ def _checkpoint_or_stop(
     """After `step`: write a checkpoint at each boundary (every checkpoint_every steps, and the
     last), and tell whether every rank agreed to stop; a stopping run checkpoints first."""
     config = ctx.config
-    boundary = step % config.checkpoint_every == 0 or step >= total
-    if config.strategy == "allreduce":
+    boundary = step % config.checkpoint.every == 0 or step >= total
+    if config.parallelism.strategy == "allreduce":
         # ranks agree on a SIGTERM every few steps (and at checkpoints): one collective per
         # step cost 3% of a cnn step and more on large models
         stopped = False
@@ -523,13 +527,13 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, workspace) -
 def record_lineage(ctx: Context, ws: Any, dataset: Any, state: str, model_digest: str | None = None) -> None:
     """The run in the lineage graph: its parameters, code and data snapshots (train and test splits)
     as it starts, and its last checkpoint and saved model as it completes."""
-    from distml.ops import lineage
+    from distml.lineage import record as lineage
 
     config = ctx.config
     data = []
     for split, source in dataset.splits.items():
-        if split == "train" and config.train_files:  # one snapshot per file (continuous training's arrivals)
-            for path, member in zip(config.train_files, source.members, strict=True):
+        if split == "train" and config.data.train_files:  # one snapshot per file (continuous training's arrivals)
+            for path, member in zip(config.data.train_files, source.members, strict=True):
                 data.append(
                     dict(
                         name=dataset.name,
@@ -554,7 +558,7 @@ def record_lineage(ctx: Context, ws: Any, dataset: Any, state: str, model_digest
         ws.engine,
         config.resolved_run_id(),
         state=state,
-        parameters=config.model_dump(),
+        parameters=config.flat(),  # the records keep the flat form of the settings
         data=data,
         checkpoint={"uri": str(checkpoint.step_dir(ctx.run_dir, last)), "step": last} if last else None,
         model_digest=model_digest,
@@ -571,9 +575,9 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
     record = save_model(
         ws,
         model.cpu(),
-        name=config.model,
-        architecture=config.model,
-        arch_args=config.model_args,
+        name=config.model.name,
+        architecture=config.model.name,
+        arch_args=config.model.args,
         input_spec={"name": "image", "shape": list(dataset.image_shape), "datatype": "FP32"},
         preprocessing={
             **dataset.serving,
@@ -583,7 +587,7 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
         },
         class_names=list(dataset.class_names),
         metrics={"test_accuracy": accuracy, "steps": step},
-        training=config.model_dump(),
+        training=config.flat(),
         data_fingerprint=source.fingerprint(),
         lineage={"run_id": config.resolved_run_id()},
     )

@@ -17,7 +17,7 @@ def pipeline(dataset: str = "digits"):
 Run it with `distml run path/to/file.py:pipeline --param dataset=digits`.
 """
 
-from distml.ops.admission import Resources
+from distml.scheduling.core import Resources
 from distml.workflow.dag import Node, Step, best_of, step
 from distml.workflow.executor import current
 from distml.workflow.values import Artifact

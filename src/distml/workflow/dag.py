@@ -17,10 +17,10 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from distml.core.errors import DistmlError
-from distml.ops.admission import Resources
+from distml.scheduling.core import Resources
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,150}$")
 _building: contextvars.ContextVar[Graph | None] = contextvars.ContextVar("distml_building_graph", default=None)
@@ -248,9 +248,12 @@ def best_of(nodes: Iterable[Node], key: Callable[[Any], Any], *, minimize: bool 
 
 
 def substitute(value: Any, resolve: Callable[[Node], Any]) -> Any:
-    """`value` with every node replaced by `resolve(node)` (lists, tuples and dicts walked)."""
+    """`value` with every node replaced by `resolve(node)` (lists, tuples and dicts walked); a
+    pydantic model (a step's typed settings) travels as its JSON."""
     if isinstance(value, Node):
         return resolve(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if isinstance(value, list):
         return [substitute(v, resolve) for v in value]
     if isinstance(value, tuple):
@@ -283,6 +286,26 @@ def coerce_params(fn: Callable[..., Any], params: dict[str, Any]) -> dict[str, A
                 raise DistmlError(f"pipeline parameter {name}={value!r}: {message}") from None
         out[name] = value
     return out
+
+
+def coerce_arguments(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> tuple[list, dict]:
+    """A step's arguments as its function declares them: a parameter annotated with a pydantic
+    model (`watch: CycleSettings`) gets the model, validated, from the JSON it travelled as."""
+    fn = getattr(fn, "fn", fn)  # a Step: its function
+    hints = _type_hints(fn)
+    models = {name: hint for name, hint in hints.items() if isinstance(hint, type) and issubclass(hint, BaseModel)}
+    if not models:
+        return args, kwargs
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    for name, model in models.items():
+        value = bound.arguments.get(name)
+        if isinstance(value, dict):
+            try:
+                bound.arguments[name] = model.model_validate(value)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise DistmlError(f"step argument {name} is not a valid {model.__name__}: {problems}") from None
+    return list(bound.args), dict(bound.kwargs)
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:

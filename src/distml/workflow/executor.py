@@ -28,8 +28,10 @@ from typing import Any
 
 from distml.core import DB_URL_ENV, HOME_ENV
 from distml.core.errors import DistmlError
-from distml.ops import lineage, metadata
-from distml.ops.admission import JOB_ENV
+from distml.lineage import record as lineage
+from distml.scheduling.admission import JOB_ENV
+from distml.workflow import store
+from distml.workflow.dag import coerce_arguments
 from distml.workflow.values import canonical, decode, encode
 from distml.workspace import Workspace
 
@@ -72,7 +74,7 @@ class StepContext:
 
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         rows = [{"name": k, "value": float(v), "step": step} for k, v in values.items()]
-        metadata.record_step_metrics(self.workspace.engine, self.run_id, self.node_id, rows)
+        store.record_step_metrics(self.workspace.engine, self.run_id, self.node_id, rows)
 
     def progress(self, done: float, total: float | None = None, note: str = "") -> None:
         """Report progress to the orchestrator's live view (not stored)."""
@@ -164,7 +166,7 @@ def run_task(task: Task, conn: Connection | None) -> None:
     try:
         _enter_lineage(task)
         fn = load_function(task.module, task.module_file, task.qualname)
-        args, kwargs = decode(ws, task.args), decode(ws, task.kwargs)
+        args, kwargs = coerce_arguments(fn, decode(ws, task.args), decode(ws, task.kwargs))
         if conn is not None:
             with contextlib.suppress(OSError):  # the orchestrator is gone; the step goes on
                 conn.send(("began", None))  # its timeout counts from here, not from the process's start-up
@@ -176,13 +178,13 @@ def run_task(task: Task, conn: Connection | None) -> None:
         print(trace, file=sys.stderr, flush=True)
         message = f"{type(exc).__name__}: {exc}"
         try:
-            metadata.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="failed", error=message)
+            store.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="failed", error=message)
         finally:
             if conn is not None:
                 conn.send(("failed", {"error": message, "types": _error_types(exc), "traceback": trace[-4000:]}))
         return
     try:
-        metadata.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="succeeded", output_json=text)
+        store.finish_step_execution(ws.engine, task.execution_id, task.attempt, status="succeeded", output_json=text)
     except Exception as exc:  # the result could not be recorded: the step did not succeed
         print(traceback.format_exc(), file=sys.stderr, flush=True)
         if conn is not None:

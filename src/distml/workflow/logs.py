@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distml.core.errors import DistmlError
-from distml.ops.metadata import get_workflow_run, list_step_executions
+from distml.workflow.store import get_workflow_run, list_step_executions
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ def step_logs(engine: Any, run_id: str, step: str) -> StepLogs:
     if get_workflow_run(engine, run_id) is None:
         raise DistmlError(f"no workflow run {run_id!r}; `distml runs` lists them")
     executions = list_step_executions(engine, run_id)
-    rows = sorted((r for r in executions if r["node_id"] == step), key=lambda r: r["generation"])
+    rows = sorted((r for r in executions if r.node_id == step), key=lambda r: r.generation)
     if not rows:
-        nodes = sorted({r["node_id"] for r in executions})
+        nodes = sorted({r.node_id for r in executions})
         raise DistmlError(f"run {run_id} has no step {step!r}; its steps are: {', '.join(nodes)}")
-    paths = [Path(p) for p in dict.fromkeys(r["log_path"] for r in rows if r["log_path"])]
+    paths = [Path(p) for p in dict.fromkeys(r.log_path for r in rows if r.log_path)]
     if not paths:
-        raise DistmlError(f"step {step} of run {run_id} has no log: it did not run a process ({rows[-1]['status']})")
-    return StepLogs(run_id, step, paths, rows[-1]["status"] == "cached")
+        raise DistmlError(f"step {step} of run {run_id} has no log: it did not run a process ({rows[-1].status})")
+    return StepLogs(run_id, step, paths, rows[-1].status == "cached")

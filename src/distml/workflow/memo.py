@@ -16,6 +16,7 @@ from typing import Any
 
 from distml.workflow.codehash import code_version
 from distml.workflow.dag import Node, Step
+from distml.workflow.store import StepExecution
 from distml.workflow.values import canonical, fingerprint
 
 
@@ -67,11 +68,11 @@ def memo_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(parts).encode()).hexdigest()
 
 
-def explain_miss(parts: dict[str, Any], previous: dict[str, Any] | None, max_age: float | None) -> str:
+def explain_miss(parts: dict[str, Any], previous: StepExecution | None, max_age: float | None) -> str:
     """Why a memoized step runs: what differs from its last successful execution."""
     if previous is None:
         return "no earlier successful execution"
-    old = json.loads(previous["memo_parts_json"])
+    old = json.loads(previous.memo_parts_json)
     reasons: list[str] = []
     if old.get("code") != parts["code"]:
         before, now = old.get("code") or {}, parts["code"]
@@ -87,8 +88,8 @@ def explain_miss(parts: dict[str, Any], previous: dict[str, Any] | None, max_age
                     reasons.append(f"{label} {name} changed")
     if old.get("data") != parts["data"]:
         reasons.append("data changed")
-    if not reasons and max_age is not None and previous.get("finished_at") is not None:
-        age = (dt.datetime.now(dt.UTC) - previous["finished_at"]).total_seconds()
+    if not reasons and max_age is not None and previous.finished_at is not None:
+        age = (dt.datetime.now(dt.UTC) - previous.finished_at).total_seconds()
         reasons.append(f"expired: the last result is {age:.0f} s old, max_age is {max_age:g} s")
     return "; ".join(reasons) or "the earlier result is no longer available"
 

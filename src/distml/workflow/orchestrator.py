@@ -1,7 +1,7 @@
 """The orchestrator: runs a pipeline's DAG to the end, durably, one process per step.
 
 One loop in one thread: it starts every step whose inputs are ready (after its condition, a
-memo lookup and gang admission through `distml.ops.admission`), waits on the step processes'
+memo lookup and gang admission through `distml.scheduling.admission`), waits on the step processes'
 pipes, and applies the step's policy to failures (retries with exponential backoff, timeouts,
 fail-fast or continue). Every state change is written to the metadata store first, so a run
 killed with `kill -9` resumes (`resume_run`) with its finished steps' outputs; steps that were
@@ -28,9 +28,9 @@ from typing import Any
 from distml.core.errors import DistmlError
 from distml.core.layout import workflow_dir
 from distml.core.liveness import pid_alive, process_identity
-from distml.ops import lineage, metadata
-from distml.ops.admission import Lease, LocalPool, SharedPool
-from distml.workflow import memo
+from distml.lineage import record as lineage
+from distml.scheduling.admission import Lease, LocalPool, SharedPool
+from distml.workflow import memo, store
 from distml.workflow.dag import Node, build, substitute
 from distml.workflow.executor import StepContext, StepProcesses, Task, stop_group, using_context
 from distml.workflow.target import Target, load_target
@@ -196,7 +196,7 @@ class Orchestrator:
                 )
 
     def start_new(self) -> None:
-        metadata.create_workflow_run(
+        store.create_workflow_run(
             self.engine,
             self.run_id,
             self.target.spec,
@@ -216,51 +216,51 @@ class Orchestrator:
             }
             for s in self.states.values()
         ]
-        metadata.add_step_executions(self.engine, self.run_id, rows)
+        store.add_step_executions(self.engine, self.run_id, rows)
 
     def load_existing(self) -> None:
         """Resume: take over finished outputs, adopt live step processes, re-run the rest."""
         by_node: dict[str, list[dict[str, Any]]] = {}
-        for row in metadata.list_step_executions(self.engine, self.run_id):
-            if row["node_id"] in self.states:
-                by_node.setdefault(row["node_id"], []).append(row)
+        for row in store.list_step_executions(self.engine, self.run_id):
+            if row.node_id in self.states:
+                by_node.setdefault(row.node_id, []).append(row)
         for node_id, rows in by_node.items():
             state = self.states[node_id]
-            rows.sort(key=lambda r: r["generation"])
+            rows.sort(key=lambda r: r.generation)
             last = rows[-1]
-            done = [r for r in rows if r["status"] in ("succeeded", "cached")]
+            done = [r for r in rows if r.status in ("succeeded", "cached")]
             if done:
                 row = done[-1]
-                state.value = json.loads(row["output_json"]) if row["output_json"] is not None else None
-                state.has_result, state.status = True, row["status"]
-                state.consumed = json.loads(row["inputs_json"])["fingerprint"] if row["inputs_json"] else None
-                state.cache, state.cache_reason = row["cache"], row["cache_reason"]
-            if last["status"] in ("succeeded", "cached"):
-                state.generation = last["generation"] + 1
+                state.value = json.loads(row.output_json) if row.output_json is not None else None
+                state.has_result, state.status = True, row.status
+                state.consumed = json.loads(row.inputs_json)["fingerprint"] if row.inputs_json else None
+                state.cache, state.cache_reason = row.cache, row.cache_reason
+            if last.status in ("succeeded", "cached"):
+                state.generation = last.generation + 1
                 continue
-            state.generation = last["generation"]  # the unfinished execution's row is reused
-            if last["status"] == "running" and state.node.step is not None:
-                state.execution_id = last["id"]
-                if last["pid"] and process_identity(last["pid"]) == last["pid_started"]:
-                    state.status, state.adopted, state.pid, state.began = "running", True, last["pid"], True
-                    state.attempt, state.started = last["attempt"], time.time()
-                    state.consumed = json.loads(last["inputs_json"])["fingerprint"] if last["inputs_json"] else None
+            state.generation = last.generation  # the unfinished execution's row is reused
+            if last.status == "running" and state.node.step is not None:
+                state.execution_id = last.id
+                if last.pid and process_identity(last.pid) == last.pid_started:
+                    state.status, state.adopted, state.pid, state.began = "running", True, last.pid, True
+                    state.attempt, state.started = last.attempt, time.time()
+                    state.consumed = json.loads(last.inputs_json)["fingerprint"] if last.inputs_json else None
                     # Its gang is still held in the scheduler, bound to its process; take it over.
                     state.lease = self.pool.adopt(self._job_name(node_id), state.node.step.policy.resources)
                     if self.cap is not None:
                         state.cap_lease = self.cap.try_acquire(node_id, state.node.step.policy.resources)
                     timeout = state.node.step.policy.timeout
-                    if timeout is not None and last["started_at"] is not None:
-                        left = timeout - (_now() - last["started_at"]).total_seconds()
+                    if timeout is not None and last.started_at is not None:
+                        left = timeout - (_now() - last.started_at).total_seconds()
                         state.deadline = time.monotonic() + max(left, 0.0)  # its timeout still holds
                     state.history.append("adopted its running process after the orchestrator restarted")
                 else:
                     # A later attempt number: a stray copy of the old attempt can no longer record its result.
-                    state.attempt = last["attempt"] + 1
+                    state.attempt = last.attempt + 1
                     state.history.append("its process was gone when the run resumed: re-run")
                     state.cache_reason = "re-run: its process was gone when the run resumed"
             # failed, cancelled, upstream_failed, skipped or pending: decided again by the loop
-        metadata.update_workflow_run(
+        store.update_workflow_run(
             self.engine, self.run_id, status="running", pid=os.getpid(), host=socket.gethostname(), error=None
         )
 
@@ -277,12 +277,12 @@ class Orchestrator:
                 self._wait()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: resumable
             self._cancel_all("the orchestrator was stopped")
-            metadata.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
+            store.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
             raise
         except Exception as exc:  # e.g. a data fingerprint or a condition that raised
             message = str(exc) if isinstance(exc, DistmlError) else f"{type(exc).__name__}: {exc}"
             self._cancel_all(f"the orchestrator failed: {message}")
-            metadata.update_workflow_run(self.engine, self.run_id, status="failed", error=message[:2000], pid=None)
+            store.update_workflow_run(self.engine, self.run_id, status="failed", error=message[:2000], pid=None)
             if isinstance(exc, DistmlError):
                 raise
             raise DistmlError(f"run {self.run_id} failed: {message}") from exc
@@ -293,7 +293,7 @@ class Orchestrator:
         ok = all(s.status in FINAL_OK for s in self.states.values())
         failed = [s for s in self.states.values() if s.status == "failed"]
         error = "; ".join(f"{s.node.id}: {s.error}" for s in failed)[:2000] or None
-        metadata.update_workflow_run(
+        store.update_workflow_run(
             self.engine, self.run_id, status="succeeded" if ok else "failed", error=error, pid=None
         )
         self._notify()
@@ -356,7 +356,7 @@ class Orchestrator:
             if current is None or score > current:
                 state.value, state.has_result, state.status = pick.value, True, "succeeded"
                 state.history.append(f"best so far: {pick.node.id}")
-                metadata.save_step_execution(
+                store.save_step_execution(
                     self.engine,
                     self.run_id,
                     node.id,
@@ -381,7 +381,7 @@ class Orchestrator:
     def _finish_without_running(self, state: NodeState, status: str, reason: str) -> None:
         state.status, state.final, state.error = status, True, reason if status != "skipped" else None
         state.cache_reason = reason if status == "skipped" else state.cache_reason
-        metadata.save_step_execution(
+        store.save_step_execution(
             self.engine,
             self.run_id,
             state.node.id,
@@ -429,7 +429,7 @@ class Orchestrator:
             output_json=None,
             pid=None,
         )
-        state.execution_id = metadata.save_step_execution(self.engine, self.run_id, node.id, state.generation, **values)
+        state.execution_id = store.save_step_execution(self.engine, self.run_id, node.id, state.generation, **values)
         task = Task(
             run_id=self.run_id,
             node_id=node.id,
@@ -451,7 +451,7 @@ class Orchestrator:
         state.pid = state.process.pid
         if state.lease is not None:
             self.pool.bind(state.lease, state.pid, defer=True)  # held while it runs, even if we die
-        metadata.save_step_execution(
+        store.save_step_execution(
             self.engine,
             self.run_id,
             node.id,
@@ -502,23 +502,23 @@ class Orchestrator:
         if hit is not None:
             self._take_hit(state, hit, parts, key, inputs)
             return False
-        previous = metadata.last_memoized_execution(self.engine, step.name, self.run_id)
+        previous = store.last_memoized_execution(self.engine, step.name, self.run_id)
         state.cache, state.cache_reason = "miss", memo.explain_miss(parts, previous, policy.max_age)
         return True
 
     def _memo_hit(self, name: str, key: str, max_age: float | None) -> dict[str, Any] | None:
         not_before = _now() - dt.timedelta(seconds=max_age) if max_age is not None else None
-        hit = metadata.find_memo_hit(self.engine, name, key, not_before)
+        hit = store.find_memo_hit(self.engine, name, key, not_before)
         if hit is None:
             return None
-        output = json.loads(hit["output_json"]) if hit["output_json"] is not None else None
+        output = json.loads(hit.output_json) if hit.output_json is not None else None
         if not all(self.ws.artifacts.exists(d) for d in artifacts_in(output)):
             return None  # its artifacts were removed: run again
         return hit
 
     def _take_hit(self, state: NodeState, hit: dict[str, Any], parts: dict, key: str, inputs: str) -> None:
-        reason = f"same key as {hit['run_id']} {hit['node_id']}"
-        metadata.save_step_execution(
+        reason = f"same key as {hit.run_id} {hit.node_id}"
+        store.save_step_execution(
             self.engine,
             self.run_id,
             state.node.id,
@@ -529,15 +529,15 @@ class Orchestrator:
             memo_parts_json=canonical(parts),
             cache="hit",
             cache_reason=reason,
-            cached_from=hit["id"],
+            cached_from=hit.id,
             inputs_json=json.dumps({"fingerprint": inputs}),
-            output_json=hit["output_json"],
-            log_path=hit["log_path"],
+            output_json=hit.output_json,
+            log_path=hit.log_path,
             started_at=_now(),
             finished_at=_now(),
         )
         state.generation += 1
-        state.value = json.loads(hit["output_json"]) if hit["output_json"] is not None else None
+        state.value = json.loads(hit.output_json) if hit.output_json is not None else None
         state.has_result, state.status, state.consumed = True, "cached", inputs
         state.cache, state.cache_reason = "hit", reason
 
@@ -653,7 +653,7 @@ class Orchestrator:
             state.attempt += 1
             state.status, state.retry_at = "retrying", time.monotonic() + delay
             state.consumed = None
-            metadata.save_step_execution(
+            store.save_step_execution(
                 self.engine,
                 self.run_id,
                 state.node.id,
@@ -665,7 +665,7 @@ class Orchestrator:
             self._notify()
             return
         state.status, state.final = "failed", True
-        metadata.save_step_execution(
+        store.save_step_execution(
             self.engine, self.run_id, state.node.id, state.generation, status="failed", error=error, finished_at=_now()
         )
         state.generation += 1
@@ -676,14 +676,14 @@ class Orchestrator:
     def _poll_adopted(self, state: NodeState) -> None:
         gone = process_identity(state.pid) is None  # checked before the row: a result written meanwhile counts
         row = next(
-            (r for r in metadata.list_step_executions(self.engine, self.run_id) if r["id"] == state.execution_id), None
+            (r for r in store.list_step_executions(self.engine, self.run_id) if r.id == state.execution_id), None
         )
-        if row is not None and row["status"] == "succeeded":
+        if row is not None and row.status == "succeeded":
             state.adopted = False
-            self._succeeded(state, json.loads(row["output_json"]) if row["output_json"] is not None else None)
-        elif row is not None and row["status"] == "failed":
+            self._succeeded(state, json.loads(row.output_json) if row.output_json is not None else None)
+        elif row is not None and row.status == "failed":
             state.adopted = False
-            self._failed(state, row["error"] or "failed", [])
+            self._failed(state, row.error or "failed", [])
         elif gone:
             state.adopted = False
             self._failed(state, "its process ended without recording a result", [])
@@ -718,7 +718,7 @@ class Orchestrator:
                 self._release(state)
                 self._observe_attempt(state, "cancelled")
             state.status, state.final, state.error = "cancelled", True, reason
-            metadata.save_step_execution(
+            store.save_step_execution(
                 self.engine,
                 self.run_id,
                 state.node.id,
@@ -733,8 +733,9 @@ class Orchestrator:
 def _workflow_metrics(orchestrator: Orchestrator) -> Any:
     """The run's Prometheus metrics (steps by state read at scrape time, durations, cache, retries)
     and the workspace pool's scheduler metrics, served while `run()` runs."""
-    from distml.ops.admission import pool_state
-    from distml.ops.metrics import WorkflowMetrics, expose_scheduler
+    from distml.monitoring.metrics import WorkflowMetrics
+    from distml.scheduling.admission import pool_state
+    from distml.scheduling.metrics import expose_scheduler
 
     metrics = WorkflowMetrics(orchestrator.run_id, lambda: [s.status for s in orchestrator.states.values()])
     expose_scheduler(metrics.registry, functools.partial(pool_state, orchestrator.engine))
@@ -783,14 +784,14 @@ def resume_run(
     on_change: Callable[[Orchestrator], None] | None = None,
 ) -> RunResult:
     """Continue run `run_id` after its orchestrator died or was stopped."""
-    run = metadata.get_workflow_run(workspace.engine, run_id)
+    run = store.get_workflow_run(workspace.engine, run_id)
     if run is None:
         raise DistmlError(f"no workflow run {run_id!r} in {workspace.root}; `distml runs` lists them")
-    still = run["status"] == "running" and run["pid"] and run["pid"] != os.getpid() and pid_alive(run["pid"])
-    if still and run["host"] == socket.gethostname():
-        raise DistmlError(f"run {run_id} is still running (orchestrator pid {run['pid']}); stop it first")
-    target = load_target(run["target"])
-    orchestrator = Orchestrator(workspace, target, run["params"], run_id, RunOptions.from_json(run["options"]))
+    still = run.status == "running" and run.pid and run.pid != os.getpid() and pid_alive(run.pid)
+    if still and run.host == socket.gethostname():
+        raise DistmlError(f"run {run_id} is still running (orchestrator pid {run.pid}); stop it first")
+    target = load_target(run.target)
+    orchestrator = Orchestrator(workspace, target, run.params, run_id, RunOptions.from_json(run.options))
     orchestrator.on_change = on_change
     orchestrator.load_existing()
     if on_start is not None:

@@ -17,6 +17,8 @@ from rich.console import Group
 from rich.text import Text
 from rich.tree import Tree
 
+from distml.workflow.store import StepExecution, WorkflowRun
+
 STYLE = {
     "succeeded": ("✓", "green"),
     "cached": ("✓", "cyan"),
@@ -158,29 +160,30 @@ def _ts(value: dt.datetime | None) -> float | None:
     return value.timestamp()
 
 
-def stored_rows(executions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def stored_rows(executions: Iterable[StepExecution]) -> list[dict[str, Any]]:
     """Rows of a stored run: the latest execution of each node."""
-    latest: dict[str, dict[str, Any]] = {}
+    executions = list(executions)
+    latest: dict[str, StepExecution] = {}
     for row in executions:
-        if row["node_id"] not in latest or row["generation"] >= latest[row["node_id"]]["generation"]:
-            latest[row["node_id"]] = row
-    first_upstream = {r["node_id"]: r["upstream_json"] for r in executions if r["upstream_json"]}
+        if row.node_id not in latest or row.generation >= latest[row.node_id].generation:
+            latest[row.node_id] = row
+    first_upstream = {r.node_id: r.upstream_json for r in executions if r.upstream_json}
     out = []
     for node_id, row in latest.items():
-        runs = sum(1 for r in executions if r["node_id"] == node_id and r["status"] in ("succeeded", "cached"))
+        runs = sum(1 for r in executions if r.node_id == node_id and r.status in ("succeeded", "cached"))
         out.append(
             {
                 "node_id": node_id,
-                "status": row["status"],
-                "started": _ts(row["started_at"]),
-                "ended": _ts(row["finished_at"]),
-                "attempt": row["attempt"],
-                "cache": row["cache"],
-                "cache_reason": row["cache_reason"],
-                "resources": row["resources_json"],
+                "status": row.status,
+                "started": _ts(row.started_at),
+                "ended": _ts(row.finished_at),
+                "attempt": row.attempt,
+                "cache": row.cache,
+                "cache_reason": row.cache_reason,
+                "resources": row.resources_json,
                 "upstream": json.loads(first_upstream.get(node_id) or "[]"),
-                "error": row["error"],
-                "log_path": row["log_path"],
+                "error": row.error,
+                "log_path": row.log_path,
                 "executions": runs,
             }
         )
@@ -197,17 +200,17 @@ def log_tail(path: str | None, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def run_view(run: dict[str, Any], executions: list[dict[str, Any]], now: float) -> Group:
+def run_view(run: WorkflowRun, executions: list[StepExecution], now: float) -> Group:
     """`distml runs show`: header, tree, and the error and log tail of each failed step."""
     rows = stored_rows(executions)
-    started, updated = _ts(run["created_at"]), _ts(run["updated_at"])
-    end = now if run["status"] == "running" else updated
-    icon, style = STYLE.get(run["status"], ("?", "white"))
+    started, updated = _ts(run.created_at), _ts(run.updated_at)
+    end = now if run.status == "running" else updated
+    icon, style = STYLE.get(run.status, ("?", "white"))
     title = Text()
-    title.append(f"{icon} run {run['run_id']}", style=f"bold {style}")
-    title.append(f"  {run['status']}  {_duration(end - started)}  {run['target']}")
-    if run["params"]:
-        title.append("  " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(run["params"].items())))
+    title.append(f"{icon} run {run.run_id}", style=f"bold {style}")
+    title.append(f"  {run.status}  {_duration(end - started)}  {run.target}")
+    if run.params:
+        title.append("  " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(run.params.items())))
     parts: list[Any] = [render(title, rows, now)]
     for row in rows:
         if row["status"] == "failed":

@@ -3,7 +3,7 @@
 `Scheduler` holds nodes, weighted queues, running and waiting jobs, and `schedule(now)` decides
 which jobs start (a node for every task of a gang, or nothing) and which running jobs to preempt.
 No clock, no I/O, no threads: the simulator (`benchmarks/scheduling.py`) drives it from a trace,
-and `distml.ops.admission.SharedPool` drives it from the metadata store across processes.
+and `distml.scheduling.admission.SharedPool` drives it from the metadata store across processes.
 
 The design follows Kueue and Volcano (weighted dominant-resource-fair ordering of queues, nominal
 shares a queue may exceed while capacity is idle and is made to give back, minimal preemption

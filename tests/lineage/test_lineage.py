@@ -27,7 +27,13 @@ from click.testing import CliRunner
 
 import distml
 from distml.cli import main
-from distml.ops import lineage, metadata
+from distml.lineage import record as lineage
+from distml.lineage import store as lineage_store
+from distml.models import registry as model_registry
+from distml.scheduling import store as sched_store
+from distml.serve import jobs as serve_jobs
+from distml.train import store as train_store
+from distml.workflow import store as workflow_store
 from distml.workspace import Workspace
 
 DISTML = str(Path(sys.executable).with_name("distml"))
@@ -47,9 +53,9 @@ def lineage_json(ws: Workspace, *args: str) -> dict:
 
 def step_outputs(ws: Workspace, run_id: str) -> dict[str, dict]:
     return {
-        row["node_id"]: json.loads(row["output_json"])
-        for row in metadata.list_step_executions(ws.engine, run_id)
-        if row["output_json"] is not None
+        row.node_id: row.output
+        for row in workflow_store.list_step_executions(ws.engine, run_id)
+        if row.output_json is not None
     }
 
 
@@ -96,14 +102,14 @@ def test_a_served_model_leads_back_to_its_data_run_parameters_code_and_steps(pip
         "model": f"{SERVICE}:2", "from": trained["model"], "workflow_run": run_id, "step": registered_by, "at": ANY
     }  # fmt: skip
     [workflow] = up["workflow_runs"]
-    rows = {r["node_id"]: r for r in metadata.list_step_executions(ws.engine, run_id)}
+    rows = {r.node_id: r for r in workflow_store.list_step_executions(ws.engine, run_id)}
     assert workflow["run_id"] == run_id and workflow["status"] == "succeeded"
     # every step upstream of the model and of the step that registered it: both candidates' trainings
     # (select compares them; the early server's best_of node waits on them), whichever registered it
     upstream = ("ingest", "train[batch_norm]", "train[cnn]", *{"select": ("select",),
                 "serve-early": ("best", "serve-early")}[registered_by])  # fmt: skip
     assert {s["node_id"]: (s["status"], s["memo_key"]) for s in workflow["steps"]} == {
-        node: (rows[node]["status"], rows[node]["memo_key"]) for node in upstream
+        node: (rows[node].status, rows[node].memo_key) for node in upstream
     }
 
     down = view["downstream"]
@@ -237,7 +243,10 @@ ROUNDS = 15
 WRITER = textwrap.dedent(
     """
     import os, sys, time
-    from distml.ops import lineage, metadata
+    from distml.lineage import record as lineage
+    from distml.models import registry
+    from distml.train import store as train_store
+    from distml.workflow import store as workflow_store
     from distml.workspace import Workspace
 
     kind, index, rounds, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -251,35 +260,35 @@ WRITER = textwrap.dedent(
 
     if kind == "trainer":  # the lead training rank: its run, per-step metrics, checkpoints, its model
         run_id = f"train-{index}"
-        metadata.record_train_run(engine, run_id, {"index": index}, status="running")
+        train_store.record_train_run(engine, run_id, {"index": index}, status="running")
         for j in range(rounds):
             lineage.record_training(engine, run_id, state="running", parameters={"index": index}, data=[snapshot(j)])
             row = dict(step=j, epoch=0, loss=1.0 / (j + 1), samples_per_s=1.0, step_seconds=0.01)
-            metadata.record_train_steps(engine, run_id, [row])
+            train_store.record_train_steps(engine, run_id, [row])
             lineage.record_training(engine, run_id, state="running", checkpoint={"uri": f"mem:{run_id}/{j}", "step": j})
         digest = f"{index + 1:064x}"
-        version = metadata.record_model_version(
+        version = registry.record_model_version(
             engine, name="trained", manifest_digest=digest, weights_digest=digest, metrics={}
         )
         lineage.record_model(engine, name="trained", version=version, manifest_digest=digest, weights_digest=digest)
         lineage.record_training(engine, run_id, state="complete", model_digest=digest)
-        metadata.record_train_run(engine, run_id, {"index": index}, status="complete")
+        train_store.record_train_run(engine, run_id, {"index": index}, status="complete")
 
     elif kind == "executor":  # a step process per step: its row, its lineage, what it ingests
         run_id = f"run-{index}"
-        metadata.create_workflow_run(engine, run_id, "t", {}, {}, os.getpid(), "host")
+        workflow_store.create_workflow_run(engine, run_id, "t", {}, {}, os.getpid(), "host")
         for j in range(rounds):
             node = f"ingest[{j}]"
-            execution_id = metadata.save_step_execution(
+            execution_id = workflow_store.save_step_execution(
                 engine, run_id, node, 0, step_name="ingest", status="running", attempt=0
             )
             lineage.enter_step(run_id, node, 0, {"index": index})
             lineage.record_data_snapshot(engine, **snapshot(j))
-            metadata.finish_step_execution(engine, execution_id, 0, status="succeeded", output_json=str(j))
+            workflow_store.finish_step_execution(engine, execution_id, 0, status="succeeded", output_json=str(j))
             lineage.end_step(engine, run_id, node, 0, "complete")
 
     elif kind == "scheduler":  # gangs admitted and released through the workspace's pool
-        from distml.ops.admission import Resources, SharedPool
+        from distml.scheduling.admission import Resources, SharedPool
 
         pool = SharedPool(engine, kind="job")
         for j in range(rounds):
@@ -292,9 +301,12 @@ WRITER = textwrap.dedent(
 
         for j in range(rounds):
             create_job(engine, model="served", version=1, request={"j": j, "index": index})
-            common = dict(service=f"svc-{index}", ref="served@live", pid=os.getpid(), host="h", pid_started=str(j))
-            assert lineage.record_deployment(engine, state="running", **common) == "served:1"
-            assert lineage.record_deployment(engine, state="ended", **common) == "served:1"
+            version = registry.lookup(engine, "served@live")
+            assert version is not None and version.ref == "served:1"
+            common = dict(service=f"svc-{index}", model=version.ref, manifest_digest=version.manifest_digest,
+                          pid=os.getpid(), host="h", pid_started=str(j))
+            lineage.record_deployment(engine, state="running", **common)
+            lineage.record_deployment(engine, state="ended", **common)
     print("ok", flush=True)
     """
 )
@@ -312,9 +324,11 @@ def test_parallel_writers_lose_nothing(db_url, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws", db_url)
     assert ws.engine.dialect.name == ("sqlite" if db_url is None else "postgresql")
     digest = "e" * 64  # the model the servers deploy, registered before they start
-    metadata.record_model_version(ws.engine, name="served", manifest_digest=digest, weights_digest=digest, metrics={})
+    model_registry.record_model_version(
+        ws.engine, name="served", manifest_digest=digest, weights_digest=digest, metrics={}
+    )
     lineage.record_model(ws.engine, name="served", version=1, manifest_digest=digest, weights_digest=digest)
-    metadata.set_model_alias(ws.engine, "served", "live", 1)
+    model_registry.set_model_alias(ws.engine, "served", "live", 1)
     # No pool node yet: the scheduler writers register this host at once, as first commands do.
     go = tmp_path / "go"
     env = {**os.environ, "DISTML_HOME": str(ws.root), "DISTML_DB_URL": ws.db_url}
@@ -346,14 +360,16 @@ def test_parallel_writers_lose_nothing(db_url, tmp_path, monkeypatch):
     ]
     assert not failed, "\n".join(failed)
 
-    a, e, ev, md = metadata.artifacts, metadata.executions, metadata.events, metadata
+    a, e, ev = lineage_store.artifacts, lineage_store.executions, lineage_store.events
     with ws.engine.connect() as conn:
         # training ranks
-        assert count(conn, md.train_steps) == 2 * ROUNDS
-        assert count(conn, md.train_runs, md.train_runs.c.status == "complete") == 2
+        assert count(conn, train_store.train_steps) == 2 * ROUNDS
+        assert count(conn, train_store.train_runs, train_store.train_runs.c.status == "complete") == 2
         assert count(conn, e, e.c.type == "training_run", e.c.state == "complete") == 2
         assert count(conn, a, a.c.type == "checkpoint") == 2 * ROUNDS
-        versions = conn.execute(sa.select(md.model_versions.c.version).where(md.model_versions.c.name == "trained"))
+        versions = conn.execute(
+            sa.select(model_registry.model_versions.c.version).where(model_registry.model_versions.c.name == "trained")
+        )
         assert sorted(v for (v,) in versions) == [1, 2]
         # every writer recorded the same snapshots: one artifact each, read by both runs, written by both executors
         assert count(conn, a, a.c.type == "dataset_snapshot") == ROUNDS
@@ -364,18 +380,21 @@ def test_parallel_writers_lose_nothing(db_url, tmp_path, monkeypatch):
             ROUNDS + 1
         )
         # step processes
-        assert count(conn, md.step_executions, md.step_executions.c.status == "succeeded") == 2 * ROUNDS
+        assert (
+            count(conn, workflow_store.step_executions, workflow_store.step_executions.c.status == "succeeded")
+            == 2 * ROUNDS
+        )
         assert count(conn, e, e.c.type == "step_execution", e.c.state == "complete") == 2 * ROUNDS
         assert count(conn, ev.join(e, ev.c.execution_id == e.c.id), e.c.type == "step_execution", outputs) == 2 * ROUNDS
-        assert count(conn, md.contexts, md.contexts.c.type == "pipeline_run") == 2
-        assert count(conn, md.associations) == 2 * ROUNDS + 2 * ROUNDS  # steps, then deployments in services
+        assert count(conn, lineage_store.contexts, lineage_store.contexts.c.type == "pipeline_run") == 2
+        assert count(conn, lineage_store.associations) == 2 * ROUNDS + 2 * ROUNDS  # steps, then deployments in services
         # the scheduler
-        jobs = md.sched_jobs
+        jobs = sched_store.sched_jobs
         assert count(conn, jobs, jobs.c.state == "done", jobs.c.outcome == "finished") == 2 * ROUNDS
         assert count(conn, jobs) == 2 * ROUNDS
         # servers
-        assert count(conn, md.inference_jobs) == 2 * ROUNDS
+        assert count(conn, serve_jobs.inference_jobs) == 2 * ROUNDS
         assert count(conn, e, e.c.type == "deployment", e.c.state == "ended") == 2 * ROUNDS
         assert count(conn, ev.join(e, ev.c.execution_id == e.c.id), e.c.type == "deployment", inputs) == 2 * ROUNDS
-        assert count(conn, md.contexts, md.contexts.c.type == "service") == 2
+        assert count(conn, lineage_store.contexts, lineage_store.contexts.c.type == "service") == 2
     ws.close()

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from distml.ops.admission import Resources, SharedPool
+from distml.scheduling.admission import Resources, SharedPool
 from distml.workspace import Workspace
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from distml.ops import metadata as md
-from distml.ops.admission import set_node, set_queue
+from distml.scheduling import store as sched_store
+from distml.scheduling.admission import set_node, set_queue
+from distml.train import store as train_store
 from distml.workspace import Workspace
 
 HOLDER = Path(__file__).with_name("gang_holder.py")
@@ -88,7 +89,9 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
 
 def jobs(ws: Workspace, prefix: str = "") -> dict[str, dict]:
     with ws.engine.connect() as conn:
-        rows = conn.execute(sa.select(md.sched_jobs).where(md.sched_jobs.c.name.like(f"{prefix}%"))).all()
+        rows = conn.execute(
+            sa.select(sched_store.sched_jobs).where(sched_store.sched_jobs.c.name.like(f"{prefix}%"))
+        ).all()
     return {row.name: dict(row._mapping) for row in rows}
 
 
@@ -155,8 +158,10 @@ def test_a_killed_holders_gang_is_reclaimed(workspace, tmp_path):
 def waiting_by_queue(ws: Workspace, queues: tuple[str, ...]) -> dict[str, int]:
     """Jobs waiting in each of `queues` (0 for a queue with none)."""
     with ws.engine.connect() as conn:
-        query = sa.select(md.sched_jobs.c.queue, sa.func.count()).where(md.sched_jobs.c.state == "waiting")
-        counts = dict(conn.execute(query.group_by(md.sched_jobs.c.queue)).all())
+        query = sa.select(sched_store.sched_jobs.c.queue, sa.func.count()).where(
+            sched_store.sched_jobs.c.state == "waiting"
+        )
+        counts = dict(conn.execute(query.group_by(sched_store.sched_jobs.c.queue)).all())
     return {q: counts.get(q, 0) for q in queues}
 
 
@@ -281,7 +286,7 @@ def test_high_priority_train_preempts_and_the_victim_loses_no_step(workspace):
     assert "low was preempted: checkpoint written" in low_out
     assert "resumed from the checkpoint of step" in low_out
     assert "high waits: preempting low" in high_out
-    steps = [row["step"] for row in md.train_history(workspace.engine, "low")]
+    steps = [row.step for row in train_store.train_history(workspace.engine, "low")]
     assert steps == list(range(1, 41)), "every step of the preempted run recorded exactly once"
     rows = jobs(workspace)
     assert rows["low"]["preemptions"] == 1 and rows["low"]["outcome"] == "finished"

@@ -3,7 +3,7 @@
 The one small interface every job runner uses: `try_acquire(job, request)` returns a `Lease`
 for the whole gang or None, `release(lease)` gives it back. `LocalPool` caps one process's jobs
 (a workflow run's `--cpus`); `SharedPool` admits across every process of a workspace through the
-metadata store, with `distml.ops.scheduler` deciding, and `acquire` is its blocking form with
+metadata store, with `distml.scheduling.core` deciding, and `acquire` is its blocking form with
 a heartbeat that notices preemption. A holder that dies frees its resources: on its own host by
 its pid and the pid's start time, elsewhere when its lease expires.
 """
@@ -27,9 +27,9 @@ import sqlalchemy as sa
 
 from distml.core.errors import DistmlError
 from distml.core.liveness import process_identity
-from distml.ops import metadata as md
-from distml.ops import metrics
-from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler, parse_priority, priority_name
+from distml.scheduling import metrics
+from distml.scheduling import store as md
+from distml.scheduling.core import Job, Node, Policy, Resources, Scheduler, parse_priority, priority_name
 
 __all__ = ["Lease", "LocalPool", "Resources", "SharedPool", "count_gpus", "schedule_pass"]
 

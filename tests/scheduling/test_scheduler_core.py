@@ -1,4 +1,4 @@
-"""The pure scheduling core (`distml.ops.scheduler`) without processes: gangs start whole or not at all, weighted
+"""The pure scheduling core (`distml.scheduling.core`) without processes: gangs start whole or not at all, weighted
 DRF holds the weights under contention, borrowed capacity is reclaimed by preemption, priority preemption stops the
 fewest lowest-priority jobs, a job that can never fit is refused, EASY backfill, and the benchmark's contract."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distml.core.errors import DistmlError
-from distml.ops.scheduler import Job, Node, Policy, Resources, Scheduler
+from distml.scheduling.core import Job, Node, Policy, Resources, Scheduler
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "scheduling.py"
 

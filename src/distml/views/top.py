@@ -2,7 +2,7 @@
 
 Each refresh reads the metadata store (queues, training and pipeline runs) and scrapes the
 `/metrics` endpoints that processes record in the workspace (training ranks, orchestrators,
-service gateways; see `distml.ops.metrics.serve`), parsed with prometheus-client's parser, and
+service gateways; see `distml.monitoring.metrics.serve`), parsed with prometheus-client's parser, and
 draws them with rich's `Live`. Rates and latency quantiles come from the difference between two
 scrapes; an empty section says so and an endpoint that does not answer shows "unreachable".
 """
@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from distml.core.layout import ServiceRecord, run_dir, workflow_dir
-from distml.ops.metrics import read_endpoint
+from distml.monitoring.metrics import read_endpoint
 
 SCRAPE_TIMEOUT_S = 0.8
 MAX_ROWS = 12
@@ -166,7 +166,7 @@ class Top:
     # -- queues ------------------------------------------------------------------------------
 
     def queues(self) -> list[RenderableType]:
-        from distml.ops.admission import snapshot
+        from distml.scheduling.admission import snapshot
 
         # running jobs show in their own sections
         return queue_view(snapshot(self.ws.engine), running=False, max_rows=MAX_ROWS)
@@ -174,15 +174,14 @@ class Top:
     # -- training ----------------------------------------------------------------------------
 
     def training(self) -> list[RenderableType]:
-
-        from distml.ops import metadata as md
+        from distml.train.store import list_training_runs
 
         ranks: dict[str, list[dict[str, Any]]] = {}
         for path in sorted(self.root.glob("runs/*/metrics/rank-*.json")):
             record = read_endpoint(path)
             if record is not None:
                 ranks.setdefault(path.parent.parent.name, []).append(record)
-        rows = {r.run_id: r for r in md.list_training_runs(self.ws.engine, include=ranks)}
+        rows = {r.run_id: r for r in list_training_runs(self.ws.engine, include=ranks)}
         now = dt.datetime.now(dt.UTC)
         shown = [run_id for run_id in ranks]  # live first
         for run_id, row in rows.items():
@@ -208,6 +207,8 @@ class Top:
             config = _read_json(run_dir(self.root, run_id) / "config.json")
             if not config and run_id in rows:
                 config = rows[run_id].config
+            if config and isinstance(config.get("model"), dict):  # a config of sections (older runs': flat)
+                config = {"model": config["model"].get("name"), "dataset": config.get("data", {}).get("dataset")}
             model = f"{config.get('model', '?')}/{config.get('dataset', '?')}" if config else ""
             records = ranks.get(run_id, [])
             answers = [scrapes[r["url"]] for r in records if scrapes[r["url"]].ok]
@@ -244,19 +245,19 @@ class Top:
 
     def pipelines(self) -> list[RenderableType]:
         from distml.core.liveness import pid_alive
-        from distml.ops import metadata as md
+        from distml.workflow.store import list_workflow_runs
 
-        runs = md.list_workflow_runs(self.ws.engine, limit=30)
-        running = [r for r in runs if r["status"] == "running"]
-        recent = [r for r in runs if r["status"] != "running"][: max(0, 5 - len(running))]
+        runs = list_workflow_runs(self.ws.engine, limit=30)
+        running = [r for r in runs if r.status == "running"]
+        recent = [r for r in runs if r.status != "running"][: max(0, 5 - len(running))]
         chosen = (running + recent)[:MAX_ROWS]
         if not chosen:
             return [Text("Pipeline runs: none yet", style="dim")]
         endpoints = {}
         for run in running:
-            record = read_endpoint(workflow_dir(self.root, run["run_id"]) / "metrics.json")
+            record = read_endpoint(workflow_dir(self.root, run.run_id) / "metrics.json")
             if record is not None:
-                endpoints[run["run_id"]] = record["url"]
+                endpoints[run.run_id] = record["url"]
         scrapes = self.scrape_all(endpoints.values())
         table = Table(
             "run",
@@ -275,11 +276,11 @@ class Top:
         here = socket.gethostname()
         now = dt.datetime.now(dt.UTC)
         for run in chosen:
-            counts = self._step_counts(run["run_id"])
-            status: Any = run["status"]
-            scrape = scrapes.get(endpoints.get(run["run_id"], ""))
-            if run["status"] == "running":
-                if run["host"] == here and not pid_alive(run["pid"] or 0):
+            counts = dict(run.steps)
+            status: Any = run.status
+            scrape = scrapes.get(endpoints.get(run.run_id, ""))
+            if run.status == "running":
+                if run.host == here and not pid_alive(run.pid or 0):
                     status = Text("orchestrator gone", style="yellow")
                 elif scrape is not None and scrape.ok:  # live: the orchestrator's own view
                     counts = {labels["state"]: int(v) for labels, v in scrape.samples.get("distml_workflow_steps", [])}
@@ -287,31 +288,18 @@ class Top:
                     status = Text("running, metrics unreachable", style="yellow")
             total = sum(counts.values())
             done = sum(counts.get(s, 0) for s in FINAL)
-            end = now if run["status"] == "running" else run["updated_at"]
+            end = now if run.status == "running" else run.updated_at
             table.add_row(
-                run["run_id"],
-                _short_target(run["target"]),
+                run.run_id,
+                _short_target(run.target),
                 status,
                 f"{done}/{total}",
                 str(counts.get("running", 0)),
                 str(counts.get("cached", 0)),
                 str(counts.get("failed", 0) + counts.get("upstream_failed", 0)),
-                _duration((end - run["created_at"]).total_seconds()),
+                _duration((end - run.created_at).total_seconds()),
             )
         return [table]
-
-    def _step_counts(self, run_id: str) -> dict[str, int]:
-        """Each step's latest execution by state (a step runs again in later generations)."""
-        from distml.ops import metadata as md
-
-        latest: dict[str, dict[str, Any]] = {}
-        for row in md.list_step_executions(self.ws.engine, run_id):
-            if row["node_id"] not in latest or row["generation"] >= latest[row["node_id"]]["generation"]:
-                latest[row["node_id"]] = row
-        counts: dict[str, int] = {}
-        for row in latest.values():
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-        return counts
 
     # -- services ----------------------------------------------------------------------------
 
@@ -370,38 +358,33 @@ class Top:
     # -- continuous training ---------------------------------------------------------------
 
     def watches(self) -> list[RenderableType]:
-
         from distml.core.liveness import pid_alive
-        from distml.ops import metadata as md
+        from distml.models.registry import get_model_alias
+        from distml.pipelines.watches import watch_summaries
 
-        watches = md.list_watches(self.ws.engine)
-        live = [w for w in watches if w["pid"] and pid_alive(w["pid"])]
+        live = [w for w in watch_summaries(self.ws.engine) if w.watch.pid and pid_alive(w.watch.pid)]
         if not live:
             return [Text("Watches: none running", style="dim")]
         table = Table(
             "watch", "source", "pending", "cycle", "production", "last decision", title="Watches", title_justify="left"
         )
-        for w in live[:MAX_ROWS]:
-            arrivals = md.list_arrivals(self.ws.engine, w["name"])
-            cycles = md.list_cycles(self.ws.engine, w["name"])
-            pending = sum(a["status"] == "pending" for a in arrivals)
-            rejected = sum(a["status"] == "rejected" for a in arrivals)
-            production = md.get_model_alias(self.ws.engine, w["name"], "production")
+        for summary in live[:MAX_ROWS]:
+            w, cycles = summary.watch, summary.cycles
+            pending, rejected = summary.arrivals.get("pending", 0), summary.arrivals.get("rejected", 0)
+            production = get_model_alias(self.ws.engine, w.name, "production")
             now = cycles[-1] if cycles else None
-            done = next((c for c in reversed(cycles) if c["status"] != "running"), None)
+            done = next((c for c in reversed(cycles) if c.status != "running"), None)
             last = ""
             if done is not None:
-                decision = json.loads(done["decision_json"] or "{}")
-                fresh = json.loads(done["timings_json"]) if done["timings_json"] else {}
-                last = f"{done['cycle']}: {done['status']} {decision.get('model') or ''}"
+                fresh = done.timings
+                last = f"{done.cycle}: {done.status} {done.decision.get('model') or ''}"
                 last += f", fresh after {fresh['total']:.1f} s" if "total" in fresh else ""
-            settings = json.loads(w["settings_json"])
             table.add_row(
-                w["name"],
-                str(settings.get("source", "")),
+                w.name,
+                str(w.settings.get("source", "")),
                 f"{pending}" + (f" ({rejected} rejected)" if rejected else ""),
-                f"{now['cycle']} {now['status']}" if now is not None else "-",
-                f"{w['name']}:{production}" if production is not None else "-",
+                f"{now.cycle} {now.status}" if now is not None else "-",
+                f"{w.name}:{production}" if production is not None else "-",
                 last,
             )
         return [table]
@@ -430,7 +413,7 @@ class Top:
 def queue_view(pool: dict[str, Any], *, running: bool = True, max_rows: int | None = None) -> list[RenderableType]:
     """The pool, its queues and their jobs (`admission.snapshot()`), as `distml queue` and
     `distml top` show them; `running=False` leaves running jobs out."""
-    from distml.ops.scheduler import priority_name
+    from distml.scheduling.core import priority_name
 
     node, used = pool["node"], pool["used"]
     table = Table(

@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from required import require_tool
 
-from distml.ops import metadata
-from distml.ops.admission import pool_state
+from distml.scheduling.admission import pool_state
+from distml.train import store as train_store
 from distml.workspace import Workspace
 
 DISTML = str(Path(sys.executable).with_name("distml"))
@@ -220,8 +220,8 @@ def test_orchestrator_metrics_move_while_a_pipeline_runs(tmp_path):
 
 def test_scheduler_metrics_follow_passes_and_the_store(workspace, tmp_path):
     """What `distml train`'s launcher serves: this process's passes, and the pool read from the store."""
-    from distml.ops import metrics
-    from distml.ops.admission import Resources, SharedPool, set_node
+    from distml.scheduling import metrics
+    from distml.scheduling.admission import Resources, SharedPool, set_node
 
     set_node(workspace.engine, cpus=2)
     where = tmp_path / "launcher.json"
@@ -289,9 +289,9 @@ def test_top_once_says_unreachable_for_a_dead_endpoint(tmp_path):
         rank.parent.mkdir(parents=True)
         rank.write_text(json.dumps({**alive, "url": f"http://127.0.0.1:{dead}/metrics", "port": dead}))
         store = Workspace(ws)  # what the lead rank stored before its endpoint stopped answering
-        metadata.record_train_run(store.engine, "lost", {"model": "cnn", "dataset": "digits"}, status="running")
+        train_store.record_train_run(store.engine, "lost", {"model": "cnn", "dataset": "digits"}, status="running")
         step = {"epoch": 0, "loss": 0.5, "samples_per_s": 700.0, "step_seconds": 0.01}
-        metadata.record_train_steps(store.engine, "lost", [{**step, "step": 6}, {**step, "step": 7, "loss": 0.25}])
+        train_store.record_train_steps(store.engine, "lost", [{**step, "step": 6}, {**step, "step": 7, "loss": 0.25}])
         store.close()
         out = subprocess.run(
             [DISTML, "--workspace", str(ws), "top", "--once", "--interval", "0.1"],

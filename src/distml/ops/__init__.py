@@ -1,1 +1,0 @@
-"""Operations: scheduling, metadata and lineage, metrics."""
