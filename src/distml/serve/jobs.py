@@ -19,12 +19,13 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, UTCDateTime, utc_now
+from distml.core.db import METADATA, UTCDateTime, fetch_one, utc_now
 from distml.core.liveness import pid_alive
 
 # -- asynchronous inference jobs (migration 4) ---------------------------------------------------
@@ -74,9 +75,29 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat()
 
 
+@dataclass(frozen=True)
+class InferenceJob:
+    """One stored job: its request and, once run, its result or error, and its callback's state."""
+
+    id: str
+    model: str
+    version: int | None
+    status: str
+    request_json: str
+    result_json: str | None
+    error: str | None
+    callback_url: str | None
+    callback_status: str | None
+    owner: str | None
+    lease_expires: float | None
+    attempts: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
 def create_job(
     engine: sa.Engine, *, model: str, version: int | None, request: dict, callback_url: str | None = None
-) -> dict[str, Any]:
+) -> InferenceJob:
     """Store a new queued job (committed when this returns); return its row."""
     now = utc_now()
     row = {
@@ -97,32 +118,30 @@ def create_job(
     }
     with engine.begin() as conn:
         conn.execute(inference_jobs.insert().values(**row))
-    return row
+    return InferenceJob(**row)
 
 
-def get_job(engine: sa.Engine, job_id: str) -> dict[str, Any] | None:
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(inference_jobs).where(inference_jobs.c.id == job_id)).first()
-    return dict(row._mapping) if row is not None else None
+def get_job(engine: sa.Engine, job_id: str) -> InferenceJob | None:
+    return fetch_one(engine, sa.select(inference_jobs).where(inference_jobs.c.id == job_id), InferenceJob)
 
 
-def job_view(row: dict[str, Any]) -> dict[str, Any]:
+def job_view(row: InferenceJob) -> dict[str, Any]:
     """The public JSON of a job: id, model, model_version, status, timestamps, result or error, callback."""
     view: dict[str, Any] = {
-        "id": row["id"],
-        "model": row["model"],
-        "model_version": None if row["version"] is None else str(row["version"]),
-        "status": row["status"],
-        "attempts": row["attempts"],
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        "id": row.id,
+        "model": row.model,
+        "model_version": None if row.version is None else str(row.version),
+        "status": row.status,
+        "attempts": row.attempts,
+        "created_at": _iso(row.created_at),
+        "updated_at": _iso(row.updated_at),
     }
-    if row["status"] == "succeeded" and row["result_json"] is not None:
-        view["result"] = json.loads(row["result_json"])
-    if row["status"] == "failed":
-        view["error"] = row["error"]
-    if row["callback_url"]:
-        view["callback"] = {"url": row["callback_url"], "status": row["callback_status"] or "waiting"}
+    if row.status == "succeeded" and row.result_json is not None:
+        view["result"] = json.loads(row.result_json)
+    if row.status == "failed":
+        view["error"] = row.error
+    if row.callback_url:
+        view["callback"] = {"url": row.callback_url, "status": row.callback_status or "waiting"}
     return view
 
 
@@ -214,7 +233,7 @@ class JobRunner:
             return False
         return row.status == "queued" or self._owner_gone(row.owner, row.lease_expires, now)
 
-    def _claim(self) -> dict[str, Any] | None:
+    def _claim(self) -> InferenceJob | None:
         now = time.time()
         t = inference_jobs
         query = (
@@ -267,7 +286,7 @@ class JobRunner:
                 except Exception:
                     log.exception("claiming an inference job failed; retrying")
             if row is not None:
-                self._active[row["id"]] = asyncio.get_running_loop().create_task(self._process(row))
+                self._active[row.id] = asyncio.get_running_loop().create_task(self._process(row))
                 continue
             self._wakeup.clear()
             try:
@@ -292,15 +311,15 @@ class JobRunner:
             await asyncio.sleep(self.lease_seconds / 3)
             await asyncio.to_thread(self._update, job_id, lease_expires=time.time() + self.lease_seconds)
 
-    async def _process(self, row: dict[str, Any]) -> None:
-        job_id = row["id"]
+    async def _process(self, row: InferenceJob) -> None:
+        job_id = row.id
         renew = asyncio.get_running_loop().create_task(self._renew(job_id))
         try:
-            if row["status"] == "running":
+            if row.status == "running":
                 row = await self._run(row)
                 if row is None:
                     return
-            if row["callback_url"] and row["callback_status"] == "pending":
+            if row.callback_url and row.callback_status == "pending":
                 delivered = await self._deliver(row)
                 await asyncio.to_thread(
                     self._update, job_id, callback_status="delivered" if delivered else "failed", lease_expires=None
@@ -314,10 +333,10 @@ class JobRunner:
             self._active.pop(job_id, None)
             self.wake()
 
-    async def _run(self, row: dict[str, Any]) -> dict[str, Any] | None:
-        job_id, model = row["id"], row["model"]
-        version = row["version"]
-        if row["attempts"] > self.max_attempts:
+    async def _run(self, row: InferenceJob) -> dict[str, Any] | None:
+        job_id, model = row.id, row.model
+        version = row.version
+        if row.attempts > self.max_attempts:
             status, result, error = (
                 "failed",
                 None,
@@ -325,14 +344,14 @@ class JobRunner:
             )
         else:
             try:
-                request = json.loads(row["request_json"])
+                request = json.loads(row.request_json)
                 version, response = await self.execute(model, version, request)
                 status, result, error = "succeeded", json.dumps(response, separators=(",", ":")), None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 status, result, error = "failed", None, str(exc) or type(exc).__name__
-        callback_status = "pending" if row["callback_url"] else None
+        callback_status = "pending" if row.callback_url else None
         ok = await asyncio.to_thread(
             self._update,
             job_id,
@@ -351,12 +370,12 @@ class JobRunner:
             self.on_finish(model, "" if version is None else str(version), status)
         return get_job(self.engine, job_id)
 
-    async def _deliver(self, row: dict[str, Any]) -> bool:
+    async def _deliver(self, row: InferenceJob) -> bool:
         payload = job_view(row)
         payload.pop("callback", None)
         for attempt in range(1, self.callback_attempts + 1):
             try:
-                response = await self._http.post(row["callback_url"], json=payload)
+                response = await self._http.post(row.callback_url, json=payload)
                 if response.is_success:
                     return True
                 problem = f"HTTP {response.status_code}"
@@ -364,15 +383,15 @@ class JobRunner:
                 problem = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "inference job %s: callback to %s failed (attempt %d/%d): %s",
-                row["id"],
-                row["callback_url"],
+                row.id,
+                row.callback_url,
                 attempt,
                 self.callback_attempts,
                 problem,
             )
             if attempt < self.callback_attempts:
                 await asyncio.sleep(self.callback_backoff * 2 ** (attempt - 1))
-        log.error("inference job %s: giving up on its callback to %s", row["id"], row["callback_url"])
+        log.error("inference job %s: giving up on its callback to %s", row.id, row.callback_url)
         return False
 
 

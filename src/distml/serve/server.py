@@ -206,11 +206,11 @@ class ModelServer:
             callback_url=callback_url,
         )
         self.jobs.wake()
-        log.info("event=job_queued id=%s model=%s version=%s", row["id"], served.name, pinned or "default")
+        log.info("event=job_queued id=%s model=%s version=%s", row.id, served.name, pinned or "default")
         return JSONResponse(
-            {"id": row["id"], "status": row["status"], "model": served.name, "model_version": pinned},
+            {"id": row.id, "status": row.status, "model": served.name, "model_version": pinned},
             202,
-            headers={"Location": f"/v2/jobs/{row['id']}"},
+            headers={"Location": f"/v2/jobs/{row.id}"},
         )
 
     async def job_status(self, request: Request) -> Response:
@@ -220,8 +220,8 @@ class ModelServer:
         row = await asyncio.to_thread(get_job, self.workspace.engine, job_id) if len(job_id) <= 64 else None
         if row is None:
             raise ProtocolError(404, f"no inference job with id {job_id!r}")
-        if row["version"] is not None:
-            labels["model"], labels["version"] = row["model"], str(row["version"])
+        if row.version is not None:
+            labels["model"], labels["version"] = row.model, str(row.version)
         return JSONResponse(job_view(row))
 
     async def v1_model(self, request: Request) -> Response:

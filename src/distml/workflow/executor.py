@@ -33,7 +33,7 @@ from distml.scheduling.admission import JOB_ENV
 from distml.workflow import store
 from distml.workflow.dag import coerce_arguments
 from distml.workflow.values import canonical, decode, encode
-from distml.workspace import Workspace
+from distml.workspace import Workspace, WorkspaceRef
 
 _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("distml_step_context", default=None)
 
@@ -53,8 +53,7 @@ class Task:
     path: list[str]  # folders to put on sys.path (the pipeline file's)
     args: list[Any]
     kwargs: dict[str, Any]
-    workspace: str
-    db_url: str
+    workspace: WorkspaceRef  # always with its URL spelt out (`Workspace.ref`)
     log_path: str
     sched_job: str | None = None  # the scheduler job whose gang this step runs in
 
@@ -152,11 +151,11 @@ def run_task(task: Task, conn: Connection | None) -> None:
     """The body of a step process (also callable in-process for debugging)."""
 
     # for a `distml` command the step starts (the CLI reads these); distml's own code passes them
-    os.environ[HOME_ENV] = task.workspace
-    os.environ[DB_URL_ENV] = task.db_url
+    os.environ[HOME_ENV] = task.workspace.root
+    os.environ[DB_URL_ENV] = task.workspace.url
     if task.sched_job is not None:
         os.environ[JOB_ENV] = task.sched_job  # a `distml train` it starts runs in this gang
-    ws = Workspace(task.workspace, task.db_url, migrate=False)  # the orchestrator migrated it
+    ws = Workspace.open(task.workspace, migrate=False)  # the orchestrator migrated it
     ctx = StepContext(task.run_id, task.node_id, task.attempt, ws, conn)
     _current.set(ctx)
     print(f"[distml] step {task.node_id} attempt {task.attempt + 1} (pid {os.getpid()})", flush=True)

@@ -442,8 +442,7 @@ class Orchestrator:
             qualname=step.fn.__qualname__,
             args=args,
             kwargs=kwargs,
-            workspace=str(Path(self.ws.root).resolve()),
-            db_url=self.ws.db_url,
+            workspace=self.ws.ref,
             log_path=str(log_path),
             sched_job=str(state.lease.id) if state.lease is not None else None,
         )
