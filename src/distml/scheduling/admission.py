@@ -10,6 +10,7 @@ its pid and the pid's start time, elsewhere when its lease expires.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import json
@@ -597,46 +598,20 @@ class SharedPool:
                     self.on_preempt(held[job_id])
 
 
-def list_jobs(engine: sa.Engine, *, include_done: int = 0) -> list[dict[str, Any]]:
-    """The pool's jobs not done (and the last `include_done` done ones), oldest first."""
-    with engine.connect() as conn:
-        rows = [
-            dict(r._mapping)
-            for r in conn.execute(
-                sa.select(md.sched_jobs).where(md.sched_jobs.c.state != "done").order_by(md.sched_jobs.c.submitted_at)
-            )
-        ]
-        if include_done:
-            rows += [
-                dict(r._mapping)
-                for r in conn.execute(
-                    sa.select(md.sched_jobs)
-                    .where(md.sched_jobs.c.state == "done")
-                    .order_by(md.sched_jobs.c.ended_at.desc())
-                    .limit(include_done)
-                )
-            ]
-    for row in rows:
-        row["priority_class"] = priority_name(row["priority"])
-    return rows
-
-
-def passes(engine: sa.Engine) -> int:
-    """Scheduling passes run in this workspace so far, by every process."""
-    with engine.connect() as conn:
-        return int(conn.execute(sa.select(md.sched_lock.c.passes).where(md.sched_lock.c.id == 1)).scalar() or 0)
-
-
 def pool_state(engine: sa.Engine) -> dict[str, Any]:
     """`snapshot` with the pass count: what the scheduler's metrics endpoint reports at each scrape."""
-    return {**snapshot(engine), "passes": passes(engine)}
+    return {**snapshot(engine), "passes": md.passes(engine)}
 
 
 def snapshot(engine: sa.Engine) -> dict[str, Any]:
     """The pool as `distml queue` and `distml top` show it: this host's node with what is used,
     each queue's weight, nominal share, current share and jobs, and every job not done."""
     node = ensure_node(engine)
-    jobs = [job for job in list_jobs(engine) if job["node"] == node.name]
+    jobs = [
+        {**dataclasses.asdict(job), "priority_class": priority_name(job.priority)}
+        for job in md.list_jobs(engine)
+        if job.node == node.name
+    ]
     lines: dict[str, list[dict[str, Any]]] = {}
     for job in sorted(jobs, key=lambda j: (-j["priority"], j["submitted_at"])):
         if job["state"] == "waiting":

@@ -8,10 +8,11 @@ Every process that runs a job writes a row in `sched_jobs` and waits until a sch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA
+from distml.core.db import METADATA, fetch_all
 
 # -- the scheduler's shared state (migration 6) -----------------------------------------------
 # Every process that runs a job (distml train, workflow steps, serving replicas) writes a row in
@@ -82,3 +83,48 @@ def _m6_scheduler(conn: sa.Connection) -> None:
 
 
 MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {6: _m6_scheduler}
+
+
+@dataclass(frozen=True)
+class SchedJob:
+    """A job of the pool: its gang (tasks x resources), queue and priority, state and holder."""
+
+    id: str
+    name: str
+    kind: str
+    queue: str
+    priority: int
+    preemptible: bool
+    tasks: int
+    cpus: float
+    gpus: int
+    memory_gb: float
+    estimate_s: float | None
+    state: str
+    outcome: str | None
+    node: str
+    placement_json: str | None
+    pid: int
+    pid_started: str | None
+    lease_expires: float
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    preemptions: int
+    reason: str | None
+
+
+def list_jobs(engine: sa.Engine, *, include_done: int = 0) -> list[SchedJob]:
+    """The pool's jobs not done (and the last `include_done` done ones), oldest first."""
+    j = sched_jobs
+    jobs = fetch_all(engine, sa.select(j).where(j.c.state != "done").order_by(j.c.submitted_at), SchedJob)
+    if include_done:
+        done = sa.select(j).where(j.c.state == "done").order_by(j.c.ended_at.desc()).limit(include_done)
+        jobs += fetch_all(engine, done, SchedJob)
+    return jobs
+
+
+def passes(engine: sa.Engine) -> int:
+    """Scheduling passes run in this workspace so far, by every process."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sched_lock.c.passes).where(sched_lock.c.id == 1)).scalar() or 0)
