@@ -15,10 +15,9 @@ from distml.workspace import Workspace
 
 SRC = Path(distml.__file__).parent
 
-# Modules that may hold SQL: the owners SCHEMA names, the scheduler's admission (its store's package,
-# whose passes are one transaction over its tables), the floor's helpers, and the data sources that
+# Modules that may hold SQL: the owners SCHEMA names, the floor's helpers, and the data sources that
 # read a user's own SQL database (not the metadata store).
-SQL_ALLOWED = {*(name for name in db.SCHEMA.values()), "distml.scheduling.admission", "distml.core.db"}
+SQL_ALLOWED = {*db.SCHEMA.values(), "distml.core.db"}
 USER_DATABASES = {"distml.data.sources", "distml.data.arrivals"}
 SQL = re.compile(r"sa\.select\(|\.insert\(\)|\.update\(\)|\.delete\(\)|conn\.execute\(|sa\.text\(")
 

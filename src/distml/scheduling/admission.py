@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
-import json
 import logging
 import os
 import socket
@@ -115,21 +114,12 @@ def machine_node() -> Node:
 def ensure_node(engine: sa.Engine, node: Node | None = None) -> Node:
     """This host's node row: created from the machine on first use, then as the store says."""
     node = node or machine_node()
-    query = sa.select(md.sched_nodes).where(md.sched_nodes.c.name == node.name)
-    with engine.connect() as conn:
-        row = conn.execute(query).first()
+    row = md.get_node(engine, node.name)
     if row is None:
-        try:
-            with engine.begin() as conn:
-                conn.execute(
-                    md.sched_nodes.insert().values(
-                        name=node.name, cpus=node.cpus, gpus=node.gpus, memory_gb=node.memory_gb, updated_at=time.time()
-                    )
-                )
+        if md.add_node(engine, node.name, node.cpus, node.gpus, node.memory_gb):
             return node
-        except sa.exc.IntegrityError:  # another process registered this host first: use its row
-            with engine.connect() as conn:
-                row = conn.execute(query).one()
+        row = md.get_node(engine, node.name)  # another process registered this host first: use its row
+        assert row is not None
     return Node(row.name, cpus=row.cpus, gpus=row.gpus, memory_gb=row.memory_gb)
 
 
@@ -141,10 +131,7 @@ def set_node(
     values = {k: v for k, v in {"cpus": cpus, "gpus": gpus, "memory_gb": memory_gb}.items() if v is not None}
     if any(v < 0 for v in values.values()) or values.get("cpus", 1) <= 0:
         raise DistmlError(f"a pool needs cpus > 0, gpus >= 0 and memory_gb >= 0, got {values}")
-    with engine.begin() as conn:
-        conn.execute(
-            md.sched_nodes.update().where(md.sched_nodes.c.name == node.name).values(updated_at=time.time(), **values)
-        )
+    md.update_node(engine, node.name, **values)
     return ensure_node(engine)
 
 
@@ -154,22 +141,13 @@ def set_queue(engine: sa.Engine, name: str, weight: float) -> None:
         raise DistmlError(f"a queue name is letters, digits, '-' and '_' (at most 100), got {name!r}")
     if not weight > 0:
         raise DistmlError(f"queue {name!r} needs a weight > 0, got {weight}")
-    with engine.begin() as conn:
-        updated = conn.execute(
-            md.sched_queues.update().where(md.sched_queues.c.name == name).values(weight=weight, updated_at=time.time())
-        ).rowcount
-        if not updated:
-            conn.execute(md.sched_queues.insert().values(name=name, weight=weight, updated_at=time.time()))
-
-
-def queue_weights(conn: sa.Connection) -> dict[str, float]:
-    return {row.name: row.weight for row in conn.execute(sa.select(md.sched_queues))}
+    md.set_queue_weight(engine, name, weight)
 
 
 def check_queue(engine: sa.Engine, queue: str) -> None:
     """Refuse a queue that does not exist, naming those that do."""
     with engine.connect() as conn:
-        queues = queue_weights(conn)
+        queues = md.queue_weights(conn)
     if queue not in queues:
         raise DistmlError(
             f"unknown queue {queue!r}; queues: {', '.join(sorted(queues))} "
@@ -202,21 +180,6 @@ class Liveness:
         return False
 
 
-def _pass_query(node: str, window: int) -> sa.Select:
-    """The rows a pass decides on: every job running on `node`, and the first `window` waiting
-    jobs of each queue in queue order (priority, then age): a pass never looks further back."""
-    jobs = md.sched_jobs
-    place = (
-        sa.func.row_number()
-        .over(partition_by=[jobs.c.queue, jobs.c.state], order_by=[jobs.c.priority.desc(), jobs.c.submitted_at])
-        .label("place")
-    )
-    ranked = sa.select(jobs, place).where(jobs.c.state != "done", jobs.c.node == node).subquery()
-    return sa.select(*[ranked.c[c.name] for c in jobs.c]).where(
-        sa.or_(ranked.c.state != "waiting", ranked.c.place <= window)
-    )
-
-
 def schedule_pass(
     engine: sa.Engine,
     now: float | None = None,
@@ -237,27 +200,21 @@ def schedule_pass(
     changed: dict[str, str] = {}  # what this pass did: running, preempting, lost, failed
     states: dict[str, str] = {}
     with engine.begin() as conn:
-        conn.execute(md.sched_lock.update().where(md.sched_lock.c.id == 1).values(passes=md.sched_lock.c.passes + 1))
+        md.begin_pass(conn)
         now = time.time() if now is None else now  # read under the lock: passes' times never go back
         if first is not None:
             first(conn, now)
-        rows = conn.execute(_pass_query(node.name, (policy or Policy()).lookahead + 1)).all()
+        rows = md.pass_rows(conn, node.name, (policy or Policy()).lookahead + 1)
         # Jobs further back in their queue cannot start in this pass: only their ids are read.
         loaded = {row.id for row in rows}
-        for (job_id,) in conn.execute(
-            sa.select(md.sched_jobs.c.id).where(md.sched_jobs.c.state == "waiting", md.sched_jobs.c.node == node.name)
-        ):
+        for job_id in md.waiting_ids(conn, node.name):
             if job_id not in loaded:
                 states[job_id] = "waiting"
-        scheduler = Scheduler([node], queue_weights(conn), policy)
+        scheduler = Scheduler([node], md.queue_weights(conn), policy)
         alive = []
         for row in rows:
             if liveness.gone(row, node.name, now):
-                conn.execute(
-                    md.sched_jobs.update()
-                    .where(md.sched_jobs.c.id == row.id)
-                    .values(state="done", outcome="lost", ended_at=now, reason="its process died; resources reclaimed")
-                )
+                md.end_job(conn, row.id, "lost", now, "its process died; resources reclaimed")
                 changed[row.id] = "lost"
                 continue
             alive.append(row)
@@ -279,32 +236,15 @@ def schedule_pass(
                 try:
                     scheduler.submit(job)
                 except DistmlError as exc:  # the pool shrank or the queue went away under it
-                    conn.execute(
-                        md.sched_jobs.update()
-                        .where(md.sched_jobs.c.id == row.id)
-                        .values(state="done", outcome="failed", ended_at=now, reason=str(exc))
-                    )
+                    md.end_job(conn, row.id, "failed", now, str(exc))
                     changed[row.id] = "failed"
                     del jobs[row.id]
         decision = scheduler.schedule(now)
         for job in decision.started:
-            conn.execute(
-                md.sched_jobs.update()
-                .where(md.sched_jobs.c.id == job.id)
-                .values(
-                    state="running",
-                    started_at=now,
-                    placement_json=json.dumps([node.name] * len(job.placement)),
-                    reason=None,
-                )
-            )
+            md.start_job(conn, job.id, now, [node.name] * len(job.placement))
             changed[job.id] = "running"
         for job in decision.preempt:
-            conn.execute(
-                md.sched_jobs.update()
-                .where(md.sched_jobs.c.id == job.id)
-                .values(state="preempting", reason=job.reason, preemptions=md.sched_jobs.c.preemptions + 1)
-            )
+            md.preempt_job(conn, job.id, job.reason)
             changed[job.id] = "preempting"
         for job_id, (job, row) in jobs.items():
             if job.running:
@@ -315,7 +255,7 @@ def schedule_pass(
             # no text (its position is shown when asked), so a pass writes O(decisions), not O(queue).
             reason = job.reason or None
             if reason != row.reason:
-                conn.execute(md.sched_jobs.update().where(md.sched_jobs.c.id == job_id).values(reason=reason))
+                md.set_reason(conn, job_id, reason)
     metrics.observe_pass(time.perf_counter() - started, changed)
     return {**states, **changed}
 
@@ -399,11 +339,7 @@ class SharedPool:
             self._preempted.discard(lease.id)
 
         def finish(conn: sa.Connection, now: float) -> None:
-            conn.execute(
-                md.sched_jobs.update()
-                .where(md.sched_jobs.c.id == lease.id, md.sched_jobs.c.state != "done")
-                .values(state="done", outcome=outcome, ended_at=now)
-            )
+            md.end_job(conn, lease.id, outcome, now)
 
         self._deferred.append(finish)
         if not defer:
@@ -442,32 +378,18 @@ class SharedPool:
         with self._lock:
             self._held.pop(lease.id, None)
             self._preempted.discard(lease.id)
-        with self.engine.begin() as conn:
-            conn.execute(
-                md.sched_jobs.update()
-                .where(md.sched_jobs.c.id == lease.id)
-                .values(
-                    state="waiting", placement_json=None, started_at=None, lease_expires=time.time() + LEASE_SECONDS
-                )
-            )
+        md.requeue_job(self.engine, lease.id, time.time() + LEASE_SECONDS)
         self._pending[lease.job] = (str(lease.id), lease.resources)
 
     def adopt(self, job: str, request: Resources) -> Lease | None:
         """Take over the running gang named `job` that a previous holder bound to a process
         still alive (a workflow step after `distml run --resume`); submit it anew if it is gone."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(md.sched_jobs.c.id).where(
-                    md.sched_jobs.c.name == job,
-                    md.sched_jobs.c.node == self.node.name,
-                    md.sched_jobs.c.state.in_(["running", "preempting"]),
-                )
-            ).first()
-        if row is None:
+        job_id = md.running_job_id(self.engine, job, self.node.name)
+        if job_id is None:
             return self.try_acquire(job, request)
-        lease = Lease(row.id, job, request)
+        lease = Lease(job_id, job, request)
         with self._lock:
-            self._held[row.id] = lease
+            self._held[job_id] = lease
         self._start_heartbeat()
         return lease
 
@@ -482,9 +404,7 @@ class SharedPool:
         started = process_identity(pid)
 
         def rebind(conn: sa.Connection, _now: float) -> None:
-            conn.execute(
-                md.sched_jobs.update().where(md.sched_jobs.c.id == lease.id).values(pid=pid, pid_started=started)
-            )
+            md.bind_job(conn, lease.id, pid, started)
 
         if defer:
             self._deferred.append(rebind)
@@ -500,11 +420,7 @@ class SharedPool:
         self.flush()
         for job_id, _ in self._pending.values():
             with self.engine.begin() as conn:
-                conn.execute(
-                    md.sched_jobs.update()
-                    .where(md.sched_jobs.c.id == job_id, md.sched_jobs.c.state == "waiting")
-                    .values(state="done", outcome="cancelled", ended_at=time.time())
-                )
+                md.end_job(conn, job_id, "cancelled", time.time(), only="waiting")
         self._pending.clear()
 
     # -- internals ------------------------------------------------------------------------
@@ -517,27 +433,24 @@ class SharedPool:
         pid = os.getpid()
 
         def insert(conn: sa.Connection, now: float) -> None:
-            conn.execute(
-                md.sched_jobs.insert().values(
-                    id=job_id,
-                    name=name,
-                    kind=self.kind,
-                    queue=self.queue,
-                    priority=self.priority,
-                    preemptible=self.preemptible,
-                    tasks=request.workers,
-                    cpus=request.cpus,
-                    gpus=request.gpus,
-                    memory_gb=request.memory_gb,
-                    estimate_s=estimate,
-                    state="waiting",
-                    node=self.node.name,
-                    pid=pid,
-                    pid_started=process_identity(pid),
-                    lease_expires=now + LEASE_SECONDS,
-                    submitted_at=now,
-                    preemptions=0,
-                )
+            md.submit_job(
+                conn,
+                id=job_id,
+                name=name,
+                kind=self.kind,
+                queue=self.queue,
+                priority=self.priority,
+                preemptible=self.preemptible,
+                tasks=request.workers,
+                cpus=request.cpus,
+                gpus=request.gpus,
+                memory_gb=request.memory_gb,
+                estimate_s=estimate,
+                node=self.node.name,
+                pid=pid,
+                pid_started=process_identity(pid),
+                lease_expires=now + LEASE_SECONDS,
+                submitted_at=now,
             )
 
         return job_id, insert
@@ -558,9 +471,8 @@ class SharedPool:
         self._passed_at = time.monotonic()
         return self._states
 
-    def _state(self, job_id: str) -> Any:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(md.sched_jobs).where(md.sched_jobs.c.id == job_id)).one()
+    def _state(self, job_id: str) -> md.SchedJob:
+        return md.get_job(self.engine, job_id)
 
     def _start_heartbeat(self) -> None:
         if self._thread is None:
@@ -575,20 +487,7 @@ class SharedPool:
             if not ids:
                 continue
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        md.sched_jobs.update()
-                        .where(md.sched_jobs.c.id.in_(ids), md.sched_jobs.c.state != "done")
-                        .values(lease_expires=time.time() + LEASE_SECONDS)
-                    )
-                    stopping = {
-                        row.id
-                        for row in conn.execute(
-                            sa.select(md.sched_jobs.c.id).where(
-                                md.sched_jobs.c.id.in_(list(held)), md.sched_jobs.c.state == "preempting"
-                            )
-                        )
-                    }
+                stopping = md.renew_leases(self.engine, ids, list(held), time.time() + LEASE_SECONDS)
             except sa.exc.OperationalError as exc:  # a busy store: try again at the next beat
                 log.debug("scheduler heartbeat skipped: %s", exc)
                 continue
@@ -620,7 +519,7 @@ def snapshot(engine: sa.Engine) -> dict[str, Any]:
         for position, job in enumerate(line[1:], start=2):
             job["reason"] = job["reason"] or f"position {position} in queue {queue}, behind {line[0]['name']}"
     with engine.connect() as conn:
-        weights = queue_weights(conn)
+        weights = md.queue_weights(conn)
     scheduler = Scheduler([node], {**weights, **{j["queue"]: 1.0 for j in jobs if j["queue"] not in weights}})
     for job in jobs:
         if job["state"] in ("running", "preempting"):

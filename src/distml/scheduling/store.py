@@ -7,12 +7,15 @@ Every process that runs a job writes a row in `sched_jobs` and waits until a sch
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, fetch_all
+from distml.core.db import METADATA, fetch_all, fetch_one
 
 # -- the scheduler's shared state (migration 6) -----------------------------------------------
 # Every process that runs a job (distml train, workflow steps, serving replicas) writes a row in
@@ -128,3 +131,158 @@ def passes(engine: sa.Engine) -> int:
     """Scheduling passes run in this workspace so far, by every process."""
     with engine.connect() as conn:
         return int(conn.execute(sa.select(sched_lock.c.passes).where(sched_lock.c.id == 1)).scalar() or 0)
+
+
+# -- nodes and queues --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedNode:
+    """What a host offers the pool."""
+
+    name: str
+    cpus: float
+    gpus: int
+    memory_gb: float
+    updated_at: float
+
+
+def get_node(engine: sa.Engine, name: str) -> SchedNode | None:
+    return fetch_one(engine, sa.select(sched_nodes).where(sched_nodes.c.name == name), SchedNode)
+
+
+def add_node(engine: sa.Engine, name: str, cpus: float, gpus: int, memory_gb: float) -> bool:
+    """Register host `name`; False when another process registered it first."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sched_nodes.insert().values(
+                    name=name, cpus=cpus, gpus=gpus, memory_gb=memory_gb, updated_at=time.time()
+                )
+            )
+        return True
+    except sa.exc.IntegrityError:
+        return False
+
+
+def update_node(engine: sa.Engine, name: str, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(sched_nodes.update().where(sched_nodes.c.name == name).values(updated_at=time.time(), **values))
+
+
+def set_queue_weight(engine: sa.Engine, name: str, weight: float) -> None:
+    """Create queue `name` or change its weight."""
+    with engine.begin() as conn:
+        query = sched_queues.update().where(sched_queues.c.name == name)
+        if not conn.execute(query.values(weight=weight, updated_at=time.time())).rowcount:
+            conn.execute(sched_queues.insert().values(name=name, weight=weight, updated_at=time.time()))
+
+
+def queue_weights(conn: sa.Connection) -> dict[str, float]:
+    return {row.name: row.weight for row in conn.execute(sa.select(sched_queues))}
+
+
+# -- a scheduling pass: every statement runs inside the pass's one transaction --------------------
+
+
+def begin_pass(conn: sa.Connection) -> None:
+    """Count the pass; the row lock this takes serialises passes on SQLite and PostgreSQL alike."""
+    conn.execute(sched_lock.update().where(sched_lock.c.id == 1).values(passes=sched_lock.c.passes + 1))
+
+
+def pass_rows(conn: sa.Connection, node: str, window: int) -> list[Any]:
+    """The rows a pass decides on: every job running on `node`, and the first `window` waiting
+    jobs of each queue in queue order (priority, then age): a pass never looks further back."""
+    jobs = sched_jobs
+    place = (
+        sa.func.row_number()
+        .over(partition_by=[jobs.c.queue, jobs.c.state], order_by=[jobs.c.priority.desc(), jobs.c.submitted_at])
+        .label("place")
+    )
+    ranked = sa.select(jobs, place).where(jobs.c.state != "done", jobs.c.node == node).subquery()
+    query = sa.select(*[ranked.c[c.name] for c in jobs.c]).where(
+        sa.or_(ranked.c.state != "waiting", ranked.c.place <= window)
+    )
+    return list(conn.execute(query).all())
+
+
+def waiting_ids(conn: sa.Connection, node: str) -> list[str]:
+    query = sa.select(sched_jobs.c.id).where(sched_jobs.c.state == "waiting", sched_jobs.c.node == node)
+    return list(conn.execute(query).scalars())
+
+
+def end_job(
+    conn: sa.Connection, job_id: str, outcome: str, now: float, reason: str | None = None, *, only: str | None = None
+) -> None:
+    """Job `job_id` is done with `outcome` (finished, failed, lost, cancelled); with `only`, only
+    while it is in that state ("waiting"), and never twice."""
+    where = [sched_jobs.c.id == job_id, sched_jobs.c.state != "done"]
+    if only is not None:
+        where.append(sched_jobs.c.state == only)
+    values: dict[str, Any] = {"state": "done", "outcome": outcome, "ended_at": now}
+    if reason is not None:
+        values["reason"] = reason
+    conn.execute(sched_jobs.update().where(*where).values(**values))
+
+
+def start_job(conn: sa.Connection, job_id: str, now: float, placement: list[str]) -> None:
+    conn.execute(
+        sched_jobs.update()
+        .where(sched_jobs.c.id == job_id)
+        .values(state="running", started_at=now, placement_json=json.dumps(placement), reason=None)
+    )
+
+
+def preempt_job(conn: sa.Connection, job_id: str, reason: str) -> None:
+    conn.execute(
+        sched_jobs.update()
+        .where(sched_jobs.c.id == job_id)
+        .values(state="preempting", reason=reason, preemptions=sched_jobs.c.preemptions + 1)
+    )
+
+
+def set_reason(conn: sa.Connection, job_id: str, reason: str | None) -> None:
+    conn.execute(sched_jobs.update().where(sched_jobs.c.id == job_id).values(reason=reason))
+
+
+# -- what holders write --------------------------------------------------------------------------
+
+
+def submit_job(conn: sa.Connection, **values: Any) -> None:
+    """A new waiting job (inside the pass that first considers it)."""
+    conn.execute(sched_jobs.insert().values(state="waiting", preemptions=0, **values))
+
+
+def requeue_job(engine: sa.Engine, job_id: str, lease_expires: float) -> None:
+    """A preempted holder stopped: back in line, with its age."""
+    with engine.begin() as conn:
+        conn.execute(
+            sched_jobs.update()
+            .where(sched_jobs.c.id == job_id)
+            .values(state="waiting", placement_json=None, started_at=None, lease_expires=lease_expires)
+        )
+
+
+def running_job_id(engine: sa.Engine, name: str, node: str) -> str | None:
+    """The id of the running (or preempting) gang named `name` on `node`, or None."""
+    j = sched_jobs
+    query = sa.select(j.c.id).where(j.c.name == name, j.c.node == node, j.c.state.in_(["running", "preempting"]))
+    with engine.connect() as conn:
+        return conn.execute(query).scalars().first()
+
+
+def bind_job(conn: sa.Connection, job_id: str, pid: int, pid_started: str | None) -> None:
+    conn.execute(sched_jobs.update().where(sched_jobs.c.id == job_id).values(pid=pid, pid_started=pid_started))
+
+
+def get_job(engine: sa.Engine, job_id: str) -> SchedJob:
+    return fetch_all(engine, sa.select(sched_jobs).where(sched_jobs.c.id == job_id), SchedJob)[0]
+
+
+def renew_leases(engine: sa.Engine, ids: list[str], held: list[str], until: float) -> set[str]:
+    """Extend the leases of jobs `ids` to `until`; return those of `held` a pass chose to preempt."""
+    j = sched_jobs
+    with engine.begin() as conn:
+        conn.execute(j.update().where(j.c.id.in_(ids), j.c.state != "done").values(lease_expires=until))
+        query = sa.select(j.c.id).where(j.c.id.in_(held), j.c.state == "preempting")
+        return set(conn.execute(query).scalars())
