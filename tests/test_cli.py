@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def test_prepare_and_inspect_digits(tmp_path):
     [
         (("data", "inspect", "--dataset", "nope"), "unknown data set 'nope'"),
         (("data", "prepare", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/folder"), "/nonexistent/folder"),
+        (("services", "stop", "nope"), "no service 'nope' in "),
+        (("services", "logs", "nope"), "no service 'nope' in "),
+        (("runs", "show", "nope", "--json"), "no workflow run 'nope'"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
@@ -58,6 +62,43 @@ def test_bad_input_is_one_clear_error(tmp_path, args, message):
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_service_whose_gateway_died_lists_as_gone_and_stop_removes_its_stale_record(tmp_path):
+    """A stand-in for a gateway (a real process, its record as `ensure_serving` writes it), then
+    killed with SIGKILL: listed as gone without failing the command; `services stop` cleans up.
+    tests/serve/test_cli_services.py does the same with a real gateway."""
+    from distml.core.layout import ServiceRecord
+    from distml.core.liveness import process_identity
+
+    ws = tmp_path / "ws"
+    assert json.loads(distml("services", "--json", workspace=ws).stdout) == []
+    assert "no services in" in distml("services", workspace=ws).stdout
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        ServiceRecord("old", "http://127.0.0.1:9", "cnn:1", proc.pid, process_identity(proc.pid)).write(ws)
+        (alive,) = json.loads(distml("services", "list", "--json", workspace=ws).stdout)
+        # its process runs, its gateway does not answer: running, with why nothing more is known
+        assert (alive["state"], alive["ready"]) == ("running", None)
+        assert "cannot reach the gateway at http://127.0.0.1:9" in alive["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+    out = distml("services", "--json", workspace=ws)
+    assert out.returncode == 0, out.stderr
+    (gone,) = json.loads(out.stdout)
+    assert (gone["name"], gone["state"], gone["model"], gone["pid"]) == ("old", "gone", "cnn:1", proc.pid)
+    table = distml("services", workspace=ws)
+    assert table.returncode == 0 and "gone" in table.stdout and "http://127.0.0.1:9" in table.stdout
+    stop = distml("services", "stop", "old", workspace=ws)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.startswith("service old was gone") and "removed its stale record" in stop.stdout
+    assert ServiceRecord.read(ws, "old", alive=False) is None
+    again = distml("services", "stop", "old", workspace=ws)
+    assert again.returncode == 2 and "no service 'old'" in again.stderr and "it is stopped" in again.stderr
+    missing = distml("services", "logs", "old", workspace=ws)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "no gateway log for service 'old'" in missing.stderr and "it has no logs" in missing.stderr
 
 
 def test_fashion_mnist_offline_says_where_to_put_the_files(tmp_path):

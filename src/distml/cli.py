@@ -511,6 +511,81 @@ def deploy_command(
         click.echo(f"{name}:{version} loaded and serving all traffic (previous versions stay loaded for rollback)")
 
 
+@main.group("services", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the services as a JSON list.")
+@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token of the services' gateways.")
+@click.pass_context
+def services_group(ctx: click.Context, as_json: bool, token: str | None) -> None:
+    """The services of this workspace (`distml run`'s, `distml serve`'s): list, stop, logs.
+
+    With no subcommand, lists them (same as `distml services list`).
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(services_list, as_json=as_json, token=token)
+
+
+@services_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the services as a JSON list.")
+@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token of the services' gateways.")
+@click.pass_context
+def services_list(ctx: click.Context, as_json: bool = False, token: str | None = None) -> None:
+    """Each service: URL, model versions and traffic split, replicas ready/desired, and its state
+    (running, or gone when its gateway's process died)."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from distml.serve.service import list_services
+    from distml.views.services import services_table
+
+    ws = _workspace(ctx)
+    services = list_services(ws, token)
+    if as_json:
+        click.echo(json.dumps([asdict(service) for service in services], indent=1))
+        return
+    if not services:
+        click.echo(f"no services in {ws.root}; `distml serve` or `distml run` starts one")
+        return
+    table, width = services_table(services)
+    console = Console()
+    if console.width < width:  # a narrow terminal or $COLUMNS: longer lines, never a cut name or URL
+        console = Console(width=width)
+    console.print(table)
+
+
+@services_group.command("stop")
+@click.argument("name")
+@click.pass_context
+def services_stop(ctx: click.Context, name: str) -> None:
+    """Stop service NAME: its gateway drains, stops its replicas and exits. A gone service's stale
+    record is removed."""
+    from distml.serve.service import find_service, stop_service
+
+    ws = _workspace(ctx)
+    record = find_service(ws, name)
+    if stop_service(ws, name):
+        click.echo(f"stopped service {name} (gateway pid {record.pid} at {record.url})")
+    else:
+        click.echo(f"service {name} was gone (its gateway, pid {record.pid}, had died); removed its stale record")
+
+
+@services_group.command("logs")
+@click.argument("name")
+@click.option(
+    "--replica",
+    default=None,
+    metavar="N|ID",
+    help="Replica N's log (N of the first shard group, or a replica id such as g1-0) instead of the gateway's.",
+)
+@click.pass_context
+def services_logs(ctx: click.Context, name: str, replica: str | None) -> None:
+    """Print the log of service NAME's gateway, or of one of its replicas (a stopped service's too)."""
+    from distml.serve.service import service_logs
+
+    path = service_logs(_workspace(ctx), name, replica)
+    click.echo(path.read_text(errors="replace"), nl=False)
+
+
 @main.command("run")
 @click.argument("target", required=False)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Pipeline parameter (repeatable).")
@@ -616,11 +691,21 @@ def _run_pipeline(
     else:
         run_id = resume_id
     with LiveView(Console(), "run") as view:
+
+        def started(orchestrator: Any) -> None:  # the run is recorded: it can be resumed from now on
+            what = "resumed" if resume_id else "started"
+            view.console.print(
+                f"run {run_id} {what}; if it stops, continue it with: distml run --resume {run_id}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
         try:
             if resume_id is None:
-                result = run_pipeline(ws, pipeline, params, options, run_id=run_id, on_change=view)
+                result = run_pipeline(ws, pipeline, params, options, run_id=run_id, on_start=started, on_change=view)
             else:
-                result = resume_run(ws, run_id, on_change=view)
+                result = resume_run(ws, run_id, on_start=started, on_change=view)
         except KeyboardInterrupt:
             view.__exit__(None, None, None)
             click.echo(f"stopped; continue with: distml run --resume {run_id}", err=True)
@@ -775,43 +860,51 @@ def runs_group(ctx: click.Context) -> None:
 
 @runs_group.command("list")
 @click.option("--limit", default=20, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON list.")
 @click.pass_context
-def runs_list(ctx: click.Context, limit: int = 20) -> None:
+def runs_list(ctx: click.Context, limit: int = 20, as_json: bool = False) -> None:
+    """The latest runs, newest first: id (always whole), state, start, target, steps by state."""
     from rich.console import Console
-    from rich.table import Table
 
     from distml.workflow.store import list_workflow_runs
+    from distml.workflow.view import run_record, runs_table
 
     runs = list_workflow_runs(_workspace(ctx).engine, limit)
+    if as_json:
+        click.echo(json.dumps([run_record(run) for run in runs], indent=1))
+        return
     if not runs:
         click.echo("no workflow runs yet; start one with `distml run`")
         return
-    table = Table()
-    for column in ("run", "status", "target", "started", "steps"):
-        table.add_column(column)
-    for run in runs:
-        steps = ", ".join(f"{n} {s}" for s, n in sorted(run.steps.items()))
-        table.add_row(run.run_id, run.status, run.target, f"{run.created_at:%Y-%m-%d %H:%M:%S}", steps)
-    Console().print(table)
+    table, width = runs_table(runs)
+    console = Console()
+    if console.width < width:  # a narrow terminal or $COLUMNS: longer lines, never a cut run id
+        console = Console(width=width)
+    console.print(table)
 
 
 @runs_group.command("show")
 @click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the run and each step execution as JSON.")
 @click.pass_context
-def runs_show(ctx: click.Context, run_id: str) -> None:
+def runs_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """The run's DAG as a tree: state, duration, cache hit or miss and why, resources; errors with log tails."""
     import time
 
     from rich.console import Console
 
     from distml.workflow.store import get_workflow_run, list_step_executions
-    from distml.workflow.view import run_view
+    from distml.workflow.view import run_detail, run_view
 
     engine = _workspace(ctx).engine
     run = get_workflow_run(engine, run_id)
     if run is None:
         raise DistmlError(f"no workflow run {run_id!r}; `distml runs` lists them")
-    Console().print(run_view(run, list_step_executions(engine, run_id), time.time()))
+    executions = list_step_executions(engine, run_id)
+    if as_json:
+        click.echo(json.dumps(run_detail(run, executions), indent=1))
+        return
+    Console().print(run_view(run, executions, time.time()))
 
 
 @main.command("logs")
@@ -929,6 +1022,24 @@ def top_command(ctx: click.Context, once: bool, interval: float, token: str | No
     from distml.views.top import run_top
 
     run_top(_workspace(ctx), once=once, interval=interval, token=token)
+
+
+@main.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8265, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
+@click.option("--token", envvar="DISTML_UI_TOKEN", default=None, help="Token the page's actions need.")
+@click.option("--read-only", is_flag=True, help="Refuse every action (resume, cancel, aliases, canaries, scaling).")
+@click.option(
+    "--serve-token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token of the services' gateways."
+)
+@click.pass_context
+def ui_command(
+    ctx: click.Context, host: str, port: int, token: str | None, read_only: bool, serve_token: str | None
+) -> None:
+    """The workspace in a browser: runs and their DAGs, training, models and lineage, services, queues, watches."""
+    from distml.ui.app import serve_ui
+
+    serve_ui(_workspace(ctx), host, port, token, read_only, serve_token, echo=lambda line: click.echo(line))
 
 
 @main.command("lineage")

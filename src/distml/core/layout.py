@@ -86,9 +86,14 @@ def workflow_dir(root: PathLike, run_id: str) -> Path:
     return Path(root) / "workflows" / run_id
 
 
+def services_dir(root: PathLike) -> Path:
+    """The folder of every service's folder."""
+    return Path(root) / "services"
+
+
 def service_dir(root: PathLike, name: str) -> Path:
     """A service's folder: its config, gateway log and port, and its `service.json`."""
-    return Path(root) / "services" / name
+    return services_dir(root) / name
 
 
 @dataclass(frozen=True)

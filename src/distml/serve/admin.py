@@ -21,6 +21,7 @@ from distml.serve.admin_api import (
     CanaryRequestBody,
     PromoteRequestBody,
     RollRequestBody,
+    ScaleRequestBody,
     TrafficRequestBody,
     parse_body,
     to_json,
@@ -59,9 +60,20 @@ class GatewayAdmin:
 
     # -- replicas and traffic ------------------------------------------------------------------
 
+    def snapshot(self) -> dict[str, Any]:
+        """The gateway's state: its replica groups (each replica's state, in-flight, models), the
+        traffic split per model, canaries and the autoscaler's last decision."""
+        return self.request("GET", "/admin/replicas")
+
+    def scale(self, replicas: int) -> dict[str, Any]:
+        """Set the replica count of every group (refused while autoscaling is on)."""
+        return self.request(
+            "POST", "/admin/replicas/scale", to_json(parse_body(ScaleRequestBody, {"replicas": replicas}))
+        )
+
     def loaded_models(self) -> list[str]:
         """The model references the service's replicas load (its first replica group)."""
-        return list(self.request("GET", "/admin/replicas")["groups"][0]["models"])
+        return list(self.snapshot()["groups"][0]["models"])
 
     def roll(self, models: list[str]) -> None:
         """Replace the replicas with ones that load `models` (each new one ready before an old one drains)."""
@@ -113,6 +125,10 @@ class GatewayAdmin:
         """The last canary of model `name`: {state (running, promoted, rolled_back or none), stable,
         canary, reason, stats}."""
         return self.request("GET", f"/admin/models/{name}/canary")
+
+    def abort_canary(self, name: str) -> dict:
+        """Roll back the running canary of `name` now (the stable version takes all traffic again)."""
+        return self.request("DELETE", f"/admin/models/{name}/canary")
 
     def wait_canary(self, name: str, timeout: float, interval: float = 0.2) -> dict:
         """Poll the canary of `name` until it is promoted or rolled back; its final state."""

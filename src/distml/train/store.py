@@ -58,23 +58,33 @@ class TrainingRunRow:
     recorded_at: dt.datetime | None
 
 
-def list_training_runs(engine: sa.Engine, include: Iterable[str] = (), limit: int = 50) -> list[TrainingRunRow]:
-    """The runs still marked running, and those named in `include`, newest first, each with its
-    latest recorded step: one query, whatever the number of runs."""
-    latest = (
-        sa.select(train_steps.c.run_id, sa.func.max(train_steps.c.step).label("step"))
-        .group_by(train_steps.c.run_id)
-        .subquery()
-    )
+def list_training_runs(
+    engine: sa.Engine,
+    include: Iterable[str] = (),
+    limit: int = 50,
+    *,
+    everything: bool = False,
+    run_id: str | None = None,
+) -> list[TrainingRunRow]:
+    """The runs still marked running and those named in `include` (with `everything`, every run;
+    with `run_id`, that one), newest first, each with its latest recorded step: one query,
+    whatever the number of runs."""
+    latest = sa.select(train_steps.c.run_id, sa.func.max(train_steps.c.step).label("step"))
+    if run_id is not None:
+        latest = latest.where(train_steps.c.run_id == run_id)
+    latest = latest.group_by(train_steps.c.run_id).subquery()
     last = train_steps.alias("last")
     query = (
         sa.select(train_runs, last.c.step, last.c.loss, last.c.samples_per_s, last.c.recorded_at)
         .outerjoin(latest, latest.c.run_id == train_runs.c.run_id)
         .outerjoin(last, sa.and_(last.c.run_id == latest.c.run_id, last.c.step == latest.c.step))
-        .where(sa.or_(train_runs.c.status == "running", train_runs.c.run_id.in_(list(include))))
         .order_by(train_runs.c.updated_at.desc())
         .limit(limit)
     )
+    if run_id is not None:
+        query = query.where(train_runs.c.run_id == run_id)
+    elif not everything:
+        query = query.where(sa.or_(train_runs.c.status == "running", train_runs.c.run_id.in_(list(include))))
     with engine.connect() as conn:
         return [
             TrainingRunRow(

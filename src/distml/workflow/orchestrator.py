@@ -776,6 +776,25 @@ def run_pipeline(
     return orchestrator.run()
 
 
+def stop_run(workspace: Workspace, run_id: str, timeout: float = 30.0) -> str:
+    """Stop run `run_id` as Ctrl-C does: SIGTERM to its orchestrator (on this host), which cancels
+    its steps and records the run stopped, resumable with `distml run --resume`."""
+    run = store.get_workflow_run(workspace.engine, run_id)
+    if run is None:
+        raise DistmlError(f"no workflow run {run_id!r} in {workspace.root}; `distml runs` lists them")
+    if run.status != "running":
+        raise DistmlError(f"run {run_id} is not running (it {run.status}); nothing to stop")
+    if run.host != socket.gethostname():
+        raise DistmlError(f"run {run_id} is orchestrated on {run.host}; stop it there")
+    if not run.pid or not pid_alive(run.pid):
+        raise DistmlError(f"run {run_id}'s orchestrator (pid {run.pid}) is gone; `distml run --resume {run_id}`")
+    os.kill(run.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return f"run {run_id} stopped; resume it with distml run --resume {run_id}"
+
+
 def resume_run(
     workspace: Workspace,
     run_id: str,

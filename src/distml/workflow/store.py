@@ -215,15 +215,40 @@ def get_workflow_run(engine: sa.Engine, run_id: str) -> WorkflowRun | None:
     return WorkflowRun.of(row) if row is not None else None
 
 
-def list_workflow_runs(
-    engine: sa.Engine, limit: int = 50, *, status: str | None = None, offset: int = 0
-) -> list[WorkflowRun]:
-    """The latest runs (with `status` only), newest first, each with its steps counted by the
-    state of their latest execution (a step runs again in later generations): two queries."""
-    s = step_executions
-    query = sa.select(workflow_runs).order_by(workflow_runs.c.created_at.desc()).limit(limit).offset(offset)
+def _runs_where(query: sa.Select, status: str | None, target: str | None, since: dt.datetime | None) -> sa.Select:
     if status is not None:
         query = query.where(workflow_runs.c.status == status)
+    if target:
+        query = query.where(workflow_runs.c.target.contains(target, autoescape=True))
+    if since is not None:
+        query = query.where(workflow_runs.c.created_at >= since)
+    return query
+
+
+def count_workflow_runs(
+    engine: sa.Engine, *, status: str | None = None, target: str | None = None, since: dt.datetime | None = None
+) -> int:
+    """How many runs `list_workflow_runs` would page through with the same filters."""
+    query = _runs_where(sa.select(sa.func.count()).select_from(workflow_runs), status, target, since)
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def list_workflow_runs(
+    engine: sa.Engine,
+    limit: int = 50,
+    *,
+    status: str | None = None,
+    offset: int = 0,
+    target: str | None = None,
+    since: dt.datetime | None = None,
+) -> list[WorkflowRun]:
+    """The latest runs (with `status` only, whose target contains `target`, created since `since`),
+    newest first, each with its steps counted by the state of their latest execution (a step runs
+    again in later generations): two queries."""
+    s = step_executions
+    query = sa.select(workflow_runs).order_by(workflow_runs.c.created_at.desc()).limit(limit).offset(offset)
+    query = _runs_where(query, status, target, since)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
         latest = (

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
@@ -219,6 +220,86 @@ def run_view(run: WorkflowRun, executions: list[StepExecution], now: float) -> G
             if tail:
                 parts.append(Text(f"last lines of {row['log_path']}:\n{tail}", style="red"))
     return Group(*parts)
+
+
+# `distml runs list`: the columns other than the run id fold down to these widths (and the
+# started time never wraps); the id never folds: the table is as wide as it takes to show it whole.
+_STARTED = "%Y-%m-%d %H:%M"
+_FOLDED_MIN_WIDTH = 6
+_COLUMN_GAP = 3  # rich's padding and separator between two columns of a SIMPLE_HEAD table
+
+
+def runs_table(runs: list[WorkflowRun]) -> tuple[Table, int]:
+    """`distml runs list`: the runs as a table, and the width to print it at (at least): the one
+    where each run id is whole on one line, copyable, however narrow the terminal or $COLUMNS."""
+    from rich import box
+
+    id_width = max([len("run"), *(len(run.run_id) for run in runs)])
+    status_width = max([len("status"), *(len(run.status) for run in runs)])
+    started_width = max([len("started"), *(len(f"{run.created_at:{_STARTED}}") for run in runs)])
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("run", no_wrap=True, min_width=id_width)
+    table.add_column("status", no_wrap=True, min_width=status_width)
+    table.add_column("started", no_wrap=True, min_width=started_width)
+    table.add_column("target", overflow="fold", min_width=_FOLDED_MIN_WIDTH)
+    table.add_column("steps", overflow="fold", min_width=_FOLDED_MIN_WIDTH)
+    for run in runs:
+        steps = ", ".join(f"{n} {s}" for s, n in sorted(run.steps.items()))
+        table.add_row(run.run_id, run.status, f"{run.created_at:{_STARTED}}", _short_target(run.target), steps)
+    widths = [id_width, status_width, started_width, _FOLDED_MIN_WIDTH, _FOLDED_MIN_WIDTH]
+    return table, sum(widths) + _COLUMN_GAP * (len(widths) - 1)
+
+
+def _short_target(target: str) -> str:
+    """A pipeline file's name instead of its whole path (`pipe.py:pipeline`); modules as they are."""
+    path, sep, function = target.rpartition(":")
+    return f"{Path(path).name}:{function}" if sep and "/" in path else target
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_record(run: WorkflowRun, executions: Iterable[StepExecution] | None = None) -> dict[str, Any]:
+    """A run as JSON (`distml runs list --json`): its steps counted by the state of each node's
+    latest execution (from `executions` when given, else as `list_workflow_runs` counted them)."""
+    steps = dict(run.steps)
+    if executions is not None:
+        steps = {}
+        for row in stored_rows(executions):
+            steps[row["status"]] = steps.get(row["status"], 0) + 1
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "target": run.target,
+        "params": run.params,
+        "created_at": _iso(run.created_at),
+        "updated_at": _iso(run.updated_at),
+        "steps": dict(sorted(steps.items())),
+        "error": run.error,
+    }
+
+
+def step_record(row: StepExecution) -> dict[str, Any]:
+    """One step execution as JSON (`distml runs show --json`)."""
+    return {
+        "node_id": row.node_id,
+        "generation": row.generation,
+        "step_name": row.step_name,
+        "status": row.status,
+        "attempt": row.attempt,
+        "cache": row.cache,
+        "cache_reason": row.cache_reason,
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "error": row.error,
+        "log_path": row.log_path,
+    }
+
+
+def run_detail(run: WorkflowRun, executions: list[StepExecution]) -> dict[str, Any]:
+    """`distml runs show --json`: {"run": the run as `run_record`, "steps": every execution}."""
+    return {"run": run_record(run, executions), "steps": [step_record(row) for row in executions]}
 
 
 class LiveView:
