@@ -37,7 +37,7 @@ NAME = "digits-continuous"
 # Between one client's requests: a steady stream of about 60 a second, dozens in each canary
 # window, without the client and the service taking both cores from the training they wait on.
 PAUSE_S = 0.01
-pytestmark = [pytest.mark.slow, pytest.mark.heavy("pipelines")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("watch")]  # its own watch: beside the session's digits run
 
 
 def write_waves(folder: Path, bounds: list[int]) -> list[Path]:
