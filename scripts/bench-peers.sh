@@ -35,6 +35,9 @@ PEERS=(
     "datasets==4.8.5 mosaicml-streaming==0.13.0 torchvision==0.28.0"
     # benchmarks/serving.py: Ray Serve behind its HTTP proxy
     "ray[serve]==2.60.0"
+    # benchmarks/ui.py: MLflow's tracking server (benchmarks/peers/mlflow_tracking.py). 3.17.2: the
+    # mlflow-tracing 3.18.0 that mlflow 3.18.0 requires is not on the package index this machine uses
+    "mlflow==3.17.2"
 )
 # What each entry must import (same order as PEERS); a failure is reported, not fatal.
 TORCHVISION_SCHEMAS='import torch
@@ -50,6 +53,7 @@ import warnings; warnings.simplefilter('ignore')
 import datasets, streaming
 from streaming import MDSWriter, StreamingDataset"
     'import ray; from ray import serve'
+    'import mlflow; from mlflow.tracking import MlflowClient; from mlflow.server import app'
 )
 
 if [ ! -x "$VENV/bin/python" ]; then
