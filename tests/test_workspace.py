@@ -92,3 +92,41 @@ def test_workspace_path_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(DistmlError, match="not a folder"):
         Workspace(tmp_path / "file")
+
+
+OPENER = """
+import sys, time
+from distml.workspace import Workspace
+root, url, go = sys.argv[1], sys.argv[2] or None, float(sys.argv[3])
+while time.time() < go:  # every process opens the new store at the same moment
+    time.sleep(0.001)
+print(Workspace(root, url).engine.dialect.name)
+"""
+
+
+@pytest.mark.slow
+def test_many_processes_open_a_new_workspace_at_once(db_url, tmp_path):
+    """Migrations run under a lock (SQLite: an exclusive transaction; PostgreSQL: an advisory lock):
+    every opener succeeds and each migration is applied exactly once."""
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "new"
+    go = time.time() + 3.0  # after every interpreter has started
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(root), db_url or "", str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-800:] for rc, _, err in results if rc]
+    ws = Workspace(root, db_url)
+    with ws.engine.connect() as conn:
+        versions = [r.version for r in conn.execute(sa.select(db.schema_version.c.version))]
+    assert sorted(versions) == list(range(1, db.LATEST + 1)), "each migration exactly once"
+    ws.close()

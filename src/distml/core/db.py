@@ -112,27 +112,59 @@ def migration(version: int) -> Callable[[sa.Connection], None]:
         raise DistmlError(f"{SCHEMA[version]} declares no migration {version}") from None
 
 
-def migrate(engine: sa.Engine) -> int:
-    """Bring the schema up to date; return the version now in force.
+MIGRATION_LOCK = 0x64697374  # PostgreSQL advisory lock key of the migrations ("dist")
 
-    Each migration runs in its own transaction together with its `schema_version` row, so a
-    crash leaves the store at the previous version, never half-migrated.
-    """
-    schema_version.create(engine, checkfirst=True)
-    with engine.connect() as conn:
-        current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+def _version_now(conn: sa.Connection) -> int | None:
+    """The schema version in force, or None when the store has no `schema_version` table yet."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return None
+    return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+
+def _refuse_newer(current: int) -> None:
     if current > LATEST:
         raise DistmlError(
             f"the metadata store is at schema version {current}, newer than this distml "
             f"knows ({LATEST}); upgrade distml to open it"
         )
-    for version in range(current + 1, LATEST + 1):
-        step = migration(version)
-        with engine.begin() as conn:
-            step(conn)
+
+
+def _lock(conn: sa.Connection) -> None:
+    """Begin the migration's transaction holding the store's migration lock: on SQLite an exclusive
+    transaction (no other connection reads or writes until it ends), on PostgreSQL a transaction
+    advisory lock (released with the transaction); elsewhere a plain transaction."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN EXCLUSIVE")
+    elif conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Bring the schema up to date; return the version now in force.
+
+    Safe from any number of processes opening the store at once, new or older: a store already
+    up to date costs one read; otherwise the migrations run under the store's migration lock
+    (`_lock`), the version is read again under it, and each pending migration is applied once,
+    all of them with their `schema_version` rows in one transaction, so a crash leaves the store
+    at the version it had, never half-migrated.
+    """
+    with engine.connect() as conn:
+        current = _version_now(conn)
+    if current is not None:
+        _refuse_newer(current)
+        if current == LATEST:
+            return current
+    with engine.connect() as conn:
+        _lock(conn)
+        schema_version.create(conn, checkfirst=True)
+        current = _version_now(conn) or 0  # another process may have migrated while this one waited
+        _refuse_newer(current)
+        for version in range(current + 1, LATEST + 1):
+            migration(version)(conn)
             conn.execute(schema_version.insert().values(version=version, applied_at=utc_now()))
-        current = version
-    return current
+        conn.commit()
+    return max(current, LATEST)
 
 
 # -- helpers every owner's queries share -----------------------------------------------------------
