@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -247,6 +249,15 @@ def test_proxy_passthrough_errors_health_metrics_and_token(tmp_path):
             assert resp.status_code == 400 and "weight" in resp.json()["error"]
             resp = client.post("/admin/replicas/roll", json={"models": []}, headers=AUTH)
             assert resp.status_code == 400 and "models" in resp.json()["error"]
+        # a body over the limit (32 MiB by default) from a client that sends it all before reading
+        # (urllib) gets its 413 and message, on the hot route and on an admin one, not a reset
+        limit = 32 * 1024 * 1024
+        for path in ("/v2/models/echo/infer", "/admin/replicas/scale"):
+            request = urllib.request.Request(base + path, data=b"x" * (2 * limit), headers=AUTH)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 413, path
+            assert f"exceeds the server's limit of {limit} bytes" in json.loads(refused.value.read())["error"]
 
 
 def test_bearer_scheme_is_case_insensitive_and_a_wrong_token_is_401(tmp_path):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -460,6 +462,61 @@ def test_token_auth_body_limit_and_batching_off(launch, make_pixels):
     # a request larger than the batch size is run in pieces
     several = httpx.post(f"{replica.url}/v2/models/cnn/infer", json=v2_body(make_pixels(3)), headers=auth)
     assert several.status_code == 200 and several.json()["outputs"][0]["shape"] == [3, 10]
+
+
+def _post_with_urllib(url: str, body: bytes) -> tuple[int, dict]:
+    """urllib sends the whole body (and `Connection: close`) before it reads any of the answer."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _post_with_requests(url: str, body) -> tuple[int, dict]:
+    """requests (http.client where it is not installed) also writes the whole body first; an iterable
+    `body` goes chunked, without Content-Length."""
+    try:
+        import requests
+    except ImportError:  # pragma: no cover
+        conn = http.client.HTTPConnection(url.split("/")[2], timeout=60)
+        conn.request("POST", "/" + url.split("/", 3)[3], body, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read())
+    with requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60) as answer:
+        return answer.status_code, answer.json()
+
+
+def test_an_over_limit_body_gets_its_413_even_when_the_client_sends_it_all_before_reading(launch, make_pixels):
+    # A client that writes the whole body first (urllib, requests, many SDKs) used to see "connection
+    # reset by peer": the replica answered 413 and closed with the rest of the body unread. It now
+    # reads and discards the rest (up to a bound), answers 413 with its message, then closes.
+    limit = 1024 * 1024
+    replica = launch(["cnn:1"], max_body_bytes=limit)
+    url = f"{replica.url}/v2/models/cnn/infer"
+    message = f"exceeds the server's limit of {limit} bytes"
+    big = b"x" * (64 * 1024 * 1024)
+    status, answer = _post_with_urllib(url, big)  # Content-Length over the limit
+    assert status == 413 and message in answer["error"]
+    status, answer = _post_with_requests(url, big)
+    assert status == 413 and message in answer["error"]
+    # chunked (no Content-Length): the limit is found while reading, then the rest is discarded
+    chunks = (big[i : i + 1024 * 1024] for i in range(0, 8 * 1024 * 1024, 1024 * 1024))
+    status, answer = _post_with_requests(url, chunks)
+    assert status == 413 and message in answer["error"]
+    # a declared length past the drain bound is answered at once (nothing read), then closed
+    conn = http.client.HTTPConnection("127.0.0.1", replica.port, timeout=30)
+    conn.putrequest("POST", "/v2/models/cnn/infer")
+    conn.putheader("Content-Length", str(1 << 40))
+    conn.endheaders(b"{}")
+    answer = conn.getresponse()
+    assert answer.status == 413 and message in json.loads(answer.read())["error"]
+    assert answer.getheader("Connection") == "close"
+    conn.close()
+    # under the limit, the same server answers as ever
+    status, answer = _post_with_urllib(url, json.dumps(v2_body(make_pixels(1))).encode())
+    assert status == 200 and answer["outputs"][0]["shape"] == [1, 10]
 
 
 def test_metrics_exposition(server, make_pixels):

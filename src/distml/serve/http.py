@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
@@ -92,7 +93,7 @@ class FastRoutes:
                     try:
                         response = await endpoint(Request(scope, receive))
                     except DistmlError as exc:
-                        response = error_response(getattr(exc, "status", 400), str(exc))
+                        response = error_response(getattr(exc, "status", 400), str(exc), getattr(exc, "headers", None))
                     except Exception as exc:  # a bug: answer it as JSON, log it in full
                         log.exception("event=unhandled_error path=%s", scope["path"])
                         response = error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
@@ -132,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DistmlError)
     async def _distml_error(_request: Request, exc: DistmlError) -> Response:
-        return error_response(getattr(exc, "status", 400), str(exc))
+        return error_response(getattr(exc, "status", 400), str(exc), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> Response:
@@ -154,21 +155,56 @@ def install_error_handlers(app: FastAPI) -> None:
 # --- request bodies ------------------------------------------------------------------------
 
 
+# An over-limit body is read and thrown away, up to this much in all (or twice the limit, if more)
+# and for this long, before its 413 and a close: a client that writes the whole body before reading
+# (urllib, requests, many SDKs) then reads the 413 and its message instead of "connection reset by
+# peer" (closing with unread data sends a TCP RST, which discards the answer in the client's
+# buffer). nginx does the same for its 413 (lingering close: lingering_time 30 s); past the bound
+# the connection is closed at once, as before, so a huge upload costs at most this much reading.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+DRAIN_MAX_SECONDS = 30.0
+
+
+class BodyTooLarge(ProtocolError):
+    """413 for a body over the limit; the connection is closed after the answer."""
+
+    headers = {"connection": "close"}
+
+    def __init__(self, message: str):
+        super().__init__(413, message)
+
+
+async def _discard(stream: Any, size: int, max_bytes: int) -> None:
+    """Read and drop the rest of `stream` (`size` bytes read so far), up to the drain bound."""
+    bound = max(DRAIN_MAX_BYTES, 2 * max_bytes)
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(DRAIN_MAX_SECONDS):
+            async for chunk in stream:
+                size += len(chunk)
+                if size > bound:
+                    return
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused with 413 as soon as it passes `max_bytes`."""
+    """The raw body, refused with 413 as soon as it passes `max_bytes` (the rest read and discarded,
+    up to a bound, so that the client gets to read the 413)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise ProtocolError(
-            413,
+        # not when the client waits for "100 Continue" (it sends no body then), nor past the bound
+        if int(length) <= max(DRAIN_MAX_BYTES, 2 * max_bytes) and "expect" not in request.headers:
+            await _discard(request.stream(), 0, max_bytes)
+        raise BodyTooLarge(
             f"request body of {length} bytes exceeds the server's limit of {max_bytes} bytes; "
             "send fewer items per request",
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > max_bytes:
-            raise ProtocolError(
-                413, f"request body exceeds the server's limit of {max_bytes} bytes; send fewer items per request"
+            await _discard(stream, size, max_bytes)
+            raise BodyTooLarge(
+                f"request body exceeds the server's limit of {max_bytes} bytes; send fewer items per request"
             )
         chunks.append(chunk)
     return b"".join(chunks)
@@ -353,6 +389,7 @@ def run(coroutine_factory: Callable[[], Any]) -> Any:
 
 __all__ = [
     "BearerAuth",
+    "BodyTooLarge",
     "bind",
     "clear_port_file",
     "error_body",
