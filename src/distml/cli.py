@@ -596,6 +596,14 @@ def services_logs(ctx: click.Context, name: str, replica: str | None) -> None:
 )
 @click.option("--no-serve", is_flag=True, help="The end-to-end pipeline: stop after registering the best model.")
 @click.option("--async-selection", is_flag=True, help="Serve the first trained model, swap to better ones.")
+@end_to_end_option(
+    "--margin", type=float, help="The end-to-end pipeline: test accuracy the best candidate must gain over production."
+)
+@end_to_end_option(
+    "--promote",
+    type=click.Choice(["better", "always"]),
+    help="The end-to-end pipeline: make the best candidate production only if better, or always.",
+)
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID", help="Continue a stopped or killed run.")
 @click.option(
     "--refresh",
@@ -628,6 +636,9 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             params["serve_model"], flags["serve_model"] = False, "--no-serve"
         if options["async_selection"]:
             params["async_selection"], flags["async_selection"] = True, "--async-selection"
+        for key in ("margin", "promote"):  # their defaults are the pipeline's: passed only when given
+            if ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT:
+                params[key], flags[key] = options[key], f"--{key}"
         refresh = set(options["refresh"])
         run_options = RunOptions(
             refresh=True if "*" in refresh else frozenset(refresh),
@@ -637,6 +648,9 @@ def run_command(ctx: click.Context, target: str | None, **options: Any) -> None:
             priority=options["priority"],
         )
         result = _run_pipeline(ctx, target, params, run_options, flags=flags)
+    selected = result.result.get("selected") if isinstance(result.result, dict) else None
+    if isinstance(selected, dict) and "action" in selected:
+        click.echo(f"{selected['alias']} {selected['action']} {selected['model']}: {selected['reason']}")
     served = result.result.get("served") if isinstance(result.result, dict) else None
     if isinstance(served, dict) and "url" in served:
         from distml.core.refs import ModelRef
@@ -735,7 +749,8 @@ def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs:
     result = _run_pipeline(ctx, None, params)
     served, selected = result.result["served"], result.result["selected"]
     scores = ", ".join(f"{ref} {acc:.3f}" for ref, acc in sorted(selected["scores"].items(), key=lambda kv: -kv[1]))
-    click.echo(f"test accuracy of the candidates: {scores}; {selected['candidate']} is {selected['alias']}")
+    click.echo(f"test accuracy of the candidates: {scores}; {selected['candidate']} is the best")
+    click.echo(f"{selected['alias']} {selected['action']} {selected['model']}: {selected['reason']}")
     ws = _workspace(ctx)
     try:
         Console().print(answer_table(ws, served["url"], served["model"], dataset, data_dir, count))
@@ -788,7 +803,8 @@ def watch_command(ctx: click.Context, **options: Any) -> None:
         "max_p99_ratio": options.pop("max_p99_ratio"),
     }
     options["model_args"] = _key_values(options.pop("model_args"), "--model-arg")
-    options["name"] = options["name"] or f"{options['dataset']}-continuous"
+    if options["name"] is None:
+        options["name"] = f"{options['dataset']}-continuous"
     ws = _workspace(ctx)
     config = parse_watch_config({**options, "canary": canary, "workspace": str(ws.root)})
     stop = threading.Event()

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from distml.core.errors import DistmlError
 from distml.models import registry
 from distml.pipelines import watches as watch_store
+from distml.pipelines.promotion import decide, test_accuracy
 from distml.scheduling.core import Resources
 from distml.serve.canary import CanaryPolicy
 from distml.workflow import current, step
@@ -124,18 +125,15 @@ def accuracy_on(
     """`ref`'s accuracy on the data set's fixed test split (the holdout) and on the newest snapshots."""
     import dataclasses
 
-    import torch
-
     from distml.data.datasets import get_dataset, with_train_files
     from distml.models.artifact import load_model
-    from distml.train.worker import evaluate
 
     dataset = get_dataset(watch.dataset, ws, watch.data_dir, progress=False)
     model, _ = load_model(ws, ref)
-    out = {"holdout": evaluate(model, dataset, torch.device("cpu"), ws)} if holdout else {}
+    out = {"holdout": test_accuracy(ws, model, dataset)} if holdout else {}
     if newest_files:
         newest = with_train_files(dataset, newest_files).splits["train"]
-        out["newest"] = evaluate(model, dataclasses.replace(dataset, splits={"test": newest}), torch.device("cpu"), ws)
+        out["newest"] = test_accuracy(ws, model, dataclasses.replace(dataset, splits={"test": newest}))
     return out
 
 
@@ -153,18 +151,6 @@ def evaluate_candidate(watch: CycleSettings, candidate: dict, production: str | 
         for split, value in (result[who] or {}).items():
             current().log_metric(f"{who}.{split}_accuracy", value)
     return {**result, "started": started, "finished": time.time()}
-
-
-def decide(evaluation: dict, margin: float) -> tuple[bool, str]:
-    """Promote when there is no production model, or the candidate's holdout accuracy is above
-    production's by more than `margin`; the reason gives the numbers either way."""
-    cand = evaluation["candidate"]["holdout"]
-    if evaluation["production"] is None:
-        return True, f"first model: holdout {cand:.4f}"
-    prod = evaluation["production"]["holdout"]
-    if cand > prod + margin:
-        return True, f"holdout {cand:.4f} > production {prod:.4f} + margin {margin:g}"
-    return False, f"holdout {cand:.4f} is not above production {prod:.4f} + margin {margin:g}"
 
 
 @step(resources=Resources(cpus=0))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from distml.core.layout import service_dir
+from distml.pipelines.promotion import decide, test_accuracy
 from distml.scheduling.core import Resources
 from distml.workflow import best_of, current, step
 
@@ -118,36 +120,76 @@ def train(model: str, data: dict, epochs: int = 5, workers: int = 2, batch_size:
     return train_collect(config, result, model, data)
 
 
-@step(memoize=True)
-def select(candidates: list, data: dict, name: str, alias: str = "production") -> dict:
-    """Evaluate every candidate on the test split, record the metrics, register the best as NAME@ALIAS."""
+def select_model(
+    ws: Any,
+    candidates: list,
+    data: dict,
+    name: str,
+    alias: str = "production",
+    margin: float = 0.0,
+    promote: Literal["better", "always"] = "better",
+    lineage: dict | None = None,
+    log_metric: Callable[[str, float], Any] | None = None,
+) -> dict:
+    """`select`'s work: every candidate and the current NAME@ALIAS on the data set's test split; the
+    best candidate is registered as NAME and becomes NAME@ALIAS if it beats that model by more than
+    `margin` (`decide`, as the watch does), or with promote="always"; otherwise ALIAS stays where
+    it is. The returned "model" is what NAME@ALIAS names afterwards (what `serve` serves)."""
     from distml.data.datasets import get_dataset
-    from distml.models.artifact import load_model, register_as, set_alias
-    from distml.train.worker import evaluate
+    from distml.models import registry
+    from distml.models.artifact import register_as, resolve_model, set_alias
 
-    ctx = current()
-    ws = ctx.workspace
+    log_metric = log_metric or (lambda key, value: None)
     ds = get_dataset(data["dataset"], ws, data["data_dir"], progress=False)
     scores = {}
     for candidate in candidates:
-        model, _ = load_model(ws, candidate["model"])
-        scores[candidate["model"]] = evaluate(model, ds, "cpu", ws)
-        ctx.log_metric(f"{candidate['model']}.test_accuracy", scores[candidate["model"]])
+        scores[candidate["model"]] = test_accuracy(ws, candidate["model"], ds)
+        log_metric(f"{candidate['model']}.test_accuracy", scores[candidate["model"]])
         print(f"{candidate['model']}: test accuracy {scores[candidate['model']]:.4f}", flush=True)
     best = max(candidates, key=lambda c: scores[c["model"]])  # the first of equals wins
-    snapshots = sorted(split["snapshot_id"] for split in data["splits"].values())
-    record = register_as(
-        ws, best["model"], name, {"workflow_run": ctx.run_id, "step": ctx.node_id, "data_snapshots": snapshots}
-    )
-    set_alias(ws, name, alias, record.version)
-    return {
-        "model": record.ref,
-        "candidate": best["model"],
-        "test_accuracy": scores[best["model"]],
-        "alias": f"{name}@{alias}",
-        "scores": scores,
-        "data_snapshots": snapshots,
+    production = None
+    version = registry.get_model_alias(ws.engine, name, alias)
+    if version is not None:
+        ref = resolve_model(ws, f"{name}:{version}").ref
+        production = {"model": ref, "test_accuracy": test_accuracy(ws, ref, ds)}
+        log_metric("production.test_accuracy", production["test_accuracy"])
+        print(f"{name}@{alias} ({ref}): test accuracy {production['test_accuracy']:.4f}", flush=True)
+    evaluation = {
+        "candidate": {"holdout": scores[best["model"]]},
+        "production": production and {"holdout": production["test_accuracy"]},
     }
+    accept, reason = decide(evaluation, margin)
+    if not accept and promote == "always":
+        accept, reason = True, f"{reason}; promoted anyway (promote=always)"
+    snapshots = sorted(split["snapshot_id"] for split in data["splits"].values())
+    out = {"candidate": best["model"], "alias": f"{name}@{alias}", "scores": scores, "production": production}
+    out.update(reason=reason, data_snapshots=snapshots)
+    if accept:
+        record = register_as(ws, best["model"], name, {**(lineage or {}), "data_snapshots": snapshots})
+        set_alias(ws, name, alias, record.version)
+        out.update(action="promoted", model=record.ref, test_accuracy=scores[best["model"]])
+        print(f"promoted {best['model']} as {record.ref} to {name}@{alias}: {reason}", flush=True)
+    else:
+        assert production is not None  # decide accepts a first model
+        out.update(action="kept", model=production["model"], test_accuracy=production["test_accuracy"])
+        print(f"kept {name}@{alias} at {production['model']}, not {best['model']}: {reason}", flush=True)
+    return out
+
+
+@step(memoize=True)
+def select(
+    candidates: list,
+    data: dict,
+    name: str,
+    alias: str = "production",
+    margin: float = 0.0,
+    promote: Literal["better", "always"] = "better",
+) -> dict:
+    """Evaluate every candidate and NAME@ALIAS on the test split, record the metrics, and make the best
+    candidate NAME@ALIAS if it beats the model there by more than MARGIN (or PROMOTE is "always")."""
+    ctx = current()
+    lineage = {"workflow_run": ctx.run_id, "step": ctx.node_id}
+    return select_model(ctx.workspace, candidates, data, name, alias, margin, promote, lineage, ctx.log_metric)
 
 
 # A control step: it starts or swaps a detached service and returns, so it holds no cpu slot and
@@ -188,13 +230,16 @@ def pipeline(
     service: str | None = None,
     replicas: int = 1,
     port: int = 0,
+    margin: float = 0.0,
+    promote: Literal["better", "always"] = "better",
 ) -> dict[str, Any]:
-    """Ingest, train MODELS in parallel gangs of WORKERS, select the best, serve it."""
+    """Ingest, train MODELS in parallel gangs of WORKERS, select the best, serve it: the best becomes
+    production only if it beats production's test accuracy by more than MARGIN (PROMOTE="always": anyway)."""
     data = ingest(dataset, data_dir)
     trainer = train.options(resources=Resources(cpus=1, workers=workers))
     trained = trainer.map(models, data=data, epochs=epochs, workers=workers, batch_size=batch_size)
     name = name or f"{dataset}-classifier"
-    chosen = select(trained, data, name=name)
+    chosen = select(trained, data, name=name, margin=margin, promote=promote)
     if not serve_model:
         return {"selected": chosen}
     service = service or name
