@@ -159,7 +159,12 @@ def select_model(
         "production": production and {"holdout": production["test_accuracy"]},
     }
     accept, reason = decide(evaluation, margin)
-    if not accept and promote == "always":
+    same = production is not None and (
+        resolve_model(ws, best["model"]).weights_digest == resolve_model(ws, production["model"]).weights_digest
+    )
+    if same:  # a re-run whose best candidate is the production model's own weights
+        accept, reason = False, f"{best['model']} has the weights of {production['model']} already"
+    elif not accept and promote == "always":
         accept, reason = True, f"{reason}; promoted anyway (promote=always)"
     snapshots = sorted(split["snapshot_id"] for split in data["splits"].values())
     out = {"candidate": best["model"], "alias": f"{name}@{alias}", "scores": scores, "production": production}
