@@ -66,8 +66,10 @@ def create_engine(url: str) -> sa.Engine:
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # WAL lets readers (a serving process) work while a writer (training) records.
     cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout first: switching a new store to WAL waits for a process that holds it
+    # (one migrating it), instead of failing at once with "database is locked".
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL loses no committed transaction when a process dies (only on power loss)
     # and spares an fsync per commit: workflow steps commit a few rows each.
     cursor.execute("PRAGMA synchronous=NORMAL")
