@@ -19,6 +19,7 @@ from typing import Any
 
 from distml.core.errors import DistmlError
 from distml.core.layout import ServiceRecord, run_dir
+from distml.serve.service import find_service
 from distml.ui import svg
 from distml.workspace import Workspace
 
@@ -89,14 +90,6 @@ def run_list(ws: Workspace, page: int, size: int, state: str | None, target: str
     }
 
 
-def _latest(executions: list[Any]) -> dict[str, Any]:
-    latest: dict[str, Any] = {}
-    for row in executions:
-        if row.node_id not in latest or row.generation >= latest[row.node_id].generation:
-            latest[row.node_id] = row
-    return latest
-
-
 def _seconds(row: Any) -> float | None:
     if row.started_at is None:
         return None
@@ -115,13 +108,13 @@ def _detail(row: Any) -> str:
 
 
 def run_page(ws: Workspace, run_id: str, step: str | None, open_steps: set[str]) -> dict:
-    from distml.workflow.store import get_workflow_run, list_step_executions, list_step_metrics
+    from distml.workflow.store import get_workflow_run, latest_executions, list_step_executions, list_step_metrics
 
     run = get_workflow_run(ws.engine, run_id)
     if run is None:
         raise DistmlError(f"no workflow run {run_id!r}; the Runs page lists them")
     executions = list_step_executions(ws.engine, run_id)
-    latest = _latest(executions)
+    latest = latest_executions(executions)
     first_upstream = {r.node_id: r.upstream for r in executions if r.upstream}
     nodes = [
         svg.DagNode(
@@ -164,12 +157,12 @@ def run_page(ws: Workspace, run_id: str, step: str | None, open_steps: set[str])
 
 def run_states(ws: Workspace, run_id: str) -> dict:
     """What a run page follows live: the run's state and each step's."""
-    from distml.workflow.store import get_workflow_run, list_step_executions
+    from distml.workflow.store import get_workflow_run, latest_executions, list_step_executions
 
     run = get_workflow_run(ws.engine, run_id)
     if run is None:
         raise DistmlError(f"no workflow run {run_id!r}")
-    latest = _latest(list_step_executions(ws.engine, run_id))
+    latest = latest_executions(list_step_executions(ws.engine, run_id))
     return {
         "status": run.status,
         "steps": {n: {"status": r.status, "cache": r.cache, "detail": _detail(r)} for n, r in latest.items()},
@@ -409,14 +402,8 @@ def _replica_count(state: dict[str, Any]) -> str:
     return f"{ready}/{len(replicas)}" if replicas else ""
 
 
-def _record(ws: Workspace, name: str) -> ServiceRecord:
-    from distml.serve.service import find_service
-
-    return find_service(ws, name)
-
-
 def service_live(ws: Workspace, name: str, metrics: ServiceMetrics) -> dict[str, Any]:
-    record = _record(ws, name)
+    record = find_service(ws, name)
     if not record.alive():
         return {"state": "gone"}
     state = _gateway(record, metrics.token)
@@ -432,7 +419,7 @@ def service_live(ws: Workspace, name: str, metrics: ServiceMetrics) -> dict[str,
 
 
 def service_page(ws: Workspace, name: str, metrics: ServiceMetrics) -> dict:
-    record = _record(ws, name)
+    record = find_service(ws, name)
     live = service_live(ws, name, metrics)
     models = sorted({ref.split(":")[0] for g in live.get("groups", []) for ref in g.get("models", [])})
     return {"record": record, "live": live, "models": models}
@@ -444,7 +431,7 @@ def service_action(
     """canary (P % to `model`:`version` beside the version serving now), promote, rollback, scale."""
     from distml.serve.admin import GatewayAdmin
 
-    record = _record(ws, name)
+    record = find_service(ws, name)
     if not record.alive():
         raise DistmlError(f"service {name!r} is gone (its gateway stopped); start it again with distml serve")
     with GatewayAdmin(record.url, metrics.token) as admin:

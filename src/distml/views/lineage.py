@@ -150,10 +150,7 @@ def _workflow_views(engine: sa.Engine, step_executions: list[Execution], closure
     views = []
     for run_id in sorted(by_run):
         run = workflow_store.get_workflow_run(engine, run_id)
-        latest = {
-            r.node_id: r
-            for r in sorted(workflow_store.list_step_executions(engine, run_id), key=lambda r: r.generation)
-        }
+        latest = workflow_store.latest_executions(workflow_store.list_step_executions(engine, run_id))
         wanted, todo = set(), list(by_run[run_id])
         while todo:
             node = todo.pop()

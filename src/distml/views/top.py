@@ -28,6 +28,7 @@ from rich.text import Text
 
 from distml.core.layout import ServiceRecord, run_dir, workflow_dir
 from distml.monitoring.metrics import read_endpoint
+from distml.workflow.view import short_target
 
 SCRAPE_TIMEOUT_S = 0.8
 MAX_ROWS = 12
@@ -291,7 +292,7 @@ class Top:
             end = now if run.status == "running" else run.updated_at
             table.add_row(
                 run.run_id,
-                _short_target(run.target),
+                short_target(run.target),
                 status,
                 f"{done}/{total}",
                 str(counts.get("running", 0)),
@@ -477,11 +478,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
-
-
-def _short_target(target: str) -> str:
-    path, sep, function = target.rpartition(":")
-    return f"{Path(path).name}:{function}" if sep and "/" in path else target
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,16 @@ class StepExecution:
     @property
     def final(self) -> bool:
         return self.status in TERMINAL_STEP_STATES
+
+
+def latest_executions(executions: Iterable[StepExecution]) -> dict[str, StepExecution]:
+    """Each node's latest execution (its highest generation: a step runs again in later
+    generations), by node id in the order the nodes first appear."""
+    latest: dict[str, StepExecution] = {}
+    for row in executions:
+        if row.node_id not in latest or row.generation >= latest[row.node_id].generation:
+            latest[row.node_id] = row
+    return latest
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from distml.workflow.store import StepExecution, WorkflowRun
+from distml.workflow.store import StepExecution, WorkflowRun, latest_executions
 
 STYLE = {
     "succeeded": ("✓", "green"),
@@ -164,10 +164,7 @@ def _ts(value: dt.datetime | None) -> float | None:
 def stored_rows(executions: Iterable[StepExecution]) -> list[dict[str, Any]]:
     """Rows of a stored run: the latest execution of each node."""
     executions = list(executions)
-    latest: dict[str, StepExecution] = {}
-    for row in executions:
-        if row.node_id not in latest or row.generation >= latest[row.node_id].generation:
-            latest[row.node_id] = row
+    latest = latest_executions(executions)
     first_upstream = {r.node_id: r.upstream_json for r in executions if r.upstream_json}
     out = []
     for node_id, row in latest.items():
@@ -245,12 +242,12 @@ def runs_table(runs: list[WorkflowRun]) -> tuple[Table, int]:
     table.add_column("steps", overflow="fold", min_width=_FOLDED_MIN_WIDTH)
     for run in runs:
         steps = ", ".join(f"{n} {s}" for s, n in sorted(run.steps.items()))
-        table.add_row(run.run_id, run.status, f"{run.created_at:{_STARTED}}", _short_target(run.target), steps)
+        table.add_row(run.run_id, run.status, f"{run.created_at:{_STARTED}}", short_target(run.target), steps)
     widths = [id_width, status_width, started_width, _FOLDED_MIN_WIDTH, _FOLDED_MIN_WIDTH]
     return table, sum(widths) + _COLUMN_GAP * (len(widths) - 1)
 
 
-def _short_target(target: str) -> str:
+def short_target(target: str) -> str:
     """A pipeline file's name instead of its whole path (`pipe.py:pipeline`); modules as they are."""
     path, sep, function = target.rpartition(":")
     return f"{Path(path).name}:{function}" if sep and "/" in path else target
