@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib
 import re
+import tarfile
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 import distml
@@ -14,6 +16,7 @@ from distml.core import db
 from distml.workspace import Workspace
 
 SRC = Path(distml.__file__).parent
+PREVIOUS = Path(__file__).parent / "fixtures" / "previous-release-workspace.tar.gz"
 
 # Modules that may hold SQL: the owners SCHEMA names, the floor's helpers, and the data sources that
 # read a user's own SQL database (not the metadata store).
@@ -32,7 +35,13 @@ def test_each_migration_is_declared_by_the_owner_schema_names():
     assert sorted(db.SCHEMA) == list(range(1, db.LATEST + 1)), "migrations are numbered 1..N without a gap"
 
 
-def test_the_migrated_store_has_exactly_the_tables_and_columns_the_owners_declare(tmp_path):
+@pytest.mark.parametrize("made_by", ["this release", "the previous release"])
+def test_the_migrated_store_has_exactly_the_tables_and_columns_the_owners_declare(tmp_path, made_by):
+    """A new store, and one the previous release made (migrated to now): a column declared without
+    the migration that adds it would be missing from the second."""
+    if made_by == "the previous release":
+        with tarfile.open(PREVIOUS) as archive:
+            archive.extractall(tmp_path / "ws", filter="data")
     ws = Workspace(tmp_path / "ws")
     inspector = sa.inspect(ws.engine)
     for owner in set(db.SCHEMA.values()):
@@ -41,6 +50,7 @@ def test_the_migrated_store_has_exactly_the_tables_and_columns_the_owners_declar
     for name, table in db.METADATA.tables.items():
         stored = {column["name"] for column in inspector.get_columns(name)}
         assert stored == set(table.columns.keys()), name
+    ws.close()
 
 
 def test_a_table_is_declared_by_one_owner_only():
