@@ -5,6 +5,7 @@ records by id from the cache and never touches the source again. On disk each co
 raw file memory-mapped on open (variable-length bytes/text: a data file plus offsets), plus
 a JSON manifest; the folder is built under a temp name and renamed into place, under a file
 lock, so concurrent workers on one machine build it once and never see a half-written cache.
+A full disk while filling removes the temp folder and raises one `DiskFullError` naming the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from distml.core.errors import DistmlError
+from distml.core.files import reporting_disk_full
 from distml.data.sources import Columns, Source
 
 FORMAT_VERSION = 1
@@ -184,7 +186,7 @@ def build_disk(
     folder = root / key
     if (folder / "manifest.json").exists():
         return open_disk(folder)
-    with _locked(root / f"{key}.lock"):
+    with reporting_disk_full(folder), _locked(root / f"{key}.lock"):
         if (folder / "manifest.json").exists():  # another worker filled it while we waited
             return open_disk(folder)
         tmp = root / f".{key}.{os.getpid()}.tmp"

@@ -3,14 +3,17 @@
 `runs/<id>/checkpoints/step-<N>/` holds one file per part (the trainer's state, and one per
 parameter-server shard); the `LATEST` file names the newest complete checkpoint and is only
 replaced after every part is on disk, so a crash mid-write leaves the previous one in force.
-Files are written with torch.save and read with `torch.load(weights_only=True)`, which
-restores tensors and plain containers only and never runs pickled code.
+Files are written with torch.save (into memory, then through `atomic_write`, so a full disk
+raises `DiskFullError` with the previous checkpoint intact) and read with
+`torch.load(weights_only=True)`, which restores tensors and plain containers only and never
+runs pickled code. Older checkpoints are removed only after `LATEST` names the new one.
 
 Pattern: fault tolerance (a restarted or resized run resumes here; see launcher.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import shutil
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distml.core.errors import DistmlError
+from distml.core.errors import DiskFullError, DistmlError
 from distml.core.files import atomic_write
 
 LATEST = "LATEST"
@@ -33,20 +36,30 @@ def step_dir(run_dir: Path, step: int) -> Path:
 def save_part(run_dir: Path, step: int, part: str, state: dict[str, Any]) -> Path:
     """Write one part of the checkpoint for `step` (atomic: temp file + rename)."""
     path = step_dir(run_dir, step) / f"{part}.pt"
+    # torch.save writes into memory first: its own file writer reports a full disk as a bare
+    # RuntimeError, while atomic_write names the path and leaves no temp file behind
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
+    data = buffer.getbuffer()
+    try:
+        with atomic_write(path, size=data.nbytes) as handle:
+            handle.write(data)
+    except DiskFullError:
+        with contextlib.suppress(OSError):  # an incomplete checkpoint's folder, if nothing is in it
+            path.parent.rmdir()
+        raise
     return path
 
 
 def commit(run_dir: Path, step: int, keep: int = 2) -> None:
-    """Mark the checkpoint of `step` complete and drop all but the newest `keep`."""
+    """Mark the checkpoint of `step` complete, then drop all but the newest `keep` up to it (a
+    failed write of `LATEST` leaves every checkpoint, the previous complete one in force)."""
     with atomic_write(Path(run_dir) / "checkpoints" / LATEST, "w") as handle:
         handle.write(str(step))
-    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir())
+    current = step_dir(run_dir, step)
+    done = sorted(p for p in current.parent.glob("step-*") if p.is_dir() and p.name <= current.name)
     for old in done[:-keep]:
-        if old != step_dir(run_dir, step):
+        if old != current:
             shutil.rmtree(old, ignore_errors=True)
 
 

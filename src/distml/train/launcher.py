@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from distml.core.errors import DistmlError
+from distml.core.errors import FREE_AND_RETRY, DiskFullError, DistmlError
 from distml.core.files import atomic_write
 from distml.scheduling.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus, pool_state
 from distml.scheduling.metrics import serve_scheduler
@@ -114,6 +114,9 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
     if result_path.exists():
         return {**json.loads(result_path.read_text()), "already_complete": True}
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    api_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    if not any(isinstance(f, _NoPollingTraceback) for f in api_log.filters):
+        api_log.addFilter(_NoPollingTraceback())
     # With the agent's rendezvous store shared with the workers (the default since torch 2.5),
     # restarted workers can read the previous round's gloo/NCCL keys and hang in
     # init_process_group (pytorch/pytorch#135712); each round gets a fresh store without it.
@@ -123,6 +126,17 @@ def launch(config: TrainConfig) -> dict[str, Any] | None:
         # admits it there). Inside a workflow step: the step's gang is already held.
         return _run(config, config_path, result_path)
     return _run_admitted(ws, config, config_path, result_path)
+
+
+class _NoPollingTraceback(logging.Filter):
+    """torchrun logs a worker's non-zero exit with the traceback of its own polling code, which says
+    nothing about the worker (its error is in the error file, and the launcher reports it): the
+    line stays, that traceback goes (a full disk ends a run with one error, not a traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and type(record.exc_info[1]).__name__ == "ProcessExitedException":
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def gang_request(config: TrainConfig, pool_cpus: float) -> Resources:
@@ -226,6 +240,12 @@ def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str,
     try:
         run(parse_args(torchrun_args(config, config_path)))
     except ChildFailedError as exc:
+        disk_full = _disk_full_message(exc)
+        if disk_full is not None:  # the run is resumable once space is free: say so, in one line
+            raise DistmlError(
+                f"{disk_full.removesuffix(FREE_AND_RETRY)}free space and run the same command "
+                f"again to resume run {config.resolved_run_id()} from its last checkpoint"
+            ) from None
         raise DistmlError(
             f"training failed after {config.checkpoint.max_restarts} restart(s): {exc.format_msg()}"
             if hasattr(exc, "format_msg")
@@ -238,6 +258,19 @@ def _run(config: TrainConfig, config_path: Path, result_path: Path) -> dict[str,
             os.environ.pop("OMP_NUM_THREADS", None)
     if result_path.exists():
         return json.loads(result_path.read_text())
+    return None
+
+
+def _disk_full_message(exc: Any) -> str | None:
+    """The message of a worker that stopped on a full disk (`worker.fail_cleanly` wrote it to
+    torchrun's error file), or None when no worker did."""
+    prefix = f"{DiskFullError.__name__}: "
+    for failure in getattr(exc, "failures", {}).values():
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        if isinstance(message, str) and message.startswith(prefix):
+            return message.removeprefix(prefix)
     return None
 
 

@@ -13,6 +13,7 @@ together on SIGTERM); collective communication or parameter servers through its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from distml.core import DB_URL_ENV
-from distml.core.errors import DistmlError
+from distml.core.errors import DiskFullError, DistmlError
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
 from distml.train import checkpoint
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(ctx, stop)
         else:
             train(ctx, stop)
+    except DiskFullError as exc:  # the run stays resumable from its last complete checkpoint
+        fail_cleanly(ctx, exc)
     finally:
         endpoint.close()
     # Leave together: a rank that exits while the lead still evaluates can make gloo abort peers.
@@ -166,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def fail_cleanly(ctx: Context, exc: DistmlError) -> None:
+    """End this rank on an error the user can act on (a full disk): one line on stderr instead of
+    a traceback, and the message in torchrun's error file, from which the launcher reports it."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ctx.log(f"error: {exc}")
+    with contextlib.suppress(OSError):  # the error file may sit on the full disk too
+        ErrorHandler().record_exception(exc)
+    raise SystemExit(1) from None
 
 
 # -- shared pieces ----------------------------------------------------------------------------
@@ -603,7 +617,10 @@ def finish(ctx: Context, dataset, trainer: Any, model: torch.nn.Module, step: in
         "world_size": ctx.world,
         "workers": ctx.num_workers,
     }
-    (ctx.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    from distml.core.files import atomic_write
+
+    with atomic_write(ctx.run_dir / "result.json", "w") as handle:  # its presence says the run is complete
+        handle.write(json.dumps(result, indent=1))
     ctx.log(f"done: {step} steps, test accuracy {accuracy:.4f}, model {record.name}:{record.version}")
 
 
