@@ -231,6 +231,7 @@ class CanaryRun:
     analysis: CanaryAnalysis | None = None
     verdict: Verdict | None = None
     decided_at: float | None = None
+    resumed_at: float | None = None  # when a gateway that took over from a dead one began judging it again
     task: Any = field(default=None, repr=False)
 
     @property
@@ -249,6 +250,7 @@ class CanaryRun:
             "policy": self.policy.model_dump(),
             "started_at": _iso(self.started_at),
             "decided_at": _iso(self.decided_at),
+            "resumed_at": _iso(self.resumed_at),
         }
 
 
@@ -396,11 +398,48 @@ class CanaryController:
         await self._end(run, verdict)
         return run
 
+    def saved(self) -> dict[str, Any]:
+        """The canaries as a gateway taking over from this one needs them (`restore`)."""
+        return {
+            model: {"stable": run.stable, "canary": run.canary, "policy": run.policy.model_dump(), "state": run.state,
+                    "reason": run.reason, "analysing": run.analysis is not None, "started_at": run.started_at,
+                    "decided_at": run.decided_at, "resumed_at": run.resumed_at}
+            for model, run in self.runs.items()
+        }  # fmt: skip
+
+    def restore(self, saved: dict[str, Any]) -> list[tuple[str, str]]:
+        """Take over the canaries of a gateway that died (their split is in `traffic` already): a running
+        one is analysed again from now (the answers it had seen died with that gateway); decided ones are
+        kept to be shown. Returns the (model, version) pairs to unload: canaries that were still loading
+        (no traffic went to them: as if they had failed) and the losers of canaries being ended."""
+        unfinished = []
+        for model, entry in saved.items():
+            policy = CanaryPolicy.model_validate(entry["policy"])
+            run = CanaryRun(model, entry["stable"], entry["canary"], policy, started_at=entry["started_at"])
+            run.state, run.reason, run.decided_at = entry["state"], entry["reason"], entry["decided_at"]
+            run.resumed_at = entry.get("resumed_at")
+            if run.state == "running" and not entry["analysing"]:
+                unfinished.append((model, run.canary))
+                self.traffic[model] = {run.stable: 100.0}
+                continue
+            if run.state == "running" and run.decided_at is not None:  # died while unloading the loser
+                promoted = self.traffic.get(model) == {run.canary: 100.0}
+                run.state = "promoted" if promoted else "rolled_back"
+                unfinished.append((model, run.stable if promoted else run.canary))
+            self.runs[model] = run
+            if run.state == "running":
+                run.analysis = CanaryAnalysis(run.stable, run.canary, policy, time.monotonic())
+                run.reason, run.resumed_at = "analysing again from the start: the gateway was restarted", time.time()
+                log.warning("canary %s:%s beside %s resumed after a gateway restart", model, run.canary, run.stable)
+                run.task = asyncio.create_task(self._run(run), name=f"canary-{model}")
+            self._on_change(run)
+        return unfinished
+
     def view(self, model: str) -> dict[str, Any]:
         run = self.runs.get(model)
         if run is None:
             return {"model": model, "state": "none", "stable": None, "canary": None, "reason": None, "stats": {},
-                    "started_at": None, "decided_at": None}  # fmt: skip
+                    "started_at": None, "decided_at": None, "resumed_at": None}  # fmt: skip
         return run.view()
 
 

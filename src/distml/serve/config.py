@@ -21,6 +21,8 @@ from distml.core.errors import DistmlError
 from distml.core.layout import DEFAULT_ROOT, WorkspaceRef
 
 TOKEN_ENV = "DISTML_SERVE_TOKEN"
+SUPERVISOR_ENV = "DISTML_SUPERVISOR_PID"  # set for the gateways and replicas of a supervised service
+STATE_FILE = "state.json"  # a supervised service's replicas and routing, which its next gateway takes over
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 REPLICA_COMMAND = (sys.executable, "-m", "distml.serve.server")
 LogLevel = Literal["debug", "info", "warning", "error"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from distml.core.errors import DistmlError
+from distml.core.files import atomic_write
 from distml.monitoring.metrics import GatewayMetrics
 from distml.serve import admin_api, http, openapi, protocol, sharding
 from distml.serve.admin_api import (
@@ -40,7 +43,7 @@ from distml.serve.admin_api import (
 )
 from distml.serve.autoscaler import Autoscaler, AutoscalerLoop
 from distml.serve.canary import CANARY_STATES, CanaryController, CanaryRun
-from distml.serve.config import ServeConfig, load_serve_config, store_from_env
+from distml.serve.config import STATE_FILE, SUPERVISOR_ENV, ServeConfig, load_serve_config, store_from_env
 from distml.serve.model import parse_version
 from distml.serve.protocol import ProtocolError
 from distml.serve.replicas import NoReplicaAvailable, ReplicaSet
@@ -140,11 +143,15 @@ def _error(status: int, message: str) -> Upstream:
 class Gateway:
     """Replica groups, the routing state and the proxy; `create_app` wires it into FastAPI."""
 
-    def __init__(self, config: ServeConfig, metrics: GatewayMetrics | None = None):
+    def __init__(self, config: ServeConfig, metrics: GatewayMetrics | None = None, supervisor_pid: int | None = None):
         self.config = config
         self.metrics = metrics or GatewayMetrics()
         self.groups: list[ReplicaSet] = []
         run_root = config.service_dir()
+        # Under a supervisor the routing state (replicas, split, canaries) is kept in this file, so that
+        # the gateway it starts after this one dies takes the service over as it was.
+        self.supervisor_pid = supervisor_pid
+        self.state_path = run_root / STATE_FILE
         for g in range(config.shards):
             rs = ReplicaSet(
                 config.replica_command,
@@ -158,6 +165,7 @@ class Gateway:
                 max_health_failures=config.max_health_failures,
                 start_timeout=config.start_timeout,
                 drain_timeout=config.drain_timeout,
+                supervisor_pid=supervisor_pid,
             )
             rs.on_eject = lambda _r, _why, g=g: self.metrics.ejections.labels(group=str(g)).inc()
             self.groups.append(rs)
@@ -178,6 +186,9 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self.started = False
         self.deployments: Deployments | None = None  # set by `serve_gateway` once it serves
+        self._keeper: asyncio.Task | None = None
+        self._written = b""
+        self.took_over = False  # from a gateway of this service that died (see `serve.supervisor`)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -187,7 +198,16 @@ class Gateway:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
         )
-        await asyncio.gather(*(rs.start(wait=True) for rs in self.groups))
+        saved = self._read_state() if self.supervisor_pid is not None else None
+        adopt = [None] * len(self.groups)
+        if saved and len(saved.get("groups", ())) == len(self.groups):
+            adopt = saved["groups"]
+        await asyncio.gather(*(rs.start(wait=True, adopt=a) for rs, a in zip(self.groups, adopt)))
+        if saved:
+            self.took_over = True
+            await self._restore_routing(saved)
+        if self.supervisor_pid is not None:
+            self._keeper = asyncio.create_task(self._keep_state(), name="keep-state")
         if self.config.autoscale is not None:
             for g, rs in enumerate(self.groups):
                 loop = AutoscalerLoop(Autoscaler(self.config.autoscale), rs, tick=self.config.autoscale_tick)
@@ -199,12 +219,68 @@ class Gateway:
         self.started = True
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self.state_path.unlink(missing_ok=True)  # a clean stop: the next start is a new service
         await self.canary.close()
         for loop in self.autoscalers:
             await loop.stop()
         await asyncio.gather(*(rs.close(graceful=True) for rs in self.groups), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+    # ------------------------------------------------------------ the state a restarted gateway takes over
+
+    def saved(self) -> dict[str, Any]:
+        return {
+            "gateway_pid": os.getpid(),
+            "traffic": self.traffic,
+            "canaries": self.canary.saved(),
+            "groups": [rs.saved() for rs in self.groups],
+        }
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            saved = orjson.loads(self.state_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:  # written atomically, so only a foreign edit
+            log.error("cannot read %s (%s); starting the service afresh", self.state_path, exc)
+            return None
+        log.warning("taking over from the gateway (pid %s) that died", saved.get("gateway_pid"))
+        return saved
+
+    async def _restore_routing(self, saved: dict[str, Any]) -> None:
+        self.traffic.update(saved.get("traffic", {}))
+        for model, version in self.canary.restore(saved.get("canaries", {})):
+            ref = f"{model}:{version}"
+            results = await asyncio.gather(*(rs.unload_version(ref) for rs in self.groups), return_exceptions=True)
+            for res in results:
+                if isinstance(res, BaseException):
+                    log.warning("unloading %s after the gateway restart failed: %s", ref, res)
+
+    async def persist(self) -> None:
+        """Write `saved()` to the state file if it changed (atomically: never half written); admin
+        routes call it before they answer, so an acknowledged change outlives this process."""
+        if self.supervisor_pid is None:
+            return
+        data = orjson.dumps(self.saved())
+        if data != self._written:
+            await asyncio.to_thread(_write_state, self.state_path, data)
+            self._written = data
+
+    async def _keep_state(self, interval: float = 0.05) -> None:
+        """`persist` every `interval`: what changes by itself (replicas replaced, autoscaling, a
+        canary's verdict) is in the file within that time."""
+        while True:
+            try:
+                await self.persist()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a full disk, say: keep serving, retry at the next tick
+                log.exception("cannot write the gateway's state to %s", self.state_path)
+            await asyncio.sleep(interval)
 
     # ------------------------------------------------------------ routing
 
@@ -514,6 +590,11 @@ class Gateway:
         return out
 
 
+def _write_state(path, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
 def forward_headers(request: Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
 
@@ -641,6 +722,10 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def replicas():
         return gateway.snapshot()
 
+    async def done(answer: Any) -> Any:  # what an admin call changed outlives this process once answered
+        await gateway.persist()
+        return answer
+
     @app.post("/admin/replicas/scale", **documented(ScaleRequestBody))
     async def scale(request: Request):
         n = (await _read_body(request, limit, ScaleRequestBody)).replicas
@@ -652,12 +737,12 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
             )
         for rs in gateway.groups:
             rs.scale_to(n)
-        return gateway.snapshot()
+        return await done(gateway.snapshot())
 
     @app.post("/admin/replicas/roll", **documented(RollRequestBody))
     async def roll(request: Request):
         await gateway.roll((await _read_body(request, limit, RollRequestBody)).models)
-        return gateway.snapshot()
+        return await done(gateway.snapshot())
 
     @app.get("/admin/models/{model}/traffic")
     async def get_traffic(model: str):
@@ -666,18 +751,18 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/admin/models/{model}/traffic", **documented(TrafficRequestBody))
     async def set_traffic(model: str, request: Request):
         split = await _read_body(request, limit, TrafficRequestBody, model)
-        return {"model": model, "versions": gateway.set_traffic(model, split)}
+        return await done({"model": model, "versions": gateway.set_traffic(model, split)})
 
     @app.delete("/admin/models/{model}/traffic")
     async def clear_traffic(model: str):
         gateway.traffic.pop(model, None)
-        return {"model": model, "versions": {}}
+        return await done({"model": model, "versions": {}})
 
     @app.post("/admin/models/{model}/canary", **documented(CanaryRequestBody))
     async def start_canary(model: str, request: Request):
         body = await _read_body(request, limit, CanaryRequestBody, model)
         run = await gateway.canary.start(model, body.version, body.policy)
-        return run.view()
+        return await done(run.view())
 
     @app.get("/admin/models/{model}/canary")
     async def canary_status(model: str):
@@ -685,12 +770,13 @@ def _admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.delete("/admin/models/{model}/canary")
     async def abort_canary(model: str):
-        return (await gateway.canary.abort(model)).view()
+        return await done((await gateway.canary.abort(model)).view())
 
     @app.post("/admin/models/{model}/promote", **documented(PromoteRequestBody))
     async def promote(model: str, request: Request):
         version = (await _read_body(request, limit, PromoteRequestBody, model)).version
-        return {"model": model, "versions": gateway.set_traffic(model, TrafficRequestBody(versions={version: 100.0}))}
+        split = gateway.set_traffic(model, TrafficRequestBody(versions={version: 100.0}))
+        return await done({"model": model, "versions": split})
 
 
 def _repository_routes(app: FastAPI, gateway: Gateway) -> None:
@@ -708,14 +794,25 @@ def _repository_routes(app: FastAPI, gateway: Gateway) -> None:
             raise ProtocolError(404, f"no route POST {request.url.path}; expected .../load or .../unload")
         version = str((await _read_body(request, limit, RepositoryRequestBody, model)).parameters.version)
         await gateway.repository(model, version, action)
+        await gateway.persist()
         return {"name": model, "version": version, "state": f"{action}ed"}
 
 
-async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:
+async def serve_gateway(
+    config: ServeConfig,
+    on_ready: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
+    supervisor_pid: int | None = None,
+) -> int:
     """Start the replicas, then serve until SIGTERM/SIGINT (drain, retire the replicas, return 0).
-    Raises DistmlError if the port cannot be bound or the replicas never start."""
-    gateway = Gateway(config)
-    sock = http.bind(config.host, config.port)
+    Raises DistmlError if the port cannot be bound or the replicas never start. Under a supervisor
+    (`serve.supervisor`), `sock` is the service's socket it holds and the gateway takes over the
+    replicas and routing of the one before it, if one died."""
+    gateway = Gateway(config, supervisor_pid=supervisor_pid)
+    if sock is None:
+        sock = http.bind(config.host, config.port)
+    else:
+        sock.setblocking(False)
     try:
         with http.stop_on_signal() as stopping:
             await gateway.start()
@@ -730,7 +827,11 @@ async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | N
 
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     gateway.deployments = Deployments(config, f"http://{host}:{sock.getsockname()[1]}")
-    await asyncio.to_thread(gateway.deployments.update, gateway.groups[0].models)  # before the port file
+    recording = asyncio.to_thread(gateway.deployments.update, gateway.groups[0].models)
+    if gateway.took_over:  # answer first: clients wait in the socket's backlog, the store may be slow
+        recorded = asyncio.create_task(recording)
+    else:
+        await recording  # before the port file
 
     def ready(port: int) -> None:
         url = f"http://{config.host}:{port}"
@@ -749,12 +850,14 @@ async def serve_gateway(config: ServeConfig, on_ready: Callable[[str], None] | N
         )
     finally:
         await gateway.close()
+        if gateway.took_over:
+            await recorded
         await asyncio.to_thread(gateway.deployments.update, ())
 
 
-def run_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> int:
+def run_gateway(config: ServeConfig, on_ready: Callable[[str], None] | None = None, **kwargs: Any) -> int:
     """`serve_gateway` on its own event loop (uvloop when installed), as `distml serve` runs it."""
-    return http.run(lambda: serve_gateway(config, on_ready))
+    return http.run(lambda: serve_gateway(config, on_ready, **kwargs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -768,7 +871,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_serve_config(args[0])
         config = config.model_copy(update={"replica": store_from_env(config.replica)})
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        return run_gateway(config)
+        from distml.serve.supervisor import LISTEN_FD_ENV, STANDBY_FD_ENV
+
+        supervised: dict[str, Any] = {}
+        if os.environ.get(SUPERVISOR_ENV) and os.environ.get(LISTEN_FD_ENV):  # started by serve.supervisor
+            if os.environ.get(STANDBY_FD_ENV):  # a standby: imported and warmed ahead, it waits for its turn
+                import uvicorn  # noqa: F401  (what `http.serve` imports when it runs)
+
+                create_app(Gateway(config))  # builds (and caches) what every app's routes need
+
+                if not os.read(int(os.environ[STANDBY_FD_ENV]), 1):
+                    return 0  # the supervisor stopped, or no longer needs a standby
+            supervised = {
+                "sock": socket.socket(fileno=int(os.environ[LISTEN_FD_ENV])),
+                "supervisor_pid": int(os.environ[SUPERVISOR_ENV]),
+            }
+        return run_gateway(config, **supervised)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

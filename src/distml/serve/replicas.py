@@ -30,9 +30,10 @@ import aiohttp
 
 from distml.core.errors import DistmlError
 from distml.core.files import atomic_write
+from distml.core.liveness import is_running, parent_of, process_identity
 from distml.core.refs import ModelRef
 from distml.serve.admin_api import RepositoryRequestBody, parse_body, to_json
-from distml.serve.config import TOKEN_ENV, ReplicaConfig
+from distml.serve.config import SUPERVISOR_ENV, TOKEN_ENV, ReplicaConfig
 
 log = logging.getLogger("distml.serve.replicas")
 
@@ -70,6 +71,37 @@ def _kill_leftovers() -> None:
             with contextlib.suppress(Exception):
                 proc.wait(5)
     _LIVE.clear()
+
+
+class AdoptedProcess:
+    """A replica process that an earlier gateway of this service started: since that gateway died it is
+    the supervisor's child, so it is watched by pid and start time (`process_identity`), not waited for
+    (the supervisor reaps it). The part of `subprocess.Popen` that `ReplicaSet` uses."""
+
+    def __init__(self, pid: int, identity: str | None):
+        self.pid, self.identity = pid, identity
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not is_running(self.pid, self.identity):
+            self.returncode = -1  # its status went to the supervisor, which reaped it
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.02)
+        return self.returncode
 
 
 def _log_tail(path: Path, limit: int = 1500) -> str:
@@ -111,7 +143,7 @@ def _serves(models: Iterable[str], name: str, version: int) -> bool:
 class Replica:
     id: str
     models: tuple[str, ...]
-    process: subprocess.Popen
+    process: subprocess.Popen | AdoptedProcess
     port_file: Path
     log_path: Path
     host: str
@@ -123,6 +155,7 @@ class Replica:
     failures: int = 0
     ready_at: float | None = None
     error: str | None = None
+    identity: str | None = None  # its start time: tells it from a later process with its pid
     _reaped: bool = field(default=False, repr=False)
 
     @property
@@ -168,6 +201,7 @@ class ReplicaSet:
         drain_timeout: float = 30.0,
         retry_grace: float = 0.5,
         env: dict[str, str] | None = None,
+        supervisor_pid: int | None = None,
     ):
         self.command = list(command)
         if not self.command:
@@ -191,6 +225,9 @@ class ReplicaSet:
         self.drain_timeout = drain_timeout
         self.retry_grace = retry_grace
         self.env = env
+        # Under a service's supervisor, replicas outlive a killed gateway (the supervisor adopts them,
+        # the next gateway takes them over) instead of dying with it.
+        self.supervisor_pid = supervisor_pid
         self.desired = replicas
         self._own_run_dir = run_dir is None
         self._run_dir_arg = run_dir
@@ -199,7 +236,7 @@ class ReplicaSet:
         self._retiring: set[asyncio.Task] = set()
         self._retire_tasks: dict[str, asyncio.Task] = {}
         self._reaping: list[subprocess.Popen] = []
-        self._seq = itertools.count()
+        self._seq, self._next_id = itertools.count(), 0  # replica ids; the next, kept for a gateway taking over
         self._rr = 0
         self._in_flight = 0
         self._waiting = 0
@@ -223,8 +260,10 @@ class ReplicaSet:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, wait: bool = True) -> None:
-        """Start the supervisor and the initial replicas; with `wait`, return once all are ready."""
+    async def start(self, wait: bool = True, adopt: dict | None = None) -> None:
+        """Start the supervisor and the initial replicas; with `wait`, return once all are ready.
+        `adopt` is the `saved()` state of this set in a gateway that died: its live replicas are taken
+        over (not restarted) and only the missing ones are started."""
         if self._supervisor is not None:
             return
         if self._own_run_dir:
@@ -233,7 +272,8 @@ class ReplicaSet:
             self.run_dir = Path(self._run_dir_arg)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        initial = [self._spawn() for _ in range(self.desired)]
+        adopted = self._adopt(adopt) if adopt else []
+        initial = adopted + [self._spawn() for _ in range(self.desired - len(adopted))]
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
         if wait and initial:  # fail fast: the first replica that dies or times out ends the start
             await asyncio.gather(*(self._wait_replica(r, self.start_timeout) for r in initial))
@@ -257,6 +297,49 @@ class ReplicaSet:
             await self._session.close()
         if self._own_run_dir and self.run_dir is not None and (self.last_error is None or self._ready_once):
             shutil.rmtree(self.run_dir, ignore_errors=True)  # kept if nothing ever started: errors name its logs
+
+    def saved(self) -> dict:
+        """What a gateway taking over from this one needs (`start(adopt=...)`): the desired count, the
+        models replicas start with, and each replica's process, port and models."""
+        return {
+            "desired": self.desired,
+            "models": list(self.models),
+            "next_id": self._next_id,
+            "replicas": [
+                {"id": r.id, "pid": r.pid, "identity": r.identity, "port": r.port, "models": list(r.models),
+                 "state": r.state}
+                for r in self._replicas
+            ],
+        }  # fmt: skip
+
+    def _adopt(self, saved: dict) -> list[Replica]:
+        """Take over the replicas in `saved` that still run as the supervisor's children (their gateway
+        died); retire those that were draining. Each is probed before it takes requests."""
+        self.desired = int(saved.get("desired", self.desired))
+        self.models = tuple(saved.get("models", self.models))
+        self._next_id = max(self._next_id, int(saved.get("next_id", 0)))
+        self._seq = itertools.count(self._next_id)
+        adopted = []
+        for entry in saved.get("replicas", []):
+            pid, identity = int(entry["pid"]), entry.get("identity")
+            if not is_running(pid, identity) or parent_of(pid) != self.supervisor_pid:
+                continue
+            process = AdoptedProcess(pid, identity)
+            if entry.get("state") not in (STARTING, READY) or entry.get("port") is None:
+                process.send_signal(signal.SIGTERM)  # was being retired, or never told us its port
+                continue
+            assert self.run_dir is not None
+            replica = Replica(
+                entry["id"], tuple(entry["models"]), process, self.run_dir / f"{entry['id']}.port",
+                self.run_dir / f"{entry['id']}.log", self.host, time.monotonic(), port=int(entry["port"]),
+                identity=identity,
+            )  # fmt: skip
+            _LIVE.add(process)
+            self._replicas.append(replica)
+            adopted.append(replica)
+            log.warning("replica %s (pid %d) adopted from the previous gateway", replica.id, pid)
+        self._wake.set()
+        return adopted
 
     # ------------------------------------------------------------ views
 
@@ -546,7 +629,9 @@ class ReplicaSet:
 
     def _spawn(self, models: tuple[str, ...] | None = None) -> Replica:
         models = models or self.models
-        rid = f"{self.name}-{next(self._seq)}"
+        seq = next(self._seq)
+        self._next_id = seq + 1
+        rid = f"{self.name}-{seq}"
         assert self.run_dir is not None, "ReplicaSet.start() first"
         port_file = self.run_dir / f"{rid}.port"
         log_path = self.run_dir / f"{rid}.log"
@@ -560,6 +645,8 @@ class ReplicaSet:
         env.pop(TOKEN_ENV, None)
         if self.token:
             env[TOKEN_ENV] = self.token  # never on disk or in argv
+        if self.supervisor_pid is not None:
+            env[SUPERVISOR_ENV] = str(self.supervisor_pid)  # it stops itself once the whole service is gone
         with open(log_path, "ab") as log_file:
             try:
                 proc = subprocess.Popen(
@@ -569,12 +656,13 @@ class ReplicaSet:
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(os.getpid()),
+                    preexec_fn=None if self.supervisor_pid is not None else _die_with_parent(os.getpid()),
                 )
             except OSError as exc:
                 raise DistmlError(f"cannot start replica command {self.command}: {exc}") from exc
         _LIVE.add(proc)
         replica = Replica(rid, tuple(models), proc, port_file, log_path, self.host, time.monotonic())
+        replica.identity = process_identity(proc.pid)
         self._replicas.append(replica)
         log.info("replica %s starting (pid %d, models %s)", rid, proc.pid, list(models))
         self._wake.set()

@@ -30,7 +30,7 @@ from distml.monitoring.metrics import ServingMetrics
 from distml.scheduling.admission import Lease, Resources, SharedPool
 from distml.serve import http, openapi, protocol
 from distml.serve.admin_api import RepositoryRequestBody, parse_body
-from distml.serve.config import TOKEN_ENV, ReplicaConfig, load_replica_config, store_from_env
+from distml.serve.config import SUPERVISOR_ENV, TOKEN_ENV, ReplicaConfig, load_replica_config, store_from_env
 from distml.serve.jobs import JobRunner, create_job, get_job, job_view
 from distml.serve.model import ModelRepository, ServedModel
 from distml.serve.protocol import ProtocolError
@@ -449,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
         )
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback POST is noise
+        if os.environ.get(SUPERVISOR_ENV):  # a supervised service's replica outlives its gateway, not the service
+            from distml.serve.supervisor import exit_when_orphaned
+
+            exit_when_orphaned(int(os.environ[SUPERVISOR_ENV]))
         http.clear_port_file(config.port_file)
         workspace = Workspace.open(config.workspace)
         # The replica's own place in the workspace's scheduler, held by this process (freed if it dies).

@@ -1,10 +1,11 @@
 """A named service in the workspace that outlives the command that started it.
 
 `distml serve` runs a gateway in the foreground; a pipeline instead needs its model served
-after it exits. `ensure_serving` starts the same gateway (`python -m distml.serve.gateway`)
-detached in its own session, remembers it in `WORKSPACE/services/NAME/service.json` (pid, url,
-model), and on later calls leaves it alone when it already serves the model, or hot-swaps the
-model through the gateway's admin API (rolling replicas: no request fails).
+after it exits. `ensure_serving` starts the same gateway under a supervisor that restarts it if it
+dies (`python -m distml.serve.supervisor`), detached in its own session, remembers it in
+`WORKSPACE/services/NAME/service.json` (pid, url, model), and on later calls leaves it alone when
+it already serves the model, or hot-swaps the model through the gateway's admin API (rolling
+replicas: no request fails).
 
 `list_services`, `find_service` and `service_logs` are what `distml services` shows: every
 service of the workspace with its process state and, from its live gateway, the versions,
@@ -31,7 +32,7 @@ from distml.core.files import atomic_write
 from distml.core.layout import ServiceRecord, services_dir
 from distml.core.liveness import pid_alive, process_identity
 from distml.serve.admin import GatewayAdmin
-from distml.serve.config import ServeConfig, parse_serve_config
+from distml.serve.config import STATE_FILE, ServeConfig, parse_serve_config
 from distml.workspace import Workspace
 
 START_TIMEOUT_S = 180.0
@@ -109,6 +110,7 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
     folder.mkdir(parents=True, exist_ok=True)
     port_file = folder / "gateway.port"
     port_file.unlink(missing_ok=True)
+    (folder / STATE_FILE).unlink(missing_ok=True)  # a service killed outright: nothing to take over
     config = config.model_copy(update={"port_file": str(port_file)})
     config_path = folder / "config.json"
     with atomic_write(config_path, "w") as handle:
@@ -118,7 +120,7 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
         env["DISTML_SERVE_TOKEN"] = token
     with open(folder / "gateway.log", "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "distml.serve.gateway", str(config_path)],
+            [sys.executable, "-m", "distml.serve.supervisor", str(config_path)],  # restarts a killed gateway
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -1,0 +1,172 @@
+"""A service's gateway killed with SIGKILL under load: its supervisor starts another on the same socket,
+which adopts the running replicas (same pids) and keeps the traffic split and the canary. Real
+processes (supervisor, gateways, replicas), real clients; waits are on answers and pids, never on time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
+
+BODY = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Load:
+    """`clients` threads, each with its own HTTP client, asking the service one request at a time."""
+
+    def __init__(self, url: str, clients: int = 4):
+        self.url, self.stop = url, threading.Event()
+        self.ok, self.failed, self.answers = 0, [], []  # answers: (sent, version, answered)
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._ask, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _ask(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post(f"{self.url}/v2/models/cnn/infer", json=BODY)
+                    response.raise_for_status()
+                    with self.lock:
+                        self.ok += 1
+                        self.answers.append((sent, response.json()["model_version"], time.monotonic()))
+                except httpx.HTTPError as exc:
+                    with self.lock:
+                        self.failed.append((time.monotonic(), repr(exc)))
+
+    def answered_since(self, moment: float) -> int:
+        with self.lock:
+            return sum(1 for sent, _, _ in self.answers if sent > moment)
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def replica_pids(admin) -> list[int]:
+    return sorted(r["pid"] for g in admin.snapshot()["groups"] for r in g["replicas"] if r["state"] == "ready")
+
+
+@pytest.fixture
+def service_ws(serve_workspace, tmp_path) -> Path:
+    root = tmp_path / "ws"
+    shutil.copytree(serve_workspace, root)
+    return root
+
+
+def test_a_gateway_killed_under_load_comes_back_on_its_address_with_its_replicas_and_split(service_ws):
+    from distml.serve.admin import GatewayAdmin
+    from distml.serve.service import ensure_serving, stop_service
+    from distml.workspace import Workspace
+
+    ws = Workspace(service_ws)
+    served = ensure_serving(ws, "web", "cnn:1", {"port": 0, "replicas": 2})
+    folder = service_ws / "services" / "web"
+    supervisor = psutil.Process(served["pid"])
+    load = None
+    try:
+        with GatewayAdmin(served["url"]) as admin:
+            admin.deploy("cnn", 2, canary_percent=30)  # cnn:2 beside cnn:1 in every replica, 30 % to it
+            before = replica_pids(admin)
+            assert len(before) == 2
+            gateway_pid = int((folder / "gateway.pid").read_text())
+            assert psutil.Process(gateway_pid).ppid() == supervisor.pid
+            load = Load(served["url"])
+            wait_for(lambda: load.ok >= 50, "answers before the kill")
+
+            os.kill(gateway_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda: load.answered_since(killed_at) >= 50, "answers after the kill")
+            with load.lock:  # the first answer to a request sent after the kill
+                first_after = min(answered for sent, _, answered in load.answers if sent > killed_at)
+            new_gateway = int((folder / "gateway.pid").read_text())
+            assert new_gateway != gateway_pid and psutil.Process(new_gateway).ppid() == supervisor.pid
+            assert replica_pids(admin) == before  # adopted, not restarted
+            assert admin.snapshot()["traffic"] == {"cnn": {"1": 70.0, "2": 30.0}}
+            assert sorted(admin.loaded_models()) == ["cnn:1", "cnn:2"]
+            load.close()
+            # only the requests in flight at the kill may fail: one per client at most
+            assert len(load.failed) <= len(load.threads), load.failed
+            with load.lock:
+                versions = {v for sent, v, _ in load.answers if sent > killed_at}
+            assert versions == {"1", "2"}  # the split still sends some to each
+            print(f"recovery {first_after - killed_at:.3f} s, failed {len(load.failed)} of {load.ok}")
+    finally:
+        if load is not None:
+            load.close()
+        tree = [supervisor, *supervisor.children(recursive=True)]
+        assert stop_service(ws, "web")
+    psutil.wait_procs(tree, timeout=60)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (folder / "state.json").exists()
+
+
+def test_a_running_canary_survives_its_gateway(service_ws):
+    from distml.serve.admin import GatewayAdmin
+    from distml.serve.service import ensure_serving, stop_service
+    from distml.workspace import Workspace
+
+    ws = Workspace(service_ws)
+    served = ensure_serving(ws, "web", "cnn:1", {"port": 0})
+    folder = service_ws / "services" / "web"
+    supervisor = psutil.Process(served["pid"])
+    try:
+        with GatewayAdmin(served["url"]) as admin:
+            admin.start_canary("cnn:2", {"weight": 0.5, "window_s": 3600, "min_requests": 1})
+            wait_for(lambda: admin.canary_status("cnn")["reason"] == "analysing" or "need" in str(
+                admin.canary_status("cnn")["reason"]), "the canary to analyse")  # fmt: skip
+            gateway_pid = int((folder / "gateway.pid").read_text())
+            os.kill(gateway_pid, signal.SIGKILL)
+            wait_for(lambda: int((folder / "gateway.pid").read_text()) != gateway_pid, "another gateway")
+
+            def resumed() -> bool:
+                try:
+                    return admin.canary_status("cnn")["resumed_at"] is not None
+                except Exception:
+                    return False
+
+            wait_for(resumed, "the canary to be analysed again")
+            status = admin.canary_status("cnn")
+            assert (status["state"], status["stable"], status["canary"]) == ("running", "1", "2")
+            assert admin.snapshot()["traffic"] == {"cnn": {"1": 0.5, "2": 0.5}}
+            assert admin.abort_canary("cnn")["state"] == "rolled_back"  # and it can still be ended
+            assert admin.snapshot()["traffic"] == {"cnn": {"1": 100.0}}
+    finally:
+        tree = [supervisor, *supervisor.children(recursive=True)]
+        assert stop_service(ws, "web")
+    psutil.wait_procs(tree, timeout=60)
+
+
+def test_the_supervisor_killed_takes_its_gateway_and_replicas_along(service_ws):
+    from distml.serve.service import ensure_serving
+    from distml.workspace import Workspace
+
+    ws = Workspace(service_ws)
+    served = ensure_serving(ws, "web", "cnn:1", {"port": 0})
+    supervisor = psutil.Process(served["pid"])
+    tree = [supervisor, *supervisor.children(recursive=True)]
+    assert len(tree) == 4  # supervisor, gateway, standby gateway, replica
+    supervisor.kill()
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
