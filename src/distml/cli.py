@@ -67,6 +67,25 @@ def _workspace(ctx: click.Context):
     return Workspace(ctx.obj["workspace_path"], ctx.obj["db_url"])
 
 
+def _token(ctx: click.Context, option: str, given: str | None, path: str | None) -> str | None:
+    """The token from --token-file (its first line) when given, else from --token or its variable;
+    --OPTION and --OPTION-file on one command line is a mistake. An empty token means none."""
+    from click.core import ParameterSource
+
+    if path is None:
+        return given or None
+    if ctx.get_parameter_source(option) is ParameterSource.COMMANDLINE:
+        raise DistmlError(f"give --{option} or --{option}-file, not both")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DistmlError(f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise DistmlError(f"the token file {path} is empty; expected the token on its first line")
+    return token
+
+
 @main.command()
 def version() -> None:
     """Print the distml version."""
@@ -441,17 +460,40 @@ def train_command(ctx: click.Context, **options: Any) -> None:
     help="Cpu slots the scheduler reserves per replica (priority class serving) [default: 0, registered only].",
 )
 @click.option("--queue", default=None, help="Scheduler queue the replicas ask in [default: default].")
-@click.option("--token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token for all but health routes.")
+@click.option(
+    "--token",
+    envvar="DISTML_SERVE_TOKEN",
+    default=None,
+    help="Bearer token for all but the health routes. Prefer $DISTML_SERVE_TOKEN or --token-file: "
+    "a command line is visible to other users (ps).",
+)
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Read the bearer token from this file (its first line).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a --host other than loopback without a token (when a firewall or network policy guards it).",
+)
 @click.pass_context
 def serve_command(ctx: click.Context, model: str, **options: Any) -> None:
-    """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops."""
+    """Serve MODEL (name, name:version or name@alias) behind a gateway; Ctrl-C drains and stops.
+
+    With a token, every route but health needs `Authorization: Bearer TOKEN`; a --host other than
+    loopback (127.0.0.1, localhost) is refused without one unless --insecure is given."""
     import os
 
+    from distml.core.exposure import check_exposure
     from distml.core.files import atomic_write
     from distml.core.layout import ServiceRecord
     from distml.serve.gateway import run_gateway
     from distml.serve.service import build_serve_config
 
+    options["token"] = _token(ctx, "token", options["token"], options.pop("token_file"))
+    check_exposure(options["host"] or "127.0.0.1", options["token"], options["insecure"])  # before any file
     config, pinned = build_serve_config(_workspace(ctx), model, options)
     path = config.service_dir() / "config.json"
     with atomic_write(path, "w") as handle:
@@ -1043,19 +1085,54 @@ def top_command(ctx: click.Context, once: bool, interval: float, token: str | No
 @main.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=8265, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
-@click.option("--token", envvar="DISTML_UI_TOKEN", default=None, help="Token the page's actions need.")
+@click.option(
+    "--token",
+    envvar="DISTML_UI_TOKEN",
+    default=None,
+    help="Token every page, API and action needs (a browser signs in once). Prefer $DISTML_UI_TOKEN or "
+    "--token-file: a command line is visible to other users (ps).",
+)
+@click.option(
+    "--token-file", default=None, type=click.Path(dir_okay=False), help="Read the token from this file (first line)."
+)
 @click.option("--read-only", is_flag=True, help="Refuse every action (resume, cancel, aliases, canaries, scaling).")
 @click.option(
     "--serve-token", envvar="DISTML_SERVE_TOKEN", default=None, help="Bearer token of the services' gateways."
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a --host other than loopback without --token (when a firewall or network policy guards it).",
+)
 @click.pass_context
 def ui_command(
-    ctx: click.Context, host: str, port: int, token: str | None, read_only: bool, serve_token: str | None
+    ctx: click.Context,
+    host: str,
+    port: int,
+    token: str | None,
+    token_file: str | None,
+    read_only: bool,
+    serve_token: str | None,
+    insecure: bool,
 ) -> None:
-    """The workspace in a browser: runs and their DAGs, training, models and lineage, services, queues, watches."""
-    from distml.ui.app import serve_ui
+    """The workspace in a browser: runs and their DAGs, training, models and lineage, services, queues, watches.
 
-    serve_ui(_workspace(ctx), host, port, token, read_only, serve_token, echo=lambda line: click.echo(line))
+    With a token, everything but /health needs it; a --host other than loopback is refused without
+    one unless --insecure is given."""
+    from distml.ui.app import check_ui_exposure, serve_ui
+
+    token = _token(ctx, "token", token, token_file)
+    check_ui_exposure(host, token, insecure, read_only)  # before the workspace is opened
+    serve_ui(
+        _workspace(ctx),
+        host,
+        port,
+        token,
+        read_only,
+        serve_token,
+        echo=lambda line: click.echo(line),
+        insecure=insecure,
+    )
 
 
 @main.command("lineage")

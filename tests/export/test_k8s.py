@@ -232,6 +232,18 @@ def test_inference_service_scaling(e2e_export) -> None:
     ]
 
 
+def test_the_replica_listens_on_0_0_0_0_with_its_token_from_a_secret_not_a_file(e2e_export) -> None:
+    (isvc,) = e2e_export.services.values()
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    ref = env["DISTML_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "distml-serve", "key": "DISTML_SERVE_TOKEN"}  # created by hand (README)
+    configs = {c["metadata"]["name"]: c for c in e2e_export.files["configs.yaml"]}
+    replica = json.loads(configs["distml-replica"]["data"]["replica.json"])
+    assert replica["host"] == "0.0.0.0" and replica["insecure"] is False  # no Secret: it refuses to start
+    secrets = [o["metadata"]["name"] for o in e2e_export.objects() if o["kind"] == "Secret"]
+    assert "distml-serve" not in secrets  # no token (nor a placeholder one) in the folder
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -71,9 +71,9 @@ def test_actions_are_refused_without_the_token_and_in_read_only(workspace):
         )
     form = {"alias": "champion", "version": "2"}
     refused = client(workspace, token="secret").post("/models/m/alias", data=form)
-    assert refused.status_code == 403 and "token" in refused.json()["error"]
+    assert refused.status_code == 401 and "token" in refused.json()["error"]  # TokenGate, before the route
     wrong = client(workspace, token="secret").post("/models/m/alias", data=form, headers={"Authorization": "Bearer no"})
-    assert wrong.status_code == 403
+    assert wrong.status_code == 401
     read_only = client(workspace, token="secret", read_only=True)
     refused = read_only.post("/models/m/alias", data=form, headers={"Authorization": "Bearer secret"})
     assert refused.status_code == 403 and "read-only" in refused.json()["error"]

@@ -128,10 +128,14 @@ def test_the_ui_shows_and_steers_a_real_workspace(digits_pipeline, page, screens
         stderr=subprocess.DEVNULL,
     )
     served = ensure_serving(ws, SERVICE, "digits-classifier:1", {"replicas": 1, "port": 0})
-    ui, url = start_ui(root, "--token", TOKEN)
+    token_file = tmp_path / "ui-token"
+    token_file.write_text(TOKEN)
+    ui, url = start_ui(root, "--token-file", str(token_file))
     read_only, read_only_url = start_ui(root, "--read-only")
     try:
-        # -- every page, with no console error and no failed request ----------------------------
+        # -- signed in once (the token in a link, as Jupyter prints it), then every page, with no
+        # console error and no failed request ----------------------------------------------------
+        assert page.goto(f"{url}/runs?token={TOKEN}").status == 200 and page.url == f"{url}/runs"
         run_id, rerun_id = digits_pipeline.run_id, digits_pipeline.rerun_id
         pages = {
             "runs": "/runs",
@@ -170,7 +174,8 @@ def test_the_ui_shows_and_steers_a_real_workspace(digits_pipeline, page, screens
             lambda: next((r for r in workflow_store.list_workflow_runs(ws.engine) if "talker" in r.target), None),
             "the talking pipeline to start",
         )
-        wait_for(lambda: "line 1" in httpx.get(f"{url}/runs/{talk_run.run_id}/log?step=talk").text, "line 1")
+        step_log = f"{url}/runs/{talk_run.run_id}/log?step=talk"
+        wait_for(lambda: "line 1" in httpx.get(step_log, headers={"Authorization": f"Bearer {TOKEN}"}).text, "line 1")
         page.goto(f"{url}/runs/{talk_run.run_id}?step=talk")
         page.screenshot(path=str(screenshot_dir / "step-running.png"), full_page=True)
         assert "line 2" not in page.locator("#log").inner_text()
@@ -185,8 +190,6 @@ def test_the_ui_shows_and_steers_a_real_workspace(digits_pipeline, page, screens
         # -- a canary from the Services page moves the gateway's split -------------------------------
         page.on("dialog", lambda dialog: dialog.accept())
         page.goto(f"{url}/services/{SERVICE}")
-        page.fill('header form.login input[name="token"]', TOKEN)
-        page.click("header form.login button")
         page.fill('form[action$="/canary"] input[name="version"]', "2")
         page.fill('form[action$="/canary"] input[name="value"]', "30")
         page.click('form[action$="/canary"] button')
@@ -206,7 +209,7 @@ def test_the_ui_shows_and_steers_a_real_workspace(digits_pipeline, page, screens
         # -- refused: without the token, and in --read-only ----------------------------------------
         form = {"model": "digits-classifier", "version": "1"}
         refused = httpx.post(f"{url}/services/{SERVICE}/promote", data=form)
-        assert refused.status_code == 403 and "token" in refused.json()["error"]
+        assert refused.status_code == 401 and "token" in refused.json()["error"]
         with_token = {"Authorization": f"Bearer {TOKEN}"}
         refused = httpx.post(f"{read_only_url}/services/{SERVICE}/promote", data=form, headers=with_token)
         assert refused.status_code == 403 and "read-only" in refused.json()["error"]

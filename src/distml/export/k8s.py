@@ -37,6 +37,8 @@ WORKSPACE_MOUNT = "/workspace"
 PIPELINE_CONFIG = "/etc/distml/pipeline/pipeline.json"
 REPLICA_CONFIG = "/etc/distml/replica/replica.json"
 DB_SECRET = "distml-db"
+#: the replicas' bearer token (key DISTML_SERVE_TOKEN): created by hand, never written in the folder
+SERVE_SECRET = "distml-serve"
 MEMO_CACHE = "distml-memo"
 SERVICE_ACCOUNT = "distml-workflow"
 REPLICA_PORT = 8080
@@ -408,6 +410,14 @@ def replica_config(name: str) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def _serve_token_env() -> dict[str, Any]:
+    """The replica listens on 0.0.0.0 in its pod, so it needs its bearer token (it refuses to start
+    without one): from the Secret SERVE_SECRET, which `kubectl create secret` makes (README), so the
+    token is in no file of the folder."""
+    ref = {"name": SERVE_SECRET, "key": "DISTML_SERVE_TOKEN"}
+    return {"name": "DISTML_SERVE_TOKEN", "valueFrom": {"secretKeyRef": ref}}
+
+
 def replica_command() -> list[str]:
     return ["python", "-m", "distml.serve.server", REPLICA_CONFIG]
 
@@ -441,7 +451,7 @@ def inference_service(options: ExportOptions, node: Any, model_annotation: str) 
                         "name": "kserve-container",
                         "image": options.image,
                         "command": replica_command(),
-                        "env": [*_env(), {"name": "PROTOCOL", "value": "v2"}],
+                        "env": [*_env(), _serve_token_env(), {"name": "PROTOCOL", "value": "v2"}],
                         "ports": [{"containerPort": REPLICA_PORT, "protocol": "TCP"}],
                         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": REPLICA_PORT}},
                         "resources": _resources(1.0, 0, 2.0),

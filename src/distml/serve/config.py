@@ -36,6 +36,7 @@ FLAGS = {
     "shards": "--shards",
     "host": "--host",
     "port": "--port",
+    "insecure": "--insecure",
     "hold_timeout": "--hold-timeout",
     "autoscale": "--autoscale",
     "autoscale.min_replicas": "--autoscale MIN:MAX",
@@ -62,6 +63,9 @@ class ReplicaConfig(_Strict):
     models: list[str] = Field(min_length=1, description="references: NAME, NAME:VERSION or NAME@ALIAS")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 = a free port")
+    insecure: bool = Field(
+        False, description="listen on a non-loopback host without a token (a network policy guards it)"
+    )
     port_file: str | None = Field(None, description="the bound port is written here once the models are loaded")
     max_batch_size: int = Field(32, ge=1, le=4096, description="items per forward pass; 1 turns batching off")
     max_batch_delay_ms: float = Field(
@@ -126,6 +130,7 @@ class ServeConfig(_Strict):
     replica_command: list[str] = Field(default_factory=lambda: list(REPLICA_COMMAND), min_length=1)
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="0 = a free port")
+    insecure: bool = Field(False, description="listen on a non-loopback host without a token (--insecure)")
     replicas: int = Field(1, ge=0, le=256, description="initial replicas per shard group")
     shards: int = Field(1, ge=1, le=64, description="shard groups (X-Shard-Key, scatter-gather)")
     autoscale: ScalingPolicy | None = None

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from distml.core.errors import DistmlError
+from distml.core.exposure import check_exposure
 from distml.core.files import atomic_write
 from distml.monitoring.metrics import GatewayMetrics
 from distml.serve import admin_api, http, openapi, protocol, sharding
@@ -808,6 +809,7 @@ async def serve_gateway(
     Raises DistmlError if the port cannot be bound or the replicas never start. Under a supervisor
     (`serve.supervisor`), `sock` is the service's socket it holds and the gateway takes over the
     replicas and routing of the one before it, if one died."""
+    check_exposure(config.host, config.token_value(), config.insecure)  # before any replica starts
     gateway = Gateway(config, supervisor_pid=supervisor_pid)
     if sock is None:
         sock = http.bind(config.host, config.port)

@@ -26,6 +26,7 @@ from pydantic import Field
 
 import distml
 from distml.core.errors import DistmlError
+from distml.core.exposure import check_exposure
 from distml.monitoring.metrics import ServingMetrics
 from distml.scheduling.admission import Lease, Resources, SharedPool
 from distml.serve import http, openapi, protocol
@@ -443,6 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lease: Lease | None = None
     try:
         config = store_from_env(load_replica_config(args[0]))
+        token = os.environ.get(TOKEN_ENV) or None
+        check_exposure(  # before the workspace, the scheduler's lease or the models
+            config.host,
+            token,
+            config.insecure,
+            remedy="set DISTML_SERVE_TOKEN",
+            override='set "insecure": true in the replica config',
+        )
         logging.basicConfig(
             level=config.log_level.upper(),
             stream=sys.stderr,
@@ -462,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Resources(cpus=config.cpus),
             waiting=lambda why: log.info("event=waiting reason=%r", why),
         )
-        app = create_app(config, token=os.environ.get(TOKEN_ENV) or None, workspace=workspace)
+        app = create_app(config, token=token, workspace=workspace)
         sock = http.bind(config.host, config.port)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,7 +32,7 @@ from distml.core.files import atomic_write
 from distml.core.layout import ServiceRecord, services_dir
 from distml.core.liveness import pid_alive, process_identity
 from distml.serve.admin import GatewayAdmin
-from distml.serve.config import STATE_FILE, ServeConfig, parse_serve_config
+from distml.serve.config import STATE_FILE, TOKEN_ENV, ServeConfig, parse_serve_config
 from distml.workspace import Workspace
 
 START_TIMEOUT_S = 180.0
@@ -96,7 +96,7 @@ def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]
     """Serve `model` as service `name`: a no-op if it already does, a hot swap if it serves
     another model, a detached start otherwise. Returns {url, model, pid, action}."""
     config, pinned = build_serve_config(ws, model, {**options, "name": name})
-    token = config.token_value()
+    token = config.token_value() or os.environ.get(TOKEN_ENV) or None  # a step's: from its environment
     running = service_record(ws, name)
     if running is not None:
         if running.model == pinned:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distml.core.errors import DistmlError
+from distml.core.exposure import check_exposure
 from distml.core.liveness import children_of
 from distml.serve.config import SUPERVISOR_ENV
 
@@ -205,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_serve_config(args[0])
+        check_exposure(config.host, config.token_value(), config.insecure)  # as the gateway would, before binding
         sock = http.bind(config.host, config.port)
     except DistmlError as exc:
         print(f"error: {exc}", file=sys.stderr)
