@@ -31,12 +31,17 @@ def check_name(kind: str, value: Any) -> str:
     return value
 
 
+def _is_number(text: str) -> bool:
+    """Digits 0-9 only: `str.isdigit` also holds for '¹' or '²', which `int` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_version(text: Any, name: str | None = None) -> int:
     """A positive version number from '3' (or 3), or from 'name:3' when `name` is given."""
     digits = str(text) if isinstance(text, (str, int)) and not isinstance(text, bool) else ""
     if name is not None and digits.startswith(f"{name}:"):
         digits = digits[len(name) + 1 :]
-    if not digits.isdigit() or int(digits) < 1:
+    if not _is_number(digits) or int(digits) < 1:
         example = f"3 or {name}:3" if name is not None else "3"
         raise DistmlError(f"model version {text!r} is not valid; expected a positive integer such as {example}")
     return int(digits)
@@ -75,7 +80,7 @@ class ModelRef:
             problem = f"the name must be {NAME_RULE}"
         elif at and not _valid_name(alias):
             problem = f"the alias must be {NAME_RULE}"
-        elif colon and not (version.isdigit() and int(version) >= 1):
+        elif colon and not (_is_number(version) and int(version) >= 1):
             problem = "the version must be a positive integer"
         if problem is not None:
             raise DistmlError(f"model reference {text!r} is not valid ({problem}); {GRAMMAR}")

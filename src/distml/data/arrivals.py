@@ -5,7 +5,8 @@ A folder source sees `*.parquet` and `*.npz` files and partition folders (`wave=
 they hold a `_SUCCESS` marker, as Spark and Hive write them); names starting with `.` or `_` are
 in progress and ignored, and a file counts only once its size and mtime held still for one poll.
 A table source reads the rows whose order column (an increasing id or timestamp) is above the
-last one ingested. `validate` turns a batch into (image, label) arrays or says why it cannot.
+last one ingested. `validate` turns a batch into (image, label) arrays or says why it cannot; a wave
+over MAX_WAVE_BYTES (its files in all) is refused before it is read.
 
 Pattern: event-driven processing: each arrival triggers a cycle of the continuous pipeline
 (pipelines/continuous.py).
@@ -28,6 +29,7 @@ from distml.data.sources import Columns, NpzSource, ParquetSource, SqlSource, di
 
 SUFFIXES = (".parquet", ".npz")
 MARKER = "_SUCCESS"
+MAX_WAVE_BYTES = 1 << 30  # a wave's files in all: more is refused before it is read into memory
 
 
 class BadBatch(DistmlError):
@@ -91,7 +93,9 @@ def validate(columns: Columns, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
         raise BadBatch(f"image pixels of type {images.dtype}; expected numbers")
     values = images.astype(np.float64, copy=False)
     low, high = schema.pixel_range
-    if not np.isfinite(values).all() or (values != np.round(values)).any():
+    if not np.isfinite(values).all():
+        raise BadBatch(f"image pixels that are NaN or infinite; expected integers in [{low:g}, {high:g}]")
+    if (values != np.round(values)).any():
         raise BadBatch(f"image pixels that are not whole numbers; expected integers in [{low:g}, {high:g}]")
     if values.min() < low or values.max() > high:
         raise BadBatch(f"pixels from {values.min():g} to {values.max():g}; expected [{low:g}, {high:g}]")
@@ -125,7 +129,13 @@ def write_snapshot(folder: Path, image: np.ndarray, label: np.ndarray) -> tuple[
 # -- sources -----------------------------------------------------------------------------------
 
 
-def _read_files(paths: Sequence[Path]) -> Columns:
+def _read_files(paths: Sequence[Path], max_bytes: int = MAX_WAVE_BYTES) -> Columns:
+    try:
+        total = sum(path.stat().st_size for path in paths)
+    except OSError as exc:  # gone between the listing and now
+        raise BadBatch(f"cannot read {Path(exc.filename or '?').name}: {exc.strerror}") from None
+    if total > max_bytes:
+        raise BadBatch(f"files of {total} bytes in all; expected at most {max_bytes} bytes per arrival (split it)")
     parts: list[Columns] = []
     for path in paths:
         try:
@@ -147,8 +157,9 @@ def _read_files(paths: Sequence[Path]) -> Columns:
 class FolderArrivals:
     """New files and complete partitions in `folder` (see the module docstring)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, max_bytes: int = MAX_WAVE_BYTES):
         self.folder = Path(folder)
+        self.max_bytes = max_bytes
         if not self.folder.is_dir():
             raise DistmlError(f"--source {self.folder} is not a folder; expected a folder new data files arrive in")
         self._seen_at: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) at the last poll
@@ -175,7 +186,9 @@ class FolderArrivals:
                 if previous == state:
                     found.append((stat.st_mtime, entry.name, [Path(entry.path)]))
         found.sort()
-        return [Arrival(key, mtime, lambda files=files: _read_files(files)) for mtime, key, files in found]
+        return [
+            Arrival(key, mtime, lambda files=files: _read_files(files, self.max_bytes)) for mtime, key, files in found
+        ]
 
 
 class TableArrivals:

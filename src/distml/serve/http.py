@@ -189,7 +189,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 as soon as it passes `max_bytes` (the rest read and discarded,
     up to a bound, so that the client gets to read the 413)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > max_bytes:
         # not when the client waits for "100 Continue" (it sends no body then), nor past the bound
         if int(length) <= max(DRAIN_MAX_BYTES, 2 * max_bytes) and "expect" not in request.headers:
             await _discard(request.stream(), 0, max_bytes)

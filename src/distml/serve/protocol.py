@@ -200,6 +200,8 @@ def load_json_object(body: bytes, what: str, hint: str) -> dict:
         obj = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(400, f"{what} is not valid JSON ({exc}); {hint}") from None
+    except RecursionError:  # json.loads recurses per level: thousands of nested [ or { exhaust the stack
+        raise ProtocolError(400, f"{what} nests JSON arrays or objects too deeply to parse; {hint}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, f"{what} is a JSON {type(obj).__name__}, expected an object; {hint}")
     return obj
@@ -435,7 +437,7 @@ def _decode_tensor(obj: Any, where: str, reader: _BinaryReader) -> Tensor:
         raise ProtocolError(400, f'{where} has no \'name\' string; expected e.g. "name": "image"')
     where = f"{where} ({name!r})"
     datatype = obj.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list or an object: not hashable
         raise ProtocolError(400, f"{where}.datatype is {_describe(datatype)}; expected one of {_TYPE_LIST}")
     shape = _check_shape(obj.get("shape"), where)
     parameters = _check_parameters(obj.get("parameters"), where)

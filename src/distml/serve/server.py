@@ -241,16 +241,21 @@ class ModelServer:
     # -- model repository extension (Triton's): versions loaded and unloaded while serving ----------
 
     async def _repository_version(self, request: Request, endpoint: str) -> tuple[str, int]:
-        labels = request.scope["distml.labels"]
-        labels["endpoint"] = endpoint
+        request.scope["distml.labels"]["endpoint"] = endpoint
         name = request.path_params["model"]
         obj = await http.read_json(request, self.config.max_body_bytes, RepositoryRequestBody.expected)
         text = str(parse_body(RepositoryRequestBody, obj, name).parameters.version)  # as the gateway parses it
         if self.draining or not self.ready:
             why = "the server is shutting down" if self.draining else self.load_error or "models are still loading"
             raise ProtocolError(503, f"cannot change the loaded models now: {why}")
-        labels["model"], labels["version"] = name, text
         return name, int(text)
+
+    @staticmethod
+    def _label(request: Request, name: str, version: int) -> None:
+        """Name the model in the metrics and X-Model-Version once it is known to exist: a name from
+        the path as sent may hold control characters (no valid header) and grows the label set."""
+        labels = request.scope["distml.labels"]
+        labels["model"], labels["version"] = name, str(version)
 
     def _repository_view(self, name: str, version: int, state: str) -> dict[str, Any]:
         return {
@@ -268,6 +273,7 @@ class ModelServer:
         _, loaded = await self.repository.load_version(
             name, version, self.config.max_batch_size, self.config.max_batch_delay_ms, self._on_batch
         )
+        self._label(request, name, version)
         return JSONResponse(self._repository_view(name, version, "loaded" if loaded else "already_loaded"))
 
     async def repository_unload(self, request: Request) -> Response:
@@ -275,6 +281,7 @@ class ModelServer:
         that version once its in-flight requests are answered (409 for a model's last version)."""
         name, version = await self._repository_version(request, "repository_unload")
         await self.repository.unload_version(name, version, timeout=self.config.graceful_timeout)
+        self._label(request, name, version)
         with contextlib.suppress(KeyError):
             self.metrics.queue_depth.remove(name, str(version))
         return JSONResponse(self._repository_view(name, version, "unloaded"))
