@@ -75,7 +75,9 @@ def service_ws(serve_workspace, tmp_path) -> Path:
     return root
 
 
-def test_a_gateway_killed_under_load_comes_back_on_its_address_with_its_replicas_and_split(service_ws):
+def test_a_gateway_killed_under_load_comes_back_with_its_replicas_split_and_canary(service_ws):
+    """One service, two replicas, a canary of cnn:2 beside cnn:1 taking 30 % under load: the gateway
+    killed, then the supervisor killed (which takes the whole service along)."""
     from distml.serve.admin import GatewayAdmin
     from distml.serve.service import ensure_serving, stop_service
     from distml.workspace import Workspace
@@ -87,7 +89,7 @@ def test_a_gateway_killed_under_load_comes_back_on_its_address_with_its_replicas
     load = None
     try:
         with GatewayAdmin(served["url"]) as admin:
-            admin.deploy("cnn", 2, canary_percent=30)  # cnn:2 beside cnn:1 in every replica, 30 % to it
+            admin.start_canary("cnn:2", {"weight": 0.3, "window_s": 3600, "min_requests": 1})
             before = replica_pids(admin)
             assert len(before) == 2
             gateway_pid = int((folder / "gateway.pid").read_text())
@@ -103,8 +105,11 @@ def test_a_gateway_killed_under_load_comes_back_on_its_address_with_its_replicas
             new_gateway = int((folder / "gateway.pid").read_text())
             assert new_gateway != gateway_pid and psutil.Process(new_gateway).ppid() == supervisor.pid
             assert replica_pids(admin) == before  # adopted, not restarted
-            assert admin.snapshot()["traffic"] == {"cnn": {"1": 70.0, "2": 30.0}}
+            assert admin.snapshot()["traffic"] == {"cnn": {"1": 0.7, "2": 0.3}}
             assert sorted(admin.loaded_models()) == ["cnn:1", "cnn:2"]
+            status = admin.canary_status("cnn")
+            assert (status["state"], status["stable"], status["canary"]) == ("running", "1", "2")
+            assert status["resumed_at"] is not None  # judged again by the new gateway
             load.close()
             # only the requests in flight at the kill may fail: one per client at most
             assert len(load.failed) <= len(load.threads), load.failed
@@ -112,61 +117,15 @@ def test_a_gateway_killed_under_load_comes_back_on_its_address_with_its_replicas
                 versions = {v for sent, v, _ in load.answers if sent > killed_at}
             assert versions == {"1", "2"}  # the split still sends some to each
             print(f"recovery {first_after - killed_at:.3f} s, failed {len(load.failed)} of {load.ok}")
+            assert admin.abort_canary("cnn")["state"] == "rolled_back"  # and the canary can still be ended
+            assert admin.snapshot()["traffic"] == {"cnn": {"1": 100.0}}
+
+        tree = [supervisor, *supervisor.children(recursive=True)]
+        assert len(tree) == 5  # supervisor, gateway, standby gateway, two replicas
+        supervisor.kill()  # the service itself: it takes its gateway, standby and replicas along
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     finally:
         if load is not None:
             load.close()
-        tree = [supervisor, *supervisor.children(recursive=True)]
-        assert stop_service(ws, "web")
-    psutil.wait_procs(tree, timeout=60)
-    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not (folder / "state.json").exists()
-
-
-def test_a_running_canary_survives_its_gateway(service_ws):
-    from distml.serve.admin import GatewayAdmin
-    from distml.serve.service import ensure_serving, stop_service
-    from distml.workspace import Workspace
-
-    ws = Workspace(service_ws)
-    served = ensure_serving(ws, "web", "cnn:1", {"port": 0})
-    folder = service_ws / "services" / "web"
-    supervisor = psutil.Process(served["pid"])
-    try:
-        with GatewayAdmin(served["url"]) as admin:
-            admin.start_canary("cnn:2", {"weight": 0.5, "window_s": 3600, "min_requests": 1})
-            wait_for(lambda: admin.canary_status("cnn")["reason"] == "analysing" or "need" in str(
-                admin.canary_status("cnn")["reason"]), "the canary to analyse")  # fmt: skip
-            gateway_pid = int((folder / "gateway.pid").read_text())
-            os.kill(gateway_pid, signal.SIGKILL)
-            wait_for(lambda: int((folder / "gateway.pid").read_text()) != gateway_pid, "another gateway")
-
-            def resumed() -> bool:
-                try:
-                    return admin.canary_status("cnn")["resumed_at"] is not None
-                except Exception:
-                    return False
-
-            wait_for(resumed, "the canary to be analysed again")
-            status = admin.canary_status("cnn")
-            assert (status["state"], status["stable"], status["canary"]) == ("running", "1", "2")
-            assert admin.snapshot()["traffic"] == {"cnn": {"1": 0.5, "2": 0.5}}
-            assert admin.abort_canary("cnn")["state"] == "rolled_back"  # and it can still be ended
-            assert admin.snapshot()["traffic"] == {"cnn": {"1": 100.0}}
-    finally:
-        tree = [supervisor, *supervisor.children(recursive=True)]
-        assert stop_service(ws, "web")
-    psutil.wait_procs(tree, timeout=60)
-
-
-def test_the_supervisor_killed_takes_its_gateway_and_replicas_along(service_ws):
-    from distml.serve.service import ensure_serving
-    from distml.workspace import Workspace
-
-    ws = Workspace(service_ws)
-    served = ensure_serving(ws, "web", "cnn:1", {"port": 0})
-    supervisor = psutil.Process(served["pid"])
-    tree = [supervisor, *supervisor.children(recursive=True)]
-    assert len(tree) == 4  # supervisor, gateway, standby gateway, replica
-    supervisor.kill()
-    gone, alive = psutil.wait_procs(tree, timeout=60)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        stop_service(ws, "web")  # whatever is left, if an assertion failed before the kill
