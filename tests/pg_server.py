@@ -1,6 +1,7 @@
 """Throwaway private PostgreSQL clusters for tests.
 
-`PostgresServer` runs initdb + pg_ctl in a fresh temp dir (as the `postgres` user when root).
+`PostgresServer` runs initdb + pg_ctl in a fresh temp dir (as the `postgres` user when root);
+`halt` and `restart` take it away and bring it back on the same port (a store outage).
 """
 
 from __future__ import annotations
@@ -210,6 +211,25 @@ class PostgresServer:
             self.stop()
             raise
         return self
+
+    def halt(self) -> None:
+        """Stop the server as an administrator would (its clients are disconnected), keeping its data
+        and port for `restart`."""
+        assert self.bin_dir is not None and self._running
+        proc = self._run(str(self.bin_dir / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data_dir))
+        if proc.returncode != 0:
+            raise self._fail("pg_ctl stop", proc)
+
+    def restart(self) -> None:
+        """Start the halted server again: the same data, on the same port."""
+        assert self.bin_dir is not None and self._running and self.port is not None
+        opts = f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        proc = self._run(
+            str(self.bin_dir / "pg_ctl"), "start", "-w", "-t", str(self.start_timeout), "-D", str(self.data_dir),
+            "-l", str(self.log_file), "-o", opts, timeout=self.start_timeout + 30,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise self._fail("pg_ctl start (again)", proc)
 
     def stop(self) -> None:
         try:

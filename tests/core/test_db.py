@@ -1,14 +1,20 @@
 """The floor's database helpers: times come back aware in UTC on SQLite and PostgreSQL alike,
-rows written before `UTCDateTime` read the same, and a bad URL gets one clear error."""
+rows written before `UTCDateTime` read the same, and a bad URL gets one clear error; a store that
+goes away (restarted, a dropped connection, SQLite locked) is waited for, up to a limit."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import sqlite3
+import threading
+import time
 
 import pytest
 import sqlalchemy as sa
 
-from distml.core.db import UTCDateTime, create_engine
+from distml.core import db
+from distml.core.db import StoreUnavailable, UTCDateTime, create_engine, fetch_all, in_transaction
 from distml.core.errors import DistmlError
 
 PARIS = dt.timezone(dt.timedelta(hours=1))
@@ -65,3 +71,92 @@ def test_a_naive_time_is_refused_and_nothing_is_written(engine):
 def test_a_bad_store_url_gets_one_clear_error(url):
     with pytest.raises(DistmlError, match=r"is not a valid SQLAlchemy URL \(expected e.g. sqlite:///"):
         create_engine(url)
+
+
+# -- a store that goes away: connecting waits, a transaction runs again, past the wait it stops ----
+
+
+@pytest.fixture
+def own_postgres():
+    """A private server of the test's own, which it may halt and restart (the session's is shared)."""
+    from pg_server import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL server binaries not found")
+    with PostgresServer() as server:
+        yield server
+
+
+def _counter(engine) -> sa.Table:
+    meta = sa.MetaData()
+    table = sa.Table("writes", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("n", sa.Integer))
+    meta.create_all(engine)
+    return table
+
+
+def test_work_waits_for_a_restarting_store_and_says_so_once(own_postgres, caplog):
+    engine = create_engine(own_postgres.url, wait_s=30)
+    table = _counter(engine)
+    in_transaction(engine, lambda conn: conn.execute(table.insert().values(n=0)))  # a pooled connection
+    own_postgres.halt()
+    threading.Timer(2.0, own_postgres.restart).start()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="distml.store"):
+        for n in range(1, 4):
+            in_transaction(engine, lambda conn, n=n: conn.execute(table.insert().values(n=n)))
+    assert time.monotonic() - started >= 1.5, "the writes waited for the store"
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(table.c.n)).scalars()) == [0, 1, 2, 3], "each write once"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "unreachable" in lines[0] and "retrying for up to 30 s" in lines[0], lines
+    assert "is back after" in lines[1], lines
+    engine.dispose()
+
+
+def test_a_transaction_whose_connection_the_server_dropped_runs_again_once(own_postgres):
+    engine = create_engine(own_postgres.url, wait_s=30)
+    table = _counter(engine)
+    admin = sa.create_engine(own_postgres.url, isolation_level="AUTOCOMMIT")
+    tries = []
+
+    def work(conn: sa.Connection) -> None:
+        tries.append(1)
+        conn.execute(table.insert().values(n=len(tries)))
+        if len(tries) == 1:  # the server drops this connection mid-transaction
+            pid = conn.execute(sa.select(sa.func.pg_backend_pid())).scalar()
+            with admin.connect() as other:
+                other.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+            conn.execute(table.insert().values(n=-1))
+
+    in_transaction(engine, work)
+    with engine.connect() as conn:
+        assert list(conn.execute(sa.select(table.c.n)).scalars()) == [2], "the second try only, once"
+    assert len(tries) == 2
+    admin.dispose()
+    engine.dispose()
+
+
+def test_a_store_away_past_the_wait_stops_the_work_with_one_clear_error(own_postgres):
+    engine = create_engine(own_postgres.url, wait_s=1.5)
+    table = _counter(engine)
+    own_postgres.halt()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"unreachable for 1.5 s .*resumable once the store is back"):
+        in_transaction(engine, lambda conn: conn.execute(table.insert().values(n=1)))
+    assert 1.4 <= time.monotonic() - started < 10
+    own_postgres.restart()
+    engine.dispose()
+
+
+def test_sqlite_locked_longer_than_its_busy_timeout_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "SQLITE_BUSY_MS", 100)  # one statement gives up after 0.1 s; the work does not
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", wait_s=30)
+    table = _counter(engine)
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(1.0, holder.commit).start()
+    in_transaction(engine, lambda conn: conn.execute(table.insert().values(n=1)))
+    assert fetch_all(engine, sa.select(table.c.n), lambda n: n) == [1]
+    holder.close()
+    engine.dispose()

@@ -5,19 +5,30 @@ pragmas for concurrent processes; `migrate` applies the numbered migrations each
 declares (SCHEMA says which); `UTCDateTime` hands back aware UTC datetimes on every backend
 (SQLite stores them naive), so no caller repairs a time it reads. SQLAlchemy Core on any URL;
 Alembic was considered, but its script directory and env.py are heavy for migrations that ship
-inside the package and run on every open.
+inside the package and run on every open. A store that goes away (a restart, a dropped connection,
+SQLite's "database is locked") is waited for: connecting retries, `in_transaction` runs its work
+again, up to `STORE_WAIT_S`; past it `StoreUnavailable` ends the work (resumable).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib
+import logging
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from distml.core.errors import DistmlError
+
+log = logging.getLogger("distml.store")
+
+STORE_WAIT_S = 120.0  # how long work waits for a metadata store that went away, then stops (resumable)
+SQLITE_BUSY_MS = 30000  # how long one SQLite statement waits for another process's write lock
 
 
 def utc_now() -> dt.datetime:
@@ -49,15 +60,129 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-def create_engine(url: str) -> sa.Engine:
-    """An engine for the metadata store at `url`, or one error naming what a URL looks like."""
+class StoreUnavailable(DistmlError):
+    """The metadata store stayed unreachable (or locked) longer than its engine waits for it."""
+
+
+# What a driver says when the store is away, not when the request is wrong: worth waiting for.
+_AWAY = (
+    "connection refused",
+    "could not connect",
+    "connection failed",
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "terminating connection",
+    "server closed the connection",
+    "connection is closed",
+    "connection already closed",
+    "consuming input failed",
+    "connection reset",
+    "connection timed out",
+    "database is locked",
+    "database table is locked",
+)
+
+
+def store_away(exc: BaseException) -> bool:
+    """Did `exc` (a DBAPI error, or SQLAlchemy's wrapper of one) come from a store that went away or is
+    locked, so that the same work may succeed once it is back?"""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    text = str(exc).lower()
+    return any(marker in text for marker in _AWAY)
+
+
+class _Outage:
+    """One engine's view of its store going away: the first waiter logs one line, the first to get
+    through logs it is back; every waiter gives up at the same time, `wait_s` after it went away."""
+
+    def __init__(self, where: str, wait_s: float) -> None:
+        self.where, self.wait_s = where, wait_s
+        self._lock = threading.Lock()
+        self.since: float | None = None  # monotonic time it was found away
+        self._last = 0.0  # the latest failure (a failure long after an unnoticed return is a new outage)
+
+    def wait(self, exc: BaseException, attempt: int) -> None:
+        """Sleep before attempt `attempt + 1` at the store that failed with `exc`, or raise
+        `StoreUnavailable` once it has been away `wait_s`."""
+        now = time.monotonic()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        with self._lock:
+            if self.since is None or now - self._last > 10.0:
+                self.since = now
+                log.warning(
+                    "metadata store at %s unreachable (%s); retrying for up to %g s", self.where, reason, self.wait_s
+                )
+            self._last = now
+            left = self.since + self.wait_s - now
+        if left <= 0:
+            raise StoreUnavailable(
+                f"metadata store at {self.where} unreachable for {self.wait_s:g} s ({reason}); "
+                "the work stopped here is recorded up to this point and resumable once the store is back"
+            ) from exc
+        time.sleep(min(0.05 * 2**attempt, 1.0, left))
+
+    def back(self) -> None:
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is not None:
+                log.warning("metadata store at %s is back after %.1f s", self.where, time.monotonic() - self.since)
+                self.since = None
+
+
+_OUTAGES: weakref.WeakKeyDictionary[sa.Engine, _Outage] = weakref.WeakKeyDictionary()
+
+
+def _outage(engine: sa.Engine) -> _Outage:
+    outage = _OUTAGES.get(engine)
+    if outage is None:  # an engine made without create_engine (a test's, an admin's)
+        outage = _OUTAGES.setdefault(engine, _Outage(_where(engine.url), STORE_WAIT_S))
+    return outage
+
+
+def _where(url: sa.URL) -> str:
+    if url.get_backend_name() == "sqlite":
+        return url.database or "memory"
+    return f"{url.host or 'localhost'}:{url.port or 'default port'}/{url.database or ''}"
+
+
+def create_engine(url: str, wait_s: float | None = None) -> sa.Engine:
+    """An engine for the metadata store at `url`, or one error naming what a URL looks like.
+
+    Connections are checked before use (`pool_pre_ping`: one the server dropped is replaced), and
+    connecting to a store that is away waits for it up to `wait_s` seconds, then raises
+    `StoreUnavailable` (`STORE_WAIT_S` unless told)."""
+    wait_s = STORE_WAIT_S if wait_s is None else wait_s
+    if not wait_s > 0:
+        raise DistmlError(f"the wait for the metadata store must be > 0 seconds, got {wait_s!r}")
     try:
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(url, pool_pre_ping=True)
     except sa.exc.ArgumentError as exc:  # NoSuchModuleError (an unknown dialect) is one too
         raise DistmlError(
             f"metadata store URL {url!r} is not a valid SQLAlchemy URL "
             "(expected e.g. sqlite:///path/distml.db or postgresql+psycopg://user@host/db)"
         ) from exc
+    outage = _OUTAGES[engine] = _Outage(_where(engine.url), wait_s)
+
+    def connect(dialect: sa.Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                connection = dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.Error as exc:
+                if not store_away(exc):
+                    raise
+                outage.wait(exc, attempt)
+                attempt += 1
+                continue
+            outage.back()
+            return connection
+
+    sa.event.listen(engine, "do_connect", connect)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -68,7 +193,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor = dbapi_conn.cursor()
     # The busy timeout first: switching a new store to WAL waits for a process that holds it
     # (one migrating it), instead of failing at once with "database is locked".
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL loses no committed transaction when a process dies (only on power loss)
     # and spares an fsync per commit: workflow steps commit a few rows each.
@@ -177,15 +302,31 @@ R = TypeVar("R")
 def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], R], attempts: int = 20) -> R:
     """Run `work(conn)` in one transaction and return its result. On SQLite and PostgreSQL the
     owners never collide on a unique key (`insert_once`: `INSERT ... ON CONFLICT DO NOTHING`); on
-    other databases a collision runs `work` again from the start, and the next try finds the other's row."""
-    for attempt in range(attempts):
+    other databases a collision runs `work` again from the start, and the next try finds the other's row.
+
+    A store that goes away meanwhile (the connection dropped, the server restarting, SQLite locked)
+    runs `work` again from the start once it is back, up to the engine's wait (`create_engine`),
+    then raises `StoreUnavailable`. A commit whose answer was lost may have succeeded: a `work`
+    that inserts makes its rows once (`insert_once`, a key it chose before) so a rerun adds nothing."""
+    collisions = failures = 0
+    while True:
         try:
             with engine.begin() as conn:
-                return work(conn)
+                result = work(conn)
         except sa.exc.IntegrityError:
-            if attempt == attempts - 1:
+            collisions += 1
+            if collisions >= attempts:
                 raise
-    raise AssertionError("unreachable")
+            continue
+        except sa.exc.DBAPIError as exc:
+            if not store_away(exc):
+                raise
+            _outage(engine).wait(exc, failures)
+            failures += 1
+            continue
+        if failures:
+            _outage(engine).back()
+        return result
 
 
 def insert_once(conn: sa.Connection, table: sa.Table, values: dict[str, Any], unique: tuple[str, ...]) -> bool:
@@ -206,13 +347,12 @@ def insert_once(conn: sa.Connection, table: sa.Table, values: dict[str, Any], un
 
 
 def fetch_all(engine: sa.Engine, query: sa.Select, row_type: Callable[..., R]) -> list[R]:
-    """Every row of `query` as `row_type(**columns)` (a dataclass of the owner's)."""
-    with engine.connect() as conn:
-        return [row_type(**row) for row in conn.execute(query).mappings()]
+    """Every row of `query` as `row_type(**columns)` (a dataclass of the owner's); read again if
+    the store went away meanwhile, as `in_transaction` does."""
+    return in_transaction(engine, lambda conn: [row_type(**row) for row in conn.execute(query).mappings()])
 
 
 def fetch_one(engine: sa.Engine, query: sa.Select, row_type: Callable[..., R]) -> R | None:
     """The first row of `query` as `row_type(**columns)`, or None."""
-    with engine.connect() as conn:
-        row = conn.execute(query).mappings().first()
+    row = in_transaction(engine, lambda conn: conn.execute(query).mappings().first())
     return row_type(**row) if row is not None else None

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, UTCDateTime, fetch_all, insert_once, utc_now
+from distml.core.db import METADATA, UTCDateTime, fetch_all, in_transaction, insert_once, utc_now
 
 datasets = sa.Table(
     "datasets",
@@ -47,7 +47,8 @@ def record_dataset(
     schema: dict[str, Any],
 ) -> int:
     """Record a data set snapshot (idempotent per name, split and fingerprint); return its id."""
-    with engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> int:
         row = conn.execute(
             sa.select(datasets.c.id).where(
                 datasets.c.name == name,
@@ -69,6 +70,8 @@ def record_dataset(
             )
         )
         return int(result.inserted_primary_key[0])
+
+    return in_transaction(engine, work)  # a rerun finds the row a lost commit inserted
 
 
 @dataclass(frozen=True)
@@ -302,8 +305,10 @@ def end_execution(engine: sa.Engine, type: str, key: str, state: str) -> None:
         if conn.execute(sa.select(executions.c.id).where(*where)).first() is None:  # queue for the lock
             return
     now = utc_now()
-    with engine.begin() as conn:
-        conn.execute(executions.update().where(*where).values(state=state, ended_at=now, updated_at=now))
+    in_transaction(
+        engine,
+        lambda conn: conn.execute(executions.update().where(*where).values(state=state, ended_at=now, updated_at=now)),
+    )
 
 
 # -- reading the graph -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from distml.core.db import StoreUnavailable
 from distml.core.errors import DistmlError
 from distml.models import registry
 from distml.pipelines import watches as watch_store
@@ -363,6 +364,10 @@ class Watcher:
             if result.status != "succeeded":
                 failed = [f"{s.node.id}: {s.error}" for s in result.states.values() if s.status == "failed"]
                 raise DistmlError("; ".join(failed) or f"workflow run {result.run_id} {result.status}")
+        except StoreUnavailable as exc:  # the cycle stays running in the store: the watch's next start resumes it
+            name = self.config.name
+            message = f"watch {name!r} stopped in cycle {number}: {exc}; start it again to resume"
+            raise StoreUnavailable(message) from exc
         except DistmlError as exc:
             watch_store.finish_cycle(
                 self.engine, self.config.name, number, "failed", decision_json=json.dumps({"error": str(exc)})

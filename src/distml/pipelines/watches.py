@@ -186,9 +186,21 @@ def list_arrivals(engine: sa.Engine, watch: str) -> list[Arrival]:
 
 
 def claim_cycle(engine: sa.Engine, watch: str, production: str | None) -> tuple[int, list[Arrival]] | None:
-    """Start the next cycle with every pending arrival (one transaction); None when none is pending."""
+    """Start the next cycle with every pending arrival (one transaction); None when none is pending.
+
+    Its `started_at`, chosen once before the transaction, is also the claim's token: when a commit
+    succeeded but its answer was lost, the rerun finds no pending arrival but the running cycle it
+    claimed (one watch process claims at a time) and returns it, instead of None."""
+    started_at = utc_now()
 
     def work(conn: sa.Connection) -> tuple[int, list[Arrival]] | None:
+        c = watch_cycles.c
+        mine = conn.execute(
+            sa.select(c.cycle).where(c.watch == watch, c.status == "running", c.started_at == started_at)
+        ).scalar()
+        if mine is not None:  # this call's earlier try committed
+            query = sa.select(watch_arrivals).where(watch_arrivals.c.watch == watch, watch_arrivals.c.cycle == mine)
+            return mine, [Arrival(**r) for r in conn.execute(query.order_by(watch_arrivals.c.id)).mappings()]
         pending = [
             Arrival(**r)
             for r in conn.execute(
@@ -203,7 +215,7 @@ def claim_cycle(engine: sa.Engine, watch: str, production: str | None) -> tuple[
         cycle = (last or 0) + 1
         conn.execute(
             watch_cycles.insert().values(
-                watch=watch, cycle=cycle, status="running", production=production, started_at=utc_now()
+                watch=watch, cycle=cycle, status="running", production=production, started_at=started_at
             )
         )
         conn.execute(
@@ -217,25 +229,27 @@ def claim_cycle(engine: sa.Engine, watch: str, production: str | None) -> tuple[
 
 
 def update_cycle(engine: sa.Engine, watch: str, cycle: int, **values: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            watch_cycles.update().where(watch_cycles.c.watch == watch, watch_cycles.c.cycle == cycle).values(**values)
-        )
+    query = watch_cycles.update().where(watch_cycles.c.watch == watch, watch_cycles.c.cycle == cycle).values(**values)
+    in_transaction(engine, lambda conn: conn.execute(query))
 
 
 def finish_cycle(engine: sa.Engine, watch: str, cycle: int, status: str, **values: Any) -> None:
     """End a cycle and mark its arrivals trained (whether or not its model was promoted)."""
-    with engine.begin() as conn:
+    finished_at = utc_now()
+
+    def work(conn: sa.Connection) -> None:
         conn.execute(
             watch_cycles.update()
             .where(watch_cycles.c.watch == watch, watch_cycles.c.cycle == cycle)
-            .values(status=status, finished_at=utc_now(), **values)
+            .values(status=status, finished_at=finished_at, **values)
         )
         conn.execute(
             watch_arrivals.update()
             .where(watch_arrivals.c.watch == watch, watch_arrivals.c.cycle == cycle)
             .values(status="trained")
         )
+
+    in_transaction(engine, work)
 
 
 def list_cycles(engine: sa.Engine, watch: str) -> list[Cycle]:

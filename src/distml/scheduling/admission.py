@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from distml.core.db import StoreUnavailable, in_transaction
 from distml.core.errors import DistmlError
 from distml.core.liveness import process_identity
 from distml.scheduling import metrics
@@ -196,12 +197,15 @@ def schedule_pass(
     the pass looked at: waiting, running, preempting, or lost/failed for those it ended."""
     node = node or ensure_node(engine)
     liveness = liveness or Liveness()
-    started = time.perf_counter()
+    started, given = time.perf_counter(), now
     changed: dict[str, str] = {}  # what this pass did: running, preempting, lost, failed
     states: dict[str, str] = {}
-    with engine.begin() as conn:
+
+    def decide(conn: sa.Connection) -> None:  # run again from the start if the store went away meanwhile
+        nonlocal now, changed, states
+        changed, states = {}, {}
         md.begin_pass(conn)
-        now = time.time() if now is None else now  # read under the lock: passes' times never go back
+        now = time.time() if given is None else given  # read under the lock: passes' times never go back
         if first is not None:
             first(conn, now)
         rows = md.pass_rows(conn, node.name, (policy or Policy()).lookahead + 1)
@@ -256,6 +260,8 @@ def schedule_pass(
             reason = job.reason or None
             if reason != row.reason:
                 md.set_reason(conn, job_id, reason)
+
+    in_transaction(engine, decide)
     metrics.observe_pass(time.perf_counter() - started, changed)
     return {**states, **changed}
 
@@ -409,8 +415,7 @@ class SharedPool:
         if defer:
             self._deferred.append(rebind)
         else:
-            with self.engine.begin() as conn:
-                rebind(conn, time.time())
+            in_transaction(self.engine, lambda conn: rebind(conn, time.time()))
 
     def close(self) -> None:
         """Stop the heartbeat and withdraw jobs still waiting (held leases stay with their holders)."""
@@ -419,8 +424,10 @@ class SharedPool:
             self._thread.join(timeout=5)
         self.flush()
         for job_id, _ in self._pending.values():
-            with self.engine.begin() as conn:
-                md.end_job(conn, job_id, "cancelled", time.time(), only="waiting")
+            in_transaction(
+                self.engine,
+                lambda conn, job_id=job_id: md.end_job(conn, job_id, "cancelled", time.time(), only="waiting"),
+            )
         self._pending.clear()
 
     # -- internals ------------------------------------------------------------------------
@@ -488,7 +495,7 @@ class SharedPool:
                 continue
             try:
                 stopping = md.renew_leases(self.engine, ids, list(held), time.time() + LEASE_SECONDS)
-            except sa.exc.OperationalError as exc:  # a busy store: try again at the next beat
+            except (sa.exc.OperationalError, StoreUnavailable) as exc:  # a busy or absent store: the next beat
                 log.debug("scheduler heartbeat skipped: %s", exc)
                 continue
             for job_id in stopping - self._preempted:

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, fetch_all, fetch_one
+from distml.core.db import METADATA, fetch_all, fetch_one, in_transaction, insert_once
 
 # -- the scheduler's shared state (migration 6) -----------------------------------------------
 # Every process that runs a job (distml train, workflow steps, serving replicas) writes a row in
@@ -166,8 +166,8 @@ def add_node(engine: sa.Engine, name: str, cpus: float, gpus: int, memory_gb: fl
 
 
 def update_node(engine: sa.Engine, name: str, **values: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(sched_nodes.update().where(sched_nodes.c.name == name).values(updated_at=time.time(), **values))
+    query = sched_nodes.update().where(sched_nodes.c.name == name).values(updated_at=time.time(), **values)
+    in_transaction(engine, lambda conn: conn.execute(query))
 
 
 def set_queue_weight(engine: sa.Engine, name: str, weight: float) -> None:
@@ -249,18 +249,18 @@ def set_reason(conn: sa.Connection, job_id: str, reason: str | None) -> None:
 
 
 def submit_job(conn: sa.Connection, **values: Any) -> None:
-    """A new waiting job (inside the pass that first considers it)."""
-    conn.execute(sched_jobs.insert().values(state="waiting", preemptions=0, **values))
+    """A new waiting job (inside the pass that first considers it; once, if the pass runs again)."""
+    insert_once(conn, sched_jobs, {"state": "waiting", "preemptions": 0, **values}, ("id",))
 
 
 def requeue_job(engine: sa.Engine, job_id: str, lease_expires: float) -> None:
     """A preempted holder stopped: back in line, with its age."""
-    with engine.begin() as conn:
-        conn.execute(
-            sched_jobs.update()
-            .where(sched_jobs.c.id == job_id)
-            .values(state="waiting", placement_json=None, started_at=None, lease_expires=lease_expires)
-        )
+    query = (
+        sched_jobs.update()
+        .where(sched_jobs.c.id == job_id)
+        .values(state="waiting", placement_json=None, started_at=None, lease_expires=lease_expires)
+    )
+    in_transaction(engine, lambda conn: conn.execute(query))
 
 
 def running_job_id(engine: sa.Engine, name: str, node: str) -> str | None:
@@ -282,7 +282,10 @@ def get_job(engine: sa.Engine, job_id: str) -> SchedJob:
 def renew_leases(engine: sa.Engine, ids: list[str], held: list[str], until: float) -> set[str]:
     """Extend the leases of jobs `ids` to `until`; return those of `held` a pass chose to preempt."""
     j = sched_jobs
-    with engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> set[str]:
         conn.execute(j.update().where(j.c.id.in_(ids), j.c.state != "done").values(lease_expires=until))
         query = sa.select(j.c.id).where(j.c.id.in_(held), j.c.state == "preempting")
         return set(conn.execute(query).scalars())
+
+    return in_transaction(engine, work)

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, UTCDateTime, fetch_all, fetch_one, utc_now
+from distml.core.db import METADATA, UTCDateTime, fetch_all, fetch_one, in_transaction, utc_now
 
 # -- training runs and their per-step metrics (migration 3) ----------------------------------
 
@@ -115,10 +115,13 @@ def record_train_run(
     values = {"status": status, "config_json": json.dumps(config, sort_keys=True, default=str), "updated_at": now}
     if result is not None:
         values["result_json"] = json.dumps(result, sort_keys=True)
-    with engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> None:
         updated = conn.execute(train_runs.update().where(train_runs.c.run_id == run_id).values(**values)).rowcount
         if not updated:
             conn.execute(train_runs.insert().values(run_id=run_id, created_at=now, **values))
+
+    in_transaction(engine, work)  # a rerun updates the row a lost commit inserted
 
 
 def record_train_steps(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]]) -> None:
@@ -126,13 +129,16 @@ def record_train_steps(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]
     if not rows:
         return
     now = utc_now()
-    with engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> None:  # replaces its steps: a rerun records them once
         conn.execute(
             train_steps.delete().where(
                 train_steps.c.run_id == run_id, train_steps.c.step.in_([r["step"] for r in rows])
             )
         )
         conn.execute(train_steps.insert(), [{"run_id": run_id, "recorded_at": now, **r} for r in rows])
+
+    in_transaction(engine, work)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ fan-in (`best_of`) re-triggers its downstream whenever a better input arrives.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -25,6 +26,7 @@ from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
 
+from distml.core.db import StoreUnavailable
 from distml.core.errors import DistmlError
 from distml.core.layout import workflow_dir
 from distml.core.liveness import pid_alive, process_identity
@@ -275,6 +277,9 @@ class Orchestrator:
                     self._notify()
                     continue  # decide again until nothing changes (cache hits finish at once)
                 self._wait()
+        except StoreUnavailable as exc:  # nothing more can be recorded: the run stays as the store has it
+            message = f"run {self.run_id} stopped: {exc}; resume it with distml run --resume {self.run_id}"
+            raise StoreUnavailable(message) from exc
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: resumable
             self._cancel_all("the orchestrator was stopped")
             store.update_workflow_run(self.engine, self.run_id, status="stopped", error="stopped by a signal")
@@ -289,7 +294,8 @@ class Orchestrator:
         finally:
             signal.signal(signal.SIGTERM, previous)
             endpoint.close()
-            self.pool.close()  # withdraws steps still waiting; running ones stay with their processes
+            with contextlib.suppress(StoreUnavailable):  # (then its waiting steps end with this process)
+                self.pool.close()  # withdraws steps still waiting; running ones stay with their processes
         ok = all(s.status in FINAL_OK for s in self.states.values())
         failed = [s for s in self.states.values() if s.status == "failed"]
         error = "; ".join(f"{s.node.id}: {s.error}" for s in failed)[:2000] or None

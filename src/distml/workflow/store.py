@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from distml.core.db import METADATA, UTCDateTime, fetch_all, fetch_one, utc_now
+from distml.core.db import METADATA, UTCDateTime, fetch_all, fetch_one, in_transaction, insert_once, utc_now
 
 # -- workflow runs, step executions and what steps record (migration 5) ------------------------
 # One row per run, one per (run, node, generation): generation > 0 are the re-executions of a
@@ -196,27 +196,23 @@ def create_workflow_run(
     engine: sa.Engine, run_id: str, target: str, params: dict[str, Any], options: dict[str, Any], pid: int, host: str
 ) -> None:
     now = utc_now()
-    with engine.begin() as conn:
-        conn.execute(
-            workflow_runs.insert().values(
-                run_id=run_id,
-                target=target,
-                params_json=json.dumps(params, sort_keys=True),
-                options_json=json.dumps(options, sort_keys=True),
-                status="running",
-                pid=pid,
-                host=host,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    row = {
+        "run_id": run_id,
+        "target": target,
+        "params_json": json.dumps(params, sort_keys=True),
+        "options_json": json.dumps(options, sort_keys=True),
+        "status": "running",
+        "pid": pid,
+        "host": host,
+        "created_at": now,
+        "updated_at": now,
+    }
+    in_transaction(engine, lambda conn: insert_once(conn, workflow_runs, row, ("run_id",)))
 
 
 def update_workflow_run(engine: sa.Engine, run_id: str, **values: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            workflow_runs.update().where(workflow_runs.c.run_id == run_id).values(updated_at=utc_now(), **values)
-        )
+    query = workflow_runs.update().where(workflow_runs.c.run_id == run_id).values(updated_at=utc_now(), **values)
+    in_transaction(engine, lambda conn: conn.execute(query))
 
 
 def get_workflow_run(engine: sa.Engine, run_id: str) -> WorkflowRun | None:
@@ -293,7 +289,8 @@ def save_step_execution(engine: sa.Engine, run_id: str, node_id: str, generation
         step_executions.c.node_id == node_id,
         step_executions.c.generation == generation,
     )
-    with engine.begin() as conn:
+
+    def work(conn: sa.Connection) -> int:
         row = conn.execute(
             step_executions.update().where(*key).values(**values).returning(step_executions.c.id)
         ).first()
@@ -307,37 +304,43 @@ def save_step_execution(engine: sa.Engine, run_id: str, node_id: str, generation
             .order_by(step_executions.c.generation)
             .limit(1)
         ).first()
-        for column, value in first._mapping.items() if first is not None else ():
-            values.setdefault(column, value)
-        values.setdefault("attempt", 0)
+        inserted = {**(dict(first._mapping) if first is not None else {}), "attempt": 0, **values}
         result = conn.execute(
-            step_executions.insert().values(run_id=run_id, node_id=node_id, generation=generation, **values)
+            step_executions.insert().values(run_id=run_id, node_id=node_id, generation=generation, **inserted)
         )
         return int(result.inserted_primary_key[0])
+
+    return in_transaction(engine, work)  # a rerun finds the row it inserted (its key is unique) and updates it
 
 
 def add_step_executions(engine: sa.Engine, run_id: str, rows: list[dict[str, Any]]) -> None:
     """Insert the pending executions of a new run in one transaction."""
-    if rows:
-        with engine.begin() as conn:
+    if not rows:
+        return
+
+    def work(conn: sa.Connection) -> None:
+        there = sa.select(step_executions.c.id).where(step_executions.c.run_id == run_id).limit(1)
+        if conn.execute(there).first() is None:  # a rerun after a commit whose answer was lost adds nothing
             conn.execute(step_executions.insert(), [{"run_id": run_id, "attempt": 0, **row} for row in rows])
+
+    in_transaction(engine, work)
 
 
 def finish_step_execution(engine: sa.Engine, execution_id: int, attempt: int, **values: Any) -> bool:
     """Record the end of attempt `attempt` of an execution, only while that attempt is the one
     running (a step process that outlived a timeout cannot overwrite what came after)."""
-    with engine.begin() as conn:
-        return bool(
-            conn.execute(
-                step_executions.update()
-                .where(
-                    step_executions.c.id == execution_id,
-                    step_executions.c.attempt == attempt,
-                    step_executions.c.status == "running",
-                )
-                .values(finished_at=utc_now(), **values)
-            ).rowcount
-        )
+    mine = (step_executions.c.id == execution_id, step_executions.c.attempt == attempt)
+    now = utc_now()
+
+    def work(conn: sa.Connection) -> bool:
+        query = step_executions.update().where(*mine, step_executions.c.status == "running")
+        if conn.execute(query.values(finished_at=now, **values)).rowcount:
+            return True
+        # a rerun after a commit whose answer was lost finds its own end recorded
+        recorded = sa.select(step_executions.c.id).where(*mine, step_executions.c.finished_at == now)
+        return conn.execute(recorded).first() is not None
+
+    return in_transaction(engine, work)
 
 
 def list_step_executions(engine: sa.Engine, run_id: str) -> list[StepExecution]:
@@ -389,11 +392,18 @@ def record_step_metrics(engine: sa.Engine, run_id: str, node_id: str, rows: list
     if not rows:
         return
     now = utc_now()
-    with engine.begin() as conn:
-        conn.execute(
-            step_metrics.insert(),
-            [{"run_id": run_id, "node_id": node_id, "recorded_at": now, "step": None, **row} for row in rows],
-        )
+    m = step_metrics
+
+    def work(conn: sa.Connection) -> None:
+        # a rerun after a commit whose answer was lost finds its rows (same run, node, name and time)
+        there = sa.select(m.c.id).where(m.c.run_id == run_id, m.c.node_id == node_id, m.c.recorded_at == now)
+        if conn.execute(there.where(m.c.name == rows[0]["name"]).limit(1)).first() is None:
+            conn.execute(
+                m.insert(),
+                [{"run_id": run_id, "node_id": node_id, "recorded_at": now, "step": None, **row} for row in rows],
+            )
+
+    in_transaction(engine, work)
 
 
 def list_step_metrics(engine: sa.Engine, run_id: str, node_id: str | None = None) -> list[StepMetric]:
