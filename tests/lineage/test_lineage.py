@@ -176,7 +176,7 @@ def test_a_roll_ends_a_deployment_and_a_killed_gateway_is_not_reported_serving(p
     now = lineage_json(ws, third.ref)["downstream"]
     assert [d["status"] for d in now["deployments"]] == ["serving"] and now["serving_now"][0]["service"] == SERVICE
 
-    os.kill(service["pid"], signal.SIGKILL)  # no chance to record the end
+    os.killpg(service["pid"], signal.SIGKILL)  # the service's supervisor and gateway: no chance to record the end
     deadline = time.monotonic() + 30
     while Path(f"/proc/{service['pid']}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -90,14 +90,15 @@ class Deployments:
     Best effort: serving never fails for the store (a problem is logged). Nothing is recorded for
     a workspace without a metadata store (fake replicas); real ones load registered models from it."""
 
-    def __init__(self, config: ServeConfig, url: str):
-        self.config, self.url = config, url
+    def __init__(self, config: ServeConfig, url: str, pid: int | None = None):
+        # the service's process: the supervisor when one runs the gateway (a deployment outlives a
+        # gateway it replaces), else this gateway
+        self.config, self.url, self.pid = config, url, pid or os.getpid()
         self.serving: dict[str, str | None] = {}  # model ref as configured -> NAME:VERSION recorded
         self._workspace: Any = None
 
     def update(self, models: Sequence[str]) -> None:
         """Record the move from what was served to `models`: new ones start, dropped ones end."""
-        import os
         import socket
 
         from distml.core.layout import DB_FILE, WorkspaceRef
@@ -105,7 +106,7 @@ class Deployments:
         from distml.lineage import record as lineage
         from distml.models import registry
 
-        pid, before = os.getpid(), self.serving
+        pid, before = self.pid, self.serving
         self.serving = {ref: before.get(ref) for ref in models}
         changes = [(ref, before[ref] or ref, "ended") for ref in before if ref not in self.serving]
         changes += [(ref, ref, "running") for ref in self.serving if ref not in before]
@@ -828,7 +829,7 @@ async def serve_gateway(
         raise
 
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    gateway.deployments = Deployments(config, f"http://{host}:{sock.getsockname()[1]}")
+    gateway.deployments = Deployments(config, f"http://{host}:{sock.getsockname()[1]}", supervisor_pid)
     recording = asyncio.to_thread(gateway.deployments.update, gateway.groups[0].models)
     if gateway.took_over:  # answer first: clients wait in the socket's backlog, the store may be slow
         recorded = asyncio.create_task(recording)
