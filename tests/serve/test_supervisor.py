@@ -4,9 +4,13 @@ processes (supervisor, gateways, replicas), real clients; waits are on answers a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +92,36 @@ def test_a_gateway_killed_under_load_comes_back_with_its_replicas_split_and_cana
         if load is not None:
             load.close()
         stop_service(ws, "web")  # whatever is left, if an assertion failed before the kill
+
+
+def test_a_step_killed_while_its_service_starts_leaves_it_to_the_retry(service_ws):
+    """The process calling `ensure_serving` (a pipeline's serve step) is killed before the gateway is
+    ready: the retry finds the service starting on its address and takes it, instead of failing on the
+    address in use (or starting a second one beside a service nobody tracks)."""
+    from distml.serve.service import ensure_serving, list_services, stop_service
+    from distml.workspace import Workspace
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    step = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from distml.serve.service import ensure_serving; "
+         "from distml.workspace import Workspace; "
+         f"ensure_serving(Workspace(sys.argv[1]), 'web', 'cnn:1', {{'port': {port}}})", str(service_ws)],
+    )  # fmt: skip
+    folder = service_ws / "services" / "web"
+    wait_for(lambda: (folder / "service.json").exists() or step.poll() is not None, "the service to start")
+    assert not (folder / "gateway.port").exists(), "the service was known only once its gateway was ready"
+    step.kill()  # before its gateway is ready: the step never writes what it started
+    step.wait()
+    ws = Workspace(service_ws)
+    orphan = json.loads((folder / "service.json").read_text())["pid"]
+    try:
+        served = ensure_serving(ws, "web", "cnn:1", {"port": port})  # the step's retry
+        assert (served["action"], served["pid"], served["url"]) == ("unchanged", orphan, f"http://127.0.0.1:{port}")
+        assert [s.name for s in list_services(ws)] == ["web"]
+        tree = [psutil.Process(orphan), *psutil.Process(orphan).children(recursive=True)]
+    finally:
+        assert stop_service(ws, "web")
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]

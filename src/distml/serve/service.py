@@ -92,12 +92,28 @@ def service_record(ws: Workspace, name: str) -> ServiceRecord | None:
     return record
 
 
+def _still_starting(ws: Workspace, name: str) -> ServiceRecord | None:
+    """A service whose supervisor runs but whose gateway does not answer yet (the step that started
+    it was stopped before it was ready, and this is its retry): wait until it answers, then it is
+    the running service; if it never does, stop it so that a new one can take its address."""
+    record = ServiceRecord.read(ws.root, name)
+    if record is None:
+        return None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while record.alive() and time.monotonic() < deadline:
+        if service_record(ws, name) is not None:
+            return record
+        time.sleep(0.1)
+    stop_service(ws, name)
+    return None
+
+
 def ensure_serving(ws: Workspace, name: str, model: str, options: dict[str, Any]) -> dict[str, Any]:
     """Serve `model` as service `name`: a no-op if it already does, a hot swap if it serves
     another model, a detached start otherwise. Returns {url, model, pid, action}."""
     config, pinned = build_serve_config(ws, model, {**options, "name": name})
     token = config.token_value() or os.environ.get(TOKEN_ENV) or None  # a step's: from its environment
-    running = service_record(ws, name)
+    running = service_record(ws, name) or _still_starting(ws, name)
     if running is not None:
         if running.model == pinned:
             return {**asdict(running), "action": "unchanged"}

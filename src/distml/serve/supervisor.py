@@ -23,6 +23,7 @@ from pathlib import Path
 
 from distml.core.errors import DistmlError
 from distml.core.exposure import check_exposure
+from distml.core.layout import ServiceRecord
 from distml.core.liveness import children_of
 from distml.serve.config import SUPERVISOR_ENV
 
@@ -213,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sock.set_inheritable(True)
     folder = Path(args[0]).resolve().parent
+    # The service is known from here, before its gateway is ready: a `distml services stop`, or the
+    # next `ensure_serving` of a step that was stopped while it waited, finds it and does not start another.
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    ServiceRecord.for_this_process(config.name, url, config.replica.models[0]).write(config.replica.workspace.path)
     command = [sys.executable, "-m", "distml.serve.gateway", args[0]]
     ready_file = Path(config.port_file) if config.port_file else folder / "gateway.port"
     return Supervisor(command, sock, folder).run(ready_file)
