@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving"), pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("fuzz"), pytest.mark.timeout(180)]
 
 TOKEN = "fuzz-s3cret"
 MODELS = ["cnn@champion", "mlp"]
