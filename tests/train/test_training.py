@@ -1,11 +1,13 @@
 """Distributed training end to end: real `distml train` processes under torchrun on loopback.
 
-Parity (DDP vs one process, PS sync vs allreduce), kill -9 of a worker with restarts, elastic
-membership with two launcher agents, SIGTERM preemption, and digits accuracy.
+Parity (DDP vs one process, PS sync vs allreduce), kill -9 of a worker with restarts, kill -9 of
+the launcher (no process left behind), elastic membership with two launcher agents, SIGTERM
+preemption, and digits accuracy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -299,6 +301,55 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
     # the killed rank may die between its step and its log line: count what each rank logged
     repeated_samples = sum(len(logs[(0, r)].get(s, ())) for r in (0, 1) for s in repeated_steps)
     assert repeated_samples <= k * 64
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_kill_9_of_the_launcher_leaves_no_process_behind(tmp_path):
+    """kill -9 of `distml train` itself (torchrun's agent runs inside it): its ranks, forked from
+    its forkserver, end themselves, and then the forkserver and the resource tracker, whose pipes
+    the ranks held open, exit too: nothing of the run is left within seconds."""
+    import psutil
+
+    args = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--epochs", "40"]
+    proc = cli(tmp_path, *args, "--log-samples", "--run-id", "orphans", start_new_session=True)
+    config_path = str(tmp_path / "runs" / "orphans" / "config.json")
+
+    def of_the_run() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if config_path in " ".join(p.info["cmdline"] or ())]
+
+    def training() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"distml train ended before training: {proc.communicate()[1][-3000:]}")
+        return logged_steps(tmp_path, "orphans") >= 1
+
+    started: list[psutil.Process] = []
+    try:
+        wait_for(training, 90, "a step of both ranks")
+        started = psutil.Process(proc.pid).children(recursive=True) + of_the_run()
+        forked = [p for p in started if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+        assert len(forked) >= 3, "the forkserver and the two ranks it forked"
+        proc.kill()
+        proc.wait(10)
+
+        def left() -> list[psutil.Process]:
+            alive = []
+            for p in started + of_the_run():
+                with contextlib.suppress(psutil.Error):
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(p)
+            return alive
+
+        try:
+            wait_for(lambda: not left(), 10, "every process of the run to end")
+        except AssertionError:
+            raise AssertionError(f"left behind: {[(p.pid, p.ppid(), p.name()) for p in left()]}") from None
+    finally:
+        for p in started + of_the_run():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.kill()
+        proc.communicate(timeout=30)
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ replaced after every part is on disk, so a crash mid-write leaves the previous o
 Files are written with torch.save (into memory, then through `atomic_write`, so a full disk
 raises `DiskFullError` with the previous checkpoint intact) and read with
 `torch.load(weights_only=True)`, which restores tensors and plain containers only and never
-runs pickled code. Older checkpoints are removed only after `LATEST` names the new one.
+runs pickled code. Older checkpoints are removed only after `LATEST` names the new one. A
+process about to end abruptly (a worker whose launcher died) waits for the write in progress
+(`stop_writing`), so that it leaves no temp file behind either.
 
 Pattern: fault tolerance (a restarted or resized run resumes here; see launcher.py).
 """
@@ -17,6 +19,7 @@ import contextlib
 import io
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,15 @@ from distml.core.errors import DiskFullError, DistmlError
 from distml.core.files import atomic_write
 
 LATEST = "LATEST"
+
+# Held while this process writes a checkpoint file or commits one; `stop_writing` takes it for good.
+_writing = threading.Lock()
+
+
+def stop_writing(timeout: float) -> bool:
+    """Wait (at most `timeout` s) for this process's checkpoint write in progress to finish, and let
+    no other start: for a process that is about to end abruptly. True when no write was left."""
+    return _writing.acquire(timeout=timeout)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -42,7 +54,7 @@ def save_part(run_dir: Path, step: int, part: str, state: dict[str, Any]) -> Pat
     torch.save(state, buffer)
     data = buffer.getbuffer()
     try:
-        with atomic_write(path, size=data.nbytes) as handle:
+        with _writing, atomic_write(path, size=data.nbytes) as handle:
             handle.write(data)
     except DiskFullError:
         with contextlib.suppress(OSError):  # an incomplete checkpoint's folder, if nothing is in it
@@ -54,13 +66,14 @@ def save_part(run_dir: Path, step: int, part: str, state: dict[str, Any]) -> Pat
 def commit(run_dir: Path, step: int, keep: int = 2) -> None:
     """Mark the checkpoint of `step` complete, then drop all but the newest `keep` up to it (a
     failed write of `LATEST` leaves every checkpoint, the previous complete one in force)."""
-    with atomic_write(Path(run_dir) / "checkpoints" / LATEST, "w") as handle:
-        handle.write(str(step))
-    current = step_dir(run_dir, step)
-    done = sorted(p for p in current.parent.glob("step-*") if p.is_dir() and p.name <= current.name)
-    for old in done[:-keep]:
-        if old != current:
-            shutil.rmtree(old, ignore_errors=True)
+    with _writing:
+        with atomic_write(Path(run_dir) / "checkpoints" / LATEST, "w") as handle:
+            handle.write(str(step))
+        current = step_dir(run_dir, step)
+        done = sorted(p for p in current.parent.glob("step-*") if p.is_dir() and p.name <= current.name)
+        for old in done[:-keep]:
+            if old != current:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_step(run_dir: Path) -> int | None:

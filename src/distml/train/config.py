@@ -24,6 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distml.core.errors import DistmlError
 from distml.core.layout import WorkspaceRef
 
+# Set by `distml train`'s launcher for its workers: its pid and start time, "PID:START"
+# (core.liveness.process_identity); a worker ends when that process is gone (worker.exit_with_launcher).
+LAUNCHER_ENV = "DISTML_LAUNCHER_PID"
+
 
 class Section(BaseModel):
     """One section of a TrainConfig: its own settings only."""

@@ -26,9 +26,10 @@ from typing import Any
 
 from distml.core.errors import FREE_AND_RETRY, DiskFullError, DistmlError
 from distml.core.files import atomic_write
+from distml.core.liveness import process_identity
 from distml.scheduling.admission import JOB_ENV, Lease, Resources, SharedPool, count_gpus, pool_state
 from distml.scheduling.metrics import serve_scheduler
-from distml.train.config import TrainConfig
+from distml.train.config import LAUNCHER_ENV, TrainConfig
 from distml.workspace import Workspace
 
 
@@ -82,12 +83,25 @@ def start_worker_forkserver() -> None:
     """Start this process's multiprocessing forkserver with WORKER_PRELOAD imported, now, so that
     its imports overlap the launcher's own checks; torchrun's `--start-method forkserver` forks the
     workers from it. One per process, kept for later runs: the workers see the environment this
-    process had when it started, plus what torchrun sets for each (RANK, OMP_NUM_THREADS, ...)."""
+    process had when it started, plus what torchrun sets for each (RANK, OMP_NUM_THREADS, ...).
+
+    That environment names this process (LAUNCHER_ENV): torchrun's agent runs here, so when this
+    process dies without stopping its workers (kill -9), each of them ends itself within a second
+    (worker.exit_with_launcher); then the forkserver, whose `alive` pipe the workers held open,
+    and the resource tracker, whose pipe they held too, see its end and exit."""
     import multiprocessing
     from multiprocessing import forkserver
 
     multiprocessing.set_forkserver_preload(list(WORKER_PRELOAD))
-    forkserver.ensure_running()
+    previous = os.environ.get(LAUNCHER_ENV)
+    os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{process_identity(os.getpid()) or ''}"
+    try:
+        forkserver.ensure_running()
+    finally:  # the forkserver's environment only, not this process's other children's
+        if previous is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+        else:
+            os.environ[LAUNCHER_ENV] = previous
 
 
 def launch(config: TrainConfig) -> dict[str, Any] | None:

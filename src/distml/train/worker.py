@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from distml.core import DB_URL_ENV
 from distml.core.errors import DiskFullError, DistmlError
+from distml.core.liveness import is_running
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
 from distml.train import checkpoint
-from distml.train.config import TrainConfig, load_config
+from distml.train.config import LAUNCHER_ENV, TrainConfig, load_config
 
 STOP_CHECK_EVERY = 8  # steps between the ranks' agreement on a stop request
 
@@ -67,6 +68,41 @@ class StopFlag:
             if not self.requested:  # the main thread is stuck outside Python
                 print("[distml] SIGTERM while blocked in a collective: exiting", file=sys.stderr, flush=True)
                 os._exit(128 + signal.SIGTERM)
+
+
+def exit_with_launcher(interval: float = 0.5, grace_s: float = 10.0) -> threading.Thread | None:
+    """For a worker of `distml train`: end this process once the launcher is gone, however it died
+    (kill -9 included). torchrun's agent runs inside the launcher and stops its workers only when it
+    is stopped itself; a worker forked from the launcher's forkserver would outlive it, training on
+    (and holding the forkserver and the resource tracker alive). The launcher names itself in
+    LAUNCHER_ENV ("PID:START"); without it (torchrun's own agent process, as in a cluster's pod),
+    None. A checkpoint write in progress finishes first (at most `grace_s`): the run resumes from its
+    last complete checkpoint. A daemon thread; returns it."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return None
+    pid, _, started = launcher.partition(":")
+    launcher_pid = int(pid)
+
+    def watch() -> None:
+        while is_running(launcher_pid, started or None):
+            time.sleep(interval)
+        checkpoint.stop_writing(grace_s)
+        message = f"[distml rank {os.environ.get('RANK', '?')}] the launcher (pid {pid}) is gone: exiting"
+        # stderr may be a pipe that nobody reads any more: the message must not hold up the exit
+        say = threading.Thread(target=_say, args=(message,), daemon=True)
+        say.start()
+        say.join(1.0)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="distml-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -128,6 +164,7 @@ def tune_malloc() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    exit_with_launcher()
     config = load_config(argv[0])
     if config.workspace.db_url is None and os.environ.get(DB_URL_ENV):  # a cluster's pod: the URL from a Secret
         config = config.updated({"workspace.db_url": os.environ[DB_URL_ENV]})
