@@ -266,7 +266,7 @@ def test_step_result(tmp_path, small_disk):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")
 @pytest.mark.timeout(120)
 def test_training_run_fills_the_disk_then_resumes(tmp_path, small_disk):
     """The runs folder fills after the first checkpoint: the run ends with the one error (no

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving-faults")]
 
 
 def distml(workspace: Path, *args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from load import Load
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving-faults")]
 
 
 def wait_for(condition, what: str, timeout: float = 60.0):

@@ -250,7 +250,7 @@ def test_parameter_server_async_with_staleness_trains(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")  # beside the training group: kills, restarts
 def test_kill_9_of_a_worker_is_survived(tmp_path):
     """kill -9 one worker mid-run: torchrun restarts the workers, they resume from the latest
     checkpoint, and the run ends with the requested steps; samples lost or repeated are at
@@ -304,7 +304,7 @@ def test_kill_9_of_a_worker_is_survived(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")  # beside the training group: kills, restarts
 def test_kill_9_of_the_launcher_leaves_no_process_behind(tmp_path):
     """kill -9 of `distml train` itself (torchrun's agent runs inside it): its ranks, forked from
     its forkserver, end themselves, and then the forkserver and the resource tracker, whose pipes
@@ -353,7 +353,7 @@ def test_kill_9_of_the_launcher_leaves_no_process_behind(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")  # beside the training group: kills, restarts
 def test_parameter_server_survives_kill_9_of_a_worker_and_a_server_then_sigterm(tmp_path):
     """Parameter servers (sync): kill -9 a worker, then (after the restart) the server; the agent
     restarts all ranks from the latest checkpoint each time. Then SIGTERM the launcher: it stops
@@ -412,7 +412,7 @@ def test_parameter_server_survives_kill_9_of_a_worker_and_a_server_then_sigterm(
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")  # beside the training group: kills, restarts
 def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
     """Two launcher agents (--nnodes 1:2, c10d on loopback) train together; killing one agent
     and its worker makes the other re-rendezvous and finish alone on the resharded data. The
@@ -462,7 +462,7 @@ def test_elastic_agents_continue_alone_after_one_is_killed(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
+@pytest.mark.heavy("training-faults")  # beside the training group: kills, restarts
 def test_sigterm_checkpoints_and_a_restart_loses_nothing(tmp_path):
     epochs = 3
     args = [
