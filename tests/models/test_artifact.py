@@ -158,6 +158,13 @@ def test_aliases(workspace):
     with pytest.raises(DistmlError, match="alias 'bad alias' is not valid"):
         set_alias(workspace, "fashion", "bad alias", 1)
 
+    from distml.models import registry
+
+    assert registry.dangling_aliases(workspace.engine) == []
+    with workspace.engine.begin() as conn:  # a damaged store: SQLite checks the foreign key only when told
+        conn.execute(registry.model_versions.delete().where(registry.model_versions.c.version == 2))
+    assert registry.dangling_aliases(workspace.engine) == ["fashion@canary", "fashion@champion"]
+
 
 @pytest.mark.parametrize(
     "ref",

@@ -208,6 +208,16 @@ def versions_by_digest(engine: sa.Engine, digests: Iterable[str]) -> dict[str, M
     return out
 
 
+def dangling_aliases(engine: sa.Engine) -> list[str]:
+    """`name@alias` of every alias whose version is not registered: none, unless the store was
+    damaged (SQLite enforces the foreign key only when told; the chaos benchmark checks it)."""
+    a, v = model_aliases, model_versions
+    joined = a.outerjoin(v, sa.and_(a.c.name == v.c.name, a.c.version == v.c.version))
+    query = sa.select(a.c.name, a.c.alias).select_from(joined).where(v.c.id.is_(None)).order_by(a.c.name, a.c.alias)
+    with engine.connect() as conn:
+        return [f"{name}@{alias}" for name, alias in conn.execute(query)]
+
+
 def model_names(engine: sa.Engine) -> list[str]:
     with engine.connect() as conn:
         return list(conn.execute(sa.select(model_versions.c.name).distinct().order_by(model_versions.c.name)).scalars())
