@@ -88,6 +88,9 @@ def parse_watch_config(values: dict[str, Any]) -> WatchConfig:
 # -- the cycle: a workflow run ------------------------------------------------------------------
 
 
+CYCLE_MAX_RESTARTS = 2  # torchrun restarts of a cycle's training ranks before the cycle fails
+
+
 def _workspace():
     return current().workspace
 
@@ -111,6 +114,9 @@ def train_candidate(watch: CycleSettings, train_files: list[str], init_from: str
             "optimizer": {"lr": watch.lr},
             "training": {"epochs": watch.epochs},
             "parallelism": {"workers": watch.workers},
+            # a rank that dies (killed, out of memory) is restarted from the last checkpoint, as a
+            # `distml train --max-restarts` run is: the cycle goes on instead of failing
+            "checkpoint": {"max_restarts": CYCLE_MAX_RESTARTS},
             "workspace": _workspace().ref,
         }
     )
