@@ -30,7 +30,7 @@ TOKEN = "fuzz-s3cret"
 MODELS = ["cnn@champion", "mlp"]
 # Examples per operation and generation mode: a case with a body costs 25-100 ms to generate, one
 # with path parameters only ~3 ms (and the paths find bugs too: version "¹" was a 500).
-BODY_EXAMPLES, PATH_EXAMPLES = 15, 70
+BODY_EXAMPLES, PATH_EXAMPLES = 25, 120
 REQUEST_TIMEOUT_S = 15  # a request that takes longer counts as a hang
 RSS_GROWTH_BOUND = 96 * 1024 * 1024
 # Admin operations whose valid bodies start or stop processes (a roll, a scale to 256 replicas): only
