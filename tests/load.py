@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+PAUSE_S = 0.01  # between a client's requests: a steady load, not one that takes the cores from the suite
 BODY = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
 
 
@@ -36,6 +37,7 @@ class Load:
                     text = getattr(getattr(exc, "response", None), "text", "")[:200]
                     with self.lock:
                         self.failed.append(f"{exc!r}: {text}" if text else repr(exc))
+                self.stop.wait(PAUSE_S)
 
     def versions_since(self, moment: float) -> list[str]:
         """The versions that answered the requests sent after `moment`."""
