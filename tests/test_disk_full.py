@@ -278,10 +278,9 @@ def test_training_run_fills_the_disk_then_resumes(tmp_path, small_disk):
     command = [sys.executable, "-m", "distml.cli", "--workspace", str(tmp_path / "ws"), "train", *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
         while not (run / "checkpoints" / checkpoint.LATEST).exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
-            time.sleep(0.005)
+            time.sleep(0.005)  # a hang ends at the test's timeout
+        assert proc.poll() is None, "the run ended before its first checkpoint"
         disk.fill()
         out, err = proc.communicate(timeout=90)
     finally:

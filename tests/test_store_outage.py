@@ -149,14 +149,12 @@ def test_a_store_away_past_the_wait_ends_the_run_resumable(server, pipeline_file
                 child.kill()
 
     threading.Timer(3.0, away_for_good).start()
-    started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable) as stopped:
             run_pipeline(ws, f"{pipeline_file}:pipeline", {}, RunOptions(cpus=2))
         message = str(stopped.value)
         assert "unreachable for 2 s" in message, message
         assert "resume it with distml run --resume " in message, message
-        assert time.monotonic() - started < 20
     finally:
         for child in psutil.Process().children(recursive=True):  # the steps still waiting for the store
             if child.pid not in before:

@@ -207,10 +207,8 @@ def test_the_token_is_in_no_command_line_log_file_or_answer_of_a_gateway_and_its
             ]
             assert all(r.status_code >= 400 and TOKEN not in r.text for r in bad), [r.text for r in bad]
             fake.admin(base, "POST", "/admin/replicas/scale", TOKEN, json={"replicas": 3})
-            deadline = time.monotonic() + 20
             while fake.admin(base, "GET", "/admin/replicas", TOKEN).json()["groups"][0]["ready"] < 3:
-                assert time.monotonic() < deadline, "3 replicas not ready"
-                time.sleep(0.1)
+                time.sleep(0.1)  # a hang ends at the test's timeout
         children = psutil.Process(gateway.pid).children(recursive=True)
         assert len(children) >= 3, children
         for pid in [gateway.pid, *(child.pid for child in children)]:
