@@ -38,36 +38,6 @@ def log(message: str) -> None:
     print(f"[coldstart] {message}", file=sys.stderr, flush=True)
 
 
-def make_workspace(root: Path) -> None:
-    """`cnn` v1: zoo weights (seed 0), untrained, with the serving preprocessing a digits training run records."""
-    import torch
-
-    from distml.data import datasets
-    from distml.models.artifact import IMAGE_INPUT_SPEC, save_model
-    from distml.models.zoo import build_model
-    from distml.workspace import Workspace
-
-    ws = Workspace(root)
-    try:
-        torch.manual_seed(0)
-        serving_pre = datasets.pixel_serving((28, 28), datasets.DIGITS_MEAN, datasets.DIGITS_STD)
-        save_model(
-            ws,
-            build_model(MODEL),
-            name=MODEL,
-            architecture=MODEL,
-            arch_args={},
-            input_spec=IMAGE_INPUT_SPEC,
-            preprocessing={**serving_pre, "dataset": "digits"},
-            class_names=[str(d) for d in range(10)],
-            metrics={},
-            training={"seed": 0},
-            data_fingerprint=None,
-        )
-    finally:
-        ws.close()
-
-
 def post(url: str, body: bytes, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -299,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="distml-bench-coldstart-") as tmpdir:
         tmp = Path(tmpdir)
         ws = tmp / "ws"
-        make_workspace(ws)
+        serving.make_workspace(ws, dataset="digits")
         ours, phases, service = run_ours(ws, tmp, v2, n)
         stop_all([service])
         log(f"kserve {kserve_version}: {n} process starts")

@@ -142,8 +142,9 @@ def check_kserve_version() -> str:
 # -- the model artifact and the requests ---------------------------------------------------------
 
 
-def make_workspace(root: Path) -> None:
-    """`cnn` v1: zoo weights (seed 0), the serving preprocessing a Fashion-MNIST training run records."""
+def make_workspace(root: Path, dataset: str = "fashion-mnist") -> None:
+    """`cnn` v1: zoo weights (seed 0), untrained, with the serving preprocessing a training run on
+    `dataset` (fashion-mnist or digits) records."""
     import torch
 
     from distml.data import datasets
@@ -151,10 +152,14 @@ def make_workspace(root: Path) -> None:
     from distml.models.zoo import build_model
     from distml.workspace import Workspace
 
+    mean, std, classes = {
+        "fashion-mnist": (datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD, CLASSES),
+        "digits": (datasets.DIGITS_MEAN, datasets.DIGITS_STD, [str(d) for d in range(10)]),
+    }[dataset]
     ws = Workspace(root)
     try:
         torch.manual_seed(0)
-        serving = datasets.pixel_serving((28, 28), datasets.FASHION_MNIST_MEAN, datasets.FASHION_MNIST_STD)
+        serving = datasets.pixel_serving((28, 28), mean, std)
         save_model(
             ws,
             build_model(MODEL),
@@ -162,8 +167,8 @@ def make_workspace(root: Path) -> None:
             architecture=MODEL,
             arch_args={},
             input_spec=IMAGE_INPUT_SPEC,
-            preprocessing={**serving, "dataset": "fashion-mnist"},
-            class_names=CLASSES,
+            preprocessing={**serving, "dataset": dataset},
+            class_names=classes,
             metrics={},
             training={"seed": 0},
             data_fingerprint=None,
