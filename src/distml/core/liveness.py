@@ -8,6 +8,9 @@ not yet reaped by its parent) counts as gone.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 
 
 def process_identity(pid: int) -> str | None:
@@ -72,3 +75,20 @@ def children_of(parent: int) -> list[int]:
             if fields and int(fields[1]) == parent and fields[0] not in ("Z", "X"):
                 found.append(int(name))
     return found
+
+
+def when_gone(
+    alive: Callable[[], bool], then: Callable[[], None], name: str, interval: float = 0.5
+) -> threading.Thread:
+    """Call `then` from a daemon thread once `alive()` turns false (asked every `interval` s): how a
+    process ends itself when the one it belongs to died, however it died (kill -9 included, which no
+    signal handler of the dead one can pass on). Returns the started thread."""
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval)
+        then()
+
+    thread = threading.Thread(target=watch, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -24,7 +24,7 @@ from pathlib import Path
 from distml.core.errors import DistmlError
 from distml.core.exposure import check_exposure
 from distml.core.layout import ServiceRecord
-from distml.core.liveness import children_of
+from distml.core.liveness import children_of, when_gone
 from distml.serve.config import SUPERVISOR_ENV
 
 log = logging.getLogger("distml.serve.supervisor")
@@ -47,15 +47,11 @@ def exit_when_orphaned(supervisor_pid: int, interval: float = 0.5) -> threading.
     i.e. once the whole service is gone. A daemon thread; returns it."""
     started_by = os.getppid()
 
-    def watch() -> None:
-        while os.getppid() in (started_by, supervisor_pid):
-            time.sleep(interval)
+    def stop() -> None:
         log.warning("the service's supervisor (pid %d) is gone; stopping", supervisor_pid)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
-    thread.start()
-    return thread
+    return when_gone(lambda: os.getppid() in (started_by, supervisor_pid), stop, "orphan-watch", interval)
 
 
 class Supervisor:

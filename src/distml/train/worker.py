@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from distml.core import DB_URL_ENV
 from distml.core.errors import DiskFullError, DistmlError
-from distml.core.liveness import is_running
+from distml.core.liveness import is_running, when_gone
 from distml.data.datasets import get_dataset
 from distml.data.loader import Loader
 from distml.train import checkpoint
@@ -84,9 +84,7 @@ def exit_with_launcher(interval: float = 0.5, grace_s: float = 10.0) -> threadin
     pid, _, started = launcher.partition(":")
     launcher_pid = int(pid)
 
-    def watch() -> None:
-        while is_running(launcher_pid, started or None):
-            time.sleep(interval)
+    def leave() -> None:
         checkpoint.stop_writing(grace_s)
         message = f"[distml rank {os.environ.get('RANK', '?')}] the launcher (pid {pid}) is gone: exiting"
         # stderr may be a pipe that nobody reads any more: the message must not hold up the exit
@@ -95,9 +93,7 @@ def exit_with_launcher(interval: float = 0.5, grace_s: float = 10.0) -> threadin
         say.join(1.0)
         os._exit(1)
 
-    thread = threading.Thread(target=watch, name="distml-launcher-watch", daemon=True)
-    thread.start()
-    return thread
+    return when_gone(lambda: is_running(launcher_pid, started or None), leave, "distml-launcher-watch", interval)
 
 
 def _say(message: str) -> None:
