@@ -91,44 +91,6 @@ def sigkill(pid: int) -> None:
 # -- the client load ------------------------------------------------------------------------------
 
 
-class Load:
-    """`clients` threads sending real V2 requests through the gateway; every request's send and end
-    times kept, so failures can be told apart (while a gateway was down, or other)."""
-
-    def __init__(self, url_of: Callable[[], str], body: dict, clients: int):
-        self.url_of, self.body = url_of, body
-        self.records: list[tuple[float, float, bool, str | None]] = []  # (sent, ended, ok, error)
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=15) as client:
-            while not self.stop.is_set():
-                sent = time.time()
-                try:
-                    response = client.post(f"{self.url_of()}/v2/models/{NAME}/infer", json=self.body)
-                    ok = response.status_code == 200
-                    error = None if ok else f"{response.status_code}: {response.text[:160]}"
-                except (httpx.HTTPError, OSError, ValueError) as exc:
-                    ok, error = False, repr(exc)[:200]
-                with self.lock:
-                    self.records.append((sent, time.time(), ok, error))
-                time.sleep(0.02 if ok else 0.1)
-
-    def first_answer_sent_after(self, t: float) -> float | None:
-        with self.lock:
-            ends = [end for sent, end, ok, _ in self.records if ok and sent >= t]
-        return min(ends) if ends else None
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-
-
 # -- the operator's supervisor: the watch and the concurrent run -----------------------------------
 
 
@@ -293,7 +255,7 @@ def store_fingerprint(engine: Any) -> str:
 
 
 class Chaos:
-    def __init__(self, ws: Any, pg: PostgresServer, sup: Supervisor, load: Load, pg_down_s: float):
+    def __init__(self, ws: Any, pg: PostgresServer, sup: Supervisor, load: Any, pg_down_s: float):
         self.ws, self.pg, self.sup, self.load, self.pg_down_s = ws, pg, sup, load, pg_down_s
         self.engine = ws.engine
         self.gateway_down: list[tuple[float, float]] = []
@@ -619,7 +581,7 @@ def settle(ws: Any, sup: Supervisor, limit: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from distml.pipelines.demo_continuous import write_waves
+    from distml.pipelines.demo_continuous import SteadyLoad, write_waves
     from distml.pipelines.end_to_end import client_images, v2_request
     from distml.workflow import store
     from distml.workspace import Workspace
@@ -668,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(0.5)
         images, _, _ = client_images(ws, "digits", None, 4)
         chaos = None
-        load = Load(lambda: ServiceRecord.read(ws.root, NAME, alive=False).url, v2_request(images), 3)
+        # the service keeps its address when its gateway is replaced (the supervisor holds the socket)
+        load = SteadyLoad(ServiceRecord.read(ws.root, NAME, alive=False).url, NAME, v2_request(images), 3, pause=0.02)
         sup.keep_running_runs = True
         chaos = Chaos(ws, pg, sup, load, 2.0 if args.quick else 5.0)
         log("serving; the load and the concurrent runs started: chaos begins")
@@ -751,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict:
     kill_leftovers(tmp)
 
     down = chaos.gateway_down
-    fails = [(sent, end, err) for sent, end, ok, err in load.records if not ok]
+    fails = [(sent, end, err) for sent, end, ok, err, _ in load.records if not ok]
     while_down = [f for f in fails if any(f[0] <= b and f[1] >= a for a, b in down)]  # in flight or sent meanwhile
     other = [f for f in fails if f not in while_down]
     per_kind = {}
@@ -797,7 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
     return {"benchmark": "chaos", "results": results, "targets": TARGETS, "targets_met": met}
 
 
-def t0_wall(load: Load) -> float:
+def t0_wall(load: Any) -> float:
     return load.records[0][0] if load.records else 0.0
 
 

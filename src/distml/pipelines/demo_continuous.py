@@ -51,13 +51,16 @@ def write_waves(ws: Any, dataset: str, data_dir: str | None, folder: Path, waves
 
 
 class SteadyLoad:
-    """`clients` threads sending V2 requests with real test images; answers and failures counted."""
+    """`clients` threads sending V2 requests with real test images, each `pause` s apart; answers and
+    failures counted, and every request kept as (sent, ended, ok, error, version), times in wall-clock
+    seconds (`time.time()`)."""
 
-    def __init__(self, url: str, model: str, body: dict, clients: int = 2):
-        self.url, self.model, self.body = url, model, body
+    def __init__(self, url: str, model: str, body: dict, clients: int = 2, pause: float = 0.01):
+        self.url, self.model, self.body, self.pause = url, model, body, pause
         self.answered = self.failed = 0
         self.versions: dict[str, int] = {}
         self.errors: list[str] = []
+        self.records: list[tuple[float, float, bool, str | None, str | None]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
@@ -67,6 +70,7 @@ class SteadyLoad:
     def _run(self) -> None:
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
+                sent = time.time()
                 try:
                     response = client.post(f"{self.url}/v2/models/{self.model}/infer", json=self.body)
                     ok, version = response.status_code == 200, response.json().get("model_version")
@@ -74,17 +78,28 @@ class SteadyLoad:
                 except (httpx.HTTPError, ValueError) as exc:
                     ok, version, error = False, None, repr(exc)
                 with self.lock:
+                    self.records.append((sent, time.time(), ok, error, version))
                     if ok:
                         self.answered += 1
                         self.versions[version] = self.versions.get(version, 0) + 1
                     else:
                         self.failed += 1
                         self.errors.append(error)
-                time.sleep(0.01)
+                time.sleep(self.pause)
 
     def counts(self) -> tuple[int, int]:
         with self.lock:
             return self.answered, self.failed
+
+    def first_answer_sent_after(self, t: float) -> float | None:
+        """When the first request sent after `t` was answered (None: none yet)."""
+        with self.lock:
+            return min((end for sent, end, ok, _, _ in self.records if ok and sent >= t), default=None)
+
+    def versions_since(self, t: float) -> list[str]:
+        """The versions that answered the requests sent after `t`."""
+        with self.lock:
+            return [version for sent, _, ok, _, version in self.records if ok and sent > t]
 
     def finish(self) -> None:
         self.stop.set()
