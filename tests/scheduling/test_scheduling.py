@@ -182,18 +182,17 @@ def test_weighted_fair_shares_hold_under_contention(workspace, tmp_path):
     release = tmp_path / "release"
     release.mkdir()
     lines: queue.Queue = queue.Queue()
-    procs = [
-        holder(
-            workspace,
-            f"{q}{i}",
-            *("--queue", q, "--repeat", str(repeat), "--until", str(release / f"{q}{i}-{{index}}")),
-            lines=lines,
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str) -> None:
+        until = str(release / f"{name}-{{index}}")
+        queue_name = name.rstrip("0123456789")
+        procs.append(
+            holder(workspace, name, "--queue", queue_name, "--repeat", str(repeat), "--until", until, lines=lines)
         )
-        for q in ("wide", "narrow")
-        for i in range(4)
-    ]
+
     running: list[str] = []  # holders whose gang runs, the first admitted first
-    released = dict.fromkeys((p.holder_name for p in procs), 0)  # jobs each holder was told to give back
+    released = {f"{q}{i}": 0 for q in ("wide", "narrow") for i in range(4)}  # jobs each holder was told to give back
 
     def admitted() -> str:
         name, line = next_line(lines, procs)
@@ -202,8 +201,14 @@ def test_weighted_fair_shares_hold_under_contention(workspace, tmp_path):
         return name
 
     try:
-        for _ in range(slots):
-            admitted()
+        # The slots fill two and two, one holder at a time (started together, whichever interpreters
+        # came up first would take every slot, and the other queue would have nothing waiting); the
+        # other holders then queue their first job behind them.
+        for name in ("wide0", "narrow0", "wide1", "narrow1"):
+            start(name)
+            assert admitted() == name
+        for name in ("wide2", "wide3", "narrow2", "narrow3"):
+            start(name)
         for _ in range(measured):
             # Every holder not running has its next job in line: the pass that follows chooses between both queues.
             want = {
