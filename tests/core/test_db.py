@@ -168,3 +168,40 @@ def test_sqlite_locked_longer_than_its_busy_timeout_is_waited_for(tmp_path, monk
     assert fetch_all(engine, sa.select(table.c.n), lambda n: n) == [1]
     holder.close()
     engine.dispose()
+
+
+def test_two_transactions_that_deadlock_on_postgresql_both_end_written_once(postgres_url):
+    """Two writers lock the same two rows in opposite orders: PostgreSQL rolls one back with
+    `deadlock detected`; it runs again and both writes land, each once."""
+    engine = create_engine(postgres_url, wait_s=30)
+    table = _counter(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(table))
+        conn.execute(table.insert(), [{"id": 1, "n": 0}, {"id": 2, "n": 0}])
+    both_hold_one = threading.Barrier(2, timeout=30)
+    tries = {"a": 0, "b": 0}
+    errors: list[BaseException] = []
+
+    def writer(name: str, first: int, second: int) -> None:
+        def work(conn: sa.Connection) -> None:
+            tries[name] += 1
+            conn.execute(table.update().where(table.c.id == first).values(n=table.c.n + 1))
+            if tries[name] == 1:
+                both_hold_one.wait()  # each holds its first row: the second update closes the cycle
+            conn.execute(table.update().where(table.c.id == second).values(n=table.c.n + 1))
+
+        try:
+            in_transaction(engine, work)
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=args) for args in (("a", 1, 2), ("b", 2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(table.c.n)).scalars()) == [2, 2], "each write once"
+    assert sorted(tries.values()) == [1, 2]  # one was rolled back and ran again
+    engine.dispose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import logging
+import random
 import threading
 import time
 import weakref
@@ -153,14 +154,16 @@ def _where(url: sa.URL) -> str:
 def create_engine(url: str, wait_s: float | None = None) -> sa.Engine:
     """An engine for the metadata store at `url`, or one error naming what a URL looks like.
 
-    Connections are checked before use (`pool_pre_ping`: one the server dropped is replaced), and
+    A server's connections are checked before use (`pool_pre_ping`: one the server dropped is
+    replaced; a SQLite file has no server to drop them, and its checkouts skip the round trip), and
     connecting to a store that is away waits for it up to `wait_s` seconds, then raises
     `StoreUnavailable` (`STORE_WAIT_S` unless told)."""
     wait_s = STORE_WAIT_S if wait_s is None else wait_s
     if not wait_s > 0:
         raise DistmlError(f"the wait for the metadata store must be > 0 seconds, got {wait_s!r}")
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        server = sa.engine.make_url(url).get_backend_name() != "sqlite"
+        engine = sa.create_engine(url, pool_pre_ping=server)
     except sa.exc.ArgumentError as exc:  # NoSuchModuleError (an unknown dialect) is one too
         raise DistmlError(
             f"metadata store URL {url!r} is not a valid SQLAlchemy URL "
@@ -304,6 +307,9 @@ def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], R], attemp
     owners never collide on a unique key (`insert_once`: `INSERT ... ON CONFLICT DO NOTHING`); on
     other databases a collision runs `work` again from the start, and the next try finds the other's row.
 
+    A transaction PostgreSQL rolls back for a deadlock with another (two holders' rows locked in
+    different orders) also runs again, at once.
+
     A store that goes away meanwhile (the connection dropped, the server restarting, SQLite locked)
     runs `work` again from the start once it is back, up to the engine's wait (`create_engine`),
     then raises `StoreUnavailable`. A commit whose answer was lost may have succeeded: a `work`
@@ -319,6 +325,10 @@ def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], R], attemp
                 raise
             continue
         except sa.exc.DBAPIError as exc:
+            if _conflict(exc) and collisions + 1 < attempts:  # the server rolled this one back: run it again
+                collisions += 1
+                time.sleep(random.uniform(0.0, 0.01 * collisions))
+                continue
             if not store_away(exc):
                 raise
             _outage(engine).wait(exc, failures)
@@ -327,6 +337,12 @@ def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], R], attemp
         if failures:
             _outage(engine).back()
         return result
+
+
+def _conflict(exc: sa.exc.DBAPIError) -> bool:
+    """Did PostgreSQL roll the transaction back for a deadlock or a serialization failure with
+    another one (SQLSTATE 40P01, 40001), so that running it again succeeds?"""
+    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def insert_once(conn: sa.Connection, table: sa.Table, values: dict[str, Any], unique: tuple[str, ...]) -> bool:
