@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from distml.cli import main
 from distml.core.errors import DistmlError
-from distml.core.liveness import pid_alive
+from distml.core.liveness import children_of, parent_of, pid_alive
 from distml.workflow import store as workflow_store
 from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
 from distml.workspace import Workspace
@@ -417,6 +417,97 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
     history = " ".join(result.states["second"].history)
     assert ("adopted" in history) if step_survives else ("gone" in history)
     assert workflow_store.get_workflow_run(ws.engine, run_id).status == "succeeded"
+
+
+AHEAD = """
+import os, time
+from pathlib import Path
+from distml.workflow import step
+
+print("imported the pipeline in", os.getpid(), flush=True)
+DIR = Path({folder!r})
+
+@step
+def hop(previous: list) -> list:
+    while not (DIR / "go").exists():
+        time.sleep(0.02)
+    return [*previous, os.getpid()]
+
+def pipeline():
+    return hop(hop(hop([])))
+"""
+
+
+def test_step_processes_forked_ahead_log_what_they_print_before_their_step_and_never_outlive_the_run(tmp_path):
+    """Each step's process is forked ahead of its step (it imports the pipeline while the step
+    before runs): what it prints then goes to its step's log, not to the orchestrator's stdout; the
+    processes nobody took end with the run, and with an orchestrator killed with SIGKILL."""
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    path = write(tmp_path, AHEAD.format(folder=str(folder)))
+    # its output to a file: a step that outlives the orchestrator keeps its forkserver (and the
+    # forkserver the orchestrator's stdout) open until the step ends
+    output = tmp_path / "orchestrator.out"
+    with open(output, "w") as out:
+        ws, orchestrator = start_orchestrator(tmp_path, path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        run_id = wait_for(lambda: workflow_store.list_workflow_runs(ws.engine), "the run to be recorded")[0].run_id
+
+        def first_running():
+            rows = rows_by_node(ws, run_id).get("hop", [])
+            return rows and rows[0].status == "running" and rows[0].pid
+
+        step_pid = wait_for(first_running, "the first step to run")
+        forkserver = parent_of(step_pid)
+        # the next steps' processes, forked ahead while the first one waits
+        spares = wait_for(lambda: set(children_of(forkserver)) - {step_pid}, "processes forked ahead")
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait(60)
+        wait_for(lambda: not any(pid_alive(pid) for pid in spares), f"the processes forked ahead ({spares}) to end")
+        assert pid_alive(step_pid)  # the step itself lives on, to be adopted by `distml run --resume`
+    finally:
+        (folder / "go").write_text("1")
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+    printed = output.read_text()  # the orchestrator imports the pipeline too: its own line only
+    assert printed.count("imported the pipeline") == 1 and f"in {orchestrator.pid}" in printed, printed
+
+    result = resume_run(ws, run_id)
+    assert result.status == "succeeded"
+    pids = result.result
+    assert len(set(pids)) == 3 and step_pid == pids[0]  # one process per step, the first adopted
+    for node_id, rows in rows_by_node(ws, run_id).items():
+        log = Path(rows[-1].log_path).read_text()
+        assert f"imported the pipeline in {rows[-1].pid}" in log, (node_id, log)
+
+
+def forkserver_children() -> list[int]:
+    """The processes this process's forkserver started and that still run (its step processes)."""
+    ours = [pid for pid in children_of(os.getpid()) if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+    return [child for server in ours for child in children_of(server)]
+
+
+def test_a_failed_run_leaves_none_of_the_processes_it_forked_ahead(tmp_path, workspace):
+    path = write(
+        tmp_path,
+        """
+        from distml.workflow import step
+
+        @step
+        def fails() -> int:
+            raise ValueError("no")
+
+        @step
+        def after(x: int) -> int:
+            return x
+
+        def pipeline():
+            return after(after(after(fails())))
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline")
+    assert result.status == "failed"
+    assert forkserver_children() == []
 
 
 def test_stopping_with_sigterm_records_a_resumable_run(tmp_path):

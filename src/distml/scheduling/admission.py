@@ -296,6 +296,8 @@ class SharedPool:
         self._passed_at = -1e9
         self._liveness = Liveness()
         self._deferred: list[Callable[[sa.Connection, float], None]] = []  # applied by the next pass
+        self._binds: list[Callable[[sa.Connection, float], None]] = []  # written by the next flush or pass
+        self._identity = process_identity(os.getpid())
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -352,9 +354,17 @@ class SharedPool:
             self._pass()
 
     def flush(self) -> None:
-        """Run one pass for the submissions and releases deferred so far, if any."""
+        """Run one pass for the submissions and releases deferred so far, if any; deferred binds
+        alone change no decision and are written without a pass."""
         if self._deferred:
             self._pass()
+        elif self._binds:
+            binds, self._binds = self._binds, []
+            try:
+                in_transaction(self.engine, lambda conn: [bind(conn, time.time()) for bind in binds])
+            except BaseException:
+                self._binds = binds + self._binds
+                raise
 
     # -- blocking form, and what a preempted holder does ---------------------------------------
 
@@ -413,7 +423,7 @@ class SharedPool:
             md.bind_job(conn, lease.id, pid, started)
 
         if defer:
-            self._deferred.append(rebind)
+            self._binds.append(rebind)
         else:
             in_transaction(self.engine, lambda conn: rebind(conn, time.time()))
 
@@ -455,7 +465,7 @@ class SharedPool:
                 estimate_s=estimate,
                 node=self.node.name,
                 pid=pid,
-                pid_started=process_identity(pid),
+                pid_started=self._identity,
                 lease_expires=now + LEASE_SECONDS,
                 submitted_at=now,
             )
@@ -463,8 +473,9 @@ class SharedPool:
         return job_id, insert
 
     def _pass(self) -> dict[str, str]:
-        """One pass that first applies this process's deferred submissions and releases."""
-        deferred, self._deferred = self._deferred, []
+        """One pass that first applies this process's deferred submissions, releases and binds."""
+        deferred, self._deferred = self._binds + self._deferred, []
+        self._binds = []
 
         def first(conn: sa.Connection, now: float) -> None:
             for change in deferred:

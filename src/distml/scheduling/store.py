@@ -190,20 +190,26 @@ def begin_pass(conn: sa.Connection) -> None:
     conn.execute(sched_lock.update().where(sched_lock.c.id == 1).values(passes=sched_lock.c.passes + 1))
 
 
-def pass_rows(conn: sa.Connection, node: str, window: int) -> list[Any]:
-    """The rows a pass decides on: every job running on `node`, and the first `window` waiting
-    jobs of each queue in queue order (priority, then age): a pass never looks further back."""
+def _pass_rows_query() -> sa.Select:
     jobs = sched_jobs
     place = (
         sa.func.row_number()
         .over(partition_by=[jobs.c.queue, jobs.c.state], order_by=[jobs.c.priority.desc(), jobs.c.submitted_at])
         .label("place")
     )
-    ranked = sa.select(jobs, place).where(jobs.c.state != "done", jobs.c.node == node).subquery()
-    query = sa.select(*[ranked.c[c.name] for c in jobs.c]).where(
-        sa.or_(ranked.c.state != "waiting", ranked.c.place <= window)
+    ranked = sa.select(jobs, place).where(jobs.c.state != "done", jobs.c.node == sa.bindparam("node")).subquery()
+    return sa.select(*[ranked.c[c.name] for c in jobs.c]).where(
+        sa.or_(ranked.c.state != "waiting", ranked.c.place <= sa.bindparam("window"))
     )
-    return list(conn.execute(query).all())
+
+
+_PASS_ROWS = _pass_rows_query()  # built once: every pass runs it (SQLAlchemy then reuses its compiled form)
+
+
+def pass_rows(conn: sa.Connection, node: str, window: int) -> list[Any]:
+    """The rows a pass decides on: every job running on `node`, and the first `window` waiting
+    jobs of each queue in queue order (priority, then age): a pass never looks further back."""
+    return list(conn.execute(_PASS_ROWS, {"node": node, "window": window}).all())
 
 
 def waiting_ids(conn: sa.Connection, node: str) -> list[str]:

@@ -1,11 +1,12 @@
-"""Step processes: each step runs in its own process, forked from a warm server.
+"""Step processes: each step runs in its own process, forked from a warm server ahead of its step.
 
-A forkserver that has already imported distml forks one process per step execution (a few
-milliseconds, not a cold interpreter). The process starts its own process group (so a timeout
-or a cancel stops everything the step started, torchrun workers included), sends its
-stdout/stderr to the step's log file, runs the function, writes the final state of its own
-execution to the metadata store (so the result survives the orchestrator) and reports it on a
-pipe. concurrent.futures' pool was considered; it reuses processes and cannot stop one task.
+A forkserver that has already imported distml forks each step's process before the step is
+ready (a spare: it opens the metadata store and waits on a pipe), so starting a step costs one
+message, not a fork. The process starts its own process group (so a timeout or a cancel stops
+everything the step started, torchrun workers included), sends its stdout/stderr to the step's
+log file, runs the function, writes the final state of its own execution to the metadata store
+(so the result survives the orchestrator) and reports it on a pipe. concurrent.futures' pool was
+considered; it reuses processes and cannot stop one task.
 """
 
 from __future__ import annotations
@@ -133,9 +134,18 @@ def load_function(module: str, module_file: str | None, qualname: str) -> Any:
     return getattr(obj, "__wrapped_step_fn__", obj)
 
 
-def _redirect_output(log_path: str) -> None:
+def _redirect_output(log_path: str, before: int | None = None) -> None:
+    """stdout and stderr to the step's log; `before`: a file of what the process wrote ahead of
+    its step, copied first."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if before is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.lseek(before, 0, os.SEEK_SET)
+        while chunk := os.read(before, 1 << 16):
+            os.write(fd, chunk)
+        os.close(before)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -147,15 +157,17 @@ def _error_types(exc: BaseException) -> list[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
 
 
-def run_task(task: Task, conn: Connection | None) -> None:
-    """The body of a step process (also callable in-process for debugging)."""
+def run_task(task: Task, conn: Connection | None, ws: Workspace | None = None) -> None:
+    """The body of a step process (also callable in-process for debugging); `ws` when the process
+    opened the task's workspace already."""
 
     # for a `distml` command the step starts (the CLI reads these); distml's own code passes them
     os.environ[HOME_ENV] = task.workspace.root
     os.environ[DB_URL_ENV] = task.workspace.url
     if task.sched_job is not None:
         os.environ[JOB_ENV] = task.sched_job  # a `distml train` it starts runs in this gang
-    ws = Workspace.open(task.workspace, migrate=False)  # the orchestrator migrated it
+    if ws is None:
+        ws = Workspace.open(task.workspace, migrate=False)  # the orchestrator migrated it
     ctx = StepContext(task.run_id, task.node_id, task.attempt, ws, conn)
     _current.set(ctx)
     print(f"[distml] step {task.node_id} attempt {task.attempt + 1} (pid {os.getpid()})", flush=True)
@@ -202,48 +214,132 @@ def _enter_lineage(task: Task) -> None:
     lineage.enter_step(task.run_id, task.node_id, task.generation, properties)
 
 
-def _child_main(task: Task, conn: Connection) -> None:
+def _spare_main(workspace: WorkspaceRef, ahead: tuple[str, str] | None, tasks: Connection, conn: Connection) -> None:
+    """A step process before its step: its own process group, the store opened and connected,
+    the pipeline's file imported (`ahead`: module name and file), then the step's `Task` from
+    `tasks` (it ends quietly when the orchestrator closes the pipe unused: a spare nobody needed,
+    or an orchestrator that died)."""
     os.setpgrp()  # one group per step: stopping it stops what it started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the orchestrator, which decides
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    _redirect_output(task.log_path)
+    # What it prints before its step is known (importing the pipeline) is kept for the step's log,
+    # never written to the orchestrator's stdout (a pipe another program may be reading).
+    before = os.memfd_create("distml-step-output")
+    os.dup2(before, 1)
+    os.dup2(before, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    ws = Workspace.open(workspace, migrate=False)  # the orchestrator migrated it
+    # Ahead of the step, off its path; a failure here shows again, in the step's log, when the step does it.
+    with contextlib.suppress(Exception):
+        ws.engine.connect().close()  # connected, its pragmas applied
+    if ahead is not None:
+        with contextlib.suppress(BaseException):
+            import_file(ahead[1], ahead[0])
     try:
-        run_task(task, conn)
+        task = tasks.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        return
+    finally:
+        tasks.close()
+    _redirect_output(task.log_path, before)
+    try:
+        run_task(task, conn, ws)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         conn.close()
 
 
-class StepProcesses:
-    """Starts step processes from a warm forkserver (started on first use)."""
+@dataclasses.dataclass
+class StepProcess:
+    """A started step process: `pid`, `process` (join it), `conn` (its reports) and `tasks` (its task)."""
 
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+    process: Any
+    conn: Connection
+    tasks: Connection
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def give(self, task: Task) -> None:
+        """Send the process its step (once)."""
+        self.tasks.send(task)
+        self.tasks.close()
+
+
+class StepProcesses:
+    """Step processes for one workspace, forked ahead from a warm forkserver (started on first use).
+
+    `take()` hands out a started process (a spare when one is ready, else a new one); `give(task)`
+    on it starts the step; `top_up(n)` forks spares for the steps to come; `close()` ends the
+    spares nobody took."""
+
+    def __init__(
+        self, workspace: WorkspaceRef, preload: tuple[str, ...] = (), ahead: tuple[str, str] | None = None
+    ) -> None:
+        self.workspace = workspace
+        self.ahead = ahead  # (module name, file) of the pipeline, imported by each process ahead of its step
         self._context: Any = None
         self.preload = preload
+        self._spares: list[StepProcess] = []
 
     def _ctx(self) -> Any:
         if self._context is None:
             ctx = multiprocessing.get_context("forkserver")
             # Imported once in the server instead of in every step process: distml's workflow code,
-            # SQLAlchemy's SQLite dialect and distml's CLI. Each child runs the main script again
-            # (multiprocessing's rule), and preloading "__main__" itself does nothing in Python
+            # SQLAlchemy's SQLite dialect, its driver and distml's CLI. Each child runs the main script
+            # again (multiprocessing's rule), and preloading "__main__" itself does nothing in Python
             # 3.11 (the forkserver looks for a key the preparation data does not have), so the
             # modules `distml run`'s script imports are preloaded instead.
             # The forkserver is one per process: `preload` counts only when this call starts it.
             ctx.set_forkserver_preload(
-                ["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "distml.cli", *self.preload]
+                ["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "sqlite3", "distml.cli", *self.preload]
             )
             self._context = ctx
         return self._context
 
-    def start(self, task: Task) -> tuple[Any, Connection]:
+    def _fork(self) -> StepProcess:
         ctx = self._ctx()
         reader, writer = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_child_main, args=(task, writer), name=f"distml-step-{task.node_id}")
+        task_reader, task_writer = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_spare_main, args=(self.workspace, self.ahead, task_reader, writer), name="distml-step", daemon=False
+        )
         process.start()
         writer.close()
-        return process, reader
+        task_reader.close()
+        return StepProcess(process, reader, task_writer)
+
+    def take(self) -> StepProcess:
+        """A step process waiting for its task: a spare forked ahead, or a new one."""
+        while self._spares:
+            spare = self._spares.pop(0)
+            if spare.process.is_alive():
+                return spare
+            self._discard(spare)
+        return self._fork()
+
+    def top_up(self, n: int) -> None:
+        """Fork spares until `n` wait (for the steps about to be ready: the fork is off their path)."""
+        while len(self._spares) < n:
+            self._spares.append(self._fork())
+
+    def close(self) -> None:
+        """End the spares nobody took (each exits when its task pipe closes)."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            self._discard(spare)
+
+    @staticmethod
+    def _discard(spare: StepProcess) -> None:
+        spare.tasks.close()
+        spare.conn.close()
+        spare.process.join(5)
+        if spare.process.exitcode is None:
+            stop_group(spare.process.pid, signal.SIGKILL)
+            spare.process.join(5)
 
 
 def stop_group(pid: int, sig: int = signal.SIGTERM) -> None:

@@ -46,6 +46,7 @@ ADOPT_POLL_S = 0.5
 POLL_QUEUED_S = 0.25  # queued steps ask the scheduler again this often (others may have freed room)
 # A step's timeout counts from when its function begins; its process gets this long on top to get there.
 START_GRACE_S = 60.0
+SPARES = 2  # step processes forked ahead of their steps, at most
 
 
 @dataclass
@@ -172,7 +173,9 @@ class Orchestrator:
                 for pool in (self.cap, self.pool):
                     if pool is not None:
                         pool.check(state.node.id, state.node.step.policy.resources)
-        self.processes = StepProcesses(options.preload)
+        ahead = (target.module, target.module_file) if target.module_file else None
+        self.processes = StepProcesses(workspace.ref, options.preload, ahead)
+        self.ending: list[tuple[Any, float]] = []  # step processes that reported, and when to stop waiting
         self.code_cache: dict[int, Any] = {}
         self.logs_dir = workflow_dir(workspace.root, run_id) / "logs"
         self.stopping = False
@@ -276,6 +279,7 @@ class Orchestrator:
                 if self._schedule():
                     self._notify()
                     continue  # decide again until nothing changes (cache hits finish at once)
+                self.processes.top_up(self._spares_wanted())  # forked while the running steps run
                 self._wait()
         except StoreUnavailable as exc:  # nothing more can be recorded: the run stays as the store has it
             message = f"run {self.run_id} stopped: {exc}; resume it with distml run --resume {self.run_id}"
@@ -293,6 +297,8 @@ class Orchestrator:
             raise DistmlError(f"run {self.run_id} failed: {message}") from exc
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.processes.close()
+            self._reap(wait=True)
             endpoint.close()
             with contextlib.suppress(StoreUnavailable):  # (then its waiting steps end with this process)
                 self.pool.close()  # withdraws steps still waiting; running ones stay with their processes
@@ -305,6 +311,16 @@ class Orchestrator:
         self._notify()
         result = substitute(self.returned, lambda n: self.states[n.id].value)
         return RunResult(self.run_id, "succeeded" if ok else "failed", self.states, result)
+
+    def _spares_wanted(self) -> int:
+        """Step processes to fork ahead: one per step still to start, at most `SPARES` (a chain needs
+        one; a fan-out's steps start as slots free up, a few at a time)."""
+        if self.stopping:
+            return 0
+        to_start = sum(
+            1 for s in self.states.values() if s.node.step is not None and not s.final and s.status != "running"
+        )
+        return min(SPARES, to_start)
 
     def _notify(self) -> None:
         if self.on_change is not None:
@@ -433,8 +449,9 @@ class Orchestrator:
             finished_at=None,
             error=None,
             output_json=None,
-            pid=None,
         )
+        process = self.processes.take()  # started ahead: its pid is recorded with the step's start
+        values.update(pid=process.pid, pid_started=process_identity(process.pid))
         state.execution_id = store.save_step_execution(self.engine, self.run_id, node.id, state.generation, **values)
         task = Task(
             run_id=self.run_id,
@@ -452,18 +469,10 @@ class Orchestrator:
             log_path=str(log_path),
             sched_job=str(state.lease.id) if state.lease is not None else None,
         )
-        state.process, state.conn = self.processes.start(task)
-        state.pid = state.process.pid
+        process.give(task)
+        state.process, state.conn, state.pid = process.process, process.conn, process.pid
         if state.lease is not None:
             self.pool.bind(state.lease, state.pid, defer=True)  # held while it runs, even if we die
-        store.save_step_execution(
-            self.engine,
-            self.run_id,
-            node.id,
-            state.generation,
-            pid=state.pid,
-            pid_started=process_identity(state.pid),
-        )
         state.status, state.consumed, state.retry_at, state.progress = "running", inputs, None, None
         state.started, state.ended, state.began = time.time(), None, False
         # Until its process reports that the function began (then the timeout proper starts).
@@ -549,6 +558,7 @@ class Orchestrator:
     # -- waiting and outcomes ------------------------------------------------------------
 
     def _wait(self) -> None:
+        self._reap()
         now = time.monotonic()
         running = [s for s in self.states.values() if s.status == "running"]
         timeouts = [s.deadline - now for s in running if s.deadline is not None]
@@ -626,13 +636,25 @@ class Orchestrator:
         if state.conn is not None:
             state.conn.close()
             state.conn = None
-        if state.process is not None:
-            state.process.join(TERMINATE_GRACE_S)
-            if state.process.exitcode is None:  # reported, but something keeps it alive: stop its group
-                stop_group(state.process.pid, signal.SIGKILL)
-                state.process.join(5)
+        if state.process is not None:  # it reported; its exit is awaited off the next step's path (`_reap`)
+            self.ending.append((state.process, time.monotonic() + TERMINATE_GRACE_S))
             state.process = None
         state.ended = time.time()
+
+    def _reap(self, wait: bool = False) -> None:
+        """Collect the step processes that reported and exited; stop the group of one still alive
+        `TERMINATE_GRACE_S` after its report (something it started keeps it alive). With `wait`,
+        until each has ended."""
+        still = []
+        for process, deadline in self.ending:
+            if wait:
+                process.join(max(deadline - time.monotonic(), 0.0))
+            if process.is_alive() and time.monotonic() >= deadline:
+                stop_group(process.pid, signal.SIGKILL)
+                process.join(5)
+            if process.is_alive():
+                still.append((process, deadline))
+        self.ending = still
 
     def _succeeded(self, state: NodeState, output: Any) -> None:
         self._release(state)
