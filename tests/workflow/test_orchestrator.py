@@ -404,8 +404,8 @@ def test_kill_9_of_the_orchestrator_then_resume(tmp_path, step_survives):
             os.killpg(step_pid, signal.SIGKILL)
             wait_for(lambda: not pid_alive(step_pid), "the step process to die")
         assert workflow_store.get_workflow_run(ws.engine, run_id).status == "running"  # nobody recorded an end
-        (folder / "go").write_text("1")
-        result = resume_run(ws, run_id)
+        # the step may end once the resumed orchestrator has taken the run over (adopted it or not)
+        result = resume_run(ws, run_id, on_start=lambda _: (folder / "go").write_text("1"))
     finally:
         (folder / "go").write_text("1")  # whatever happened, no step process waits forever
         if orchestrator.poll() is None:

@@ -232,7 +232,7 @@ def _spare_main(workspace: WorkspaceRef, ahead: tuple[str, str] | None, tasks: C
     ws = Workspace.open(workspace, migrate=False)  # the orchestrator migrated it
     # Ahead of the step, off its path; a failure here shows again, in the step's log, when the step does it.
     with contextlib.suppress(Exception):
-        ws.engine.connect().close()  # connected, its pragmas applied
+        store.prepare_finish(ws.engine)  # connected, its pragmas applied, its last write compiled
     if ahead is not None:
         with contextlib.suppress(BaseException):
             import_file(ahead[1], ahead[0])
