@@ -411,3 +411,50 @@ def test_module_level_tables_a_step_reads_count_and_hash_alike_in_every_process(
     (tmp_path / "settings.py").write_text((tmp_path / "settings.py").read_text().replace('"bonus": 1', '"bonus": 2'))
     changed = _code_parts(tmp_path, "1")
     assert sorted(k for k in first if first[k] != changed.get(k)) == ["steps.run:settings.TABLE"]
+
+
+def test_parsed_source_is_kept_across_runs_until_its_file_changes(tmp_path, monkeypatch):
+    """A second run reads the code version of an unchanged file from the workspace's digests, not
+    by parsing; an edit (a new size or modification time) is parsed again and changes the version;
+    a file modified in the last two seconds is never kept (a same-size edit could keep its time)."""
+    import ast
+    import importlib.util
+
+    from distml.workflow import codehash
+
+    module_file = tmp_path / "cached_steps.py"
+    store = tmp_path / "codehash.json"
+
+    def load(text: str, mtime: float):
+        module_file.write_text(text)
+        os.utime(module_file, (mtime, mtime))
+        spec = importlib.util.spec_from_file_location("cached_steps", module_file)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "cached_steps", module)
+        spec.loader.exec_module(module)
+        return module.double
+
+    double = load("def double(x):\n    return x * 2\n", time.time() - 60)
+    parsed = codehash.SourceDigests(store)
+    first = codehash.code_version(double, parsed)
+    assert codehash.SourceDigests(store).entries == {}  # written by save(), once per run
+    parsed.save()
+    assert len(codehash.SourceDigests(store).entries) == 1
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(ast, "parse", no_parsing)
+        assert codehash.code_version(double, codehash.SourceDigests(store)).digest == first.digest
+
+    tripled = load("def double(x):\n    return x * 3\n", time.time() - 30)  # same size, another time
+    again = codehash.SourceDigests(store)
+    assert codehash.code_version(tripled, again).digest != first.digest
+    again.save()
+    assert len(codehash.SourceDigests(store).entries) == 1  # the old file's entry is gone
+
+    fresh = load("def double(x):\n    return x * 4\n", time.time())
+    recent = codehash.SourceDigests(store)
+    codehash.code_version(fresh, recent)
+    assert not recent.changed  # too recent to keep

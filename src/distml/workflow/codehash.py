@@ -6,7 +6,9 @@ module and constant it names, followed transitively through the modules' globals
 resolve into the standard library or installed packages stop the walk. Flyte and Prefect hash
 only the decorated function; a helper two calls deep is part of the result, so it counts here.
 Calls through objects (`obj.method()`) cannot be resolved statically; name such helpers or
-give the step an explicit `version=`.
+give the step an explicit `version=`. What parsing an object's source gives (its digest and the
+names it reads) is kept in `SourceDigests` by file size and modification time, as ccache's direct
+mode does, so a run whose files did not change reads and parses none of them again.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
 import os
 import site
 import sys
 import sysconfig
 import textwrap
+import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 _CONSTANT_TYPES = (int, float, str, bytes, bool, type(None), complex)
+RECENT_S = 2.0  # a file modified this recently is parsed again on each run until it is older
 
 
 def _constant_text(value: Any, depth: int = 0) -> str | None:
@@ -127,9 +133,76 @@ class CodeVersion:
     parts: dict[str, str] = field(default_factory=dict)
 
 
+class SourceDigests:
+    """The digest and the names read of each parsed object, by its file's path, size and
+    modification time and the object's name: loaded from `path` (a JSON file; missing or unreadable
+    counts as empty), written back by `save` with the entries still valid."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        if self.path is not None:
+            try:
+                loaded = json.loads(self.path.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                pass
+
+    @staticmethod
+    def key(obj: Any, name: str) -> str | None:
+        """`name` in the file that defines `obj` as it is now, or None when it has no source file."""
+        try:
+            file = inspect.getsourcefile(obj)
+            stat = os.stat(file) if file else None
+        except (OSError, TypeError):
+            return None
+        return f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\0{name}" if stat else None
+
+    def get(self, key: str | None) -> tuple[str, set[str]] | None:
+        entry = self.entries.get(key) if key is not None else None
+        if not (isinstance(entry, list) and len(entry) == 2):
+            return None
+        return entry[0], set(entry[1])
+
+    def put(self, key: str | None, digest: str, names: set[str]) -> None:
+        """Keep what parsing gave, unless the file changed within `RECENT_S` (a same-size edit
+        within the clock's granularity would keep its modification time: ccache's rule too)."""
+        if key is None or time.time() - int(key.split("\0")[2]) / 1e9 < RECENT_S:
+            return
+        self.entries[key] = [digest, sorted(names)]
+        self.changed = True
+
+    def save(self) -> None:
+        """Write the entries whose files are unchanged (a best effort: it is only a cache)."""
+        if self.path is None or not self.changed:
+            return
+        from distml.core.files import atomic_write
+
+        valid: dict[str, list] = {}
+        stats: dict[str, str | None] = {}
+        for key, entry in self.entries.items():
+            file, size, mtime, _ = key.split("\0", 3)
+            if file not in stats:
+                try:
+                    stat = os.stat(file)
+                    stats[file] = f"{stat.st_size}\0{stat.st_mtime_ns}"
+                except OSError:
+                    stats[file] = None
+            if stats[file] == f"{size}\0{mtime}":
+                valid[key] = entry
+        try:
+            with atomic_write(self.path, "w") as handle:
+                json.dump(valid, handle)
+            self.changed = False
+        except OSError:
+            pass
+
+
 class _Walker:
-    def __init__(self) -> None:
+    def __init__(self, digests: SourceDigests | None = None) -> None:
         self.parts: dict[str, str] = {}
+        self.digests = digests or SourceDigests()
 
     def add_object(self, obj: Any) -> None:
         obj = getattr(obj, "__wrapped_step_fn__", obj)  # a Step: hash its function
@@ -151,15 +224,21 @@ class _Walker:
         if name in self.parts:
             return
         self.parts[name] = ""  # mark before recursing: cycles end here
-        try:
-            tree = _strip(ast.parse(textwrap.dedent(inspect.getsource(obj))))
-            text = ast.dump(tree, annotate_fields=False, include_attributes=False)
-            names = _referenced_names(tree)
-        except (OSError, TypeError, SyntaxError):  # a lambda inside a larger line: use its bytecode
-            if not isinstance(obj, types.FunctionType):
-                return
-            text, names = _code_object_text(obj.__code__), set(obj.__code__.co_names)
-        self.parts[name] = _digest(text)
+        key = self.digests.key(obj, obj.__qualname__)
+        known = self.digests.get(key)
+        if known is not None:
+            self.parts[name], names = known
+        else:
+            try:
+                tree = _strip(ast.parse(textwrap.dedent(inspect.getsource(obj))))
+                self.parts[name] = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
+                names = _referenced_names(tree)
+                self.digests.put(key, self.parts[name], names)
+            except (OSError, TypeError, SyntaxError):  # a lambda inside a larger line: use its bytecode
+                if not isinstance(obj, types.FunctionType):
+                    return
+                self.parts[name] = _digest(_code_object_text(obj.__code__))
+                names = set(obj.__code__.co_names)
         namespace = dict(vars(module)) if module is not None else {}
         if isinstance(obj, types.FunctionType):
             namespace.update(inspect.getclosurevars(obj).nonlocals)
@@ -170,12 +249,17 @@ class _Walker:
         if name in self.parts:
             return
         self.parts[name] = ""
-        try:
-            tree = _strip(ast.parse(inspect.getsource(module)))
-        except (OSError, TypeError, SyntaxError):
-            return
-        self.parts[name] = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
-        self._follow(_referenced_names(tree), dict(vars(module)), local_globals=True, owner=name)
+        key = self.digests.key(module, "")
+        known = self.digests.get(key)
+        if known is None:
+            try:
+                tree = _strip(ast.parse(inspect.getsource(module)))
+            except (OSError, TypeError, SyntaxError):
+                return
+            known = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False)), _referenced_names(tree)
+            self.digests.put(key, *known)
+        self.parts[name], names = known
+        self._follow(names, dict(vars(module)), local_globals=True, owner=name)
 
     def _follow(self, names: set[str], namespace: dict[str, Any], local_globals: bool, owner: str) -> None:
         for dotted in sorted(names):
@@ -195,9 +279,10 @@ class _Walker:
             self.add_object(obj)
 
 
-def code_version(fn: Any) -> CodeVersion:
-    """Hash `fn` and the project-local code it reaches (see the module docstring)."""
-    walker = _Walker()
+def code_version(fn: Any, digests: SourceDigests | None = None) -> CodeVersion:
+    """Hash `fn` and the project-local code it reaches (see the module docstring); `digests`: what
+    earlier runs parsed, looked up and added to."""
+    walker = _Walker(digests)
     walker.add_object(fn)
     parts = {k: v for k, v in sorted(walker.parts.items()) if v}
     import distml

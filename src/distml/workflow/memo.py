@@ -14,7 +14,7 @@ import inspect
 import json
 from typing import Any
 
-from distml.workflow.codehash import code_version
+from distml.workflow.codehash import SourceDigests, code_version
 from distml.workflow.dag import Node, Step
 from distml.workflow.store import StepExecution
 from distml.workflow.values import canonical, fingerprint
@@ -32,9 +32,14 @@ def bind(step: Step, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def key_parts(
-    node: Node, resolved: dict[str, Any], data_fingerprint: str | None, code_cache: dict[int, Any]
+    node: Node,
+    resolved: dict[str, Any],
+    data_fingerprint: str | None,
+    code_cache: dict[int, Any],
+    digests: SourceDigests | None = None,
 ) -> dict[str, Any]:
-    """The memo key's parts for `node` called with `resolved` (stored values, by parameter)."""
+    """The memo key's parts for `node` called with `resolved` (stored values, by parameter);
+    `code_cache`: code versions by function (this run's), `digests`: parsed source (across runs)."""
     step = node.step
     assert step is not None
     upstream_params = {name for name, raw in bind(step, node.args, node.kwargs).items() if _has_node(raw)}
@@ -43,7 +48,7 @@ def key_parts(
     else:
         cached = code_cache.get(id(step.fn))
         if cached is None:
-            cached = code_cache[id(step.fn)] = code_version(step.fn)
+            cached = code_cache[id(step.fn)] = code_version(step.fn, digests)
         code = cached.parts
     return {
         "step": step.name,

@@ -33,6 +33,7 @@ from distml.core.liveness import pid_alive, process_identity
 from distml.lineage import record as lineage
 from distml.scheduling.admission import Lease, LocalPool, SharedPool
 from distml.workflow import memo, store
+from distml.workflow.codehash import SourceDigests
 from distml.workflow.dag import Node, build, substitute
 from distml.workflow.executor import StepContext, StepProcesses, Task, stop_group, using_context
 from distml.workflow.target import Target, load_target
@@ -177,6 +178,7 @@ class Orchestrator:
         self.processes = StepProcesses(workspace.ref, options.preload, ahead)
         self.ending: list[tuple[Any, float]] = []  # step processes that reported, and when to stop waiting
         self.code_cache: dict[int, Any] = {}
+        self.source_digests = SourceDigests(workspace.ref.cache_dir / "codehash.json")  # across runs
         self.logs_dir = workflow_dir(workspace.root, run_id) / "logs"
         self.stopping = False
         self.metrics = _workflow_metrics(self)
@@ -297,6 +299,7 @@ class Orchestrator:
             raise DistmlError(f"run {self.run_id} failed: {message}") from exc
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.source_digests.save()
             self.processes.close()
             self._reap(wait=True)
             endpoint.close()
@@ -504,7 +507,7 @@ class Orchestrator:
         if policy.fingerprint is not None:
             with using_context(context):
                 data = policy.fingerprint(*decoded_args, **decoded_kwargs)
-        parts = memo.key_parts(node, memo.bind(step, tuple(args), kwargs), data, self.code_cache)
+        parts = memo.key_parts(node, memo.bind(step, tuple(args), kwargs), data, self.code_cache, self.source_digests)
         key = memo.memo_key(parts)
         state.memo_parts, state.memo_key = parts, key
         if self._refreshed(step.name):
