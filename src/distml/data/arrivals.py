@@ -3,7 +3,13 @@ ingested once into an immutable snapshot.
 
 A folder source sees `*.parquet` and `*.npz` files and partition folders (`wave=3/`, complete once
 they hold a `_SUCCESS` marker, as Spark and Hive write them); names starting with `.` or `_` are
-in progress and ignored, and a file counts only once its size and mtime held still for one poll.
+in progress and ignored, and a file counts only once its size and mtime held still between two
+looks. Producers should write under such a name and rename the file in when it is complete: a file
+written in place under its final name is read once it held still between two looks, which a
+writer that pauses longer than that mid-file defeats. `FolderEvents` says when to look: on the
+folder's filesystem events (inotify, through watchfiles), or None where they cannot be trusted (no
+inotify, a network mount) and the folder is polled instead.
+
 A table source reads the rows whose order column (an increasing id or timestamp) is above the
 last one ingested. `validate` turns a batch into (image, label) arrays or says why it cannot; a wave
 over MAX_WAVE_BYTES (its files in all) is refused before it is read.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -163,6 +170,10 @@ class FolderArrivals:
         if not self.folder.is_dir():
             raise DistmlError(f"--source {self.folder} is not a folder; expected a folder new data files arrive in")
         self._seen_at: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) at the last poll
+        # files the last poll saw that had not yet held still: seen for the first time, or changed
+        # since the poll before (being written in place, not renamed in as a producer should)
+        self.unsettled: list[str] = []
+        self.changing: list[str] = []
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "path": str(self.folder.resolve())}
@@ -170,6 +181,7 @@ class FolderArrivals:
     def poll(self, known: set[str]) -> list[Arrival]:
         """Arrivals not in `known` whose files held still since the last poll, oldest first."""
         found: list[tuple[float, str, list[Path]]] = []
+        self.unsettled, self.changing = [], []
         for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
             if entry.name.startswith((".", "_")):
                 continue
@@ -185,10 +197,83 @@ class FolderArrivals:
                 previous, self._seen_at[entry.name] = self._seen_at.get(entry.name), state
                 if previous == state:
                     found.append((stat.st_mtime, entry.name, [Path(entry.path)]))
+                else:
+                    self.unsettled.append(entry.name)
+                    if previous is not None:
+                        self.changing.append(entry.name)
         found.sort()
         return [
             Arrival(key, mtime, lambda files=files: _read_files(files, self.max_bytes)) for mtime, key, files in found
         ]
+
+
+# Filesystems whose changes made on another machine send this one no inotify event.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs"}
+    | {"fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs", "fuse.ceph", "fuse.davfs"}
+)
+
+
+def filesystem_type(path: str | Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem `path` is on (the longest mount point above it), or None where
+    the mount table cannot be read (not Linux)."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = str(Path(path).resolve()), "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # a space is \040
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+class FolderEvents:
+    """The filesystem events of one folder (and its partition folders), through watchfiles' notify
+    backend (inotify on Linux). `wait` returns when something in it changed (a burst of events,
+    once quiet for `QUIET_MS`), at `timeout_s`, or when `stop` is set. `open` returns None, with
+    why, where events cannot be trusted: then the folder is polled."""
+
+    QUIET_MS = 20  # a burst of events ends after this long without one
+    MAX_BURST_MS = 1000  # a longer burst is returned anyway (its files are looked at; those still
+    # being written do not hold still and are counted at a later look)
+
+    def __init__(self, notify: Any, kind: str):
+        self._notify, self.kind = notify, kind
+
+    @classmethod
+    def open(cls, folder: str | Path) -> tuple[FolderEvents | None, str]:
+        """(the events, which backend) or (None, why not)."""
+        fstype = filesystem_type(folder)
+        if fstype in NETWORK_FILESYSTEMS:
+            return None, f"a {fstype} filesystem, whose changes from other machines send no events"
+        try:
+            from watchfiles._rust_notify import RustNotify
+
+            notify = RustNotify([str(folder)], False, False, 1000, True, False)
+        except ImportError:
+            return None, "watchfiles is not installed"
+        except (OSError, RuntimeError) as exc:  # e.g. the inotify watch limit reached
+            return None, f"no filesystem events: {exc}"
+        # its repr names the backend: RustNotify(Recommended(INotifyWatcher {...})) or RustNotify(Poll(...))
+        backend = re.match(r"RustNotify\((\w+)\(\s*(\w*)", repr(notify))
+        if backend is None or backend.group(1) == "Poll":  # notify fell back to polling by itself
+            notify.close()
+            return None, "no filesystem events on this system"
+        kind = backend.group(2) or backend.group(1)
+        return cls(notify, kind), kind
+
+    def wait(self, timeout_s: float, stop: Any) -> bool:
+        """True when something changed (events kept since the last call count too)."""
+        timeout_ms = max(1, int(timeout_s * 1000))
+        return not isinstance(self._notify.watch(self.MAX_BURST_MS, self.QUIET_MS, timeout_ms, stop), str)
+
+    def close(self) -> None:
+        self._notify.close()
 
 
 class TableArrivals:

@@ -1,12 +1,15 @@
 """Continuous training: new data in, a better model served, every decision recorded.
 
-`Watcher` (`distml watch`) follows a folder or a table (`distml.data.arrivals`): each arrival is
-checked and ingested once into a snapshot and recorded `pending`, or `rejected` with why. A cycle
-claims everything pending in one transaction (data arriving meanwhile waits for the next cycle:
-never a pile-up of runs) and runs the workflow `cycle`: train a candidate on every accepted
-snapshot so far (optionally from production's weights), evaluate it and production on the fixed
-holdout and on the newest data, and promote it only if it beats production by the margin, as a
-canary that the gateway judges and rolls back by itself. A restarted watch resumes its cycle.
+`Watcher` (`distml watch`) follows a folder or a table (`distml.data.arrivals`): a folder by its
+filesystem events where they can be trusted (a poll every EVENT_POLL_S as a safety net), else by
+polling. Each arrival is checked and ingested once into a snapshot and recorded `pending`, or
+`rejected` with why. A cycle claims everything pending in one transaction (data arriving
+meanwhile waits for the next cycle: never a pile-up of runs) and runs the workflow `cycle`: train a
+candidate on every accepted snapshot so far (optionally from production's weights) while
+production is measured on the fixed holdout and the newest data, and promote the candidate only if
+it beats production by the margin, as a canary that the gateway judges and rolls back by itself
+(the candidate's accuracy on the newest data is measured during the canary's window). A restarted
+watch resumes its cycle.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class CycleSettings(BaseModel):
     replicas: int = Field(1, ge=1, le=64)
     port: int = Field(0, ge=0, le=65535)
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
-    poll_s: float = Field(0.2, gt=0, le=60)
+    poll_s: float = Field(0.2, gt=0, le=60, description="seconds between polls where no filesystem events come")
+    events: bool = Field(True, description="follow a folder by its filesystem events where they can be trusted")
 
     @property
     def service_name(self) -> str:
@@ -89,13 +93,19 @@ def parse_watch_config(values: dict[str, Any]) -> WatchConfig:
 
 
 CYCLE_MAX_RESTARTS = 2  # torchrun restarts of a cycle's training ranks before the cycle fails
+# What a cycle's step processes import once, in their forkserver: torch and distml's training code
+# (training, evaluating), and the serving client (promoting).
+CYCLE_PRELOAD = ("torch", "distml.train.worker", "distml.models.artifact", "distml.serve.admin", "distml.serve.service")
 
 
 def _workspace():
     return current().workspace
 
 
-@step(memoize=True)
+# A cycle's steps are not memoized: every cycle trains on files no earlier one had (its new arrivals),
+# so a memo key could never hit, and hashing the steps' code would delay each cycle's training. A
+# resumed cycle takes over its finished steps and adopts its running ones without memo keys.
+@step
 def train_candidate(watch: CycleSettings, train_files: list[str], init_from: str | None = None) -> dict:
     """Train the watch's model on `train_files` (from `init_from`'s weights when given)."""
     from distml.train.config import parse_config
@@ -123,7 +133,8 @@ def train_candidate(watch: CycleSettings, train_files: list[str], init_from: str
     result = launch(config)
     if result is None:
         raise DistmlError(f"training run {config.resolved_run_id()} stopped before the end")
-    return {**{k: result[k] for k in ("model", "run_id", "test_accuracy", "steps")}, "started": started}
+    kept = {k: result[k] for k in ("model", "run_id", "test_accuracy", "steps")}
+    return {**kept, "started": started, "finished": time.time()}
 
 
 def accuracy_on(
@@ -144,49 +155,73 @@ def accuracy_on(
     return out
 
 
-@step(memoize=True)
-def evaluate_candidate(watch: CycleSettings, candidate: dict, production: str | None, newest_files: list[str]) -> dict:
-    """Candidate and production side by side on the holdout and on the newest data. The candidate's
-    holdout accuracy is its training run's own, measured on the same test split as it finished."""
-    started = time.time()
-    ws = _workspace()
-    measured = accuracy_on(ws, candidate["model"], watch, newest_files, holdout=False)
-    result = {"candidate": {"holdout": candidate["test_accuracy"], **measured}, "production": None}
-    if production is not None:
-        result["production"] = accuracy_on(ws, production, watch, newest_files)
-    for who in ("candidate", "production"):
-        for split, value in (result[who] or {}).items():
-            current().log_metric(f"{who}.{split}_accuracy", value)
-    return {**result, "started": started, "finished": time.time()}
+PRODUCTION_NICE = 5  # production's evaluation runs beside the training: the training goes first
 
 
 @step(resources=Resources(cpus=0))
-def promote(watch: CycleSettings, candidate: dict, evaluation: dict, production: str | None, cycle: int) -> dict:
-    """Register the candidate and, if it is better, serve it: start the service (first model) or
-    try it as a canary that the gateway promotes or rolls back; `production` moves only then."""
+def evaluate_production(watch: CycleSettings, production: str | None, newest_files: list[str]) -> dict | None:
+    """Production on the holdout and on the newest data, while the candidate trains (it needs
+    nothing of it), at a lower CPU priority than the training; None when there is no production."""
+    if production is None:
+        return None
+    os.nice(PRODUCTION_NICE)
+    measured = accuracy_on(_workspace(), production, watch, newest_files)
+    for split, value in measured.items():
+        current().log_metric(f"production.{split}_accuracy", value)
+    return measured
+
+
+def _candidate_newest(watch: CycleSettings, candidate: dict, newest_files: list[str]) -> dict[str, float]:
+    """The candidate's accuracy on the newest data (its holdout accuracy is its training run's own,
+    measured on the same test split as it finished), logged as the step's metrics."""
+    measured = {"holdout": candidate["test_accuracy"]}
+    measured.update(accuracy_on(_workspace(), candidate["model"], watch, newest_files, holdout=False))
+    for split, value in measured.items():
+        current().log_metric(f"candidate.{split}_accuracy", value)
+    return measured
+
+
+@step(resources=Resources(cpus=0))
+def promote(
+    watch: CycleSettings,
+    candidate: dict,
+    baseline: dict | None,
+    production: str | None,
+    cycle: int,
+    newest_files: list[str],
+) -> dict:
+    """Register the candidate and, if its holdout accuracy beats production's (`baseline`), serve
+    it: start the service (first model) or try it as a canary that the gateway promotes or rolls
+    back; `production` moves only then. The candidate's accuracy on the newest data is measured
+    once it answers (during the canary's window), or before a kept candidate's decision returns."""
     from distml.models.artifact import register_as, set_alias
     from distml.serve.admin import GatewayAdmin
     from distml.serve.service import ensure_serving, service_record
 
     ws, ctx = _workspace(), current()
     name, service = watch.name, watch.service_name
+    evaluation = {"candidate": {"holdout": candidate["test_accuracy"]}, "production": baseline}
     accept, reason = decide(evaluation, watch.margin)
     lineage = {"workflow_run": ctx.run_id, "step": ctx.node_id, "watch": name, "cycle": cycle}
     record = register_as(ws, candidate["model"], name, lineage)
     out = {"version": record.version, "model": record.ref, "reason": reason, "evaluation": evaluation}
     if not accept:
+        evaluation["candidate"] = _candidate_newest(watch, candidate, newest_files)
         return {**out, "action": "kept"}
     started = time.time()
     running = service_record(ws, service)
     if running is None:
         served = ensure_serving(ws, service, record.ref, {"replicas": watch.replicas, "port": watch.port})
+        answering = time.time()
         set_alias(ws, name, "production", record.version)
-        return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": time.time()}
+        evaluation["candidate"] = _candidate_newest(watch, candidate, newest_files)
+        return {**out, "action": "started", "url": served["url"], "swap_started": started, "answering": answering}
     token = os.environ.get("DISTML_SERVE_TOKEN")
     policy = watch.canary
     with GatewayAdmin(running.url, token) as admin:
         admin.start_canary(record.ref, policy.model_dump())  # returns once loaded everywhere and sent its share
         answering = time.time()
+        evaluation["candidate"] = _candidate_newest(watch, candidate, newest_files)  # while the canary runs
         final = admin.wait_canary(name, policy.window_s * 4 + 120)
     out.update(url=running.url, swap_started=started, answering=answering, canary=final)
     if final["state"] == "promoted" and str(final.get("canary")) == str(record.version):
@@ -199,12 +234,12 @@ def promote(watch: CycleSettings, candidate: dict, evaluation: dict, production:
 def cycle(
     watch: CycleSettings, cycle: int, train_files: list[str], newest_files: list[str], production: str | None = None
 ):
-    """One cycle of a watch: train a candidate on all data so far, evaluate it against production,
-    promote it if it is better."""
+    """One cycle of a watch: train a candidate on all data so far while production is evaluated,
+    promote the candidate if it is better."""
     trainer = train_candidate.options(resources=Resources(cpus=1, workers=watch.workers))
     candidate = trainer(watch, train_files, production if watch.warm_start else None)
-    evaluation = evaluate_candidate(watch, candidate, production, newest_files)
-    return promote(watch, candidate, evaluation, production, cycle)
+    baseline = evaluate_production(watch, production, newest_files)  # beside the training
+    return promote(watch, candidate, baseline, production, cycle, newest_files)
 
 
 # -- the watch ----------------------------------------------------------------------------------
@@ -223,13 +258,14 @@ def _seconds(value: dt.datetime | None) -> float | None:
 def freshness(arrivals: list[watch_store.Arrival], cycle_started: float, decision: dict) -> dict[str, float] | None:
     """Seconds from the first new arrival to the new model answering, in parts that add up:
     detect, ingest, wait (for the previous cycle), start (of the training step), train, evaluate
-    (with the hand-over to promotion) and swap (loading it everywhere and sending it traffic)."""
+    (from the training's end: the hand-over to promotion, the decision and the registration) and
+    swap (loading it everywhere and sending it traffic)."""
     if "answering" not in decision or not arrivals:
         return None
     first = min(arrivals, key=lambda a: _seconds(a.arrived_at))
     arrived, detected, ingested = (_seconds(first.arrived_at), _seconds(first.detected_at), _seconds(first.ingested_at))
     train_started = decision["train"]["started"]
-    train_finished = decision["evaluation"]["started"]
+    train_finished = decision["train"].get("finished") or decision["evaluation"]["started"]
     parts = {
         "detect": detected - arrived,
         "ingest": ingested - detected,
@@ -242,6 +278,14 @@ def freshness(arrivals: list[watch_store.Arrival], cycle_started: float, decisio
     parts = {k: round(v, 3) for k, v in parts.items()}
     total = decision["answering"] - arrived
     return {**parts, "total": round(total, 3), "overhead": round(total - parts["train"], 3)}
+
+
+# With filesystem events: the folder is polled this often too (an event lost, say). A file counts
+# once it held still between two looks: one seen for the first time is looked at again after
+# SETTLE_S (renamed in, it is complete), one seen changing (written in place) after `poll_s`, as
+# when polling; each of its writes brings an event, and a look, meanwhile.
+EVENT_POLL_S = 10.0
+SETTLE_S = 0.05
 
 
 class Watcher:
@@ -298,13 +342,9 @@ class Watcher:
             try:
                 image, label = validate(arrival.read(), self.schema)
                 path, fingerprint = write_snapshot(self.snapshots, image, label)
-                same = [
-                    a
-                    for a in watch_store.list_arrivals(self.engine, self.config.name)
-                    if a.fingerprint == fingerprint and a.status != "rejected"
-                ]
-                if same:
-                    raise BadBatch(f"the same records as {same[0].key} (fingerprint {fingerprint[:12]})")
+                same = watch_store.accepted_arrival_with(self.engine, self.config.name, fingerprint)
+                if same is not None:
+                    raise BadBatch(f"the same records as {same.key} (fingerprint {fingerprint[:12]})")
                 values.update(status="pending", snapshot=str(path), fingerprint=fingerprint, num_records=len(label))
             except BadBatch as exc:
                 values.update(status="rejected", reason=str(exc))
@@ -326,13 +366,34 @@ class Watcher:
             self.arrived.set()
         return len(arrivals)
 
-    def _ingest_loop(self, stop: threading.Event) -> None:
+    def open_events(self) -> tuple[Any, str]:
+        """The source's filesystem events, or None; and, in words, how the source is followed."""
+        from distml.data.arrivals import FolderArrivals, FolderEvents
+
+        polling = f"polling every {self.config.poll_s:g} s"
+        if not isinstance(self.source, FolderArrivals):
+            return None, polling
+        if not self.config.events:
+            return None, f"{polling} (filesystem events turned off)"
+        events, kind = FolderEvents.open(self.source.folder)
+        if events is None:
+            return None, f"{polling} ({kind})"
+        return events, f"filesystem events ({kind}), a poll every {EVENT_POLL_S:g} s as a fallback"
+
+    def _ingest_loop(self, stop: threading.Event, events: Any = None) -> None:
+        """Ingest, then wait: for the source's next events (or a file seen changing to settle, or the
+        fallback poll), or `poll_s` without events."""
         while not stop.is_set():
             try:
                 self.ingest_once()
             except DistmlError as exc:  # e.g. the database is briefly unreachable: say so, poll again
                 self.say(f"polling {self.config.source} failed: {exc}")
-            stop.wait(self.config.poll_s)
+            if events is None:
+                stop.wait(self.config.poll_s)
+            elif self.source.changing:
+                events.wait(self.config.poll_s, stop)
+            else:
+                events.wait(SETTLE_S if self.source.unsettled else EVENT_POLL_S, stop)
 
     # ------------------------------------------------------------ cycles
 
@@ -364,8 +425,7 @@ class Watcher:
                 }
                 run_id = new_run_id(f"watch-{self.config.name}")
                 watch_store.update_cycle(self.engine, self.config.name, number, run_id=run_id)
-                # every step needs torch and distml's training code: imported once, in the forkserver
-                options = RunOptions(preload=("torch", "distml.train.worker", "distml.models.artifact", CYCLE_MODULE))
+                options = RunOptions(preload=(*CYCLE_PRELOAD, CYCLE_MODULE))  # imported once, in the forkserver
                 result = run_pipeline(self.ws, CYCLE_TARGET, params, options, run_id=run_id)
             if result.status != "succeeded":
                 failed = [f"{s.node.id}: {s.error}" for s in result.states.values() if s.status == "failed"]
@@ -406,14 +466,24 @@ class Watcher:
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         self._claim_watch()
-        self.say(f"watching {self.config.source} as {self.config.name!r} (service {self.config.service_name})")
+        events, how = self.open_events()  # before the first poll: nothing arriving after it is missed
+        try:
+            self._run(stop, events, how)
+        finally:
+            if events is not None:
+                events.close()
+
+    def _run(self, stop: threading.Event, events: Any, how: str) -> None:
+        self.say(f"watching {self.config.source} as {self.config.name!r} (service {self.config.service_name}): {how}")
         for row in watch_store.list_cycles(self.engine, self.config.name):
             if row.status == "running":  # this watch was stopped or killed inside it
                 self.say(f"resuming cycle {row.cycle}")
                 self._run_cycle(row.cycle, resume_run=row.run_id)
                 self.cycles_done += 1
         self.ingest_once()
-        poller = threading.Thread(target=self._ingest_loop, args=(stop,), name="distml-watch-poll", daemon=True)
+        poller = threading.Thread(
+            target=self._ingest_loop, args=(stop, events), name="distml-watch-ingest", daemon=True
+        )
         poller.start()
         try:
             while not stop.is_set():

@@ -180,6 +180,13 @@ def known_arrival_keys(engine: sa.Engine, watch: str) -> set[str]:
         return set(conn.execute(sa.select(watch_arrivals.c.key).where(watch_arrivals.c.watch == watch)).scalars())
 
 
+def accepted_arrival_with(engine: sa.Engine, watch: str, fingerprint: str) -> Arrival | None:
+    """The first arrival of `watch` not rejected whose records have `fingerprint`, if any."""
+    a = watch_arrivals.c
+    query = sa.select(watch_arrivals).where(a.watch == watch, a.fingerprint == fingerprint, a.status != "rejected")
+    return fetch_one(engine, query.order_by(a.id).limit(1), Arrival)
+
+
 def list_arrivals(engine: sa.Engine, watch: str) -> list[Arrival]:
     query = sa.select(watch_arrivals).where(watch_arrivals.c.watch == watch).order_by(watch_arrivals.c.id)
     return fetch_all(engine, query, Arrival)
