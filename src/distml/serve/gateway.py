@@ -48,6 +48,7 @@ from distml.serve.config import STATE_FILE, SUPERVISOR_ENV, ServeConfig, load_se
 from distml.serve.model import parse_version
 from distml.serve.protocol import ProtocolError
 from distml.serve.replicas import NoReplicaAvailable, ReplicaSet
+from distml.serve.warmpool import warm_command
 
 log = logging.getLogger("distml.serve.gateway")
 
@@ -168,6 +169,8 @@ class Gateway:
                 start_timeout=config.start_timeout,
                 drain_timeout=config.drain_timeout,
                 supervisor_pid=supervisor_pid,
+                # autoscaled: a warm, pre-imported interpreter waits for the next replica (cold starts)
+                warm_command=warm_command(config.replica_command) if config.autoscale is not None else None,
             )
             rs.on_eject = lambda _r, _why, g=g: self.metrics.ejections.labels(group=str(g)).inc()
             self.groups.append(rs)

@@ -3,6 +3,8 @@
 Each replica is a child reading its own ReplicaConfig file (port 0, a port file; ready on GET
 /v2/health/ready) with PR_SET_PDEATHSIG
 so none outlives us; dead or N-times-unhealthy ones are ejected and replaced, retired ones drain first.
+With a `warm_command` a set keeps one pre-started, pre-imported interpreter (`serve.warmpool`) and the next
+replica it starts is that process, handed its config: a cold start skips Python's start and torch's import.
 supervisord and circus were considered: neither checks HTTP readiness nor counts in-flight requests.
 """
 
@@ -34,10 +36,14 @@ from distml.core.liveness import is_running, parent_of, process_identity
 from distml.core.refs import ModelRef
 from distml.serve.admin_api import RepositoryRequestBody, parse_body, to_json
 from distml.serve.config import SUPERVISOR_ENV, TOKEN_ENV, ReplicaConfig
+from distml.serve.warmpool import WarmPool
 
 log = logging.getLogger("distml.serve.replicas")
 
 STARTING, READY, DRAINING, STOPPED = "starting", "ready", "draining", "stopped"
+# A warm interpreter's imports take a CPU for seconds: none starts beside a starting replica, nor in this
+# long after one got ready (its first requests, the ones that woke it, are answered meanwhile).
+WARM_AFTER_READY_S = 1.0
 
 # ---------------------------------------------------------------- children never outlive us
 
@@ -156,6 +162,7 @@ class Replica:
     ready_at: float | None = None
     error: str | None = None
     identity: str | None = None  # its start time: tells it from a later process with its pid
+    warm: bool = False  # started from the set's warm interpreter
     _reaped: bool = field(default=False, repr=False)
 
     @property
@@ -179,6 +186,7 @@ class Replica:
             "outstanding": self.outstanding,
             "served": self.served,
             "error": self.error,
+            "warm": self.warm,
         }
 
 
@@ -202,6 +210,7 @@ class ReplicaSet:
         retry_grace: float = 0.5,
         env: dict[str, str] | None = None,
         supervisor_pid: int | None = None,
+        warm_command: Sequence[str] | None = None,
     ):
         self.command = list(command)
         if not self.command:
@@ -228,9 +237,11 @@ class ReplicaSet:
         # Under a service's supervisor, replicas outlive a killed gateway (the supervisor adopts them,
         # the next gateway takes them over) instead of dying with it.
         self.supervisor_pid = supervisor_pid
+        # `serve.warmpool.warm_command(command)`: one such interpreter is kept started (when no replica is
+        # starting) and becomes the next replica; it is no replica itself (not counted, listed, nor adopted).
+        self.warm = WarmPool(warm_command, self._popen) if warm_command else None
         self.desired = replicas
-        self._own_run_dir = run_dir is None
-        self._run_dir_arg = run_dir
+        self._own_run_dir, self._run_dir_arg = run_dir is None, run_dir
         self.run_dir: Path | None = None
         self._replicas: list[Replica] = []
         self._retiring: set[asyncio.Task] = set()
@@ -286,6 +297,8 @@ class ReplicaSet:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        if self.warm is not None:
+            _LIVE.discard(await asyncio.to_thread(self.warm.stop))
         for replica in list(self._replicas):
             self._retire(replica, graceful)
         await asyncio.gather(*list(self._retiring), return_exceptions=True)
@@ -381,6 +394,9 @@ class ReplicaSet:
             "in_flight": self._in_flight,
             "waiting": self._waiting,
             "last_error": self.last_error,
+            "warm_pid": self.warm.pid if self.warm is not None else None,  # a warm interpreter waiting
+            "warm_ready": self.warm is not None and self.warm.ready,  # its imports done
+            "warm_starts": self.warm.starts if self.warm is not None else 0,
             "replicas": [r.info() for r in self._replicas],
         }
 
@@ -640,7 +656,22 @@ class ReplicaSet:
         config = self.template.model_copy(update={"models": list(models), "port": 0, "port_file": str(port_file)})
         with atomic_write(config_path, "w") as handle:
             handle.write(config.model_dump_json(indent=1))
-        cmd = [*self.command, str(config_path)]
+        proc = self.warm.take(config_path, log_path) if self.warm is not None else None
+        warm = proc is not None
+        if proc is None:
+            proc = self._popen([*self.command, str(config_path)], log_path)
+        replica = Replica(rid, tuple(models), proc, port_file, log_path, self.host, time.monotonic(), warm=warm)
+        replica.identity = process_identity(proc.pid)
+        self._replicas.append(replica)
+        how = "from the warm interpreter" if warm else "cold"
+        log.info("replica %s starting %s (pid %d, models %s)", rid, how, proc.pid, list(models))
+        self._wake.set()
+        return replica
+
+    def _popen(
+        self, cmd: list[str], log_path: Path, stdin: int = subprocess.DEVNULL, pass_fds: Sequence[int] = ()
+    ) -> subprocess.Popen:
+        """Start `cmd` as a replica process (or a warm interpreter that becomes one) logging to `log_path`."""
         env = {**os.environ, **(self.env or {})}
         env.pop(TOKEN_ENV, None)
         if self.token:
@@ -651,7 +682,8 @@ class ReplicaSet:
             try:
                 proc = subprocess.Popen(
                     cmd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=stdin,
+                    pass_fds=pass_fds,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -659,14 +691,9 @@ class ReplicaSet:
                     preexec_fn=None if self.supervisor_pid is not None else _die_with_parent(os.getpid()),
                 )
             except OSError as exc:
-                raise DistmlError(f"cannot start replica command {self.command}: {exc}") from exc
+                raise DistmlError(f"cannot start replica process {cmd}: {exc}") from exc
         _LIVE.add(proc)
-        replica = Replica(rid, tuple(models), proc, port_file, log_path, self.host, time.monotonic())
-        replica.identity = process_identity(proc.pid)
-        self._replicas.append(replica)
-        log.info("replica %s starting (pid %d, models %s)", rid, proc.pid, list(models))
-        self._wake.set()
-        return replica
+        return proc
 
     async def _wait_replica(self, replica: Replica, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -814,6 +841,13 @@ class ReplicaSet:
             for replica in extra[: len(live) - self.desired]:
                 self._retire(replica, True)
 
+    def _warm_due(self) -> bool:
+        now = time.monotonic()
+        return not any(
+            r.state == STARTING or (r.ready_at is not None and now - r.ready_at < WARM_AFTER_READY_S)
+            for r in self._replicas
+        )
+
     async def _supervise(self) -> None:
         last_health = time.monotonic()
         while not self._closed:
@@ -827,6 +861,8 @@ class ReplicaSet:
                     await self._check_ready()
                 if not self._rolling and not self._closed:
                     self._reconcile()
+                if self.warm is not None and not self._closed and self._warm_due():
+                    self.warm.refill(self.run_dir)
             except asyncio.CancelledError:
                 raise
             except Exception:

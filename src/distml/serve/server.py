@@ -435,6 +435,37 @@ def create_app(config: ReplicaConfig, token: str | None = None, workspace: Works
 # --- the replica process ---------------------------------------------------------------------
 
 
+#: Imported lazily on a replica's start-up path; `warm_up` imports them ahead.
+WARM_MODULES = (
+    "torch",
+    "safetensors.torch",
+    "sqlalchemy.dialects.sqlite",
+    "pydantic.v1",  # FastAPI's checks of route annotations
+    "httpcore",  # the job runner's callback client
+    "uvicorn.lifespan.on",
+    "uvicorn.protocols.http.httptools_impl",
+    "distml.models.artifact",
+    "distml.models.zoo",
+)
+
+
+def warm_up() -> None:
+    """What a replica process does before it knows its models (`serve.warmpool` runs it ahead of a
+    cold start): import `WARM_MODULES` (and uvicorn's uvloop loop when uvloop is installed), and run
+    one small convolution so that oneDNN's one-time setup is not paid by the first request."""
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    with contextlib.suppress(ImportError):
+        importlib.import_module("uvicorn.loops.uvloop")
+    import torch
+
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(1, 2, 3).to(memory_format=torch.channels_last)
+        conv(torch.zeros(1, 1, 8, 8).to(memory_format=torch.channels_last)).sum()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one replica: `python -m distml.serve.server REPLICA_CONFIG.json`. Contract (the gateway
     relies on it): binds the config's host/port (0 = a free port), loads every model, then writes
