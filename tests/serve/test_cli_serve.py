@@ -269,15 +269,16 @@ def test_kill_9_of_a_replica_under_load_loses_no_request_and_a_replacement_joins
 
 def test_cold_start_from_zero_holds_requests_and_hold_timeout_answers_503(trained_workspace):
     images = digits_images(4)
-    # a replica takes seconds to start (python, torch, the weights); 0.2 s of holding is not enough.
-    # Its first request starts the replica, which gets ready (and stays) while the other service is tested.
-    impatient = Service(trained_workspace, "cnn:1", "--autoscale", "0:1", "--replicas", "0", "--hold-timeout", "0.2",
+    # a replica takes longer than 1 ms to get ready, even from the warm interpreter (loading the weights
+    # alone does). Its first request starts the replica, which gets ready (and stays) while the other
+    # service is tested.
+    impatient = Service(trained_workspace, "cnn:1", "--autoscale", "0:1", "--replicas", "0", "--hold-timeout", "0.001",
                         "--scale-to-zero-after", "600")  # fmt: skip
     try:
         first = httpx.post(f"{impatient.url}/v1/models/cnn:predict", json={"instances": [images[0].tolist()]},
                            timeout=60)  # fmt: skip
         assert first.status_code == 503
-        assert "no replica became ready within the hold timeout of 0.2 s (--hold-timeout)" in first.json()["error"]
+        assert "no replica became ready within the hold timeout of 0.001 s (--hold-timeout)" in first.json()["error"]
         # --replicas 0: start with none (like Knative, the initial scale is otherwise 1)
         service = Service(trained_workspace, "cnn:1", "--autoscale", "0:2", "--replicas", "0",
                           "--scale-to-zero-after", "1", "--stable-window", "2", "--panic-window", "1")  # fmt: skip
