@@ -637,6 +637,35 @@ def test_artifacts_flow_between_steps_by_content(tmp_path, workspace, monkeypatc
     assert workspace.artifacts.exists(result.result["digest"])
 
 
+def test_a_step_that_records_lineage_has_its_execution_ended_in_the_graph(tmp_path, workspace):
+    """A step's execution enters the lineage graph with the first thing it records (here a data
+    snapshot); the orchestrator ends it once the step succeeded, also for the last step of a run."""
+    path = write(
+        tmp_path,
+        """
+        from distml.lineage import record
+        from distml.workflow import current, step
+
+        @step
+        def snapshot(split: str, after: str = "") -> str:
+            record.record_data_snapshot(current().workspace.engine, name="d", split=split, fingerprint="f" + split)
+            return split
+
+        def pipeline():
+            return snapshot("test", after=snapshot("train"))
+        """,
+    )
+    result = run_pipeline(workspace, f"{path}:pipeline")
+    assert result.status == "succeeded"
+    from distml.lineage.record import STEP, step_key
+    from distml.lineage.store import find_execution
+
+    with workspace.engine.connect() as conn:
+        for node_id in result.states:
+            execution = find_execution(conn, STEP, step_key(result.run_id, node_id, 0))
+            assert execution is not None and execution.state == "complete", (node_id, execution)
+
+
 def test_the_example_user_pipeline_runs_and_its_memoized_step_hits_the_cache_again(tmp_path):
     example = Path(__file__).resolve().parents[2] / "examples" / "word_lengths.py"
     argv = ["--workspace", str(tmp_path / "ws"), "run", f"{example}:pipeline", "--param", 'words=["Data", "ml "]']

@@ -178,16 +178,36 @@ def set_queue_weight(engine: sa.Engine, name: str, weight: float) -> None:
             conn.execute(sched_queues.insert().values(name=name, weight=weight, updated_at=time.time()))
 
 
+_QUEUES = sa.select(sched_queues.c.name, sched_queues.c.weight)
+
+
 def queue_weights(conn: sa.Connection) -> dict[str, float]:
-    return {row.name: row.weight for row in conn.execute(sa.select(sched_queues))}
+    return {row.name: row.weight for row in conn.execute(_QUEUES)}
 
 
 # -- a scheduling pass: every statement runs inside the pass's one transaction --------------------
 
 
+# The statements every pass runs, built once (SQLAlchemy then reuses their compiled form).
+_BEGIN_PASS = sched_lock.update().where(sched_lock.c.id == 1).values(passes=sched_lock.c.passes + 1)
+_WAITING_IDS = sa.select(sched_jobs.c.id).where(
+    sched_jobs.c.state == "waiting", sched_jobs.c.node == sa.bindparam("node")
+)
+_START_JOB = (
+    sched_jobs.update()
+    .where(sched_jobs.c.id == sa.bindparam("job_id"))
+    .values(state="running", started_at=sa.bindparam("now"), placement_json=sa.bindparam("placement"), reason=None)
+)
+_BIND_JOB = (
+    sched_jobs.update()
+    .where(sched_jobs.c.id == sa.bindparam("job_id"))
+    .values(pid=sa.bindparam("holder"), pid_started=sa.bindparam("holder_started"))
+)
+
+
 def begin_pass(conn: sa.Connection) -> None:
     """Count the pass; the row lock this takes serialises passes on SQLite and PostgreSQL alike."""
-    conn.execute(sched_lock.update().where(sched_lock.c.id == 1).values(passes=sched_lock.c.passes + 1))
+    conn.execute(_BEGIN_PASS)
 
 
 def _pass_rows_query() -> sa.Select:
@@ -213,8 +233,7 @@ def pass_rows(conn: sa.Connection, node: str, window: int) -> list[Any]:
 
 
 def waiting_ids(conn: sa.Connection, node: str) -> list[str]:
-    query = sa.select(sched_jobs.c.id).where(sched_jobs.c.state == "waiting", sched_jobs.c.node == node)
-    return list(conn.execute(query).scalars())
+    return list(conn.execute(_WAITING_IDS, {"node": node}).scalars())
 
 
 def end_job(
@@ -232,11 +251,7 @@ def end_job(
 
 
 def start_job(conn: sa.Connection, job_id: str, now: float, placement: list[str]) -> None:
-    conn.execute(
-        sched_jobs.update()
-        .where(sched_jobs.c.id == job_id)
-        .values(state="running", started_at=now, placement_json=json.dumps(placement), reason=None)
-    )
+    conn.execute(_START_JOB, {"job_id": job_id, "now": now, "placement": json.dumps(placement)})
 
 
 def preempt_job(conn: sa.Connection, job_id: str, reason: str) -> None:
@@ -278,7 +293,7 @@ def running_job_id(engine: sa.Engine, name: str, node: str) -> str | None:
 
 
 def bind_job(conn: sa.Connection, job_id: str, pid: int, pid_started: str | None) -> None:
-    conn.execute(sched_jobs.update().where(sched_jobs.c.id == job_id).values(pid=pid, pid_started=pid_started))
+    conn.execute(_BIND_JOB, {"job_id": job_id, "holder": pid, "holder_started": pid_started})
 
 
 def get_job(engine: sa.Engine, job_id: str) -> SchedJob:

@@ -177,6 +177,7 @@ class Orchestrator:
         ahead = (target.module, target.module_file) if target.module_file else None
         self.processes = StepProcesses(workspace.ref, options.preload, ahead)
         self.ending: list[tuple[Any, float]] = []  # step processes that reported, and when to stop waiting
+        self.lineage_ends: list[tuple[str, int]] = []  # (node, generation) that succeeded, not yet recorded
         self.code_cache: dict[int, Any] = {}
         self.source_digests = SourceDigests(workspace.ref.cache_dir / "codehash.json")  # across runs
         self.logs_dir = workflow_dir(workspace.root, run_id) / "logs"
@@ -299,6 +300,8 @@ class Orchestrator:
             raise DistmlError(f"run {self.run_id} failed: {message}") from exc
         finally:
             signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(Exception):  # (on the way out of an error: that error is the one to see)
+                self._end_lineage()
             self.source_digests.save()
             self.processes.close()
             self._reap(wait=True)
@@ -560,7 +563,14 @@ class Orchestrator:
 
     # -- waiting and outcomes ------------------------------------------------------------
 
+    def _end_lineage(self) -> None:
+        """Record the end of the lineage executions of the steps that succeeded since the last call."""
+        ends, self.lineage_ends = self.lineage_ends, []
+        for node_id, generation in ends:
+            lineage.end_step(self.engine, self.run_id, node_id, generation, "complete")
+
     def _wait(self) -> None:
+        self._end_lineage()
         self._reap()
         now = time.monotonic()
         running = [s for s in self.states.values() if s.status == "running"]
@@ -662,7 +672,8 @@ class Orchestrator:
     def _succeeded(self, state: NodeState, output: Any) -> None:
         self._release(state)
         self._observe_attempt(state, "succeeded")
-        lineage.end_step(self.engine, self.run_id, state.node.id, state.generation, "complete")
+        # recorded once the steps this result lets start have started (`_wait`), off their path
+        self.lineage_ends.append((state.node.id, state.generation))
         state.value, state.has_result, state.status, state.error = output, True, "succeeded", None
         state.generation += 1
         state.attempt = 0
