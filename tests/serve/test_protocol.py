@@ -286,6 +286,19 @@ def test_responses_that_json_cannot_carry():
     assert info.value.status == 500
     body, headers = encode_infer_response(response, True)  # binary carries them
     assert np.isnan(parse_infer_response(body, headers[HEADER_LENGTH]).outputs[0].data[0])
+    # finite tensors written the fast way (orjson), NaN elsewhere in the response still refused, not null
+    finite = [Tensor.from_numpy("y", np.array([0.5, 1e-7], np.float32)), Tensor.from_numpy("k", np.array([3]))]
+    body, _ = encode_infer_response(InferResponse("m", finite))
+    assert [o["data"] for o in json.loads(body)["outputs"]] == [[0.5, float(np.float32(1e-7))], [3]]
+    for nan_elsewhere in (
+        InferResponse("m", finite, parameters={"score": float("nan")}),
+        InferResponse("m", [Tensor.from_numpy("y", np.array([0.5], np.float32), score=float("inf"))]),
+        InferResponse("m", [Tensor.from_numpy("y", np.array([0.5], np.float32), score=float("nan"))]),
+    ):
+        with pytest.raises(ProtocolError, match="NaN or infinite values, which JSON cannot carry"):
+            encode_infer_response(nan_elsewhere, lambda name: False)
+        with pytest.raises(ProtocolError, match="NaN or infinite values, which JSON cannot carry"):
+            encode_infer_response(nan_elsewhere, lambda name: True)
     bad_utf8 = InferResponse("m", [Tensor.from_numpy("s", np.array([b"\xff"], dtype=object), "BYTES")])
     with pytest.raises(ProtocolError, match="not UTF-8"):
         encode_infer_response(bad_utf8)

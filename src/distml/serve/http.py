@@ -3,7 +3,8 @@
 Bearer-token auth as one Starlette-style ASGI middleware class (the scheme is case-insensitive,
 RFC 7235), `{"error": ...}` bodies and exception handlers, bounded (and decompressed) request
 bodies, and running uvicorn on a socket bound here: the port file is written once the app is
-ready, and SIGTERM/SIGINT drain in-flight requests and return instead of killing the process.
+ready, SIGTERM/SIGINT drain in-flight requests and return instead of killing the process, and a
+response's head and body leave in one write (`CoalescedWrites`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import signal
@@ -102,12 +104,23 @@ class FastRoutes:
         await self.app(scope, receive, send)
 
 
+# FastAPI's native OpenTelemetry (0.13x+) looks up the global tracer, meter and logger providers on
+# every request (~10 us) even when none is configured; the apps count requests in their own
+# Prometheus metrics, so it is off unless a caller passes `telemetry` itself.
+TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
+
+
 class FrontedApp(FastAPI):
     """FastAPI for the docs and the cold routes, behind `front`: pure ASGI layers (outermost first,
     as (class, options)) that every request passes before FastAPI's own stack; `FastRoutes` among
     them lets the hot routes skip that stack."""
 
     front: list[tuple[type, dict[str, Any]]] = []
+
+    def __init__(self, **kwargs: Any):
+        if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+            kwargs.setdefault("telemetry", TELEMETRY_OFF)
+        super().__init__(**kwargs)
 
     def build_middleware_stack(self) -> Any:
         app = super().build_middleware_stack()
@@ -197,17 +210,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             f"request body of {length} bytes exceeds the server's limit of {max_bytes} bytes; "
             "send fewer items per request",
         )
+    # ASGI messages read here, not through `request.stream()` (an async generator per request): most
+    # bodies come in one message. What is not read (over the limit) is left to that stream.
     chunks, size = [], 0
-    stream = request.stream()
-    async for chunk in stream:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            await _discard(stream, size, max_bytes)
+            if message.get("more_body", False):
+                await _discard(request.stream(), size, max_bytes)
             raise BodyTooLarge(
                 f"request body exceeds the server's limit of {max_bytes} bytes; send fewer items per request"
             )
+        if not message.get("more_body", False):
+            return chunk if not chunks else b"".join([*chunks, chunk])
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def read_json(request: Request, max_bytes: int, expected: str) -> dict[str, Any]:
@@ -247,6 +267,61 @@ def document_bodies(app: FastAPI, models: Sequence[type]) -> None:
 
 
 # --- binding and running -------------------------------------------------------------------
+
+
+class CoalescedWrites:
+    """A transport that holds writes until `flush`: at the end of each response, else the loop's next turn.
+
+    uvicorn writes a response's head and its body separately: two send() system calls and two TCP
+    segments (two wake-ups of the client) per small answer. Joined, a one-image answer costs one of
+    each. Everything else, `close` included (after the held bytes), is the wrapped transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held = []
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def http_protocol() -> Any:
+    """uvicorn's httptools protocol on `CoalescedWrites`; uvicorn's default ("auto") without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is a dependency
+        return "auto"
+
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(CoalescedWrites(transport, self.loop))
+
+        def on_response_complete(self) -> None:
+            self.transport.flush()  # the whole answer is written: send it now, not after the loop's turn
+            super().on_response_complete()
+
+    return CoalescingHttpToolsProtocol
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -309,6 +384,7 @@ async def serve(
         timeout_keep_alive=30,
         proxy_headers=False,  # no proxy in front of us sets X-Forwarded-*; its middleware costs per request
         server_header=False,
+        http=http_protocol(),
     )
     server = uvicorn.Server(config)
 

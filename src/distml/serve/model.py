@@ -99,8 +99,11 @@ class Preprocessing:
         return cls(tuple(shape), dtype, scale, mean, std)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
+        return self.apply_in_place(np.array(raw, dtype=np.float32))
+
+    def apply_in_place(self, x: np.ndarray) -> np.ndarray:
+        """`apply` on a float32 array the caller owns (no copy)."""
         # The same float32 arithmetic as distml.data.preprocess.Normalize in training.
-        x = np.array(raw, dtype=np.float32)
         x *= np.float32(self.scale / self.std)
         x -= np.float32(self.mean / self.std)
         return x
@@ -192,6 +195,8 @@ class ServedModel:
 
     def _reshape(self, shape: Sequence[int], where: str) -> tuple[int, ...]:
         """The (n, *spec) shape an input of `shape` becomes, or a 400 naming the accepted shapes."""
+        if len(shape) == len(self.spec_shape) + 1 and tuple(shape[1:]) == self.spec_shape and shape[0] >= 1:
+            return tuple(shape)  # already (n, *spec): the common case, without building the patterns
 
         def fits(dims: Sequence[int], spec: Sequence[int]) -> bool:
             return len(dims) == len(spec) and all(s == -1 or d == s for d, s in zip(dims, spec))
@@ -226,13 +231,15 @@ class ServedModel:
                 "0..255 (UINT8, other integer types, FP16 and FP64 are accepted and cast to FP32)",
             )
         shape = self._reshape(tensor.shape, where)
-        raw = np.asarray(tensor.data, dtype=np.float32).reshape(shape)
-        return self.normalize(raw, where)
+        return self.normalize(np.asarray(tensor.data).reshape(shape), where)
 
     def normalize(self, raw: np.ndarray, where: str) -> np.ndarray:
-        if not np.isfinite(raw).all():
+        """Raw numeric pixels (any integer or float dtype) as normalised float32 model inputs (a new array)."""
+        x = raw.astype(np.float32)
+        # integers are always finite in float32; floats may be NaN/inf, or overflow float32 (FP64)
+        if raw.dtype.kind not in "iub" and not np.isfinite(x).all():
             raise ProtocolError(400, f"{where} holds NaN or infinite values; expected pixel values 0..255")
-        return self.preprocessing.apply(raw)
+        return self.preprocessing.apply_in_place(x)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities for normalised inputs; runs in the batcher's thread."""
@@ -307,8 +314,9 @@ class ServedModel:
                     ) from None
                 if array.dtype.kind not in "iuf":
                     raise ProtocolError(400, f"{where} holds non-numeric values; expected pixel values 0..255")
-                shape = self._reshape((1, *array.shape), where)
-                images.append(array.astype(np.float32).reshape(shape[1:]))
+                if array.shape != self.spec_shape:
+                    array = array.reshape(self._reshape((1, *array.shape), where)[1:])
+                images.append(array)  # cast to float32 once, by `normalize`
             else:
                 raise ProtocolError(
                     400,
@@ -316,6 +324,10 @@ class ServedModel:
                     f"{'x'.join(map(str, self.spec_shape))} nested list of pixel values 0..255 "
                     'or {"image_bytes": {"b64": "..."}}',
                 )
+        if len(images) == 1:
+            return images[0][np.newaxis]
+        if any(image.dtype != images[0].dtype for image in images):  # each cast as it is, not via float64
+            images = [image.astype(np.float32) for image in images]
         return np.stack(images)
 
     def _decode_image(self, b64: str, where: str) -> np.ndarray:

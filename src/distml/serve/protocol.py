@@ -579,8 +579,17 @@ def _dump(obj: dict, what: str, status: int) -> bytes:
         ) from None
 
 
-def _join(obj: dict, raws: list[bytes], what: str, status: int) -> tuple[bytes, int | None]:
-    head = _dump(obj, what, status)
+def _dump_checked(obj: dict, what: str, status: int) -> bytes:
+    """`_dump` through orjson (~15x faster) for an object known to hold no NaN or infinity (orjson
+    would write them as null); anything else orjson refuses goes to `_dump`."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return _dump(obj, what, status)
+
+
+def _join(obj: dict, raws: list[bytes], what: str, status: int, *, finite: bool = False) -> tuple[bytes, int | None]:
+    head = _dump_checked(obj, what, status) if finite else _dump(obj, what, status)
     if not raws:
         return head, None
     return b"".join([head, *raws]), len(head)
@@ -632,11 +641,17 @@ def encode_infer_response(
     """Encode a response; `binary(name)` says which outputs go as binary. Returns (body, headers)."""
     wants = binary if callable(binary) else (lambda _name, _b=bool(binary): _b)
     entries, raws = [], []
+    finite = not response.parameters  # JSON values orjson may write: no NaN/inf anywhere (checked below)
     for tensor in response.outputs:
         entry, raw = _encode_tensor_data(tensor, wants(tensor.name), 500)
         entries.append(entry)
         if raw is not None:
             raws.append(raw)
+        if finite and (
+            any(key != "binary_data_size" for key in tensor.parameters)
+            or (raw is None and tensor.datatype in FLOAT_TYPES and not np.isfinite(np.asarray(tensor.data)).all())
+        ):
+            finite = False
     obj: dict[str, Any] = {"model_name": response.model_name}
     if response.model_version is not None:
         obj["model_version"] = str(response.model_version)
@@ -645,7 +660,7 @@ def encode_infer_response(
     if response.parameters:
         obj["parameters"] = dict(response.parameters)
     obj["outputs"] = entries
-    body, header_length = _join(obj, raws, f"output of model {response.model_name!r}", 500)
+    body, header_length = _join(obj, raws, f"output of model {response.model_name!r}", 500, finite=finite)
     if header_length is None:
         return body, {"content-type": "application/json"}
     return body, {"content-type": "application/octet-stream", HEADER_LENGTH: str(header_length)}

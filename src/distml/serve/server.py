@@ -51,6 +51,8 @@ class ModelServer:
         self.repository = repository
         self.workspace = repository.workspace
         self.metrics = ServingMetrics()
+        self.in_flight = 0  # HTTP requests being handled; the gauge reads it at scrape time (no lock per request)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.ready = False
         self.draining = False
         self.jobs = JobRunner(
@@ -328,26 +330,27 @@ class ServingMiddleware:
         server = self.server
         labels = {"model": "", "version": "", "endpoint": "other"}
         scope["distml.labels"] = labels
-        state = {"status": 500, "started": False}
+        status = 0  # 0: no answer started yet
         started = time.perf_counter()
 
         async def send_with_headers(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                state["status"], state["started"] = message["status"], True
-                if message["status"] == 401:
+                status = message["status"]
+                if status == 401:
                     labels["endpoint"] = "unauthorized"
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-model-version"]
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-model-version"]
                 tag = f"{labels['model']}:{labels['version']}" if labels["model"] else server.repository.tags
                 headers.append((b"x-model-version", tag.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
-        server.metrics.in_flight.inc()
+        server.in_flight += 1
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception as exc:
             log.exception("event=unhandled_error path=%s", scope["path"])
-            if state["started"]:
+            if status:
                 raise
             response = http.error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
             await response(scope, receive, send_with_headers)
@@ -355,9 +358,9 @@ class ServingMiddleware:
             served = scope.get("distml.served")
             if served is not None:
                 served.in_use -= 1
-            server.metrics.in_flight.dec()
+            server.in_flight -= 1
             server.metrics.observe_request(
-                labels["model"], labels["version"], labels["endpoint"], state["status"], time.perf_counter() - started
+                labels["model"], labels["version"], labels["endpoint"], status or 500, time.perf_counter() - started
             )
 
 
