@@ -877,3 +877,29 @@ def test_a_step_receives_its_settings_as_the_pydantic_model_it_declares(tmp_path
     assert failed.status == "failed"
     error = rows_by_node(workspace, failed.run_id)["broken"][0].error
     assert "step argument settings is not a valid Settings: epochs: Input should be greater than or equal to 1" in error
+
+
+def test_steps_of_a_second_workspace_in_one_process_record_into_their_own_store(tmp_path):
+    """The step processes' forkserver opens the first workspace it serves ahead (its step processes
+    inherit that store's engine); steps run later for another workspace from the same process
+    open and write their own store, never the first one's."""
+    path = write(
+        tmp_path,
+        """
+        import os
+        from distml.workflow import current, step
+
+        @step
+        def where() -> str:
+            return str(current().workspace.root)
+
+        def pipeline():
+            return where()
+        """,
+    )
+    first, second = Workspace(tmp_path / "first"), Workspace(tmp_path / "second")
+    for ws in (first, second, first):
+        result = run_pipeline(ws, f"{path}:pipeline")
+        assert result.status == "succeeded" and result.result == str(ws.root)
+        [row] = workflow_store.list_step_executions(ws.engine, result.run_id)
+        assert row.status == "succeeded" and row.output_json == json.dumps(str(ws.root))

@@ -31,7 +31,7 @@ from distml.core import DB_URL_ENV, HOME_ENV
 from distml.core.errors import DistmlError
 from distml.lineage import record as lineage
 from distml.scheduling.admission import JOB_ENV
-from distml.workflow import store
+from distml.workflow import stepserver, store
 from distml.workflow.dag import coerce_arguments
 from distml.workflow.values import canonical, decode, encode
 from distml.workspace import Workspace, WorkspaceRef
@@ -229,10 +229,13 @@ def _spare_main(workspace: WorkspaceRef, ahead: tuple[str, str] | None, tasks: C
     os.dup2(before, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    ws = Workspace.open(workspace, migrate=False)  # the orchestrator migrated it
+    ws, compiled = stepserver.workspace_for(workspace)  # the orchestrator migrated it
     # Ahead of the step, off its path; a failure here shows again, in the step's log, when the step does it.
     with contextlib.suppress(Exception):
-        store.prepare_finish(ws.engine)  # connected, its pragmas applied, its last write compiled
+        if compiled:
+            ws.engine.connect().close()  # connected, its pragmas applied
+        else:
+            store.prepare_finish(ws.engine)  # connected, its pragmas applied, its last write compiled
     if ahead is not None:
         with contextlib.suppress(BaseException):
             import_file(ahead[1], ahead[0])
@@ -294,8 +297,16 @@ class StepProcesses:
             # 3.11 (the forkserver looks for a key the preparation data does not have), so the
             # modules `distml run`'s script imports are preloaded instead.
             # The forkserver is one per process: `preload` counts only when this call starts it.
+            # The forkserver also opens this workspace (`stepserver`), for the step processes to inherit.
             ctx.set_forkserver_preload(
-                ["distml.workflow.executor", "sqlalchemy.dialects.sqlite", "sqlite3", "distml.cli", *self.preload]
+                [
+                    "distml.workflow.executor",
+                    "sqlalchemy.dialects.sqlite",
+                    "sqlite3",
+                    "distml.cli",
+                    *self.preload,
+                    "distml.workflow.stepserver",
+                ]
             )
             self._context = ctx
         return self._context
@@ -307,7 +318,12 @@ class StepProcesses:
         process = ctx.Process(
             target=_spare_main, args=(self.workspace, self.ahead, task_reader, writer), name="distml-step", daemon=False
         )
-        process.start()
+        # read by the forkserver if this start spawns it (its environment is fixed then), never by a step
+        os.environ[stepserver.WORKSPACE_ENV] = self.workspace.model_dump_json()
+        try:
+            process.start()
+        finally:
+            os.environ.pop(stepserver.WORKSPACE_ENV, None)
         writer.close()
         task_reader.close()
         return StepProcess(process, reader, task_writer)
