@@ -59,7 +59,8 @@ test: $(STAMP) lint postgres chromium
 	$(BIN)/python -m compileall -q src
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
-# Every benchmark (--quick; BENCH_FLAGS= for the full runs), then one table of ratios against targets.
+# Every benchmark (--quick; BENCH_FLAGS= for the full runs; BENCH_ONLY="workflow serving" for some),
+# then one table of ratios against targets.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_table.py
 

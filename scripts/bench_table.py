@@ -2,9 +2,10 @@
 
 Each `benchmarks/*.py` prints one JSON object as its last line ({"benchmark", "results", "ratios",
 "targets", "targets_met"}); this runs them one after another (`--quick` unless BENCH_FLAGS says
-otherwise), keeps those lines in benchmarks/out/, and lays out every target (met or missed) and
-every ratio. Exits 1 when a benchmark failed to give its result; a missed target is a row of the
-table (`python benchmarks/X.py --check`, or BENCH_STRICT=1 here, makes it an error).
+otherwise; BENCH_ONLY="workflow serving" runs those alone), keeps those lines in benchmarks/out/,
+and lays out every target (met or missed) and every ratio. Exits 1 when a benchmark failed to give
+its result; a missed target is a row of the table (`python benchmarks/X.py --check`, or
+BENCH_STRICT=1 here, makes it an error).
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def rows(report: dict) -> list[tuple[str, str, str, str]]:
 def main() -> int:
     flags = shlex.split(os.environ.get("BENCH_FLAGS", "--quick"))
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    only = os.environ.get("BENCH_ONLY", "").split()  # e.g. BENCH_ONLY="workflow serving": those alone
+    unknown = sorted(set(only) - {s.stem for s in scripts})
+    if unknown:
+        names = ", ".join(s.stem for s in scripts)
+        print(f"BENCH_ONLY: no benchmark named {', '.join(unknown)}; the benchmarks are {names}", file=sys.stderr)
+        return 2
+    scripts = [s for s in scripts if not only or s.stem in only]
     table: list[tuple[str, str, str, str, str]] = []
     failed = []
     for script in scripts:
