@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "kserve_version": kserve_version,
         "torch_threads": args.torch_threads,
-        "results": {"ours": ours, "kserve": kserve},
+        "results": {"ours": ours, "kserve": kserve, "ours_p99_s": ours["p99_s"], "ours_p50_s": ours["p50_s"]},
         # ours, mean over the cold starts, from the replica logs: request -> replica's uvicorn started (spawn and
         # imports), its model load, request -> its ready line; the rest of the time is the gateway noticing it
         # and the forwarded request
