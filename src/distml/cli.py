@@ -826,7 +826,9 @@ def demo_command(ctx: click.Context, dataset: str, data_dir: str | None, epochs:
 @canary_option("--canary-min-requests", field="min_requests", type=int)
 @canary_option("--max-error-rate-increase", type=float)
 @canary_option("--max-p99-ratio", type=float)
-@watch_option("--poll", "poll_s", type=float, help="Seconds between polls.")
+@watch_option(
+    "--poll", "poll_s", type=float, help="Seconds between polls where no filesystem events come (NFS, no inotify)."
+)
 @click.option("--max-cycles", default=None, type=int, help="Stop after this many cycles.")
 @click.pass_context
 def watch_command(ctx: click.Context, **options: Any) -> None:
