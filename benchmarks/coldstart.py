@@ -26,6 +26,8 @@ import numpy as np
 import serving  # the KServe peer (KSERVE_SERVER, its version pin) and the process helpers
 from serving import Server, check_kserve_version, free_port, spawn, stop_all
 
+from distml.core.liveness import pid_alive
+
 MODEL = "cnn"
 TARGETS = {"ours_p99_s": {"max": 1.0}}
 SCALE_TO_ZERO_AFTER_S = 1.0  # how long the service idles before its last replica stops (not part of the timing)
@@ -49,16 +51,6 @@ def post(url: str, body: bytes, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def summary(times: list[float], failed: int, n: int) -> dict[str, Any]:
@@ -126,7 +118,7 @@ def wait_zero(server: Server, url: str, deadline: float) -> float:
         replicas = [r for g in snap["groups"] for r in g["replicas"]]
         seen.update(r["pid"] for r in replicas if r.get("pid"))
         ready = sum(g["ready"] for g in snap["groups"])
-        if not replicas and ready == 0 and not any(alive(pid) for pid in seen):
+        if not replicas and ready == 0 and not any(pid_alive(pid) for pid in seen):
             zero_at = zero_at or time.monotonic()
             if all(g.get("warm_pid") is None or g.get("warm_ready") for g in snap["groups"]):
                 return time.monotonic() - zero_at

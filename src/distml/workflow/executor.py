@@ -229,13 +229,10 @@ def _spare_main(workspace: WorkspaceRef, ahead: tuple[str, str] | None, tasks: C
     os.dup2(before, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    ws, compiled = stepserver.workspace_for(workspace)  # the orchestrator migrated it
+    ws = stepserver.workspace_for(workspace)  # the orchestrator migrated it
     # Ahead of the step, off its path; a failure here shows again, in the step's log, when the step does it.
     with contextlib.suppress(Exception):
-        if compiled:
-            ws.engine.connect().close()  # connected, its pragmas applied
-        else:
-            store.prepare_finish(ws.engine)  # connected, its pragmas applied, its last write compiled
+        store.prepare_finish(ws.engine)  # connected, its pragmas applied, its last write compiled (or inherited)
     if ahead is not None:
         with contextlib.suppress(BaseException):
             import_file(ahead[1], ahead[0])

@@ -31,13 +31,13 @@ def _open_ahead() -> None:
     _opened = workspace
 
 
-def workspace_for(ref: WorkspaceRef) -> tuple[Workspace, bool]:
-    """(`ref`'s workspace, whether its statements are compiled): the one this process inherited
-    from the forkserver when it is `ref`'s (its pool emptied for this process), else a new one."""
+def workspace_for(ref: WorkspaceRef) -> Workspace:
+    """`ref`'s workspace: the one this process inherited from the forkserver when it is `ref`'s (its
+    pool emptied for this process, its statements compiled), else a new one."""
     if _opened is not None and _opened.ref == ref:
         _opened.engine.dispose(close=False)  # SQLAlchemy's rule for an engine that crossed a fork
-        return _opened, True
-    return Workspace.open(ref, migrate=False), False
+        return _opened
+    return Workspace.open(ref, migrate=False)
 
 
 _open_ahead()

@@ -326,6 +326,16 @@ def add_step_executions(engine: sa.Engine, run_id: str, rows: list[dict[str, Any
     in_transaction(engine, work)
 
 
+def _finish_update(execution_id: int, attempt: int, finished_at: dt.datetime, values: dict[str, Any]) -> sa.Update:
+    """The end of attempt `attempt` of an execution, while that attempt is the one running."""
+    mine = (step_executions.c.id == execution_id, step_executions.c.attempt == attempt)
+    return (
+        step_executions.update()
+        .where(*mine, step_executions.c.status == "running")
+        .values(finished_at=finished_at, **values)
+    )
+
+
 def finish_step_execution(engine: sa.Engine, execution_id: int, attempt: int, **values: Any) -> bool:
     """Record the end of attempt `attempt` of an execution, only while that attempt is the one
     running (a step process that outlived a timeout cannot overwrite what came after)."""
@@ -333,8 +343,7 @@ def finish_step_execution(engine: sa.Engine, execution_id: int, attempt: int, **
     now = utc_now()
 
     def work(conn: sa.Connection) -> bool:
-        query = step_executions.update().where(*mine, step_executions.c.status == "running")
-        if conn.execute(query.values(finished_at=now, **values)).rowcount:
+        if conn.execute(_finish_update(execution_id, attempt, now, values)).rowcount:
             return True
         # a rerun after a commit whose answer was lost finds its own end recorded
         recorded = sa.select(step_executions.c.id).where(*mine, step_executions.c.finished_at == now)
@@ -348,14 +357,12 @@ def prepare_finish(engine: sa.Engine) -> None:
     while it waits for its step), so that the step's own end only executes it. The update is run in
     a read-only transaction, which refuses it before it takes any lock: the step processes getting
     ready never hold up the writers of the steps that run."""
-    query = step_executions.update().where(
-        step_executions.c.id == -1, step_executions.c.attempt == -1, step_executions.c.status == "running"
-    )
+    query = _finish_update(-1, -1, utc_now(), {"status": "succeeded", "output_json": "null"})
     with engine.connect() as conn:
         read_only = "PRAGMA query_only = 1" if conn.dialect.name == "sqlite" else "SET TRANSACTION READ ONLY"
         try:
             conn.exec_driver_sql(read_only)
-            conn.execute(query.values(finished_at=utc_now(), status="succeeded", output_json="null"))
+            conn.execute(query)
         except sa.exc.DBAPIError:
             pass  # refused, as meant (or a store away: the step's own write will say so)
         finally:
