@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -157,15 +159,18 @@ def test_a_store_away_past_the_wait_stops_the_work_with_one_clear_error(own_post
     engine.dispose()
 
 
-def test_sqlite_locked_longer_than_its_busy_timeout_is_waited_for(tmp_path, monkeypatch):
+def test_sqlite_locked_longer_than_its_busy_timeout_is_waited_for(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(db, "SQLITE_BUSY_MS", 100)  # one statement gives up after 0.1 s; the work does not
     engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", wait_s=30)
     table = _counter(engine)
     holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
     threading.Timer(1.0, holder.commit).start()
-    in_transaction(engine, lambda conn: conn.execute(table.insert().values(n=1)))
+    with caplog.at_level(logging.WARNING, logger="distml.store"):
+        in_transaction(engine, lambda conn: conn.execute(table.insert().values(n=1)))
     assert fetch_all(engine, sa.select(table.c.n), lambda n: n) == [1]
+    lines = [r.getMessage() for r in caplog.records]  # what the wait was for, not "unreachable"
+    assert len(lines) == 2 and "locked by another writer (database is locked); retrying" in lines[0], lines
     holder.close()
     engine.dispose()
 
@@ -204,4 +209,55 @@ def test_two_transactions_that_deadlock_on_postgresql_both_end_written_once(post
     with engine.connect() as conn:
         assert sorted(conn.execute(sa.select(table.c.n)).scalars()) == [2, 2], "each write once"
     assert sorted(tries.values()) == [1, 2]  # one was rolled back and ran again
+    engine.dispose()
+
+
+WRITER = """
+import sys
+from distml.core import db
+from distml.workflow import store
+
+db.SQLITE_BUSY_MS = 1  # one statement gives up at once: every lock it meets is a "database is locked"
+engine = db.create_engine(sys.argv[1], wait_s=60)
+for i in range(int(sys.argv[3])):
+    store.record_step_metrics(engine, "run", sys.argv[2], [{"name": "loss", "value": float(i), "step": i}])
+"""
+
+
+def test_many_writer_processes_on_one_sqlite_store_all_land_each_row_once(tmp_path):
+    """Eight processes record step metrics into one SQLite store while another connection takes its
+    write lock again and again: each lock they meet is waited out and retried, no process dies of
+    `database is locked`, and every row is there once."""
+    from distml.workflow import store as workflow_store
+
+    url = f"sqlite:///{tmp_path / 'distml.db'}"
+    engine = create_engine(url)
+    db.migrate(engine)
+    writers, rows = 8, 25
+    holder = sqlite3.connect(tmp_path / "distml.db", isolation_level=None, check_same_thread=False)
+    done = threading.Event()
+
+    def hold_the_lock() -> None:
+        while not done.is_set():
+            holder.execute("BEGIN IMMEDIATE")
+            done.wait(0.05)
+            holder.execute("COMMIT")
+            done.wait(0.02)
+
+    locker = threading.Thread(target=hold_the_lock)
+    locker.start()
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", WRITER, url, f"w{n}", str(rows)], stderr=subprocess.PIPE, text=True)
+            for n in range(writers)
+        ]
+        errors = [(p.wait(120), p.stderr.read()) for p in procs]
+    finally:
+        done.set()
+        locker.join()
+        holder.close()
+    assert [rc for rc, _ in errors] == [0] * writers, "\n".join(err[-600:] for _, err in errors if err)
+    metrics = workflow_store.list_step_metrics(engine, "run")
+    by_writer = {f"w{n}": sorted(m.step for m in metrics if m.node_id == f"w{n}") for n in range(writers)}
+    assert by_writer == {f"w{n}": list(range(rows)) for n in range(writers)}, "every row once"
     engine.dispose()

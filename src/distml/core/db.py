@@ -111,17 +111,18 @@ class _Outage:
         `StoreUnavailable` once it has been away `wait_s`."""
         now = time.monotonic()
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        state = "locked by another writer" if "is locked" in reason else "unreachable"
         with self._lock:
             if self.since is None or now - self._last > 10.0:
                 self.since = now
                 log.warning(
-                    "metadata store at %s unreachable (%s); retrying for up to %g s", self.where, reason, self.wait_s
+                    "metadata store at %s %s (%s); retrying for up to %g s", self.where, state, reason, self.wait_s
                 )
             self._last = now
             left = self.since + self.wait_s - now
         if left <= 0:
             raise StoreUnavailable(
-                f"metadata store at {self.where} unreachable for {self.wait_s:g} s ({reason}); "
+                f"metadata store at {self.where} {state} for {self.wait_s:g} s ({reason}); "
                 "the work stopped here is recorded up to this point and resumable once the store is back"
             ) from exc
         time.sleep(min(0.05 * 2**attempt, 1.0, left))
