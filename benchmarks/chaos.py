@@ -36,6 +36,7 @@ RUN_SERVICE = "chaos-mlp"  # the concurrent `distml run`'s service
 KINDS = ("replica", "gateway", "rank", "watch", "step", "orchestrator")
 DEFAULT_SEED = 20260
 TARGET_WAIT_S = 60.0  # how long a fault waits for its kind of target to exist (e.g. a rank: a training)
+CYCLE_WAIT_S = 8.0  # how long a watch fault waits for a cycle to kill the watch in, then kills it between cycles
 RECOVERY_LIMIT_S = 240.0
 MAX_RESUMES = 3  # the supervisor resumes a run this many times, then gives up on it (and starts another)
 MUST_BE_ZERO = (
@@ -307,7 +308,8 @@ class Chaos:
 
     def f_watch(self):
         old = self.sup.watch.pid
-        cycle = running_cycle(self.engine)
+        # a wave dropped shortly before (draw_schedule) starts a cycle: the kill lands in it
+        cycle = self.until(lambda: running_cycle(self.engine), CYCLE_WAIT_S)
 
         def back():
             from distml.pipelines import watches as watch_store
@@ -465,9 +467,11 @@ def draw_schedule(rng: random.Random, quick: bool) -> tuple[list[tuple[float, st
         t += rng.uniform(low, high)
         faults.append((round(t, 1), kind))
     waves = 3 if quick else rng.randint(6, 8)
-    # wave 1 starts the service; a wave shortly before each rank fault (the watch then trains), the
-    # rest spread over the run
-    drops = [max(0.0, at - 3.0) for at, kind in faults if kind == "rank"][: waves - 1]
+    # wave 1 starts the service; a wave shortly before each rank fault (the watch then trains) and
+    # then before each watch fault (killed in its cycle), as many as there are waves; the rest spread
+    # over the run
+    before = [at for at, kind in faults if kind == "rank"] + [at for at, kind in faults if kind == "watch"]
+    drops = [max(0.0, at - 3.0) for at in before][: waves - 1]
     spread = waves - 1 - len(drops)
     drops += [round(t * (i + 0.5) / spread, 1) for i in range(spread)]
     return faults, sorted(drops)

@@ -26,6 +26,7 @@ from distml.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy("outage")]
 
+AWAY_S = 10.0  # how long PostgreSQL stays stopped in each outage
 WIDTH, METRICS = 3, 25  # writer steps, and the metrics each logs (one transaction each, 0.2 s apart)
 
 PIPELINE = textwrap.dedent(
@@ -100,7 +101,7 @@ def test_a_run_outlives_a_store_restart_and_dropped_connections(server, pipeline
     def outage() -> None:
         time.sleep(2.5)  # the writers are logging
         server.halt()
-        time.sleep(4.0)
+        time.sleep(AWAY_S)
         server.restart()
         time.sleep(1.5)
         dropped.append(_drop_every_connection(server.url))
@@ -229,7 +230,7 @@ def test_a_service_answers_every_request_while_its_store_restarts_and_drops_it(s
         server.halt()
         halted = time.monotonic()
         _wait_for(lambda: len(load.versions_since(halted)) >= 30, "answers while the store is away")
-        time.sleep(max(0.0, halted + 5.0 - time.monotonic()))  # away for 5 s
+        time.sleep(max(0.0, halted + AWAY_S - time.monotonic()))
         server.restart()
         back = time.monotonic()
         _wait_for(lambda: len(load.versions_since(back)) >= 20, "answers after the restart")
@@ -322,7 +323,7 @@ def test_a_watch_cycle_outlives_a_store_restart_and_trains_its_arrival_once(serv
         _wait_for(lambda: trained.exists(), "the training step to start", 60)
         time.sleep(1.0)  # it is logging its metrics
         server.halt()
-        time.sleep(5.0)
+        time.sleep(AWAY_S)
         server.restart()
 
     trouble = threading.Thread(target=outage)
