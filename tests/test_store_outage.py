@@ -1,7 +1,7 @@
 """The metadata store goes away while a pipeline runs: PostgreSQL stopped for a few seconds and
 started again, every connection of its clients dropped by the server. The run waits, says so once,
 and finishes as it would have, each step and metric recorded once; a store away past the wait
-ends the run with one error saying how to resume it."""
+ends the run with one error saying how to resume it, and resuming it once the store is back finishes it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pg_server import PostgresServer, find_pg_bin
 from distml.core import HOME_ENV, db
 from distml.core.db import StoreUnavailable
 from distml.workflow import store as workflow_store
-from distml.workflow.orchestrator import RunOptions, run_pipeline
+from distml.workflow.orchestrator import RunOptions, resume_run, run_pipeline
 from distml.workflow.target import file_module_name
 from distml.workspace import Workspace
 
@@ -156,6 +156,13 @@ def test_a_store_away_past_the_wait_ends_the_run_resumable(server, pipeline_file
         message = str(stopped.value)
         assert "unreachable for 2 s" in message, message
         assert "resume it with distml run --resume " in message, message
+        run_id = message.rsplit("distml run --resume ", 1)[1].split()[0].rstrip(";.,)")
+        server.restart()  # the store is back: what the message says works
+        result = resume_run(ws, run_id)
+        assert (result.status, result.result) == ("succeeded", sum(range(WIDTH))), result.states
+        executions = workflow_store.list_step_executions(ws.engine, run_id)
+        done = sorted(r.node_id for r in executions if r.status == "succeeded")
+        assert done == sorted([*(f"writer[{i}]" for i in range(WIDTH)), "total"]), executions
     finally:
         for child in psutil.Process().children(recursive=True):  # the steps still waiting for the store
             if child.pid not in before:
