@@ -209,6 +209,9 @@ def test_several_tensors_round_trip_in_order(data, binary):
     instances=st.lists(json_values.filter(lambda v: v is not None), min_size=1, max_size=5),
     extra=st.dictionaries(st.text(max_size=5).filter(lambda k: k != "instances"), json_values, max_size=3),
 )
+# integers just past 64 bits, of 19 and 20 digits: orjson would make them floats (the first was found in CI)
+@example(instances=[[]], extra={"": -(2**63) - 1})
+@example(instances=[2**64], extra={"n": -(10**19) + 1})
 def test_v1_bodies_round_trip(instances, extra):
     def finite(value) -> bool:
         if isinstance(value, float):
