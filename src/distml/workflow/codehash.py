@@ -25,6 +25,7 @@ import sysconfig
 import textwrap
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,21 +225,12 @@ class _Walker:
         if name in self.parts:
             return
         self.parts[name] = ""  # mark before recursing: cycles end here
-        key = self.digests.key(obj, obj.__qualname__)
-        known = self.digests.get(key)
-        if known is not None:
-            self.parts[name], names = known
-        else:
-            try:
-                tree = _strip(ast.parse(textwrap.dedent(inspect.getsource(obj))))
-                self.parts[name] = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
-                names = _referenced_names(tree)
-                self.digests.put(key, self.parts[name], names)
-            except (OSError, TypeError, SyntaxError):  # a lambda inside a larger line: use its bytecode
-                if not isinstance(obj, types.FunctionType):
-                    return
-                self.parts[name] = _digest(_code_object_text(obj.__code__))
-                names = set(obj.__code__.co_names)
+        known = self._parsed(obj, obj.__qualname__, textwrap.dedent)
+        if known is None:  # a lambda inside a larger line: use its bytecode
+            if not isinstance(obj, types.FunctionType):
+                return
+            known = _digest(_code_object_text(obj.__code__)), set(obj.__code__.co_names)
+        self.parts[name], names = known
         namespace = dict(vars(module)) if module is not None else {}
         if isinstance(obj, types.FunctionType):
             namespace.update(inspect.getclosurevars(obj).nonlocals)
@@ -249,17 +241,25 @@ class _Walker:
         if name in self.parts:
             return
         self.parts[name] = ""
-        key = self.digests.key(module, "")
+        known = self._parsed(module, "", lambda source: source)
+        if known is None:
+            return
+        self.parts[name], names = known
+        self._follow(names, dict(vars(module)), local_globals=True, owner=name)
+
+    def _parsed(self, obj: Any, name: str, prepare: Callable[[str], str]) -> tuple[str, set[str]] | None:
+        """The digest of `obj`'s source (`prepare`d, `_strip`ped) and the names it reads,
+        from `digests` when its file is unchanged, else parsed and kept there; None without a source."""
+        key = self.digests.key(obj, name)
         known = self.digests.get(key)
         if known is None:
             try:
-                tree = _strip(ast.parse(inspect.getsource(module)))
+                tree = _strip(ast.parse(prepare(inspect.getsource(obj))))
             except (OSError, TypeError, SyntaxError):
-                return
+                return None
             known = _digest(ast.dump(tree, annotate_fields=False, include_attributes=False)), _referenced_names(tree)
             self.digests.put(key, *known)
-        self.parts[name], names = known
-        self._follow(names, dict(vars(module)), local_globals=True, owner=name)
+        return known
 
     def _follow(self, names: set[str], namespace: dict[str, Any], local_globals: bool, owner: str) -> None:
         for dotted in sorted(names):
