@@ -8,6 +8,7 @@ zoo with fixed seeds and saved with `save_model`; servers start through the repl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,14 @@ class Reference:
         )
         with torch.no_grad():
             return torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+
+
+@pytest.fixture
+def service_ws(serve_workspace, tmp_path) -> Path:
+    """A copy of `serve_workspace` whose services are the test's own (a service writes its folder there)."""
+    root = tmp_path / "ws"
+    shutil.copytree(serve_workspace, root)
+    return root
 
 
 @pytest.fixture(scope="session")

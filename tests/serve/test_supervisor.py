@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -32,13 +30,6 @@ def wait_for(condition, what: str, timeout: float = 60.0):
 
 def replica_pids(admin) -> list[int]:
     return sorted(r["pid"] for g in admin.snapshot()["groups"] for r in g["replicas"] if r["state"] == "ready")
-
-
-@pytest.fixture
-def service_ws(serve_workspace, tmp_path) -> Path:
-    root = tmp_path / "ws"
-    shutil.copytree(serve_workspace, root)
-    return root
 
 
 def test_a_gateway_killed_under_load_comes_back_with_its_replicas_split_and_canary(service_ws):

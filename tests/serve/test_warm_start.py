@@ -6,12 +6,10 @@ none is left once the service stops. Real processes; waits are on pids and answe
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -59,13 +57,6 @@ def infer(client: httpx.Client, url: str) -> None:
     answer = client.post(f"{url}/v2/models/cnn/infer", json=BODY)
     assert answer.status_code == 200, answer.text
     assert answer.json()["outputs"][0]["shape"] == [1, 10]
-
-
-@pytest.fixture
-def service_ws(serve_workspace, tmp_path) -> Path:
-    root = tmp_path / "ws"
-    shutil.copytree(serve_workspace, root)
-    return root
 
 
 def test_a_request_at_zero_is_answered_by_the_warm_interpreter_and_none_is_left_after_stop(service_ws):
