@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from load import Load
 from pg_server import PostgresServer, find_pg_bin
+from waiting import wait_for
 
 from distml.core import HOME_ENV, db
 from distml.core.db import StoreUnavailable
@@ -173,14 +174,6 @@ def test_a_store_away_past_the_wait_ends_the_run_resumable(server, pipeline_file
 # -- a service under load while its store goes away -------------------------------------------
 
 
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _save_cnn(ws: Workspace, seed: int) -> None:
     """A tiny untrained cnn registered in the workspace's store (as tests/serve/conftest.py saves them)."""
     import torch
@@ -233,19 +226,19 @@ def test_a_service_answers_every_request_while_its_store_restarts_and_drops_it(s
     load = None
     try:
         load = Load(served["url"], clients=3)
-        _wait_for(lambda: len(load.versions_since(0)) >= 30, "answers before the outage")
+        wait_for(lambda: len(load.versions_since(0)) >= 30, "answers before the outage")
         server.halt()
         halted = time.monotonic()
-        _wait_for(lambda: len(load.versions_since(halted)) >= 30, "answers while the store is away")
+        wait_for(lambda: len(load.versions_since(halted)) >= 30, "answers while the store is away")
         time.sleep(max(0.0, halted + AWAY_S - time.monotonic()))
         server.restart()
         back = time.monotonic()
-        _wait_for(lambda: len(load.versions_since(back)) >= 20, "answers after the restart")
-        _wait_for(lambda: _clients(server.url) > 0, "the service to connect again (its scheduler heartbeat)")
+        wait_for(lambda: len(load.versions_since(back)) >= 20, "answers after the restart")
+        wait_for(lambda: _clients(server.url) > 0, "the service to connect again (its scheduler heartbeat)")
         print(f"timeline: away {back - halted:.1f} s, back and reconnected after {time.monotonic() - back:.1f} s")
         assert _drop_every_connection(server.url) > 0, "the service held connections to the store"
         dropped = time.monotonic()
-        _wait_for(lambda: len(load.versions_since(dropped)) >= 20, "answers after the dropped connections")
+        wait_for(lambda: len(load.versions_since(dropped)) >= 20, "answers after the dropped connections")
 
         with GatewayAdmin(served["url"]) as admin:  # a hot deploy on the store just back: cnn:2 beside cnn:1
             admin.deploy("cnn", 2, canary_percent=30)
@@ -253,12 +246,12 @@ def test_a_service_answers_every_request_while_its_store_restarts_and_drops_it(s
             print(f"timeline: deployed in {deployed - dropped:.1f} s")
             assert sorted(admin.loaded_models()) == ["cnn:1", "cnn:2"]
             assert admin.snapshot()["traffic"] == {"cnn": {"1": 70.0, "2": 30.0}}
-        _wait_for(lambda: {"1", "2"} <= set(load.versions_since(deployed)), "answers of both versions")
+        wait_for(lambda: {"1", "2"} <= set(load.versions_since(deployed)), "answers of both versions")
         load.close()
         assert load.failed == [], f"{len(load.failed)} failed of {len(load.answers)}: {load.failed[:3]}"
         print(f"answered {len(load.answers)}, failed {len(load.failed)}, until {time.monotonic() - started:.1f} s")
         # the gateway still records what it serves: cnn:2's deployment, written after the outage
-        _wait_for(lambda: "web serves cnn:2" in _deployments(ws), "cnn:2's deployment in the store", 30)
+        wait_for(lambda: "web serves cnn:2" in _deployments(ws), "cnn:2's deployment in the store", 30)
     finally:
         if load is not None:
             load.close()
@@ -327,7 +320,7 @@ def test_a_watch_cycle_outlives_a_store_restart_and_trains_its_arrival_once(serv
     watcher = continuous.Watcher(ws, config, say=said.append)
 
     def outage() -> None:
-        _wait_for(lambda: trained.exists(), "the training step to start", 60)
+        wait_for(lambda: trained.exists(), "the training step to start", 60)
         time.sleep(1.0)  # it is logging its metrics
         server.halt()
         time.sleep(AWAY_S)

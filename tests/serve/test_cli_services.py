@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving-faults")]
 
@@ -32,15 +32,6 @@ def listed(workspace: Path) -> dict[str, dict]:
     out = distml(workspace, "services", "--json")
     assert out.returncode == 0, out.stderr
     return {service["name"]: service for service in json.loads(out.stdout)}
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gone(processes: list[psutil.Process]) -> bool:

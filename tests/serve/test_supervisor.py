@@ -15,17 +15,9 @@ import time
 import psutil
 import pytest
 from load import Load
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving-faults")]
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def replica_pids(admin) -> list[int]:

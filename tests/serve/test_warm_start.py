@@ -9,28 +9,18 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 import psutil
 import pytest
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
 
 IMAGE = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28)).astype(np.float32)
 BODY = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "data": IMAGE.reshape(-1).tolist()}]}
 FAST_SCALING = ("--scale-to-zero-after", "1", "--stable-window", "1", "--panic-window", "1")
-
-
-def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gone(pid: int) -> bool:
@@ -49,6 +39,7 @@ def warm_interpreter(client: httpx.Client, url: str, not_pid: int | None = None)
     g = wait_for(
         lambda: (g := group(client, url))["warm_pid"] not in (None, not_pid) and g["warm_ready"] and g,
         "a warm interpreter, imported",
+        timeout=120,
     )
     return g["warm_pid"]
 
@@ -80,8 +71,8 @@ def test_a_request_at_zero_is_answered_by_the_warm_interpreter_and_none_is_left_
                 assert group(client, url)["warm_starts"] == round_ + 1
                 log = service_ws / "services" / "warm" / "g0" / f"{replica['id']}.log"
                 assert "event=ready" in log.read_text()  # it logs to its replica's file
-                wait_for(lambda: group(client, url)["replicas"] == [], "the scale back to zero")
-                wait_for(lambda: gone(warm[-1]), "the scaled-down replica's process to exit")
+                wait_for(lambda: group(client, url)["replicas"] == [], "the scale back to zero", timeout=120)
+                wait_for(lambda: gone(warm[-1]), "the scaled-down replica's process to exit", timeout=120)
             last = warm_interpreter(client, url, not_pid=warm[-1])
     except (AssertionError, httpx.HTTPError) as exc:  # with what the gateway logged
         tail = (service_ws / "serve.log").read_text()[-4000:]
@@ -115,11 +106,15 @@ def test_a_warm_started_replica_is_adopted_by_the_next_gateway_and_its_spare_exi
             assert (replica["pid"], replica["warm"]) == (spare, True)
             second = warm_interpreter(client, url, not_pid=spare)
             state = folder / "state.json"
-            wait_for(lambda: state.exists() and json.loads(state.read_text())["groups"][0]["replicas"], "saved state")
+            wait_for(
+                lambda: state.exists() and json.loads(state.read_text())["groups"][0]["replicas"],
+                "saved state",
+                timeout=120,
+            )
 
             psutil.Process(gateway).kill()
-            wait_for(lambda: int((folder / "gateway.pid").read_text()) != gateway, "the next gateway")
-            wait_for(lambda: gone(second), "the dead gateway's warm interpreter to exit")
+            wait_for(lambda: int((folder / "gateway.pid").read_text()) != gateway, "the next gateway", timeout=120)
+            wait_for(lambda: gone(second), "the dead gateway's warm interpreter to exit", timeout=120)
             third = warm_interpreter(client, url, not_pid=second)
             assert psutil.Process(third).ppid() == int((folder / "gateway.pid").read_text())
             (adopted,) = group(client, url)["replicas"]
