@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import waiting
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy("serving")]
@@ -162,13 +163,8 @@ class Service:
 
 
 def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`waiting.wait_for` with this file's longer timeout (a real model's replicas start here)."""
+    return waiting.wait_for(condition, what, timeout, interval)
 
 
 class Load:
